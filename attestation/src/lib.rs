@@ -1,0 +1,1 @@
+//! TEE evidence (SEV-SNP reports, TDX quotes) and its verification, launch-measurement calculation, init-data, the KBS protocol client and the `cloister-kbs` key broker.

@@ -1,0 +1,2 @@
+//! Placeholder until the boot-test init lands.
+fn main() {}

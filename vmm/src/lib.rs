@@ -1,0 +1,1 @@
+//! `cloister-vmm`: one KVM microVM.
