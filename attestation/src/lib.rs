@@ -1,1 +1,9 @@
-//! TEE evidence (SEV-SNP reports, TDX quotes) and its verification, launch-measurement calculation, init-data, the KBS protocol client and the `cloister-kbs` key broker.
+//! TEE evidence (SEV-SNP reports, TDX quotes) and its verification,
+//! launch-measurement calculation, init-data, the KBS protocol client and the
+//! `cloister-kbs` key broker.
+
+pub mod certs;
+pub mod snp;
+
+#[cfg(test)]
+pub(crate) mod test_support;
