@@ -1,0 +1,93 @@
+//! The kernel command line: validated, within Linux's size limit.
+
+use linux_loader::cmdline::Cmdline;
+
+use super::layout::CMDLINE_MAX_SIZE;
+
+/// What a guest gets when the config names no command line: serial
+/// console, reboot through the i8042 (which ends the VMM cleanly), and a
+/// kernel panic that reboots at once instead of hanging.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Why a command line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdlineError {
+    #[error(
+        "kernel command line is {len} bytes, the limit is {} (Linux COMMAND_LINE_SIZE, including the NUL)",
+        CMDLINE_MAX_SIZE - 1
+    )]
+    TooLong { len: usize },
+    #[error("kernel command line {value:?} is invalid: {reason}")]
+    Invalid { value: String, reason: String },
+}
+
+/// Joins the user's command line and extra arguments (from the CPU
+/// template) into one validated `Cmdline`.
+pub fn build_cmdline(base: &str, extra: &[&str]) -> Result<Cmdline, CmdlineError> {
+    let mut text = base.trim().to_string();
+    for arg in extra {
+        if !text.split_whitespace().any(|a| a == *arg) {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(arg);
+        }
+    }
+    // Cmdline's capacity counts the terminating NUL.
+    if text.len() >= CMDLINE_MAX_SIZE {
+        return Err(CmdlineError::TooLong { len: text.len() });
+    }
+    if let Some(bad) = text.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
+        return Err(CmdlineError::Invalid {
+            value: text.clone(),
+            reason: format!("character {bad:?} is not printable ASCII"),
+        });
+    }
+    Cmdline::try_from(&text, CMDLINE_MAX_SIZE).map_err(|e| CmdlineError::Invalid {
+        value: text,
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_cmdline_appends_extras_once() {
+        let cl = build_cmdline("console=ttyS0 noxsave", &["noxsave", "clearcpuid=smap"]).unwrap();
+        assert_eq!(
+            cl.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 noxsave clearcpuid=smap"
+        );
+    }
+
+    #[test]
+    fn build_cmdline_at_limit_is_accepted() {
+        let text = "a".repeat(CMDLINE_MAX_SIZE - 1);
+        assert!(build_cmdline(&text, &[]).is_ok());
+    }
+
+    #[test]
+    fn build_cmdline_over_limit_names_length() {
+        let text = "a".repeat(CMDLINE_MAX_SIZE);
+        let err = build_cmdline(&text, &[]).unwrap_err();
+        assert!(matches!(err, CmdlineError::TooLong { len } if len == CMDLINE_MAX_SIZE));
+        assert!(err.to_string().contains("2048 bytes"));
+    }
+
+    #[test]
+    fn build_cmdline_with_extras_over_limit_is_refused() {
+        let text = "a".repeat(CMDLINE_MAX_SIZE - 3);
+        assert!(matches!(
+            build_cmdline(&text, &["noxsave"]),
+            Err(CmdlineError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn build_cmdline_with_control_character_is_refused() {
+        let err = build_cmdline("console=ttyS0\n", &["x\u{0}"]).unwrap_err();
+        assert!(matches!(err, CmdlineError::Invalid { .. }));
+    }
+}

@@ -1,0 +1,304 @@
+//! Builds a microVM from a [`VmSpec`] and runs it to its end: KVM checks,
+//! guest memory, boot payload, legacy devices, vCPU threads.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::cmdline::{build_cmdline, CmdlineError};
+use crate::boot::loader::{load_initrd, load_kernel, write_boot_info, LoaderError};
+use crate::boot::mptable::{write_mptable, MptableError};
+use crate::boot::regs::{setup_boot_vcpu, setup_lapic_lints, setup_msrs, BootEntry, RegsError};
+use crate::config::{ConfigError, VmConfig};
+use crate::cpuid::{cpuid_for_vcpu, CpuTemplate};
+use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use crate::exit::{ExitSignal, VmExit};
+use crate::metrics::VmmMetrics;
+use crate::vstate::kvm::{HostKvmKind, KvmContext, KvmError};
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu};
+use crate::vstate::vm::{Vm, VmError};
+
+/// What the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootSource {
+    /// A Linux kernel with optional initramfs.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// Raw 64-bit machine code copied to `load_addr` and entered there by
+    /// every vCPU at once (no INIT/SIPI), for tests of the VMM itself.
+    /// The code tells vCPUs apart by their CPUID APIC id.
+    RawLongMode { code: Vec<u8>, load_addr: u64 },
+}
+
+/// Everything needed to build one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub boot: BootSource,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub hugepages: bool,
+    /// `None`: chosen for the host.
+    pub cpu_template: Option<CpuTemplate>,
+}
+
+impl From<&VmConfig> for VmSpec {
+    fn from(cfg: &VmConfig) -> Self {
+        VmSpec {
+            boot: BootSource::Linux {
+                kernel: cfg.kernel.clone(),
+                initrd: cfg.initrd.clone(),
+                cmdline: cfg.cmdline.clone(),
+            },
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            hugepages: cfg.hugepages,
+            cpu_template: cfg.cpu_template,
+        }
+    }
+}
+
+/// How a run ended, with what was counted on the way.
+#[derive(Debug)]
+pub struct VmRun {
+    pub exit: VmExit,
+    pub cpu_template: CpuTemplate,
+    pub metrics: Arc<VmmMetrics>,
+}
+
+/// Why a VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error("vcpus = {requested}: this host's KVM allows at most {max}")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    #[error("cannot place device: {0}")]
+    Bus(#[from] BusError),
+    #[error("raw payload of {len} bytes at {addr:#x} does not fit guest memory: {source}")]
+    Payload {
+        addr: u64,
+        len: usize,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Ioctl { what, source }
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Io { what, source }
+}
+
+/// Builds the VM described by `spec`, runs it until the guest ends, and
+/// tears it down. `serial_out` receives the guest's console; `vmm_start`
+/// is the instant the boot timer measures from.
+pub fn run_vm(
+    spec: &VmSpec,
+    serial_out: Box<dyn Write + Send>,
+    vmm_start: Instant,
+) -> Result<VmRun, BuildError> {
+    let mut probe = VmConfig::new("-");
+    probe.vcpus = spec.vcpus;
+    probe.memory_mib = spec.memory_mib;
+    probe.hugepages = spec.hugepages;
+    probe.validate()?;
+
+    let kvm = KvmContext::open()?;
+    if usize::from(spec.vcpus) > kvm.max_vcpus {
+        return Err(BuildError::TooManyVcpus {
+            requested: spec.vcpus,
+            max: kvm.max_vcpus,
+        });
+    }
+    let template = spec.cpu_template.unwrap_or_else(|| {
+        let template = CpuTemplate::for_host(kvm.host_kind);
+        if kvm.host_kind == HostKvmKind::NestedPvm {
+            tracing::info!(
+                "host KVM is nested paravirtualized (kvm_pvm): CPU template {template} hides POPCNT, SMAP/SMEP, XSAVE and CMPXCHG16B, which its instruction emulator cannot run"
+            );
+        }
+        template
+    });
+
+    let mem = create_guest_memory(spec.memory_mib, spec.hugepages)?;
+    let vm = Vm::new(&kvm, &mem)?;
+    let (entry, all_vcpus_start) = load_payload(&mem, &spec.boot, template)?;
+    write_mptable(&mem, spec.vcpus)?;
+
+    let metrics = Arc::new(VmmMetrics::default());
+    let exit = Arc::new(ExitSignal::new().map_err(io("cannot create exit eventfd"))?);
+    let io_bus = Arc::new(legacy_io_bus(&vm, serial_out, &exit, &metrics, vmm_start)?);
+    let mmio_bus = Arc::new(Bus::new());
+
+    let supported = kvm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
+    for index in 0..spec.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid_for_vcpu(&supported, template, index, spec.vcpus))
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        setup_msrs(&fd)?;
+        setup_lapic_lints(&fd)?;
+        if index == 0 || all_vcpus_start {
+            setup_boot_vcpu(&fd, &mem, entry)?;
+        }
+        if index > 0 && all_vcpus_start {
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(ioctl("KVM_SET_MP_STATE"))?;
+        }
+        vcpus.push(Vcpu {
+            index,
+            fd,
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+            metrics: metrics.clone(),
+        });
+    }
+
+    install_kick_handler().map_err(|e| BuildError::Io {
+        what: "cannot install the vCPU kick signal handler",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.spawn() {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_vcpus(&stop, threads);
+                return Err(BuildError::Io {
+                    what: "cannot start vCPU thread",
+                    source: e,
+                });
+            }
+        }
+    }
+    let end = exit.wait();
+    stop_vcpus(&stop, threads);
+    // Memory and VM outlive the vCPU threads that used them.
+    drop(vm);
+    drop(mem);
+    Ok(VmRun {
+        exit: end,
+        cpu_template: template,
+        metrics,
+    })
+}
+
+/// Loads the boot payload; returns its entry and whether every vCPU
+/// starts there (raw payloads) or only the boot vCPU (Linux).
+fn load_payload(
+    mem: &GuestMemoryMmap,
+    boot: &BootSource,
+    template: CpuTemplate,
+) -> Result<(BootEntry, bool), BuildError> {
+    match boot {
+        BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let cmdline = build_cmdline(cmdline, template.kernel_args())?;
+            let loaded = load_kernel(mem, kernel)?;
+            let initrd = initrd
+                .as_deref()
+                .map(|path| load_initrd(mem, path, loaded.kernel_end))
+                .transpose()?;
+            write_boot_info(mem, &loaded, &cmdline, initrd)?;
+            tracing::debug!(?loaded.entry, ?initrd, "guest loaded");
+            Ok((loaded.entry, false))
+        }
+        BootSource::RawLongMode { code, load_addr } => {
+            mem.write_slice(code, GuestAddress(*load_addr))
+                .map_err(|source| BuildError::Payload {
+                    addr: *load_addr,
+                    len: code.len(),
+                    source,
+                })?;
+            Ok((BootEntry::LongMode { entry: *load_addr }, true))
+        }
+    }
+}
+
+/// COM1, the i8042 (reset only) and the boot timer on the port I/O bus.
+fn legacy_io_bus(
+    vm: &Vm,
+    serial_out: Box<dyn Write + Send>,
+    exit: &Arc<ExitSignal>,
+    metrics: &Arc<VmmMetrics>,
+    vmm_start: Instant,
+) -> Result<Bus, BuildError> {
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(io("cannot create serial irq eventfd"))?;
+    vm.fd()
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(ioctl("KVM_IRQFD (serial)"))?;
+    let mut bus = Bus::new();
+    bus.insert(
+        COM1_PORT,
+        COM1_PORT_LEN,
+        Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_out,
+            metrics.clone(),
+        ))),
+    )?;
+    bus.insert(
+        I8042_PORT,
+        I8042_PORT_LEN,
+        Arc::new(Mutex::new(I8042Device::new(exit.clone()))),
+    )?;
+    bus.insert(
+        BOOT_TIMER_PORT,
+        1,
+        Arc::new(Mutex::new(BootTimer::new(vmm_start, metrics.clone()))),
+    )?;
+    Ok(bus)
+}

@@ -1,0 +1,282 @@
+//! The VM's configuration: from the command line, a JSON file, or both
+//! (command-line flags override the file). Every field is validated before
+//! anything touches KVM.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::boot::cmdline::DEFAULT_CMDLINE;
+use crate::boot::layout::MIN_MEMORY_MIB;
+use crate::boot::mptable::MAX_MPTABLE_CPUS;
+use crate::cpuid::CpuTemplate;
+
+/// Largest guest we accept: 1 TiB, far beyond a pod, well inside the
+/// address space.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEMORY_MIB: u32 = 128;
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialOutput {
+    #[default]
+    Stdout,
+    File(PathBuf),
+    None,
+}
+
+impl FromStr for SerialOutput {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(SerialOutput::Stdout),
+            "none" => Ok(SerialOutput::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialOutput::File(PathBuf::from(path))),
+                _ => Err(ConfigError::Invalid {
+                    field: "serial",
+                    value: s.to_string(),
+                    reason: "expected stdout, none or file:PATH".into(),
+                }),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SerialOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialOutput::Stdout => f.write_str("stdout"),
+            SerialOutput::None => f.write_str("none"),
+            SerialOutput::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for SerialOutput {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SerialOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One microVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// vmlinux (PVH entry when present) or bzImage.
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    #[serde(default)]
+    pub serial: SerialOutput,
+    /// `None`: chosen for the host (see [`CpuTemplate::for_host`]).
+    #[serde(default)]
+    pub cpu_template: Option<CpuTemplate>,
+    /// Back guest memory with 2 MiB hugetlb pages.
+    #[serde(default)]
+    pub hugepages: bool,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_vcpus() -> u8 {
+    DEFAULT_VCPUS
+}
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{field} = {value}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("no kernel given: pass --kernel PATH or set \"kernel\" in the config file")]
+    NoKernel,
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            vcpus: DEFAULT_VCPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            serial: SerialOutput::Stdout,
+            cpu_template: None,
+            hugepages: false,
+        }
+    }
+
+    pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Checks every field's range; files are checked when they are opened.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_MPTABLE_CPUS {
+            return Err(ConfigError::Invalid {
+                field: "vcpus",
+                value: self.vcpus.to_string(),
+                reason: format!("must be between 1 and {MAX_MPTABLE_CPUS}"),
+            });
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Invalid {
+                field: "memory_mib",
+                value: self.memory_mib.to_string(),
+                reason: format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB"),
+            });
+        }
+        if self.hugepages && !self.memory_mib.is_multiple_of(2) {
+            return Err(ConfigError::Invalid {
+                field: "memory_mib",
+                value: self.memory_mib.to_string(),
+                reason: "must be a multiple of 2 MiB with hugepages".into(),
+            });
+        }
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_json(text, Path::new("vm.json"))
+    }
+
+    #[test]
+    fn config_with_only_kernel_gets_defaults() {
+        let cfg = parse(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(cfg, VmConfig::new("/k"));
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn config_with_all_fields_parses() {
+        let cfg = parse(
+            r#"{"kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0", "vcpus": 2,
+                "memory_mib": 256, "serial": "file:/tmp/s.log", "cpu_template": "nested-pvm",
+                "hugepages": true}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.vcpus, 2);
+        assert_eq!(cfg.serial, SerialOutput::File("/tmp/s.log".into()));
+        assert_eq!(cfg.cpu_template, Some(CpuTemplate::NestedPvm));
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn config_with_unknown_field_names_it() {
+        let err = parse(r#"{"kernel": "/k", "vcpu": 2}"#).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `vcpu`"), "{msg}");
+        assert!(msg.contains("vm.json"), "{msg}");
+    }
+
+    #[test]
+    fn config_with_zero_vcpus_is_refused() {
+        let cfg = parse(r#"{"kernel": "/k", "vcpus": 0}"#).unwrap();
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("vcpus = 0"), "{msg}");
+    }
+
+    #[test]
+    fn config_with_too_many_vcpus_is_refused() {
+        let cfg = parse(r#"{"kernel": "/k", "vcpus": 33}"#).unwrap();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("between 1 and 32"));
+    }
+
+    #[test]
+    fn config_with_tiny_or_huge_memory_is_refused() {
+        for bad in [0u32, 15, MAX_MEMORY_MIB + 1] {
+            let mut cfg = VmConfig::new("/k");
+            cfg.memory_mib = bad;
+            let msg = cfg.validate().unwrap_err().to_string();
+            assert!(msg.starts_with(&format!("memory_mib = {bad}")), "{msg}");
+        }
+    }
+
+    #[test]
+    fn config_with_odd_memory_and_hugepages_is_refused() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.memory_mib = 129;
+        cfg.hugepages = true;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 2"));
+    }
+
+    #[test]
+    fn config_with_bad_serial_or_template_names_value() {
+        let err = parse(r#"{"kernel": "/k", "serial": "tty"}"#).unwrap_err();
+        assert!(err.to_string().contains("serial = tty"), "{err}");
+        let err = parse(r#"{"kernel": "/k", "cpu_template": "skylake"}"#).unwrap_err();
+        assert!(err.to_string().contains("skylake"), "{err}");
+        let err = parse(r#"{"kernel": "/k", "vcpus": -1}"#).unwrap_err();
+        assert!(err.to_string().contains("-1"), "{err}");
+    }
+
+    #[test]
+    fn serial_output_roundtrips_through_text() {
+        for text in ["stdout", "none", "file:/x/y"] {
+            assert_eq!(text.parse::<SerialOutput>().unwrap().to_string(), text);
+        }
+        assert!("file:".parse::<SerialOutput>().is_err());
+    }
+}

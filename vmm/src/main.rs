@@ -1,0 +1,133 @@
+//! `cloister-vmm`: parse arguments, build the VM, run it, exit with its
+//! outcome (0 when the guest reset or powered off cleanly).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use cloister_vmm::builder::{run_vm, VmSpec};
+use cloister_vmm::config::{SerialOutput, VmConfig};
+use cloister_vmm::cpuid::CpuTemplate;
+
+/// Runs one KVM microVM.
+#[derive(Debug, Parser)]
+#[command(name = "cloister-vmm", version)]
+struct Args {
+    /// Guest kernel: vmlinux (PVH entry) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (newc cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1-32).
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB.
+    #[arg(long = "memory")]
+    memory_mib: Option<u32>,
+    /// Where the serial console goes: stdout, none or file:PATH.
+    #[arg(long)]
+    serial: Option<SerialOutput>,
+    /// CPU template (host, nested-pvm); chosen for the host when absent.
+    #[arg(long)]
+    cpu_template: Option<CpuTemplate>,
+    /// Back guest memory with hugepages.
+    #[arg(long)]
+    hugepages: bool,
+    /// JSON config with the same fields; flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the VMM's counters as JSON on stderr when the VM ends.
+    #[arg(long)]
+    print_metrics: bool,
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<(VmConfig, bool)> {
+        let mut cfg = match (&self.config, &self.kernel) {
+            (Some(path), _) => VmConfig::from_file(path)?,
+            (None, Some(kernel)) => VmConfig::new(kernel),
+            (None, None) => return Err(cloister_vmm::config::ConfigError::NoKernel.into()),
+        };
+        if let Some(kernel) = self.kernel {
+            cfg.kernel = kernel;
+        }
+        if let Some(initrd) = self.initrd {
+            cfg.initrd = Some(initrd);
+        }
+        if let Some(cmdline) = self.cmdline {
+            cfg.cmdline = cmdline;
+        }
+        if let Some(vcpus) = self.vcpus {
+            cfg.vcpus = vcpus;
+        }
+        if let Some(memory) = self.memory_mib {
+            cfg.memory_mib = memory;
+        }
+        if let Some(serial) = self.serial {
+            cfg.serial = serial;
+        }
+        if let Some(template) = self.cpu_template {
+            cfg.cpu_template = Some(template);
+        }
+        cfg.hugepages |= self.hugepages;
+        cfg.validate()?;
+        Ok((cfg, self.print_metrics))
+    }
+}
+
+fn serial_writer(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>> {
+    Ok(match serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            File::create(path).with_context(|| format!("serial = file:{}", path.display()))?,
+        ),
+    })
+}
+
+fn run() -> anyhow::Result<bool> {
+    let start = Instant::now();
+    let (cfg, print_metrics) = Args::parse().into_config()?;
+    let serial = serial_writer(&cfg.serial)?;
+    let run = run_vm(&VmSpec::from(&cfg), serial, start)?;
+    let _ = std::io::stdout().flush();
+    tracing::info!(
+        "VM ended after {} ms: {} (CPU template {})",
+        start.elapsed().as_millis(),
+        run.exit,
+        run.cpu_template
+    );
+    if print_metrics {
+        eprintln!("{}", run.metrics.to_json());
+    }
+    if !run.exit.is_clean() {
+        eprintln!("cloister-vmm: {}", run.exit);
+    }
+    Ok(run.exit.is_clean())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLOISTER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("cloister-vmm: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

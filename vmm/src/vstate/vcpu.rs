@@ -1,0 +1,202 @@
+//! vCPU threads: each runs `KVM_RUN` in a loop, hands port and MMIO exits
+//! to the buses, and reports how the VM ended.
+//!
+//! Stopping: the VMM sets `stop` and sends [`vcpu_kick_signal`] to each
+//! vCPU thread until it has ended. The signal's handler does nothing; its
+//! only effect is that a `KVM_RUN` in progress returns `EINTR`. A kick that
+//! lands between the `stop` check and `KVM_RUN` is lost, which is why the
+//! VMM repeats it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::bus::Bus;
+use crate::exit::{ExitSignal, VmExit};
+use crate::metrics::VmmMetrics;
+
+/// The signal that interrupts `KVM_RUN`.
+pub fn vcpu_kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static INSTALLED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
+        std::sync::OnceLock::new();
+    *INSTALLED.get_or_init(|| register_signal_handler(vcpu_kick_signal(), handle_kick))
+}
+
+/// What a vCPU needs to run.
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub exit: Arc<ExitSignal>,
+    pub stop: Arc<AtomicBool>,
+    pub metrics: Arc<VmmMetrics>,
+}
+
+/// What one KVM exit means for the run loop, decided while the exit data
+/// (which borrows the vCPU) is alive.
+enum Step {
+    Continue,
+    Exit(VmExit),
+    // The fatal exits below need the registers, read once the borrow of
+    // the exit data has ended.
+    TripleFault,
+    FailEntry(u64),
+    InternalError,
+}
+
+impl Vcpu {
+    /// Starts the vCPU's thread.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.index))
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            let step = self.run_once();
+            let exit = match step {
+                Step::Continue => continue,
+                Step::Exit(exit) => exit,
+                Step::TripleFault => VmExit::TripleFault {
+                    vcpu: self.index,
+                    registers: self.dump_registers(),
+                },
+                Step::FailEntry(reason) => VmExit::FailEntry {
+                    vcpu: self.index,
+                    reason,
+                    registers: self.dump_registers(),
+                },
+                Step::InternalError => {
+                    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so
+                    // `internal` is the union member the kernel filled.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    VmExit::InternalError {
+                        vcpu: self.index,
+                        suberror,
+                        registers: self.dump_registers(),
+                    }
+                }
+            };
+            self.exit.report(exit);
+            break;
+        }
+    }
+
+    fn run_once(&mut self) -> Step {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(exit) => {
+                VmmMetrics::add(&self.metrics.vcpu_exits, 1);
+                match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        VmmMetrics::add(&self.metrics.io_exits, 1);
+                        if !self.io_bus.read(u64::from(port), data) {
+                            unhandled(&self.metrics, "in", u64::from(port));
+                            data.fill(0xff);
+                        }
+                        Step::Continue
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        VmmMetrics::add(&self.metrics.io_exits, 1);
+                        if !self.io_bus.write(u64::from(port), data) {
+                            unhandled(&self.metrics, "out", u64::from(port));
+                        }
+                        Step::Continue
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        VmmMetrics::add(&self.metrics.mmio_exits, 1);
+                        if !self.mmio_bus.read(addr, data) {
+                            unhandled(&self.metrics, "mmio read", addr);
+                            data.fill(0xff);
+                        }
+                        Step::Continue
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        VmmMetrics::add(&self.metrics.mmio_exits, 1);
+                        if !self.mmio_bus.write(addr, data) {
+                            unhandled(&self.metrics, "mmio write", addr);
+                        }
+                        Step::Continue
+                    }
+                    VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Step::Continue,
+                    VcpuExit::Shutdown => Step::TripleFault,
+                    VcpuExit::SystemEvent(kind, _) => match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => Step::Exit(VmExit::PowerOff),
+                        KVM_SYSTEM_EVENT_RESET => Step::Exit(VmExit::Reset),
+                        KVM_SYSTEM_EVENT_CRASH => Step::Exit(VmExit::GuestCrash { vcpu: index }),
+                        other => Step::Exit(VmExit::VcpuError {
+                            vcpu: index,
+                            message: format!("unknown KVM system event {other}"),
+                        }),
+                    },
+                    VcpuExit::FailEntry(reason, _cpu) => Step::FailEntry(reason),
+                    VcpuExit::InternalError => Step::InternalError,
+                    other => Step::Exit(VmExit::VcpuError {
+                        vcpu: index,
+                        message: format!("unexpected KVM exit {other:?}"),
+                    }),
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) => Step::Exit(VmExit::VcpuError {
+                vcpu: index,
+                message: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+
+    /// The registers that tell where and in which mode the guest was.
+    fn dump_registers(&self) -> String {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!(
+                "rip={:#018x} rsp={:#018x} rflags={:#010x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi
+            ),
+            Err(e) => format!("registers unavailable: {e}"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => format!(
+                "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}(l={} db={})",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.l, s.cs.db
+            ),
+            Err(e) => format!("segment registers unavailable: {e}"),
+        };
+        format!("{regs}\n{sregs}")
+    }
+}
+
+fn unhandled(metrics: &VmmMetrics, kind: &str, addr: u64) {
+    VmmMetrics::add(&metrics.unhandled_accesses, 1);
+    tracing::trace!("unhandled {kind} at {addr:#x}");
+}
+
+/// Stops every vCPU thread: raises `stop`, kicks until each has ended.
+pub fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for thread in threads {
+        while !thread.is_finished() {
+            // ESRCH here means the thread ended between the check and the
+            // kick, which is what we wait for.
+            let _ = thread.kill(vcpu_kick_signal());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
