@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod snp;
+pub mod tdx;
 
 #[cfg(test)]
 pub(crate) mod test_support;

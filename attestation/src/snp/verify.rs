@@ -434,7 +434,10 @@ mod tests {
             // Independently of the chain, the invalid VCEKs' keys must not
             // verify the report's signature either.
             let report = AttestationReport::parse(&report_bytes()).unwrap();
-            assert!(check_report_signature(&report, &cert(name)).is_err(), "{name}");
+            assert!(
+                check_report_signature(&report, &cert(name)).is_err(),
+                "{name}"
+            );
         }
     }
 
