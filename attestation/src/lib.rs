@@ -3,6 +3,7 @@
 //! `cloister-kbs` key broker.
 
 pub mod certs;
+pub mod initdata;
 pub mod snp;
 pub mod tdx;
 
