@@ -48,28 +48,46 @@ impl fmt::Display for CpuTemplate {
     }
 }
 
-// Leaf 1 ECX.
-const FMA: u32 = 1 << 12;
+// Leaf 1 ECX: what `nested-pvm` keeps. The set follows QEMU's `qemu64`
+// model, with which Linux is known to boot on kvm_pvm, plus what KVM
+// itself provides (x2APIC, TSC deadline, hypervisor bit).
+const LEAF1_ECX_SSE3: u32 = 1 << 0;
+const LEAF1_ECX_SSSE3: u32 = 1 << 9;
+const LEAF1_ECX_SSE41: u32 = 1 << 19;
+const LEAF1_ECX_SSE42: u32 = 1 << 20;
+const LEAF1_ECX_X2APIC: u32 = 1 << 21;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const NESTED_LEAF1_ECX: u32 = LEAF1_ECX_SSE3
+    | LEAF1_ECX_SSSE3
+    | LEAF1_ECX_SSE41
+    | LEAF1_ECX_SSE42
+    | LEAF1_ECX_X2APIC
+    | LEAF1_ECX_TSC_DEADLINE
+    | LEAF1_ECX_HYPERVISOR;
+// Leaf 1 EDX: the classic features from FPU to SSE2 (bits 0-26, without
+// the reserved bits 10 and 20, PSN 18, DS 21, ACPI 22), no HTT/TM/PBE.
+const NESTED_LEAF1_EDX: u32 = 0x07ff_fbff & !((1 << 18) | (1 << 20) | (1 << 21) | (1 << 22));
+// Leaf 0x80000001 ECX: LAHF/SAHF only. EDX: SYSCALL, NX, LM, as an
+// Intel CPU reports them (we claim to be one).
+const NESTED_EXT1_ECX: u32 = 1 << 0;
+const NESTED_EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 29);
+
+// Named bits the tests check are gone.
+#[cfg(test)]
 const CX16: u32 = 1 << 13;
+#[cfg(test)]
 const POPCNT: u32 = 1 << 23;
+#[cfg(test)]
 const XSAVE: u32 = 1 << 26;
+#[cfg(test)]
 const OSXSAVE: u32 = 1 << 27;
-const AVX: u32 = 1 << 28;
-const F16C: u32 = 1 << 29;
-// Leaf 7.0 EBX.
-const AVX2: u32 = 1 << 5;
+#[cfg(test)]
 const SMEP: u32 = 1 << 7;
+#[cfg(test)]
 const SMAP: u32 = 1 << 20;
-/// AVX-512 F, DQ, IFMA, PF, ER, CD, BW, VL: all need XSAVE state.
-const AVX512_EBX: u32 =
-    (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
-// Leaf 7.0 ECX: AVX-512 VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ; VAES, VPCLMULQDQ.
-const AVX512_ECX: u32 =
-    (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
-// Leaf 7.0 EDX: IA32_ARCH_CAPABILITIES MSR (KVM_SET_MSRS of it fails on kvm_pvm).
+#[cfg(test)]
 const ARCH_CAPABILITIES: u32 = 1 << 29;
-// Leaf 0x80000001 ECX: ABM (LZCNT + POPCNT on AMD).
-const ABM: u32 = 1 << 5;
 
 impl CpuTemplate {
     /// The template for this host when the config names none.
@@ -90,7 +108,8 @@ impl CpuTemplate {
         }
     }
 
-    /// Applies the template's masks to one CPUID entry.
+    /// Applies the template to one CPUID entry: `host` leaves it, and
+    /// `nested-pvm` keeps an allowlist modelled on QEMU's `qemu64`.
     pub fn apply(self, entry: &mut kvm_cpuid_entry2) {
         if self == CpuTemplate::Host {
             return;
@@ -103,20 +122,23 @@ impl CpuTemplate {
                 entry.edx = u32::from_le_bytes(*b"ineI");
                 entry.ecx = u32::from_le_bytes(*b"ntel");
             }
-            (0x1, _) => entry.ecx &= !(FMA | CX16 | POPCNT | XSAVE | OSXSAVE | AVX | F16C),
-            (0x7, 0) => {
-                entry.ebx &= !(AVX2 | SMEP | SMAP | AVX512_EBX);
-                entry.ecx &= !AVX512_ECX;
-                entry.edx &= !ARCH_CAPABILITIES;
+            (0x1, _) => {
+                entry.ecx &= NESTED_LEAF1_ECX;
+                entry.edx &= NESTED_LEAF1_EDX;
             }
-            (0xd, _) => {
-                // No XSAVE: no extended state to describe.
+            // Structured extended features (SMEP, SMAP, FSGSBASE, INVPCID,
+            // AVX2/512, ARCH_CAPABILITIES, ...), XSAVE state, thermal and
+            // power, processor trace: none of them.
+            (0x6 | 0x7 | 0xd | 0x14, _) => {
                 entry.eax = 0;
                 entry.ebx = 0;
                 entry.ecx = 0;
                 entry.edx = 0;
             }
-            (0x8000_0001, _) => entry.ecx &= !ABM,
+            (0x8000_0001, _) => {
+                entry.ecx &= NESTED_EXT1_ECX;
+                entry.edx &= NESTED_EXT1_EDX;
+            }
             _ => {}
         }
     }
@@ -152,6 +174,30 @@ mod tests {
         let mut xsave = entry(0xd, 1, u32::MAX);
         CpuTemplate::NestedPvm.apply(&mut xsave);
         assert_eq!((xsave.eax, xsave.ebx, xsave.ecx, xsave.edx), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn nested_pvm_keeps_what_linux_needs_on_kvm() {
+        let mut leaf1 = entry(1, 0, u32::MAX);
+        CpuTemplate::NestedPvm.apply(&mut leaf1);
+        for bit in [
+            LEAF1_ECX_X2APIC,
+            LEAF1_ECX_TSC_DEADLINE,
+            LEAF1_ECX_HYPERVISOR,
+            LEAF1_ECX_SSE42,
+        ] {
+            assert_ne!(leaf1.ecx & bit, 0, "bit {bit:#x}");
+        }
+        assert_eq!(leaf1.edx & 0x1, 1, "FPU");
+        assert_eq!(
+            leaf1.edx & (1 << 28),
+            0,
+            "HTT is set per vCPU count, not by the template"
+        );
+        let mut ext = entry(0x8000_0001, 0, u32::MAX);
+        CpuTemplate::NestedPvm.apply(&mut ext);
+        assert_eq!(ext.edx, (1 << 11) | (1 << 20) | (1 << 29));
+        assert_eq!(ext.ecx, 1);
     }
 
     #[test]

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Builds (or finds in the cache) the guest kernel and the boot-test initramfs.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+. "$here/scripts/env.sh"
+"$here/kernel-config/build-kernel.sh"
+"$here/kernel-config/build-initramfs.sh"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian packages cloister's builds and tests need. Idempotent:
+# when everything is present it does not touch apt at all.
+set -euo pipefail
+
+packages=(
+  # guest kernel build (kernel-config/build-kernel.sh)
+  linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils make gcc libc6-dev
+  # guest boot tests and benchmarks: QEMU microvm as the reference VMM
+  qemu-system-x86
+  # container rootfs for agent tests
+  busybox-static
+  # attestation: OVMF with SEV metadata for launch-digest cross-checks,
+  # a venv for the reference tool sev-snp-measure
+  ovmf python3-venv
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: need root to install packages (run with sudo)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get -o DPkg::Lock::Timeout=900 update -qq
+apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
