@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod initdata;
+pub mod kbs;
 pub mod measure;
 pub mod snp;
 pub mod tdx;
