@@ -138,6 +138,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::excessive_precision)] // the RFC's literal, on purpose
     fn rfc8785_sample_numbers_and_strings() {
         // Values from RFC 8785 section 3.2.2 and appendix B.
         let v = json!({"numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
