@@ -48,6 +48,10 @@ impl KbsProcess {
 }
 
 fn start_kbs(allow_sample: bool) -> KbsProcess {
+    start_kbs_with(allow_sample, &[])
+}
+
+fn start_kbs_with(allow_sample: bool, extra: &[&str]) -> KbsProcess {
     let dir = tempfile::tempdir().unwrap();
     let resources = dir.path().join("resources");
     std::fs::create_dir_all(resources.join("default/key")).unwrap();
@@ -92,6 +96,7 @@ tees = ["snp", "tdx"]
     if allow_sample {
         cmd.arg("--insecure-allow-sample-tee");
     }
+    cmd.args(extra);
     let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut url = String::new();
@@ -347,6 +352,38 @@ async fn replayed_attestation_and_malformed_requests_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn expired_session_is_refused_and_token_works_until_expiry() {
+    let kbs = start_kbs_with(true, &["--session-ttl-secs", "2"]);
+    let mut client = KbsClient::new(&kbs.url);
+    let token = client
+        .attest(&sample_attester(), Some(INIT_DATA))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/kbs/v0/resource/default/key/disk", kbs.url);
+    // The token stands in for the cookie.
+    let r = http.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let forged = format!("{}x", token);
+    let r = http.get(&url).bearer_auth(&forged).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let err = client.get_resource("default/key/disk").await.unwrap_err();
+    assert!(
+        matches!(err, KbsClientError::Refused { status: 401, ref detail, .. } if detail.contains("expired")),
+        "{err}"
+    );
+    let r = http.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let detail: Value = r.json().await.unwrap();
+    assert!(
+        detail["detail"].as_str().unwrap().contains("expired"),
+        "{detail}"
+    );
 }
 
 #[test]
