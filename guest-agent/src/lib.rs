@@ -1,1 +1,11 @@
-//! The guest's PID 1 (`cloister-agent`): early init, the agent ttrpc server on vsock, containers from OCI specs, exec, stdio streams, events, stats and the in-guest attester.
+//! The guest's PID 1 (`cloister-agent`): early init, the agent ttrpc
+//! server on vsock, containers from OCI specs, exec, stdio streams, events
+//! and stats.
+
+pub mod cgroups;
+pub mod container;
+pub mod init;
+pub mod io;
+pub mod process;
+pub mod server;
+pub mod stdio_listener;

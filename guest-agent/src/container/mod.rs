@@ -1,0 +1,17 @@
+//! Containers: OCI spec translation (`spec`, `seccomp`, `resources`), the
+//! plan handed to the init helper (`plan`, `sync`), what the helper does
+//! (`helper`, `setup`, `syscalls`), the lifecycle (`state`), and the
+//! agent-side bookkeeping of every container (`manager`).
+
+pub mod helper;
+pub mod manager;
+pub mod names;
+pub mod plan;
+pub mod resources;
+pub mod rootfs_path;
+pub mod seccomp;
+pub mod setup;
+pub mod spec;
+pub mod state;
+pub mod sync;
+pub mod syscalls;

@@ -1,0 +1,201 @@
+//! PID 1 duties in the guest: the early mounts, the sandbox setup asked for
+//! by the shim (hostname, DNS, shares, sysctls), and powering off.
+
+use std::io;
+use std::path::Path;
+
+use cloister_protocol::agent;
+use nix::mount::{mount, MsFlags};
+
+use crate::container::manager::ContainerManager;
+
+/// Errors of guest setup.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("mount {fstype} on {target}: {source}")]
+    Mount {
+        fstype: String,
+        target: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+/// The file systems PID 1 mounts before anything else.
+const EARLY_MOUNTS: [(&str, &str, &str, u64, &str); 7] = [
+    (
+        "proc",
+        "/proc",
+        "proc",
+        (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+        "",
+    ),
+    (
+        "sysfs",
+        "/sys",
+        "sysfs",
+        (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+        "",
+    ),
+    ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+    (
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+        "nsdelegate",
+    ),
+    (
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        (libc::MS_NOSUID | libc::MS_NODEV),
+        "mode=0755",
+    ),
+    (
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        (libc::MS_NOSUID | libc::MS_NODEV),
+        "mode=1777",
+    ),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        (libc::MS_NOSUID | libc::MS_NOEXEC),
+        "newinstance,ptmxmode=0666,mode=0620",
+    ),
+];
+
+/// Mounts proc, sys, devtmpfs, cgroup2, /run, /dev/shm and /dev/pts. A
+/// file system that is already mounted (EBUSY) is fine.
+pub fn early_mounts() -> Result<(), InitError> {
+    for (source, target, fstype, flags, data) in EARLY_MOUNTS {
+        std::fs::create_dir_all(target).map_err(|e| InitError::Io {
+            what: format!("create {target}"),
+            source: e,
+        })?;
+        let data = (!data.is_empty()).then_some(data);
+        match mount(
+            Some(source),
+            target,
+            Some(fstype),
+            MsFlags::from_bits_truncate(flags as _),
+            data,
+        ) {
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(source) => {
+                return Err(InitError::Mount {
+                    fstype: fstype.to_owned(),
+                    target: target.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    // Enable every controller for the containers' subtree.
+    let controllers = crate::cgroups::controllers(Path::new("/sys/fs/cgroup"));
+    for controller in controllers {
+        let _ = std::fs::write(
+            "/sys/fs/cgroup/cgroup.subtree_control",
+            format!("+{controller}"),
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of entropy the kernel reports (a warning goes to the console when
+/// it is low: no virtio-rng).
+pub fn entropy_available() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/random/entropy_avail")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Applies a SetupSandbox request to the guest.
+pub fn setup_sandbox(
+    request: &agent::SetupSandboxRequest,
+    manager: &ContainerManager,
+) -> Result<(), InitError> {
+    if !request.hostname.is_empty() {
+        nix::unistd::sethostname(&request.hostname).map_err(|e| InitError::Invalid {
+            field: "hostname".into(),
+            reason: e.to_string(),
+        })?;
+    }
+    if let Some(dns) = request.dns.as_ref() {
+        let mut text = String::new();
+        for ns in &dns.nameservers {
+            text.push_str(&format!("nameserver {ns}\n"));
+        }
+        if !dns.searches.is_empty() {
+            text.push_str(&format!("search {}\n", dns.searches.join(" ")));
+        }
+        if !dns.options.is_empty() {
+            text.push_str(&format!("options {}\n", dns.options.join(" ")));
+        }
+        std::fs::create_dir_all("/etc")
+            .and_then(|()| std::fs::write("/etc/resolv.conf", text))
+            .map_err(|e| InitError::Io {
+                what: "write /etc/resolv.conf".into(),
+                source: e,
+            })?;
+    }
+    for (i, m) in request.mounts.iter().enumerate() {
+        if !m.target.starts_with('/') || m.target.split('/').any(|c| c == "..") {
+            return Err(InitError::Invalid {
+                field: format!("mounts[{i}].target"),
+                reason: format!("{:?} is not an absolute path without '..'", m.target),
+            });
+        }
+        std::fs::create_dir_all(&m.target).map_err(|e| InitError::Io {
+            what: format!("create {}", m.target),
+            source: e,
+        })?;
+        let data = m.options.join(",");
+        mount(
+            Some(m.source.as_str()),
+            m.target.as_str(),
+            Some(m.fstype.as_str()),
+            MsFlags::empty(),
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(|source| InitError::Mount {
+            fstype: m.fstype.clone(),
+            target: m.target.clone(),
+            source,
+        })?;
+        if m.fstype == "virtiofs" {
+            manager.add_share(&m.source, m.target.clone().into());
+        }
+    }
+    for (key, value) in &request.sysctls {
+        if key.is_empty() || key.contains('/') || key.contains("..") {
+            return Err(InitError::Invalid {
+                field: format!("sysctls[{key:?}]"),
+                reason: "invalid key".into(),
+            });
+        }
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).map_err(|e| InitError::Io {
+            what: format!("sysctl {key}"),
+            source: e,
+        })?;
+    }
+    Ok(())
+}
+
+/// Powers the guest off (PID 1 only): the VMM exits and the shim sees it.
+pub fn power_off() {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+}

@@ -1,0 +1,290 @@
+//! The `AgentService` ttrpc server: validates each request, calls the
+//! container manager, and maps errors to ttrpc status codes whose message
+//! names the bad field or value.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cloister_protocol::agent;
+use cloister_protocol::agent_ttrpc::AgentService;
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::{Code, Error as TtrpcError};
+
+use crate::container::manager::{ContainerError, ContainerManager};
+
+/// What the server needs besides the containers.
+pub struct AgentServer {
+    pub manager: Arc<ContainerManager>,
+    /// PID 1 of a guest (false in host test mode).
+    pub is_guest_init: bool,
+    /// Notified by Shutdown.
+    pub shutdown: Arc<tokio::sync::Notify>,
+}
+
+fn status(code: Code, message: impl ToString) -> TtrpcError {
+    TtrpcError::RpcStatus(ttrpc::get_status(code, message.to_string()))
+}
+
+fn to_status(err: ContainerError) -> TtrpcError {
+    use ContainerError::*;
+    let code = match &err {
+        InvalidId { .. } | Spec(_) | InvalidSignal(_) | Missing(_) | TtySize { .. } => {
+            Code::INVALID_ARGUMENT
+        }
+        AlreadyExists(_) | ExecExists { .. } => Code::ALREADY_EXISTS,
+        NotFound(_) | ExecNotFound { .. } => Code::NOT_FOUND,
+        State { .. } | AlreadyExited(_) | NoCgroup { .. } => Code::FAILED_PRECONDITION,
+        RootfsUnsupported(_) => Code::UNIMPLEMENTED,
+        Cgroup(crate::cgroups::CgroupError::ControllerMissing { .. }) => Code::FAILED_PRECONDITION,
+        Stdio(crate::io::StdioError::NoTerminal) => Code::FAILED_PRECONDITION,
+        Helper { .. } => Code::FAILED_PRECONDITION,
+        Cgroup(_) | Stdio(_) | Kill { .. } | Io { .. } => Code::INTERNAL,
+    };
+    tracing::debug!(%err, "request failed");
+    status(code, error_chain(&err))
+}
+
+/// The error and its sources, "a: b: c".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[async_trait]
+impl AgentService for AgentServer {
+    async fn setup_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::SetupSandboxRequest,
+    ) -> ttrpc::Result<agent::SetupSandboxResponse> {
+        if !self.is_guest_init {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "SetupSandbox changes the whole machine (hostname, mounts, sysctls); refused outside the guest",
+            ));
+        }
+        crate::init::setup_sandbox(&request, &self.manager)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        Ok(agent::SetupSandboxResponse::new())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::CreateContainerRequest,
+    ) -> ttrpc::Result<agent::CreateContainerResponse> {
+        let pid = self.manager.create(request).await.map_err(to_status)?;
+        let mut response = agent::CreateContainerResponse::new();
+        response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);
+        Ok(response)
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::StartContainerRequest,
+    ) -> ttrpc::Result<agent::StartContainerResponse> {
+        self.manager
+            .start(&request.container_id)
+            .await
+            .map_err(to_status)?;
+        Ok(agent::StartContainerResponse::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::RemoveContainerRequest,
+    ) -> ttrpc::Result<agent::RemoveContainerResponse> {
+        self.manager
+            .remove(&request.container_id, request.force)
+            .await
+            .map_err(to_status)?;
+        Ok(agent::RemoveContainerResponse::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ExecProcessRequest,
+    ) -> ttrpc::Result<agent::ExecProcessResponse> {
+        let pid = self.manager.exec(request).await.map_err(to_status)?;
+        let mut response = agent::ExecProcessResponse::new();
+        response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);
+        Ok(response)
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::SignalProcessRequest,
+    ) -> ttrpc::Result<agent::SignalProcessResponse> {
+        self.manager.signal(&request).map_err(to_status)?;
+        Ok(agent::SignalProcessResponse::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::WaitProcessRequest,
+    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        let info = self
+            .manager
+            .wait(&request.container_id, &request.exec_id)
+            .await
+            .map_err(to_status)?;
+        let mut response = agent::WaitProcessResponse::new();
+        response.exit_status = info.status;
+        response.exited_at_ns = info.at_ns;
+        Ok(response)
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::PauseContainerRequest,
+    ) -> ttrpc::Result<agent::PauseResumeResponse> {
+        self.manager
+            .set_paused(&request.container_id, true)
+            .await
+            .map_err(to_status)?;
+        Ok(agent::PauseResumeResponse::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ResumeContainerRequest,
+    ) -> ttrpc::Result<agent::PauseResumeResponse> {
+        self.manager
+            .set_paused(&request.container_id, false)
+            .await
+            .map_err(to_status)?;
+        Ok(agent::PauseResumeResponse::new())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::UpdateContainerRequest,
+    ) -> ttrpc::Result<agent::UpdateContainerResponse> {
+        self.manager.update(&request).map_err(to_status)?;
+        Ok(agent::UpdateContainerResponse::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ListProcessesRequest,
+    ) -> ttrpc::Result<agent::ListProcessesResponse> {
+        let mut response = agent::ListProcessesResponse::new();
+        response.processes = self
+            .manager
+            .list_processes(&request.container_id)
+            .map_err(to_status)?;
+        Ok(response)
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::StatsContainerRequest,
+    ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        self.manager.stats(&request.container_id).map_err(to_status)
+    }
+
+    async fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ResizeTtyRequest,
+    ) -> ttrpc::Result<agent::ResizeTtyResponse> {
+        self.manager.resize(&request).map_err(to_status)?;
+        Ok(agent::ResizeTtyResponse::new())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::CloseStdinRequest,
+    ) -> ttrpc::Result<agent::CloseStdinResponse> {
+        self.manager
+            .close_stdin(&request.container_id, &request.exec_id)
+            .map_err(to_status)?;
+        Ok(agent::CloseStdinResponse::new())
+    }
+
+    async fn events(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: agent::EventsRequest,
+        sender: ttrpc::r#async::ServerStreamSender<agent::Event>,
+    ) -> ttrpc::Result<()> {
+        let mut events = self.manager.subscribe();
+        loop {
+            match events.recv().await {
+                Ok(event) => sender.send(&event).await?,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // Exits stay available through WaitProcess.
+                    tracing::warn!(missed = n, "event subscriber lagged");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+
+    async fn guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: agent::GuestDetailsRequest,
+    ) -> ttrpc::Result<agent::GuestDetailsResponse> {
+        let mut response = agent::GuestDetailsResponse::new();
+        response.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+        response.kernel_release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        response.online_cpus = std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        response.memory_total_bytes = crate::cgroups::flat_keyed(
+            &std::fs::read_to_string("/proc/meminfo")
+                .unwrap_or_default()
+                .replace(':', ""),
+            "MemTotal",
+        ) * 1024;
+        response.is_guest_init = self.is_guest_init;
+        Ok(response)
+    }
+
+    async fn health_check(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: agent::HealthCheckRequest,
+    ) -> ttrpc::Result<agent::HealthCheckResponse> {
+        let mut response = agent::HealthCheckResponse::new();
+        response.serving = true;
+        Ok(response)
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: agent::ShutdownRequest,
+    ) -> ttrpc::Result<agent::ShutdownResponse> {
+        for id in self.manager.ids() {
+            if let Err(e) = self.manager.remove(&id, true).await {
+                tracing::warn!(container = %id, error = %e, "remove during shutdown failed");
+            }
+        }
+        self.shutdown.notify_one();
+        Ok(agent::ShutdownResponse::new())
+    }
+}

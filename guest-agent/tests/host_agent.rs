@@ -1,0 +1,701 @@
+//! Host integration tests: the real agent binary on a Unix socket runs
+//! busybox containers. Root only; each test prints SKIP with the reason
+//! when the machine cannot run it.
+
+mod support;
+
+use cloister_protocol::agent;
+use cloister_protocol::stdio::StreamKind;
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+async fn run_to_completion(agent: &TestAgent, id: &str, args: &[&str]) -> (String, String, u32) {
+    let request = create_request(
+        id,
+        &agent.rootfs,
+        &spec(args),
+        stdio(false, true, true, false),
+    );
+    agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap();
+    let out = agent.attach(id, "", StreamKind::Stdout).await.unwrap();
+    let err = agent.attach(id, "", StreamKind::Stderr).await.unwrap();
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = id.into();
+    agent.client.start_container(ctx(), &start).await.unwrap();
+    let (out, err) = tokio::join!(read_all(out), read_all(err));
+    let status = wait(agent, id, "").await.unwrap();
+    remove(agent, id, false).await.unwrap();
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        status,
+    )
+}
+
+async fn wait(agent: &TestAgent, id: &str, exec: &str) -> Result<u32, ttrpc::Error> {
+    let mut request = agent::WaitProcessRequest::new();
+    request.container_id = id.into();
+    request.exec_id = exec.into();
+    agent
+        .client
+        .wait_process(ctx(), &request)
+        .await
+        .map(|r| r.exit_status)
+}
+
+async fn remove(agent: &TestAgent, id: &str, force: bool) -> Result<(), ttrpc::Error> {
+    let mut request = agent::RemoveContainerRequest::new();
+    request.container_id = id.into();
+    request.force = force;
+    agent
+        .client
+        .remove_container(ctx(), &request)
+        .await
+        .map(drop)
+}
+
+async fn start_detached(agent: &TestAgent, id: &str, args: &[&str]) -> u32 {
+    let request = create_request(
+        id,
+        &agent.rootfs,
+        &spec(args),
+        stdio(false, false, false, false),
+    );
+    let pid = agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap()
+        .pid;
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = id.into();
+    agent.client.start_container(ctx(), &start).await.unwrap();
+    pid
+}
+
+async fn exec(
+    agent: &TestAgent,
+    id: &str,
+    exec_id: &str,
+    args: &[&str],
+    stdio_request: agent::Stdio,
+) -> Result<u32, ttrpc::Error> {
+    let mut request = agent::ExecProcessRequest::new();
+    request.container_id = id.into();
+    request.exec_id = exec_id.into();
+    request.process_json = serde_json::to_vec(&spec(args)["process"]).unwrap();
+    request.stdio = Some(stdio_request).into();
+    agent
+        .client
+        .exec_process(ctx(), &request)
+        .await
+        .map(|r| r.pid)
+}
+
+async fn signal(
+    agent: &TestAgent,
+    id: &str,
+    exec_id: &str,
+    signal: u32,
+) -> Result<(), ttrpc::Error> {
+    let mut request = agent::SignalProcessRequest::new();
+    request.container_id = id.into();
+    request.exec_id = exec_id.into();
+    request.signal = signal;
+    agent.client.signal_process(ctx(), &request).await.map(drop)
+}
+
+#[tokio::test]
+async fn echo_prints_output_and_exit_codes_match_shell() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+
+    let (out, _, status) =
+        run_to_completion(&agent, "echo1", &["echo", "hello from cloister"]).await;
+    assert_eq!(out, "hello from cloister\n");
+    assert_eq!(status, 0);
+
+    let (out, err, status) = run_to_completion(
+        &agent,
+        "exit3",
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    )
+    .await;
+    assert_eq!((out.as_str(), err.as_str(), status), ("out\n", "err\n", 3));
+
+    let (_, _, status) = run_to_completion(&agent, "killed", &["sh", "-c", "kill -9 $$"]).await;
+    // PID 1 of a pid namespace cannot SIGKILL itself from inside; a child can.
+    assert!(status == 137 || status == 0, "status {status}");
+    let (_, _, status) = run_to_completion(
+        &agent,
+        "killed2",
+        &["sh", "-c", "sh -c 'kill -9 $$'; echo $?"],
+    )
+    .await;
+    assert_eq!(status, 0);
+}
+
+#[tokio::test]
+async fn container_sees_its_own_namespaces_user_and_limits() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let (out, err, status) = run_to_completion(
+        &agent,
+        "inside",
+        &["sh", "-c", "hostname; echo pid=$$; id -u; ulimit -n; cat /proc/self/status | grep -E '^(NoNewPrivs|CapEff)'; wc -c < /proc/keys; grep ' /proc/sys ' /proc/self/mountinfo | grep -c ' ro,'; echo home=$HOME"],
+    )
+    .await;
+    assert_eq!(status, 0, "stderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "box");
+    assert_eq!(lines[1], "pid=1");
+    assert_eq!(lines[2], "0");
+    assert_eq!(lines[3], "1024");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    // The 14 capabilities of the spec, not the full set.
+    assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
+    assert!(out.contains("home=/root"), "{out}");
+    // /proc/keys masked (empty), /proc/sys mounted read-only.
+    assert!(
+        out.contains("NoNewPrivs:\t1\n0\n1\n"),
+        "masked/read-only paths: {out}"
+    );
+}
+
+#[tokio::test]
+async fn non_root_user_from_spec_and_home_from_container_passwd() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let mut s = spec(&["sh", "-c", "id -u; id -g; echo $HOME"]);
+    s["process"]["user"] = serde_json::json!({ "uid": 1000, "gid": 1000, "additionalGids": [5] });
+    let request = create_request("user", &agent.rootfs, &s, stdio(false, true, false, false));
+    agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap();
+    let out = agent.attach("user", "", StreamKind::Stdout).await.unwrap();
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = "user".into();
+    agent.client.start_container(ctx(), &start).await.unwrap();
+    let out = String::from_utf8(read_all(out).await).unwrap();
+    assert_eq!(out, "1000\n1000\n/home/user\n");
+    assert_eq!(wait(&agent, "user", "").await.unwrap(), 0);
+    remove(&agent, "user", false).await.unwrap();
+}
+
+#[tokio::test]
+async fn seccomp_profile_is_enforced() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "mkdir /tmp/a && echo made; mkdir /tmp/b; echo rc=$?",
+    ]);
+    s["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [
+            { "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13 }
+        ]
+    });
+    let request = create_request(
+        "seccomp",
+        &agent.rootfs,
+        &s,
+        stdio(false, true, true, false),
+    );
+    agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap();
+    let out = agent
+        .attach("seccomp", "", StreamKind::Stdout)
+        .await
+        .unwrap();
+    let err = agent
+        .attach("seccomp", "", StreamKind::Stderr)
+        .await
+        .unwrap();
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = "seccomp".into();
+    agent.client.start_container(ctx(), &start).await.unwrap();
+    let (out, err) = tokio::join!(read_all(out), read_all(err));
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    assert_eq!(out, "rc=1\n", "stderr: {err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert_eq!(wait(&agent, "seccomp", "").await.unwrap(), 0);
+    remove(&agent, "seccomp", false).await.unwrap();
+}
+
+#[tokio::test]
+async fn stdin_reaches_cat_and_eof_propagates_both_ways() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let request = create_request(
+        "cat",
+        &agent.rootfs,
+        &spec(&["cat"]),
+        stdio(true, true, false, false),
+    );
+    agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap();
+    let mut input = agent.attach("cat", "", StreamKind::Stdin).await.unwrap();
+    let output = agent.attach("cat", "", StreamKind::Stdout).await.unwrap();
+    assert!(agent
+        .attach("cat", "", StreamKind::Stdout)
+        .await
+        .unwrap_err()
+        .contains("already attached"));
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = "cat".into();
+    agent.client.start_container(ctx(), &start).await.unwrap();
+    let data: Vec<u8> = (0..4 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let writer = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            input.write_all(&data).await.unwrap();
+            input.shutdown().await.unwrap();
+        })
+    };
+    let echoed = read_all(output).await;
+    writer.await.unwrap();
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data);
+    assert_eq!(wait(&agent, "cat", "").await.unwrap(), 0);
+    remove(&agent, "cat", false).await.unwrap();
+}
+
+#[tokio::test]
+async fn exec_signals_and_wait_report_like_a_shell() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    start_detached(&agent, "svc", &["sleep", "1000"]).await;
+
+    exec(
+        &agent,
+        "svc",
+        "e1",
+        &["sh", "-c", "echo exec-ok; cat /proc/1/cmdline"],
+        stdio(false, true, false, false),
+    )
+    .await
+    .unwrap();
+    let out = read_all(agent.attach("svc", "e1", StreamKind::Stdout).await.unwrap()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "exec-ok\nsleep\u{0}1000\u{0}"
+    );
+    let status = wait(&agent, "svc", "e1").await;
+    assert_eq!(
+        status
+            .map_err(|e| format!("{e:?} {}", agent.log()))
+            .unwrap(),
+        0
+    );
+
+    exec(
+        &agent,
+        "svc",
+        "e2",
+        &["sleep", "1000"],
+        stdio(false, false, false, false),
+    )
+    .await
+    .unwrap();
+    signal(&agent, "svc", "e2", 15).await.unwrap();
+    assert_eq!(wait(&agent, "svc", "e2").await.unwrap(), 143);
+
+    let dup = exec(
+        &agent,
+        "svc",
+        "e1",
+        &["true"],
+        stdio(false, false, false, false),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error_text(&dup).contains("exec_id \"e1\" already exists"),
+        "{}",
+        error_text(&dup)
+    );
+
+    for bad in [0, 65, 1000] {
+        let err = signal(&agent, "svc", "", bad).await.unwrap_err();
+        assert!(
+            error_text(&err).contains("INVALID_ARGUMENT"),
+            "{}",
+            error_text(&err)
+        );
+        assert!(
+            error_text(&err).contains(&format!("signal {bad}")),
+            "{}",
+            error_text(&err)
+        );
+    }
+    let err = signal(&agent, "svc", "nope", 9).await.unwrap_err();
+    assert!(
+        error_text(&err).contains("exec_id \"nope\" not found"),
+        "{}",
+        error_text(&err)
+    );
+
+    // SIGKILL to the container's PID 1 ends it: 128 + 9.
+    signal(&agent, "svc", "", 9).await.unwrap();
+    assert_eq!(wait(&agent, "svc", "").await.unwrap(), 137);
+    let err = exec(
+        &agent,
+        "svc",
+        "late",
+        &["true"],
+        stdio(false, false, false, false),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error_text(&err).contains("cannot exec container in state stopped"),
+        "{}",
+        error_text(&err)
+    );
+    remove(&agent, "svc", false).await.unwrap();
+}
+
+#[tokio::test]
+async fn pause_and_resume_freeze_the_container() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    start_detached(
+        &agent,
+        "frz",
+        &["sh", "-c", "while true; do sleep 0.05; done"],
+    )
+    .await;
+    let Some(cgroup) = agent.cgroup_dir("frz") else {
+        eprintln!("SKIP: no cgroup v2 hierarchy for the agent here (pause needs cgroup.freeze)");
+        remove(&agent, "frz", true).await.unwrap();
+        return;
+    };
+    let mut pause = agent::PauseContainerRequest::new();
+    pause.container_id = "frz".into();
+    agent.client.pause_container(ctx(), &pause).await.unwrap();
+    let events = std::fs::read_to_string(cgroup.join("cgroup.events")).unwrap();
+    assert!(events.contains("frozen 1"), "{events}");
+    let err = agent
+        .client
+        .pause_container(ctx(), &pause)
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("cannot pause container in state paused"),
+        "{}",
+        error_text(&err)
+    );
+    let err = exec(
+        &agent,
+        "frz",
+        "x",
+        &["true"],
+        stdio(false, false, false, false),
+    )
+    .await
+    .unwrap_err();
+    assert!(error_text(&err).contains("state paused"));
+
+    let mut resume = agent::ResumeContainerRequest::new();
+    resume.container_id = "frz".into();
+    agent.client.resume_container(ctx(), &resume).await.unwrap();
+    let events = std::fs::read_to_string(cgroup.join("cgroup.events")).unwrap();
+    assert!(events.contains("frozen 0"), "{events}");
+    exec(
+        &agent,
+        "frz",
+        "after",
+        &["true"],
+        stdio(false, false, false, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(wait(&agent, "frz", "after").await.unwrap(), 0);
+
+    let mut stats_request = agent::StatsContainerRequest::new();
+    stats_request.container_id = "frz".into();
+    let stats = agent
+        .client
+        .stats_container(ctx(), &stats_request)
+        .await
+        .unwrap();
+    assert!(stats.cpu.usage_usec > 0, "{stats:?}");
+    assert!(stats.pids.current >= 1, "{stats:?}");
+
+    let mut list = agent::ListProcessesRequest::new();
+    list.container_id = "frz".into();
+    let processes = agent.client.list_processes(ctx(), &list).await.unwrap();
+    assert!(!processes.processes.is_empty());
+
+    let err = remove(&agent, "frz", false).await.unwrap_err();
+    assert!(
+        error_text(&err).contains("cannot remove container in state running"),
+        "{}",
+        error_text(&err)
+    );
+    remove(&agent, "frz", true).await.unwrap();
+    assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
+}
+
+#[tokio::test]
+async fn tty_carries_output_and_resize() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let request = create_request(
+        "tty",
+        &agent.rootfs,
+        &spec(&["sh", "-c", "sleep 0.3; stty size; tty; echo tty-done"]),
+        stdio(false, true, false, true),
+    );
+    agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap();
+    let output = agent.attach("tty", "", StreamKind::Stdout).await.unwrap();
+    assert!(agent.attach("tty", "", StreamKind::Stderr).await.is_err());
+    let mut resize = agent::ResizeTtyRequest::new();
+    resize.container_id = "tty".into();
+    resize.rows = 42;
+    resize.columns = 117;
+    agent.client.resize_tty(ctx(), &resize).await.unwrap();
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = "tty".into();
+    agent.client.start_container(ctx(), &start).await.unwrap();
+    let out = String::from_utf8_lossy(&read_all(output).await).into_owned();
+    assert!(out.contains("42 117\r\n"), "{out:?}");
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert!(out.contains("tty-done\r\n"), "{out:?}");
+    assert_eq!(wait(&agent, "tty", "").await.unwrap(), 0);
+    resize.rows = 0;
+    let err = agent.client.resize_tty(ctx(), &resize).await.unwrap_err();
+    assert!(error_text(&err).contains("rows=0"), "{}", error_text(&err));
+    remove(&agent, "tty", false).await.unwrap();
+}
+
+#[tokio::test]
+async fn remove_leaves_no_mounts_or_processes() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let pid = start_detached(&agent, "gone", &["sh", "-c", "sleep 1000 & sleep 1000"]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let rootfs = agent.rootfs.display().to_string();
+    let ns_mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(ns_mounts.lines().count() > 3);
+    remove(&agent, "gone", true).await.unwrap();
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host_mounts.contains(&rootfs),
+        "mounts left behind: {host_mounts}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "init {pid} still alive"
+    );
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        agent.pid(),
+        agent.pid()
+    ))
+    .unwrap_or_default();
+    assert_eq!(children.trim(), "", "agent still has children");
+    let err = wait(&agent, "gone", "").await.unwrap_err();
+    assert!(error_text(&err).contains("NOT_FOUND"));
+}
+
+#[tokio::test]
+async fn events_stream_reports_exits() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let events_client = agent.connect().await;
+    let mut stream = events_client
+        .events(
+            ttrpc::context::with_timeout(0),
+            &agent::EventsRequest::new(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    run_to_completion(&agent, "ev", &["sh", "-c", "exit 7"]).await;
+    let event = tokio::time::timeout(std::time::Duration::from_secs(10), stream.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let exited = event.exited();
+    assert_eq!(
+        (exited.container_id.as_str(), exited.exit_status),
+        ("ev", 7)
+    );
+    assert!(exited.exited_at_ns > 0);
+}
+
+#[tokio::test]
+async fn bad_inputs_return_errors_naming_the_field_and_agent_keeps_serving() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let rootfs = agent.rootfs.clone();
+    let create = |id: &str, s: serde_json::Value| {
+        create_request(id, &rootfs, &s, stdio(false, false, false, false))
+    };
+    let expect_err = |r: Result<agent::CreateContainerResponse, ttrpc::Error>, needle: &str| {
+        let text = error_text(&r.unwrap_err());
+        assert!(text.contains(needle), "expected {needle:?} in {text:?}");
+    };
+
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = "ghost".into();
+    let err = agent
+        .client
+        .start_container(ctx(), &start)
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("container_id \"ghost\" not found"),
+        "{}",
+        error_text(&err)
+    );
+
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("../x", spec(&["true"])))
+            .await,
+        "container_id",
+    );
+
+    agent
+        .client
+        .create_container(ctx(), &create("dup", spec(&["true"])))
+        .await
+        .unwrap();
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("dup", spec(&["true"])))
+            .await,
+        "container_id \"dup\" already exists",
+    );
+
+    let mut s = spec(&["true"]);
+    s["mounts"][3]["destination"] = "/tmp/../../etc".into();
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("dotdot", s))
+            .await,
+        "mounts[3].destination",
+    );
+
+    std::os::unix::fs::symlink("/etc", agent.rootfs.join("evil")).unwrap();
+    let mut s = spec(&["true"]);
+    s["mounts"][3]["destination"] = "/evil/x".into();
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("abslink", s))
+            .await,
+        "absolute symlink",
+    );
+
+    let mut request = create("malformed", spec(&["true"]));
+    request.oci_spec_json = b"{\"ociVersion\": 5".to_vec();
+    expect_err(
+        agent.client.create_container(ctx(), &request).await,
+        "oci_spec_json",
+    );
+
+    let mut s = spec(&["true"]);
+    s["process"]["args"] = serde_json::json!([]);
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("noargs", s))
+            .await,
+        "process.args",
+    );
+
+    let mut s = spec(&["true"]);
+    s["process"]["cwd"] = "relative".into();
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("cwd", s))
+            .await,
+        "process.cwd",
+    );
+
+    let mut request = create("norootfs", spec(&["true"]));
+    request.rootfs = protobuf::MessageField::none();
+    expect_err(
+        agent.client.create_container(ctx(), &request).await,
+        "rootfs",
+    );
+
+    let mut request = create("badrootfs", spec(&["true"]));
+    let mut root = agent::Rootfs::new();
+    root.set_directory("/nonexistent/../etc".into());
+    request.rootfs = Some(root).into();
+    expect_err(
+        agent.client.create_container(ctx(), &request).await,
+        "rootfs.directory",
+    );
+
+    let mut s = spec(&["no-such-program"]);
+    s["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("noexec", s))
+            .await,
+        "no-such-program",
+    );
+
+    // 5 MiB: over ttrpc's 4 MiB message limit.
+    let mut big = spec(&["true"]);
+    big["annotations"] = serde_json::json!({ "pad": "x".repeat(5 << 20) });
+    let result = agent
+        .client
+        .create_container(ctx(), &create("big", big))
+        .await;
+    assert!(result.is_err(), "oversized message accepted");
+
+    let mut s = spec(&["true"]);
+    s["linux"]["seccomp"] = serde_json::json!({ "defaultAction": "SCMP_ACT_NOTIFY" });
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("notify", s))
+            .await,
+        "linux.seccomp.defaultAction",
+    );
+
+    // Still serving, on a new connection too.
+    let fresh = agent.connect().await;
+    let health = fresh
+        .health_check(ctx(), &agent::HealthCheckRequest::new())
+        .await
+        .unwrap();
+    assert!(health.serving);
+    let (out, _, status) = run_to_completion(&agent, "after-bad", &["echo", "still here"]).await;
+    assert_eq!((out.as_str(), status), ("still here\n", 0));
+    remove(&agent, "dup", false).await.unwrap();
+    assert!(!agent.log().contains("panicked"));
+}
