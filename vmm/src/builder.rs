@@ -25,8 +25,11 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::VmmMetrics;
 use crate::vstate::kvm::{HostKvmKind, KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
-use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu};
+use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu, VcpuNudger};
 use crate::vstate::vm::{Vm, VmError};
+
+/// How often vCPUs are kicked on a `kvm_pvm` host (see [`VcpuNudger`]).
+pub const NESTED_PVM_NUDGE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// What the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,7 +223,28 @@ pub fn run_vm(
             }
         }
     }
+    let nudger = if kvm.host_kind == HostKvmKind::NestedPvm {
+        tracing::info!(
+            "host KVM is nested paravirtualized (kvm_pvm): kicking vCPUs every {} ms so the guest keeps making progress",
+            NESTED_PVM_NUDGE_INTERVAL.as_millis()
+        );
+        match VcpuNudger::start(&threads, NESTED_PVM_NUDGE_INTERVAL) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                stop_vcpus(&stop, threads);
+                return Err(BuildError::Io {
+                    what: "cannot start the vCPU nudger thread",
+                    source: e,
+                });
+            }
+        }
+    } else {
+        None
+    };
     let end = exit.wait();
+    if let Some(nudger) = nudger {
+        nudger.stop();
+    }
     stop_vcpus(&stop, threads);
     // Memory and VM outlive the vCPU threads that used them.
     drop(vm);

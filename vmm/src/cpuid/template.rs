@@ -56,14 +56,12 @@ const LEAF1_ECX_SSSE3: u32 = 1 << 9;
 const LEAF1_ECX_SSE41: u32 = 1 << 19;
 const LEAF1_ECX_SSE42: u32 = 1 << 20;
 const LEAF1_ECX_X2APIC: u32 = 1 << 21;
-const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const NESTED_LEAF1_ECX: u32 = LEAF1_ECX_SSE3
     | LEAF1_ECX_SSSE3
     | LEAF1_ECX_SSE41
     | LEAF1_ECX_SSE42
     | LEAF1_ECX_X2APIC
-    | LEAF1_ECX_TSC_DEADLINE
     | LEAF1_ECX_HYPERVISOR;
 // Leaf 1 EDX: the classic features from FPU to SSE2 (bits 0-26, without
 // the reserved bits 10 and 20, PSN 18, DS 21, ACPI 22), no HTT/TM/PBE.
@@ -72,6 +70,12 @@ const NESTED_LEAF1_EDX: u32 = 0x07ff_fbff & !((1 << 18) | (1 << 20) | (1 << 21) 
 // Intel CPU reports them (we claim to be one).
 const NESTED_EXT1_ECX: u32 = 1 << 0;
 const NESTED_EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 29);
+
+// Leaf 0x40000001 EAX, KVM paravirt features: QEMU's default set (kvmclock
+// and kvmclock2, no-op I/O delay, async PF and its interrupt, steal time,
+// PV EOI, stable clock bit), the set with which Linux boots on kvm_pvm.
+const NESTED_KVM_FEATURES: u32 =
+    (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 14) | (1 << 24);
 
 // Named bits the tests check are gone.
 #[cfg(test)]
@@ -135,6 +139,13 @@ impl CpuTemplate {
                 entry.ecx = 0;
                 entry.edx = 0;
             }
+            // Intel reports no vendor string in the extended range.
+            (0x8000_0000, _) => {
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            (0x4000_0001, _) => entry.eax &= NESTED_KVM_FEATURES,
             (0x8000_0001, _) => {
                 entry.ecx &= NESTED_EXT1_ECX;
                 entry.edx &= NESTED_EXT1_EDX;

@@ -200,3 +200,48 @@ pub fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
         }
     }
 }
+
+/// Periodically kicks every vCPU out of `KVM_RUN` and back in.
+///
+/// Needed on nested paravirtualized KVM (`kvm_pvm`): there a Linux guest
+/// was seen to stop making progress inside `KVM_RUN` (at the clocksource
+/// switch, for minutes) until the vCPU returned to userspace once; with a
+/// kick every few milliseconds it boots on. Hardware KVM does not need it
+/// and does not get it.
+pub struct VcpuNudger {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuNudger {
+    /// Starts kicking the threads of `vcpus` every `interval`.
+    pub fn start(vcpus: &[JoinHandle<()>], interval: Duration) -> std::io::Result<Self> {
+        use std::os::unix::thread::JoinHandleExt;
+        let targets: Vec<libc::pthread_t> = vcpus.iter().map(|t| t.as_pthread_t()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vcpu-nudger".into())
+            .spawn(move || {
+                while !stop_flag.load(Ordering::Acquire) {
+                    std::thread::sleep(interval);
+                    for target in &targets {
+                        // SAFETY: the vCPU threads are joined only after
+                        // `VcpuNudger::stop` has joined this thread, so every
+                        // `target` still names a thread that has not been
+                        // joined; a thread that already ended yields ESRCH.
+                        unsafe { libc::pthread_kill(*target, vcpu_kick_signal()) };
+                    }
+                }
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops kicking; must run before the vCPU threads are joined.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        if self.thread.join().is_err() {
+            tracing::error!("the vCPU nudger thread panicked");
+        }
+    }
+}
