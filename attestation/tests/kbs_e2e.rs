@@ -9,6 +9,7 @@ use cloister_attestation::kbs::client::{KbsClient, KbsClientError};
 use cloister_attestation::kbs::protocol::{
     report_data, Tee, TeeKeyPair, PROTOCOL_VERSION, SESSION_COOKIE,
 };
+use cloister_attestation::kbs::tls::install_ring_provider;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -260,6 +261,7 @@ fn cookie_of(resp: &reqwest::Response) -> String {
 
 #[tokio::test]
 async fn replayed_attestation_and_malformed_requests_are_refused() {
+    install_ring_provider();
     let kbs = start_kbs(true);
     let http = reqwest::Client::new();
     let auth = |body: String| {
@@ -356,6 +358,7 @@ async fn replayed_attestation_and_malformed_requests_are_refused() {
 
 #[tokio::test]
 async fn expired_session_is_refused_and_token_works_until_expiry() {
+    install_ring_provider();
     let kbs = start_kbs_with(true, &["--session-ttl-secs", "2"]);
     let mut client = KbsClient::new(&kbs.url);
     let token = client
@@ -384,6 +387,124 @@ async fn expired_session_is_refused_and_token_works_until_expiry() {
         detail["detail"].as_str().unwrap().contains("expired"),
         "{detail}"
     );
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+fn make_certs(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cloister test ca",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("openssl not runnable (Debian package openssl): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "openssl {} failed: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn https_with_rustls_serves_the_whole_flow() {
+    let certs = tempfile::tempdir().unwrap();
+    if let Err(reason) = make_certs(certs.path()) {
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    let cert = certs.path().join("srv.pem");
+    let key = certs.path().join("srv.key");
+    let kbs = start_kbs_with(
+        true,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(kbs.url.starts_with("https://"), "{}", kbs.url);
+    let ca = std::fs::read(certs.path().join("ca.pem")).unwrap();
+    let mut client = KbsClient::with_ca(&kbs.url, &ca).unwrap();
+    client
+        .attest(&sample_attester(), Some(INIT_DATA))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.get_resource("default/key/disk").await.unwrap(),
+        b"0123456789abcdef disk key"
+    );
+
+    // A client trusting another CA must not talk to this server.
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path()).unwrap();
+    let other_ca = std::fs::read(other.path().join("ca.pem")).unwrap();
+    let err = KbsClient::with_ca(&kbs.url, &other_ca)
+        .unwrap()
+        .attest(&sample_attester(), Some(INIT_DATA))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KbsClientError::Http { .. }), "{err}");
+    // Nor may it fall back to plain http.
+    assert!(KbsClient::with_ca(&kbs.url.replace("https", "http"), &ca)
+        .unwrap()
+        .attest(&sample_attester(), None)
+        .await
+        .is_err());
 }
 
 #[test]

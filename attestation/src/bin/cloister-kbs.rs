@@ -7,6 +7,7 @@ use cloister_attestation::kbs::audit::AuditLog;
 use cloister_attestation::kbs::config::KbsPolicy;
 use cloister_attestation::kbs::server::{KbsServer, KbsSettings};
 use cloister_attestation::kbs::store::ResourceStore;
+use cloister_attestation::kbs::tls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,9 +18,15 @@ use std::time::Duration;
     about = "Key broker for cloister confidential pods (KBS protocol 0.4.0)"
 )]
 struct Args {
-    /// Address to listen on (plain HTTP; loopback unless --insecure-http).
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Reference values and resource policy (TOML).
     #[arg(long)]
     policy: PathBuf,
@@ -35,7 +42,7 @@ struct Args {
     /// Accept the `sample` TEE, which proves nothing. Tests only.
     #[arg(long)]
     insecure_allow_sample_tee: bool,
-    /// Allow plain HTTP on a non-loopback address.
+    /// Allow plain HTTP (no --tls-cert) on a non-loopback address.
     #[arg(long)]
     insecure_http: bool,
 }
@@ -47,7 +54,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    if !args.listen.ip().is_loopback() && !args.insecure_http {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(tls::server_config(cert, key).context("loading the tls certificate and key")?)
+        }
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure_http {
         bail!(
             "refusing plain http on non-loopback address {}: put a TLS proxy in front and pass --insecure-http",
             args.listen
@@ -77,7 +90,16 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     // Tests and scripts read the bound address (port 0 picks a free one).
-    eprintln!("cloister-kbs listening on http://{local}");
-    server.serve(listener).await.context("serving")?;
+    match tls {
+        Some(config) => {
+            eprintln!("cloister-kbs listening on https://{local}");
+            let listener = tls::TlsListener::new(listener, config)?;
+            server.serve_tls(listener).await.context("serving")?;
+        }
+        None => {
+            eprintln!("cloister-kbs listening on http://{local}");
+            server.serve(listener).await.context("serving")?;
+        }
+    }
     Ok(())
 }

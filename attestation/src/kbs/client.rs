@@ -8,6 +8,7 @@ use super::protocol::{
     Request, RuntimeData, TeeKeyPair, WireInitData, PROTOCOL_VERSION, SESSION_COOKIE,
 };
 use super::store::{check_segment, StoreError};
+use super::tls::{client_config, install_ring_provider, TlsError};
 use thiserror::Error;
 
 /// Errors from the client.
@@ -57,6 +58,9 @@ pub enum KbsClientError {
     /// Resource requested before attesting.
     #[error("no attested session: call attest first")]
     NotAttested,
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A client bound to one KBS.
@@ -70,10 +74,31 @@ pub struct KbsClient {
 }
 
 impl KbsClient {
-    /// A client for `base_url` (e.g. `http://127.0.0.1:8080`).
+    /// A client for `base_url`: `http://` (loopback tests) or `https://`
+    /// with a certificate from the system's trusted roots.
     pub fn new(base_url: &str) -> Self {
+        install_ring_provider();
+        Self::with_http(base_url, reqwest::Client::new())
+    }
+
+    /// A client for an `https://` KBS whose certificate chains to one of the
+    /// CA certificates in `ca_pem` (and to nothing else).
+    pub fn with_ca(base_url: &str, ca_pem: &[u8]) -> Result<Self, KbsClientError> {
+        let tls = client_config(ca_pem)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .https_only(true)
+            .build()
+            .map_err(|source| KbsClientError::Http {
+                url: base_url.to_owned(),
+                source,
+            })?;
+        Ok(Self::with_http(base_url, http))
+    }
+
+    fn with_http(base_url: &str, http: reqwest::Client) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http,
             base: base_url.trim_end_matches('/').to_owned(),
             cookie: None,
             key: None,

@@ -11,5 +11,6 @@ pub mod jwe;
 pub mod protocol;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod token;
 pub mod verifier;

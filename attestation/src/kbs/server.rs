@@ -16,6 +16,7 @@ use super::protocol::{
     SESSION_COOKIE,
 };
 use super::store::{check_segment, ResourceStore, StoreError};
+use super::tls::{PeerAddr, TlsListener};
 use super::token::{ClaimsWire, TokenClaims, TokenSigner};
 use super::verifier::{verify_evidence, Claims};
 use crate::initdata::InitData;
@@ -179,11 +180,19 @@ impl KbsServer {
             .with_state(self.clone())
     }
 
-    /// Serves on `listener` until the task is dropped.
+    /// Serves plain HTTP on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         let app = self
             .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
+            .into_make_service_with_connect_info::<PeerAddr>();
+        axum::serve(listener, app).await
+    }
+
+    /// Serves HTTPS on `listener` until the task is dropped.
+    pub async fn serve_tls(self: Arc<Self>, listener: TlsListener) -> std::io::Result<()> {
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<PeerAddr>();
         axum::serve(listener, app).await
     }
 }
@@ -196,7 +205,7 @@ fn version_supported(version: &str) -> bool {
 
 async fn auth(
     State(kbs): State<Arc<KbsServer>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     body: Bytes,
 ) -> Response {
     let request: Request = match serde_json::from_slice(&body) {
@@ -311,7 +320,7 @@ fn check_attestation(
 
 async fn attest(
     State(kbs): State<Arc<KbsServer>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -420,7 +429,7 @@ fn requester(
 
 async fn resource(
     State(kbs): State<Arc<KbsServer>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     Path((repo, kind, tag)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
