@@ -28,7 +28,7 @@ impl Checksum {
         } else {
             self.hash
         };
-        assert!(data.len() % 8 == 0 || self.bytes % 8 == 0);
+        assert!(data.len().is_multiple_of(8) || self.bytes.is_multiple_of(8));
         for chunk in data.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
