@@ -37,7 +37,7 @@ fn to_status(err: ContainerError) -> TtrpcError {
         RootfsUnsupported(_) => Code::UNIMPLEMENTED,
         Cgroup(crate::cgroups::CgroupError::ControllerMissing { .. }) => Code::FAILED_PRECONDITION,
         Stdio(crate::io::StdioError::NoTerminal) => Code::FAILED_PRECONDITION,
-        Helper { .. } => Code::FAILED_PRECONDITION,
+        Helper { .. } | Hook(_) => Code::FAILED_PRECONDITION,
         Cgroup(_) | Stdio(_) | Kill { .. } | Io { .. } => Code::INTERNAL,
     };
     tracing::debug!(%err, "request failed");

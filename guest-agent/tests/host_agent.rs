@@ -773,3 +773,69 @@ async fn memory_limited_process_is_oom_killed_and_reported() {
     assert_eq!(stats.memory.usage_limit, 33554432);
     remove(&agent, "oom", false).await.unwrap();
 }
+
+#[tokio::test]
+async fn runtime_hooks_run_with_state_and_a_failing_hook_fails_create() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let out = agent.dir.path().join("hooks");
+    std::fs::create_dir(&out).unwrap();
+    let mut s = spec(&["true"]);
+    s["hooks"] = serde_json::json!({
+        "createRuntime": [{ "path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}/created.json", out.display())] }],
+        "poststop": [{ "path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}/stopped.json", out.display())], "timeout": 10 }]
+    });
+    let request = create_request(
+        "hooked",
+        &agent.rootfs,
+        &s,
+        stdio(false, false, false, false),
+    );
+    let pid = agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap()
+        .pid;
+    let created: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("created.json")).unwrap()).unwrap();
+    assert_eq!(created["id"], "hooked");
+    assert_eq!(created["pid"], pid);
+    assert_eq!(created["status"], "creating");
+    remove(&agent, "hooked", false).await.unwrap();
+    let stopped: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("stopped.json")).unwrap()).unwrap();
+    assert_eq!(stopped["status"], "stopped");
+
+    let mut s = spec(&["true"]);
+    s["hooks"] = serde_json::json!({ "createRuntime": [{ "path": "/bin/false" }] });
+    let request = create_request(
+        "badhook",
+        &agent.rootfs,
+        &s,
+        stdio(false, false, false, false),
+    );
+    let err = agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("hooks.createRuntime[0] /bin/false: exited with status 1"),
+        "{}",
+        error_text(&err)
+    );
+    // The failed container is gone: its id can be used again.
+    let request = create_request(
+        "badhook",
+        &agent.rootfs,
+        &spec(&["true"]),
+        stdio(false, false, false, false),
+    );
+    agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap();
+    remove(&agent, "badhook", false).await.unwrap();
+}

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
 
+use super::hooks::{self, HookError, HookSet};
 use super::plan::{ExecPlan, HelperPlan, NamespaceKind};
 use super::resources;
 use super::seccomp::SeccompPlan;
@@ -84,6 +85,8 @@ pub enum ContainerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Hook(#[from] HookError),
     #[error("tty size rows={rows} columns={columns} is out of range (1..=65535)")]
     TtySize { rows: u32, columns: u32 },
 }
@@ -167,6 +170,7 @@ pub struct Container {
     namespaces: Vec<NamespaceKind>,
     seccomp: Option<SeccompPlan>,
     rootfs: PathBuf,
+    hooks: HookSet,
     /// The helper's sync socket until Start.
     start_channel: tokio::sync::Mutex<Option<UnixStream>>,
 }
@@ -434,6 +438,7 @@ impl ContainerManager {
         let rootfs = self.rootfs_path(request)?;
         let oci = spec::parse_spec(&request.oci_spec_json)?;
         let mut plan = spec::plan_container(&oci, &rootfs)?;
+        let hook_set = hooks::plan_hooks(oci.hooks().as_ref())?;
         let stdio_request = request.stdio.clone().unwrap_or_default();
         plan.process.terminal = stdio_request.terminal;
         let writes = match oci.linux().as_ref().and_then(|l| l.resources().as_ref()) {
@@ -450,9 +455,25 @@ impl ContainerManager {
                 })
             }
         };
-        let result = self
+        let mut result = self
             .spawn_init(id, plan, &stdio_request, cgroup.as_ref())
             .await;
+        if let Ok((pid, ..)) = &result {
+            let state = hooks::state_json(id, "creating", Some(*pid), &bundle_of(&rootfs));
+            if let Err(e) = hooks::run_hooks(
+                "createRuntime",
+                &hook_set.create_runtime,
+                &state,
+                &self.reaper,
+            )
+            .await
+            {
+                let pid = *pid;
+                let _ = kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = self.take_exit(pid).await;
+                result = Err(e.into());
+            }
+        }
         match result {
             Ok((pid, stdio, channel, namespaces, seccomp)) => {
                 let (exit_tx, exit_rx) = watch::channel(None);
@@ -471,6 +492,7 @@ impl ContainerManager {
                     namespaces,
                     seccomp,
                     rootfs,
+                    hooks: hook_set,
                     start_channel: tokio::sync::Mutex::new(Some(channel)),
                 });
                 self.watch_exit(&container, pid, String::new(), exit_tx);
@@ -678,9 +700,28 @@ impl ContainerManager {
             }
         }
         // The process may already have run and exited (Stopped): keep that.
-        let mut state = container.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *state == ContainerState::Created {
-            *state = ContainerState::Running;
+        {
+            let mut state = container.state.lock().unwrap_or_else(|e| e.into_inner());
+            if *state == ContainerState::Created {
+                *state = ContainerState::Running;
+            }
+        }
+        let state = hooks::state_json(
+            id,
+            "running",
+            Some(container.init.pid),
+            &bundle_of(&container.rootfs),
+        );
+        // The runtime spec: a failing poststart hook is logged, not fatal.
+        if let Err(e) = hooks::run_hooks(
+            "poststart",
+            &container.hooks.poststart,
+            &state,
+            &self.reaper,
+        )
+        .await
+        {
+            tracing::warn!(container = %id, error = %e, "poststart hook failed");
         }
         Ok(())
     }
@@ -980,12 +1021,23 @@ impl ContainerManager {
             cgroup.remove()?;
         }
         container.transition(Operation::Remove { force })?;
+        let state = hooks::state_json(id, "stopped", None, &bundle_of(&container.rootfs));
+        if let Err(e) =
+            hooks::run_hooks("poststop", &container.hooks.poststop, &state, &self.reaper).await
+        {
+            tracing::warn!(container = %id, error = %e, "poststop hook failed");
+        }
         self.containers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
         Ok(())
     }
+}
+
+/// The bundle path hooks see: the rootfs's parent directory.
+fn bundle_of(rootfs: &std::path::Path) -> String {
+    rootfs.parent().unwrap_or(rootfs).display().to_string()
 }
 
 fn send_signal(pid: i32, signal: i32) -> Result<(), ContainerError> {

@@ -4,6 +4,7 @@
 //! agent-side bookkeeping of every container (`manager`).
 
 pub mod helper;
+pub mod hooks;
 pub mod manager;
 pub mod names;
 pub mod plan;
