@@ -251,7 +251,8 @@ mod tests {
             report,
             endorsement: crate::certs::Cert::from_der(&vcek).unwrap(),
         }
-        .to_json();
+        .to_json()
+        .unwrap();
         let claims = verify_evidence(
             Tee::Snp,
             &evidence,

@@ -9,9 +9,13 @@
 //!   reserved bytes were not zero would then fail its signature check, never
 //!   pass one it should not.
 //!
+//! [`SnpEvidence::to_json`] writes both at once, so the same evidence is read
+//! by cloister-kbs (raw bytes preferred) and by Trustee (which ignores
+//! `report`); the field-by-field half is byte-for-byte what Trustee emits.
+//!
 //! `cert_chain` entries are `{"cert_type": "VCEK"|"VLEK"|"ASK"|"ARK", "data": [u8...]}`.
 
-use super::report::{REPORT_LEN, SIGNED_LEN};
+use super::report::{AttestationReport, REPORT_LEN, SIGNED_LEN};
 use super::tcb::{Generation, TcbVersion};
 use crate::certs::{Cert, CertError};
 use base64::Engine as _;
@@ -248,18 +252,71 @@ impl SnpEvidence {
         })
     }
 
-    /// Encodes in cloister's shape.
-    pub fn to_json(&self) -> Value {
+    /// Encodes in both shapes at once: `report` (raw, preferred by
+    /// cloister) and `attestation_report` (field by field, what Trustee's
+    /// verifier reads; it ignores the extra member).
+    pub fn to_json(&self) -> Result<Value, EvidenceError> {
         let kind = if self.endorsement.common_name().as_deref() == Some("SEV-VLEK") {
             "VLEK"
         } else {
             "VCEK"
         };
-        serde_json::json!({
+        Ok(serde_json::json!({
             "report": base64::engine::general_purpose::STANDARD.encode(&self.report),
+            "attestation_report": structured(&self.report)?,
             "cert_chain": [CertEntry { cert_type: kind.into(), data: self.endorsement.der().to_vec() }],
-        })
+        }))
     }
+}
+
+/// The field-by-field form of a raw report (the `sev` crate's serde shape).
+pub fn structured(bytes: &[u8]) -> Result<Value, EvidenceError> {
+    let r = AttestationReport::parse(bytes).map_err(|e| EvidenceError::Json(e.to_string()))?;
+    let generation = r.generation_from_cpuid().unwrap_or(Generation::Milan);
+    let tcb = |raw: u64| {
+        let t = TcbVersion::decode(raw, generation);
+        serde_json::json!({"fmc": t.fmc, "bootloader": t.bootloader, "tee": t.tee,
+                           "snp": t.snp, "microcode": t.microcode})
+    };
+    let version = |(major, minor, build): (u8, u8, u8)| serde_json::json!({"major": major, "minor": minor, "build": build});
+    let key_info = u32::from_le_bytes([bytes[0x48], bytes[0x49], bytes[0x4A], bytes[0x4B]]);
+    let mut v = serde_json::json!({
+        "version": r.version,
+        "guest_svn": r.guest_svn,
+        "policy": r.policy.0,
+        "family_id": r.family_id.to_vec(),
+        "image_id": r.image_id.to_vec(),
+        "vmpl": r.vmpl,
+        "sig_algo": r.signature_algo,
+        "current_tcb": tcb(r.current_tcb),
+        "plat_info": r.platform_info,
+        "key_info": key_info,
+        "report_data": r.report_data.to_vec(),
+        "measurement": r.measurement.to_vec(),
+        "host_data": r.host_data.to_vec(),
+        "id_key_digest": r.id_key_digest.to_vec(),
+        "author_key_digest": r.author_key_digest.to_vec(),
+        "report_id": r.report_id.to_vec(),
+        "report_id_ma": r.report_id_ma.to_vec(),
+        "reported_tcb": tcb(r.reported_tcb),
+        "cpuid_fam_id": r.cpuid.map(|c| c.0),
+        "cpuid_mod_id": r.cpuid.map(|c| c.1),
+        "cpuid_step": r.cpuid.map(|c| c.2),
+        "chip_id": r.chip_id.to_vec(),
+        "committed_tcb": tcb(r.committed_tcb),
+        "current": version(r.current_version),
+        "committed": version(r.committed_version),
+        "launch_tcb": tcb(r.launch_tcb),
+        "signature": {
+            "r": bytes[SIGNED_LEN..SIGNED_LEN + 72].to_vec(),
+            "s": bytes[SIGNED_LEN + 72..SIGNED_LEN + 144].to_vec(),
+        },
+    });
+    if let Some((launch, current)) = r.mit_vectors {
+        v["launch_mit_vector"] = launch.into();
+        v["current_mit_vector"] = current.into();
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -289,6 +346,18 @@ mod tests {
     }
 
     #[test]
+    fn structured_form_equals_trustees_json_exactly() {
+        // Rebuild raw bytes from Trustee's JSON, then render them back: the
+        // result must be the very JSON Trustee produced.
+        let original = genoa();
+        let evidence = SnpEvidence::from_json(&original).unwrap();
+        assert_eq!(
+            structured(&evidence.report).unwrap(),
+            original["attestation_report"]
+        );
+    }
+
+    #[test]
     fn trustee_genoa_evidence_with_changed_field_fails_signature() {
         let mut value = genoa();
         value["attestation_report"]["guest_svn"] = 1.into();
@@ -310,8 +379,16 @@ mod tests {
             endorsement: Cert::from_der(&std::fs::read(testdata("snp/test-vcek.der")).unwrap())
                 .unwrap(),
         };
-        let back = SnpEvidence::from_json(&evidence.to_json()).unwrap();
+        let json = evidence.to_json().unwrap();
+        let back = SnpEvidence::from_json(&json).unwrap();
         assert_eq!(back.report, evidence.report);
+        // The field-by-field half alone rebuilds the same bytes.
+        let mut trustee_only = json.clone();
+        trustee_only.as_object_mut().unwrap().remove("report");
+        assert_eq!(
+            SnpEvidence::from_json(&trustee_only).unwrap().report,
+            evidence.report
+        );
         verify_report_builtin(
             &back.report,
             &back.endorsement,
