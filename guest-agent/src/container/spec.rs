@@ -444,3 +444,153 @@ pub fn check_rootfs_directory(path: &str) -> Result<PathBuf, SpecError> {
     }
     Ok(PathBuf::from(path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> serde_json::Value {
+        json!({
+            "ociVersion": "1.1.0",
+            "process": {
+                "args": ["sh"], "cwd": "/", "env": ["PATH=/bin"],
+                "user": { "uid": 1000, "gid": 1000 },
+                "capabilities": { "bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"] },
+                "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 100, "soft": 10 }]
+            },
+            "linux": { "namespaces": [{ "type": "mount" }, { "type": "pid" }] }
+        })
+    }
+
+    fn plan(value: serde_json::Value) -> Result<CreatePlan, SpecError> {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "u:x:1000:1000::/home/u:/bin/sh\n",
+        )
+        .unwrap();
+        plan_container(&parse_spec(value.to_string().as_bytes())?, root.path())
+    }
+
+    fn error_of(value: serde_json::Value) -> String {
+        plan(value).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_spec_translates_process_fields() {
+        let plan = plan(base()).unwrap();
+        assert_eq!(plan.process.uid, 1000);
+        assert_eq!(plan.process.capabilities.bounding, vec![0, 5]);
+        assert_eq!(plan.process.capabilities.effective, vec![5]);
+        assert_eq!(plan.process.rlimits[0].resource, libc::RLIMIT_NOFILE);
+        assert!(plan.process.env.contains(&"HOME=/home/u".to_owned()));
+        assert_eq!(
+            plan.new_namespaces,
+            vec![NamespaceKind::Mount, NamespaceKind::Pid]
+        );
+        // The six default devices.
+        assert_eq!(plan.devices.len(), 6);
+    }
+
+    #[test]
+    fn spec_without_mount_namespace_returns_error() {
+        let mut s = base();
+        s["linux"]["namespaces"] = json!([{ "type": "pid" }]);
+        assert!(error_of(s).contains("linux.namespaces"));
+    }
+
+    #[test]
+    fn user_namespace_returns_error_naming_field() {
+        let mut s = base();
+        s["linux"]["namespaces"] = json!([{ "type": "mount" }, { "type": "user" }]);
+        assert!(error_of(s).contains("linux.namespaces[1].type"));
+    }
+
+    #[test]
+    fn joining_pid_namespace_by_path_returns_error() {
+        let mut s = base();
+        s["linux"]["namespaces"] =
+            json!([{ "type": "mount" }, { "type": "pid", "path": "/proc/1/ns/pid" }]);
+        assert!(error_of(s).contains("linux.namespaces[1].path"));
+    }
+
+    #[test]
+    fn hostname_without_uts_namespace_returns_error() {
+        let mut s = base();
+        s["hostname"] = json!("box");
+        assert!(error_of(s).contains("hostname"));
+    }
+
+    #[test]
+    fn soft_rlimit_above_hard_returns_error() {
+        let mut s = base();
+        s["process"]["rlimits"] = json!([{ "type": "RLIMIT_NOFILE", "hard": 1, "soft": 2 }]);
+        assert!(error_of(s).contains("process.rlimits[0]"));
+    }
+
+    #[test]
+    fn env_entry_without_equals_returns_error() {
+        let mut s = base();
+        s["process"]["env"] = json!(["PATH=/bin", "JUSTAKEY"]);
+        assert!(error_of(s).contains("process.env[1]"));
+    }
+
+    #[test]
+    fn bind_mount_with_relative_source_returns_error() {
+        let mut s = base();
+        s["mounts"] =
+            json!([{ "destination": "/x", "type": "bind", "source": "rel", "options": ["rbind"] }]);
+        assert!(error_of(s).contains("mounts[0].source"));
+    }
+
+    #[test]
+    fn mount_without_type_or_bind_returns_error() {
+        let mut s = base();
+        s["mounts"] = json!([{ "destination": "/x", "source": "none" }]);
+        assert!(error_of(s).contains("mounts[0].type"));
+    }
+
+    #[test]
+    fn sysctl_key_with_slash_returns_error() {
+        let mut s = base();
+        s["linux"]["sysctl"] = json!({ "net/../../x": "1" });
+        assert!(error_of(s).contains("linux.sysctl"));
+    }
+
+    #[test]
+    fn unknown_rootfs_propagation_returns_error() {
+        let mut s = base();
+        s["linux"]["rootfsPropagation"] = json!("sideways");
+        assert!(error_of(s).contains("linux.rootfsPropagation"));
+    }
+
+    #[test]
+    fn device_type_a_returns_error() {
+        let mut s = base();
+        s["linux"]["devices"] = json!([{ "path": "/dev/x", "type": "a", "major": 1, "minor": 1 }]);
+        assert!(error_of(s).contains("linux.devices[0].type"));
+    }
+
+    #[test]
+    fn cgroup_v1_mount_becomes_cgroup2() {
+        let mut s = base();
+        s["mounts"] = json!([{ "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro", "nosuid"] }]);
+        let plan = plan(s).unwrap();
+        assert_eq!(plan.mounts[0].fstype.as_deref(), Some("cgroup2"));
+    }
+
+    #[test]
+    fn malformed_json_returns_error_naming_oci_spec_json() {
+        let err = parse_spec(b"{\"ociVersion\": ").unwrap_err();
+        assert!(err.to_string().starts_with("oci_spec_json"));
+    }
+
+    #[test]
+    fn home_comes_from_passwd_of_uid() {
+        let text = "root:x:0:0:root:/root:/bin/sh\nbad line\nu:x:1000:1000::/home/u:/bin/sh\n";
+        assert_eq!(home_from_passwd(text, 1000).as_deref(), Some("/home/u"));
+        assert_eq!(home_from_passwd(text, 5), None);
+    }
+}
