@@ -5,7 +5,7 @@
 //! Signatures are checked over the TBS bytes sliced out of the DER the vendor
 //! issued, never over a re-encoding.
 
-use der::{Decode, Encode};
+use der::Decode;
 use p256::ecdsa::signature::Verifier as _;
 use rsa::pkcs1::DecodeRsaPublicKey;
 use sha2::{Digest, Sha384};
@@ -278,11 +278,6 @@ pub fn der_integer_u8(bytes: &[u8]) -> Option<u8> {
     }
 }
 
-/// Re-encodes a certificate to DER (used only for building test chains).
-pub fn to_der(cert: &Certificate) -> Result<Vec<u8>, CertError> {
-    cert.to_der().map_err(|e| CertError::Der(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +288,7 @@ mod tests {
         let der = std::fs::read(testdata("snp/test-vcek.der")).unwrap();
         let cert = Cert::from_der(&der).unwrap();
         assert_eq!(cert.common_name().as_deref(), Some("SEV-VCEK"));
-        let reencoded = cert.cert.tbs_certificate.to_der().unwrap();
+        let reencoded = der::Encode::to_der(&cert.cert.tbs_certificate).unwrap();
         assert_eq!(cert.tbs(), reencoded.as_slice());
     }
 

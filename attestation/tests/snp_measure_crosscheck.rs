@@ -16,7 +16,13 @@ const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
 const TOOL_VERSION: &str = "0.0.13";
 
 /// Returns the venv's directory with sev-snp-measure installed, or why not.
+/// Tests run in parallel threads: the venv is made once, behind a lock.
 fn venv() -> Result<PathBuf, String> {
+    static VENV: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    VENV.get_or_init(make_venv).clone()
+}
+
+fn make_venv() -> Result<PathBuf, String> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sev-snp-measure-venv");
     let python = dir.join("bin/python3");
     let have_tool = Command::new(&python)
