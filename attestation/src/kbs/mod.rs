@@ -13,4 +13,5 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod tsm;
 pub mod verifier;
