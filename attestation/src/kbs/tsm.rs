@@ -181,7 +181,7 @@ impl<R: TsmReports> Attester for TsmAttester<R> {
                 Ok(ev)
             }
             (tee, provider) => Err(platform(
-                &tee.to_string(),
+                tee.as_ref(),
                 format!("tsm provider {provider:?} does not produce {tee} evidence"),
             )),
         }
