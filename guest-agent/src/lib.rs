@@ -6,6 +6,7 @@ pub mod cgroups;
 pub mod container;
 pub mod init;
 pub mod io;
+pub mod network;
 pub mod process;
 pub mod server;
 pub mod stdio_listener;

@@ -59,6 +59,31 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+fn network_status(err: crate::network::NetworkError) -> TtrpcError {
+    use crate::network::NetworkError::*;
+    let code = match &err {
+        Invalid { .. } | NoSuchInterface { .. } => Code::INVALID_ARGUMENT,
+        Netlink { .. } | Malformed { .. } => Code::INTERNAL,
+    };
+    status(code, error_chain(&err))
+}
+
+impl AgentServer {
+    /// Sandbox-wide changes (hostname, mounts, network) are only made by
+    /// the guest's PID 1, never by a host test agent.
+    fn require_guest(&self, rpc: &str) -> ttrpc::Result<()> {
+        if self.is_guest_init {
+            return Ok(());
+        }
+        Err(status(
+            Code::FAILED_PRECONDITION,
+            format!(
+                "{rpc} changes the whole machine; refused when the agent is not PID 1 of a guest"
+            ),
+        ))
+    }
+}
+
 #[async_trait]
 impl AgentService for AgentServer {
     async fn setup_sandbox(
@@ -66,12 +91,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::SetupSandboxRequest,
     ) -> ttrpc::Result<agent::SetupSandboxResponse> {
-        if !self.is_guest_init {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                "SetupSandbox changes the whole machine (hostname, mounts, sysctls); refused outside the guest",
-            ));
-        }
+        self.require_guest("SetupSandbox")?;
         crate::init::setup_sandbox(&request, &self.manager)
             .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
         Ok(agent::SetupSandboxResponse::new())
@@ -239,6 +259,26 @@ impl AgentService for AgentServer {
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
+    }
+
+    async fn update_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::UpdateInterfacesRequest,
+    ) -> ttrpc::Result<agent::UpdateInterfacesResponse> {
+        self.require_guest("UpdateInterfaces")?;
+        crate::network::update_interfaces(&request.interfaces).map_err(network_status)?;
+        Ok(agent::UpdateInterfacesResponse::new())
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::UpdateRoutesRequest,
+    ) -> ttrpc::Result<agent::UpdateRoutesResponse> {
+        self.require_guest("UpdateRoutes")?;
+        crate::network::update_routes(&request.routes).map_err(network_status)?;
+        Ok(agent::UpdateRoutesResponse::new())
     }
 
     async fn guest_details(

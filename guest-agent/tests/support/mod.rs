@@ -24,6 +24,7 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
+#[allow(unused_macros)]
 macro_rules! skip_unless_host_ready {
     () => {
         if let Some(reason) = support::skip_reason() {
@@ -32,6 +33,7 @@ macro_rules! skip_unless_host_ready {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use skip_unless_host_ready;
 
 /// A busybox rootfs in a temporary directory.
