@@ -1,8 +1,13 @@
 //! End-to-end tests: real containerd with ctr and a CRI client, the RuntimeClass handler, and real microVMs where the host can run them.
 //!
 //! - [`guest_image`]: finds the built guest kernel and initramfs.
-//! - [`qemu`]: boots them in QEMU `-M microvm` (TCG or KVM) and times the
-//!   console milestones.
+//! - [`console`]: runs a VMM process with its serial console on stdout,
+//!   timing each console line and sampling its peak memory.
+//! - [`qemu`]: boots the image in QEMU `-M microvm` (TCG or KVM) and names
+//!   the console milestones.
+//! - [`cloister_vmm`]: boots the same image the same way in `cloister-vmm`.
 
+pub mod cloister_vmm;
+pub mod console;
 pub mod guest_image;
 pub mod qemu;

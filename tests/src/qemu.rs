@@ -8,29 +8,17 @@
 //! turns that into QEMU exiting with status 0.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use cloister_guest_image::cmdline::{self, RebootMethod};
 
+use crate::console::{ConsoleError, ConsoleLine, ConsoleProcess};
 use crate::guest_image::{TEST_INIT_MARKER, TEST_INIT_POWER_OFF};
 
 /// The QEMU binary (Debian package `qemu-system-x86`).
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
-
-/// Errors starting QEMU.
-#[derive(Debug, thiserror::Error)]
-pub enum QemuError {
-    #[error("cannot start {binary}: {source}")]
-    Spawn {
-        binary: PathBuf,
-        source: std::io::Error,
-    },
-}
 
 /// How QEMU runs the guest's instructions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,48 +113,6 @@ impl QemuConfig {
     }
 }
 
-/// One line of the guest's serial console.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsoleLine {
-    /// Since the VMM process was started.
-    pub at: Duration,
-    /// Without the line ending.
-    pub text: String,
-}
-
-/// How a QEMU run ended.
-#[derive(Debug)]
-pub struct QemuRun {
-    /// `None` when QEMU was killed at the timeout.
-    pub status: Option<ExitStatus>,
-    pub timed_out: bool,
-    /// From process start to exit (or to the kill).
-    pub elapsed: Duration,
-    pub console: Vec<ConsoleLine>,
-    /// QEMU's own messages.
-    pub stderr: String,
-}
-
-impl QemuRun {
-    /// The first console line containing `needle`, with its time.
-    pub fn find(&self, needle: &str) -> Option<&ConsoleLine> {
-        self.console.iter().find(|line| line.text.contains(needle))
-    }
-
-    /// The console, one line per entry with its time, for failure messages.
-    pub fn transcript(&self) -> String {
-        let mut out = String::new();
-        for line in &self.console {
-            out.push_str(&format!("{:8.3} {}\n", line.at.as_secs_f64(), line.text));
-        }
-        if !self.stderr.is_empty() {
-            out.push_str("--- qemu stderr ---\n");
-            out.push_str(&self.stderr);
-        }
-        out
-    }
-}
-
 /// A console message that marks a stage of the boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Milestone {
@@ -219,135 +165,16 @@ pub fn milestones(console: &[ConsoleLine]) -> Vec<(Milestone, Option<Duration>)>
         .collect()
 }
 
-/// A running QEMU; killed when dropped.
-pub struct QemuMicrovm {
-    child: Child,
-    started: Instant,
-    console: Receiver<ConsoleLine>,
-    stderr: Option<JoinHandle<String>>,
-}
+/// Starts QEMU: [`crate::console::ConsoleProcess`] with `config`'s
+/// arguments (its `wait` returns the timed console).
+pub struct QemuMicrovm;
 
 impl QemuMicrovm {
     /// Starts QEMU with `config`; the clock for console times starts here.
-    pub fn spawn(config: &QemuConfig) -> Result<Self, QemuError> {
-        let started = Instant::now();
-        let mut child = Command::new(&config.binary)
-            .args(config.args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                binary: config.binary.clone(),
-                source,
-            })?;
-        let (sender, console) = mpsc::channel();
-        if let Some(stdout) = child.stdout.take() {
-            thread::spawn(move || read_console(stdout, started, &sender));
-        }
-        let stderr = child.stderr.take().map(|mut stderr| {
-            thread::spawn(move || {
-                let mut text = String::new();
-                let _ = stderr.read_to_string(&mut text);
-                text
-            })
-        });
-        Ok(Self {
-            child,
-            started,
-            console,
-            stderr,
-        })
-    }
-
-    /// Collects the console until QEMU exits or `timeout` (from the start)
-    /// passes; then kills it.
-    pub fn wait(mut self, timeout: Duration) -> QemuRun {
-        let deadline = self.started + timeout;
-        let mut console = Vec::new();
-        let mut timed_out = false;
-        // Console lines until stdout closes (QEMU exiting) or the deadline.
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.console.recv_timeout(left) {
-                Ok(line) => console.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    timed_out = true;
-                    break;
-                }
-            }
-        }
-        let status = if timed_out {
-            None
-        } else {
-            self.wait_exit(deadline)
-        };
-        timed_out |= status.is_none();
-        if status.is_none() {
-            self.kill();
-        }
-        let elapsed = self.started.elapsed();
-        // Lines that arrived between the deadline and the kill.
-        console.extend(self.console.try_iter());
-        let stderr = self
-            .stderr
-            .take()
-            .and_then(|handle| handle.join().ok())
-            .unwrap_or_default();
-        QemuRun {
-            status,
-            timed_out,
-            elapsed,
-            console,
-            stderr,
-        }
-    }
-
-    fn wait_exit(&mut self, deadline: Instant) -> Option<ExitStatus> {
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        // Errors mean it has already exited; either way it is reaped below.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for QemuMicrovm {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.kill();
-        }
-    }
-}
-
-/// Splits the serial output into lines stamped with their arrival time.
-fn read_console(stdout: impl Read, started: Instant, sender: &mpsc::Sender<ConsoleLine>) {
-    let mut reader = BufReader::new(stdout);
-    let mut raw = Vec::new();
-    loop {
-        raw.clear();
-        match reader.read_until(b'\n', &mut raw) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&raw);
-                let line = ConsoleLine {
-                    at: started.elapsed(),
-                    text: text.trim_end_matches(['\r', '\n']).to_string(),
-                };
-                if sender.send(line).is_err() {
-                    return;
-                }
-            }
-        }
+    pub fn spawn(config: &QemuConfig) -> Result<ConsoleProcess, ConsoleError> {
+        let mut command = Command::new(&config.binary);
+        command.args(config.args());
+        ConsoleProcess::spawn(command)
     }
 }
 
@@ -421,15 +248,6 @@ mod tests {
         assert!(args[append + 1].contains("console=ttyS0"));
         // TCG needs none of the nested-KVM workarounds.
         assert!(!args[append + 1].contains("clearcpuid"));
-    }
-
-    #[test]
-    fn read_console_strips_line_endings_and_keeps_last_partial_line() {
-        let (sender, receiver) = mpsc::channel();
-        read_console(&b"first\r\nsecond\nno newline"[..], Instant::now(), &sender);
-        drop(sender);
-        let texts: Vec<String> = receiver.iter().map(|l| l.text).collect();
-        assert_eq!(texts, ["first", "second", "no newline"]);
     }
 
     #[test]
