@@ -194,8 +194,37 @@ pub fn setup_sandbox(
     Ok(())
 }
 
+/// The `cloister.log_level=` kernel parameter, if present and valid.
+pub fn log_level_from_cmdline(cmdline: &str) -> Option<tracing::Level> {
+    cmdline
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("cloister.log_level="))
+        .and_then(|level| level.parse().ok())
+}
+
+/// Makes the OOM killer pick container processes before the agent (the
+/// container init helper sets its own value back before exec).
+pub fn protect_from_oom_killer() {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-997") {
+        eprintln!("cloister-agent: cannot lower own oom_score_adj: {e}");
+    }
+}
+
 /// Powers the guest off (PID 1 only): the VMM exits and the shim sees it.
 pub fn power_off() {
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_level_is_read_from_kernel_command_line() {
+        let cmdline = "console=ttyS0 cloister.log_level=debug quiet\n";
+        assert_eq!(log_level_from_cmdline(cmdline), Some(tracing::Level::DEBUG));
+        assert_eq!(log_level_from_cmdline("console=ttyS0"), None);
+        assert_eq!(log_level_from_cmdline("cloister.log_level=loud"), None);
+    }
 }

@@ -94,13 +94,24 @@ fn main() {
 
 fn run(is_pid1: bool) -> anyhow::Result<()> {
     let args = parse_args(is_pid1)?;
-    tracing_subscriber::fmt()
-        .with_max_level(args.log_level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let mut log_level = args.log_level;
     if is_pid1 {
         cloister_agent::init::early_mounts().context("early mounts")?;
+        // The kernel keeps dotted parameters from init: read them here.
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if let Some(level) = cloister_agent::init::log_level_from_cmdline(&cmdline) {
+            log_level = level;
+        }
+        cloister_agent::init::protect_from_oom_killer();
+    }
+    // In the guest stderr is the console.
+    tracing_subscriber::fmt()
+        .with_max_level(log_level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+    if is_pid1 {
         if let Some(bits) = cloister_agent::init::entropy_available() {
             if bits < 256 {
                 tracing::warn!(bits, "low entropy: is a virtio-rng device attached?");
@@ -138,7 +149,13 @@ async fn serve(
     let reaper = Arc::new(Reaper::default());
     tokio::spawn(reaper.clone().run());
     tracing::info!(cgroup_root = ?cgroup_root, "cloister-agent {} starting", env!("CARGO_PKG_VERSION"));
-    let manager = ContainerManager::new(ManagerConfig { cgroup_root }, reaper);
+    let manager = ContainerManager::new(
+        ManagerConfig {
+            cgroup_root,
+            run_dir: PathBuf::from("/run/cloister"),
+        },
+        reaper,
+    );
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let service = Arc::new(AgentServer {
         manager: manager.clone(),

@@ -34,7 +34,6 @@ fn to_status(err: ContainerError) -> TtrpcError {
         AlreadyExists(_) | ExecExists { .. } => Code::ALREADY_EXISTS,
         NotFound(_) | ExecNotFound { .. } => Code::NOT_FOUND,
         State { .. } | AlreadyExited(_) | NoCgroup { .. } => Code::FAILED_PRECONDITION,
-        RootfsUnsupported(_) => Code::UNIMPLEMENTED,
         Cgroup(crate::cgroups::CgroupError::ControllerMissing { .. }) => Code::FAILED_PRECONDITION,
         Stdio(crate::io::StdioError::NoTerminal) => Code::FAILED_PRECONDITION,
         Helper { .. } | Hook(_) => Code::FAILED_PRECONDITION,

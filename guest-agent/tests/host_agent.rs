@@ -957,3 +957,113 @@ async fn update_resources_applies_or_names_the_missing_controller() {
     );
     remove(&agent, "upd", true).await.unwrap();
 }
+
+#[tokio::test]
+async fn block_device_rootfs_is_mounted_and_released() {
+    skip_unless_host_ready!();
+    for tool in ["/usr/sbin/mkfs.ext4", "/usr/sbin/losetup"] {
+        if !std::path::Path::new(tool).exists() {
+            eprintln!("SKIP: {tool} missing (Debian packages e2fsprogs, mount)");
+            return;
+        }
+    }
+    let agent = TestAgent::start().await;
+    let image = agent.dir.path().join("rootfs.ext4");
+    let run = |program: &str, args: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    run(
+        "/usr/sbin/mkfs.ext4",
+        &[
+            "-q",
+            "-d",
+            &agent.rootfs.display().to_string(),
+            &image.display().to_string(),
+        ],
+    );
+    let loop_device = match std::process::Command::new("/usr/sbin/losetup")
+        .args(["-f", "--show", &image.display().to_string()])
+        .output()
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        _ => {
+            eprintln!("SKIP: no free loop device here");
+            return;
+        }
+    };
+    let mut request = create_request(
+        "blk",
+        &agent.rootfs,
+        &spec(&["cat", "/etc/passwd"]),
+        stdio(false, true, false, false),
+    );
+    let mut root = agent::Rootfs::new();
+    let mut block = agent::BlockRootfs::new();
+    block.device = loop_device.clone();
+    block.fstype = "ext4".into();
+    block.options = vec!["noatime".into()];
+    root.set_block(block);
+    request.rootfs = Some(root).into();
+    let result = agent.client.create_container(ctx(), &request).await;
+    let outcome = async {
+        result.map_err(|e| error_text(&e))?;
+        let out = agent.attach("blk", "", StreamKind::Stdout).await?;
+        let mut start = agent::StartContainerRequest::new();
+        start.container_id = "blk".into();
+        agent
+            .client
+            .start_container(ctx(), &start)
+            .await
+            .map_err(|e| error_text(&e))?;
+        let text = String::from_utf8(read_all(out).await).unwrap();
+        assert!(text.contains("user:x:1000"), "{text}");
+        assert_eq!(wait(&agent, "blk", "").await.unwrap(), 0);
+        remove(&agent, "blk", false)
+            .await
+            .map_err(|e| error_text(&e))
+    }
+    .await;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    run("/usr/sbin/losetup", &["-d", &loop_device]);
+    outcome.unwrap();
+    assert!(
+        !mounts.contains("/run/cloister/rootfs/blk"),
+        "rootfs still mounted"
+    );
+
+    let mut request = create_request(
+        "notblk",
+        &agent.rootfs,
+        &spec(&["true"]),
+        stdio(false, false, false, false),
+    );
+    let mut root = agent::Rootfs::new();
+    let mut block = agent::BlockRootfs::new();
+    block.device = "/etc/passwd".into();
+    block.fstype = "ext4".into();
+    root.set_block(block);
+    request.rootfs = Some(root).into();
+    let err = agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("rootfs.block.device"),
+        "{}",
+        error_text(&err)
+    );
+}

@@ -222,7 +222,14 @@ fn prepare_process(process: &ProcessPlan) -> Result<Prepared, String> {
             ));
         }
     }
-    if let Some(adj) = process.oom_score_adj {
+    // Without a value in the spec, undo the agent's own protection
+    // (inherited through clone) so containers are killed before the agent.
+    let adj = process.oom_score_adj.unwrap_or(0);
+    let current: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if adj != current {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .map_err(|e| format!("process.oomScoreAdj {adj}: {e}"))?;
     }

@@ -73,8 +73,6 @@ pub enum ContainerError {
     AlreadyExited(String),
     #[error("{0} is missing")]
     Missing(&'static str),
-    #[error("rootfs.{0} is not supported yet")]
-    RootfsUnsupported(&'static str),
     #[error("container {id:?} has no cgroup ({what} needs cgroup v2)")]
     NoCgroup { id: String, what: &'static str },
     #[error("start container {id:?}: {message}")]
@@ -226,10 +224,12 @@ impl Container {
 }
 
 /// Settings the manager needs from the agent's command line.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// The cgroup v2 hierarchy, if any.
     pub cgroup_root: Option<PathBuf>,
+    /// Where the agent mounts what it owns (block rootfs): `/run/cloister`.
+    pub run_dir: PathBuf,
 }
 
 /// All containers of the pod.
@@ -396,9 +396,92 @@ impl ContainerManager {
                 .map_err(SpecError::from)?;
                 Ok(spec::check_rootfs_directory(&path.to_string_lossy())?)
             }
-            Some(Source::Block(_)) => Err(ContainerError::RootfsUnsupported("block")),
+            Some(Source::Block(block)) => self.mount_block_rootfs(&request.container_id, block),
             _ => Err(ContainerError::Missing("rootfs.source")),
         }
+    }
+
+    /// Mounts a block device rootfs at `<run dir>/rootfs/<id>`.
+    fn mount_block_rootfs(
+        &self,
+        id: &str,
+        block: &agent::BlockRootfs,
+    ) -> Result<PathBuf, ContainerError> {
+        use std::os::unix::fs::FileTypeExt;
+        let invalid = |field: &str, reason: String| {
+            ContainerError::Spec(SpecError::Invalid {
+                field: format!("rootfs.block.{field}"),
+                reason,
+            })
+        };
+        super::rootfs_path::check_spec_path("rootfs.block.device", &block.device)
+            .map_err(SpecError::from)?;
+        let meta = std::fs::metadata(&block.device)
+            .map_err(|e| invalid("device", format!("{:?}: {e}", block.device)))?;
+        if !meta.file_type().is_block_device() {
+            return Err(invalid(
+                "device",
+                format!("{:?} is not a block device", block.device),
+            ));
+        }
+        if block.fstype.is_empty() || !block.fstype.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(invalid(
+                "fstype",
+                format!("{:?} is not a file system type", block.fstype),
+            ));
+        }
+        let mut flags = nix::mount::MsFlags::empty();
+        let mut data = Vec::new();
+        for option in &block.options {
+            match super::names::mount_option(option) {
+                Some(super::names::MountOption::Set(f)) => {
+                    flags |= nix::mount::MsFlags::from_bits_truncate(f)
+                }
+                Some(super::names::MountOption::Clear(f)) => {
+                    flags &= !nix::mount::MsFlags::from_bits_truncate(f)
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        "options",
+                        format!("{option:?} is not valid for a rootfs"),
+                    ))
+                }
+                None => data.push(option.as_str()),
+            }
+        }
+        let target = self.config.run_dir.join("rootfs").join(id);
+        std::fs::create_dir_all(&target)
+            .map_err(io_error(format!("create {}", target.display())))?;
+        let data = data.join(",");
+        nix::mount::mount(
+            Some(block.device.as_str()),
+            &target,
+            Some(block.fstype.as_str()),
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(|e| ContainerError::Io {
+            what: format!(
+                "mount rootfs.block.device {:?} ({}) on {}",
+                block.device,
+                block.fstype,
+                target.display()
+            ),
+            source: e.into(),
+        })?;
+        Ok(target)
+    }
+
+    /// Unmounts a rootfs this agent mounted (block devices), if any.
+    fn release_rootfs(&self, id: &str, rootfs: &std::path::Path) {
+        let ours = self.config.run_dir.join("rootfs").join(id);
+        if rootfs != ours || !ours.exists() {
+            return;
+        }
+        if let Err(e) = nix::mount::umount2(&ours, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(container = %id, error = %e, "unmount rootfs failed");
+        }
+        let _ = std::fs::remove_dir(&ours);
     }
 
     /// CreateContainer: everything up to the point where the init process
@@ -417,6 +500,9 @@ impl ContainerManager {
             }
         }
         let result = self.create_reserved(&request).await;
+        if result.is_err() {
+            self.release_rootfs(&id, &self.config.run_dir.join("rootfs").join(&id));
+        }
         self.creating
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1021,6 +1107,7 @@ impl ContainerManager {
             cgroup.remove()?;
         }
         container.transition(Operation::Remove { force })?;
+        self.release_rootfs(id, &container.rootfs);
         let state = hooks::state_json(id, "stopped", None, &bundle_of(&container.rootfs));
         if let Err(e) =
             hooks::run_hooks("poststop", &container.hooks.poststop, &state, &self.reaper).await
