@@ -188,15 +188,14 @@ async fn non_root_user_from_spec_and_home_from_container_passwd() {
     remove(&agent, "user", false).await.unwrap();
 }
 
-#[tokio::test]
-async fn seccomp_profile_is_enforced() {
-    skip_unless_host_ready!();
+async fn check_seccomp_enforced(no_new_privileges: bool) {
     let agent = TestAgent::start().await;
     let mut s = spec(&[
         "sh",
         "-c",
-        "mkdir /tmp/a && echo made; mkdir /tmp/b; echo rc=$?",
+        "mkdir /tmp/a && echo made; mkdir /tmp/b; echo rc=$?; exec sleep 1000 >/dev/null 2>&1",
     ]);
+    s["process"]["noNewPrivileges"] = no_new_privileges.into();
     s["linux"]["seccomp"] = serde_json::json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
@@ -230,8 +229,38 @@ async fn seccomp_profile_is_enforced() {
     let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
     assert_eq!(out, "rc=1\n", "stderr: {err}");
     assert!(err.contains("Permission denied"), "{err}");
-    assert_eq!(wait(&agent, "seccomp", "").await.unwrap(), 0);
-    remove(&agent, "seccomp", false).await.unwrap();
+    // Exec'd processes get the container's profile too.
+    exec(
+        &agent,
+        "seccomp",
+        "e",
+        &["sh", "-c", "mkdir /tmp/c; echo rc=$?"],
+        stdio(false, true, false, false),
+    )
+    .await
+    .unwrap();
+    let out = read_all(
+        agent
+            .attach("seccomp", "e", StreamKind::Stdout)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out), "rc=1\n");
+    assert_eq!(wait(&agent, "seccomp", "e").await.unwrap(), 0);
+    remove(&agent, "seccomp", true).await.unwrap();
+}
+
+#[tokio::test]
+async fn seccomp_profile_is_enforced_with_no_new_privileges() {
+    skip_unless_host_ready!();
+    check_seccomp_enforced(true).await;
+}
+
+#[tokio::test]
+async fn seccomp_profile_is_enforced_without_no_new_privileges() {
+    skip_unless_host_ready!();
+    check_seccomp_enforced(false).await;
 }
 
 #[tokio::test]

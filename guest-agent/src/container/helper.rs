@@ -243,6 +243,12 @@ fn prepare_process(process: &ProcessPlan) -> Result<Prepared, String> {
             ));
         }
     }
+    // Installing a filter needs no_new_privs or CAP_SYS_ADMIN. Without
+    // no_new_privs, install it while we still hold every capability (as
+    // runc does); the calls up to execve must then pass the profile.
+    if let (Some(seccomp), false) = (&process.seccomp, process.no_new_privs) {
+        super::seccomp::install(seccomp).map_err(|e| format!("install seccomp filter: {e}"))?;
+    }
     set_user_and_capabilities(process)?;
     if process.no_new_privs {
         // SAFETY: prctl with integer arguments.
@@ -259,7 +265,7 @@ fn prepare_process(process: &ProcessPlan) -> Result<Prepared, String> {
 }
 
 fn exec_process(process: &ProcessPlan, prepared: Prepared) -> Result<Never, String> {
-    if let Some(seccomp) = &process.seccomp {
+    if let (Some(seccomp), true) = (&process.seccomp, process.no_new_privs) {
         super::seccomp::install(seccomp).map_err(|e| format!("install seccomp filter: {e}"))?;
     }
     let err = nix::unistd::execve(&prepared.program, &prepared.argv, &prepared.envp).unwrap_err();
