@@ -1096,3 +1096,80 @@ async fn block_device_rootfs_is_mounted_and_released() {
         error_text(&err)
     );
 }
+
+/// Every x86_64 syscall name from the kernel headers (linux-libc-dev).
+fn all_syscall_names() -> Option<Vec<String>> {
+    let header = std::fs::read_to_string("/usr/include/x86_64-linux-gnu/asm/unistd_64.h").ok()?;
+    Some(
+        header
+            .lines()
+            .filter_map(|l| l.strip_prefix("#define __NR_"))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn full_size_allowlist_profile_runs_a_shell_and_denies_the_rest() {
+    skip_unless_host_ready!();
+    let Some(mut names) = all_syscall_names() else {
+        eprintln!("SKIP: /usr/include/x86_64-linux-gnu/asm/unistd_64.h missing (Debian package linux-libc-dev)");
+        return;
+    };
+    // A runtime-default-like profile: everything allowed except a deny
+    // list, default errno, argument rules like Docker's.
+    let denied = [
+        "mount",
+        "umount2",
+        "unshare",
+        "setns",
+        "reboot",
+        "kexec_load",
+        "init_module",
+        "swapon",
+    ];
+    names.retain(|n| !denied.contains(&n.as_str()) && n != "personality" && n != "clone");
+    let agent = TestAgent::start().await;
+    let mut s = spec(&["sh", "-c", "echo hi; unshare -m true; echo unshare=$?"]);
+    s["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": 1,
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            { "names": names, "action": "SCMP_ACT_ALLOW" },
+            { "names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [{ "index": 0, "value": 0, "op": "SCMP_CMP_EQ" }] },
+            { "names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [{ "index": 0, "value": 8, "op": "SCMP_CMP_EQ" }] },
+            { "names": ["clone"], "action": "SCMP_ACT_ALLOW",
+              "args": [{ "index": 0, "value": 2114060288, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ" }] },
+            { "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38 }
+        ]
+    });
+    let request = create_request(
+        "allowlist",
+        &agent.rootfs,
+        &s,
+        stdio(false, true, true, false),
+    );
+    agent
+        .client
+        .create_container(ctx(), &request)
+        .await
+        .unwrap();
+    let out = agent
+        .attach("allowlist", "", StreamKind::Stdout)
+        .await
+        .unwrap();
+    let err = agent
+        .attach("allowlist", "", StreamKind::Stderr)
+        .await
+        .unwrap();
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = "allowlist".into();
+    agent.client.start_container(ctx(), &start).await.unwrap();
+    let (out, err) = tokio::join!(read_all(out), read_all(err));
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    assert_eq!(out, "hi\nunshare=1\n", "stderr: {err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert_eq!(wait(&agent, "allowlist", "").await.unwrap(), 0);
+    remove(&agent, "allowlist", false).await.unwrap();
+}
