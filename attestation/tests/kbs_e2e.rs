@@ -508,6 +508,37 @@ async fn https_with_rustls_serves_the_whole_flow() {
 }
 
 #[test]
+fn init_data_digest_tool_prints_the_binding_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("init.toml");
+    std::fs::write(&file, INIT_DATA).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloister-kbs"))
+        .arg("init-data-digest")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init = InitData::parse(INIT_DATA.as_bytes()).unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("digest {}", hex::encode(init.digest()))));
+    assert!(text.contains(&format!(
+        "snp_host_data {}",
+        hex::encode(init.snp_host_data())
+    )));
+    // Serving without --policy is a usage error.
+    let out = Command::new(env!("CARGO_BIN_EXE_cloister-kbs"))
+        .args(["--resources", "/tmp"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--policy"));
+}
+
+#[test]
 fn binary_refuses_plain_http_on_non_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("p.toml");

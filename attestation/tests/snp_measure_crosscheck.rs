@@ -119,6 +119,19 @@ fn ovmf_launch_digest_matches_recorded_reference_value() {
         return;
     }
     assert_eq!(hexed, recorded);
+
+    // The same through the binary's reference-value tool.
+    let out = Command::new(env!("CARGO_BIN_EXE_cloister-kbs"))
+        .args(["snp-measurement", "--ovmf", OVMF_CODE, "--vcpus", "1"])
+        .args(["--vcpu-type", "EPYC-v4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), recorded);
 }
 
 /// A direct-boot page list of the kind cloister-vmm will feed (kernel pages,
