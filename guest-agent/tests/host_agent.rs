@@ -731,6 +731,58 @@ async fn bad_inputs_return_errors_naming_the_field_and_agent_keeps_serving() {
         "linux.seccomp.defaultAction",
     );
 
+    // Exec into a running container with bad input.
+    start_detached(&agent, "target", &["sleep", "1000"]).await;
+    let mut bad_exec = agent::ExecProcessRequest::new();
+    bad_exec.container_id = "target".into();
+    bad_exec.exec_id = "e/1".into();
+    bad_exec.process_json = serde_json::to_vec(&spec(&["true"])["process"]).unwrap();
+    let err = agent
+        .client
+        .exec_process(ctx(), &bad_exec)
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("exec_id \"e/1\""),
+        "{}",
+        error_text(&err)
+    );
+    bad_exec.exec_id = "e1".into();
+    bad_exec.process_json = b"[1, 2]".to_vec();
+    let err = agent
+        .client
+        .exec_process(ctx(), &bad_exec)
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("process_json"),
+        "{}",
+        error_text(&err)
+    );
+    let mut p = spec(&["true"])["process"].clone();
+    p["cwd"] = "/../x".into();
+    bad_exec.process_json = serde_json::to_vec(&p).unwrap();
+    let err = agent
+        .client
+        .exec_process(ctx(), &bad_exec)
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("process_json.cwd"),
+        "{}",
+        error_text(&err)
+    );
+    let mut s = spec(&["true"]);
+    s.as_object_mut().unwrap().remove("linux");
+    expect_err(
+        agent
+            .client
+            .create_container(ctx(), &create("nolinux", s))
+            .await,
+        "linux is missing",
+    );
+    remove(&agent, "target", true).await.unwrap();
+
     // Still serving, on a new connection too.
     let fresh = agent.connect().await;
     let health = fresh
