@@ -210,10 +210,14 @@ pub fn protect_from_oom_killer() {
     }
 }
 
-/// Powers the guest off (PID 1 only): the VMM exits and the shim sees it.
+/// Ends the guest (PID 1 only) so the VMM exits and the shim sees it.
+///
+/// The microVM has no ACPI, so a power-off request would only halt the
+/// CPUs; a reset is what both VMMs treat as the end of the VM (`reboot=k`
+/// through the i8042 for cloister-vmm, `reboot=t` with QEMU `-no-reboot`).
 pub fn power_off() {
     nix::unistd::sync();
-    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
 }
 
 #[cfg(test)]

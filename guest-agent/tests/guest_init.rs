@@ -294,13 +294,13 @@ async fn pid1_agent_sets_up_the_sandbox_network_and_powers_off() {
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
     let status = exited.unwrap_or_else(|| panic!("agent did not power off; log:\n{log}"));
     assert!(log.contains("shutdown requested"), "{log}");
-    // reboot(POWER_OFF) from PID 1 of a child pid namespace ends that
-    // namespace as if its init had been killed by SIGINT (unshare passes
-    // the signal on): proof the power-off path ran.
+    // reboot(RESTART) from PID 1 of a child pid namespace ends that
+    // namespace as if its init had been killed by SIGHUP (unshare passes
+    // the signal on): proof the guest-ending path ran.
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
         status.signal(),
-        Some(libc::SIGINT),
+        Some(libc::SIGHUP),
         "{status:?}; log:\n{log}"
     );
 }
