@@ -5,14 +5,14 @@ set -euo pipefail
 
 packages=(
   # guest kernel build (kernel-config/build-kernel.sh)
-  linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils make gcc libc6-dev
+  linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils lz4 patch make gcc libc6-dev
   # guest boot tests and benchmarks: QEMU microvm as the reference VMM
   qemu-system-x86
   # container rootfs for agent tests
   busybox-static
   # attestation: OVMF with SEV metadata for launch-digest cross-checks,
   # a venv for the reference tool sev-snp-measure
-  ovmf python3-venv
+  ovmf python3-venv openssl
 )
 
 missing=()

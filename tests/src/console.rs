@@ -118,12 +118,22 @@ impl ConsoleProcess {
 
     /// Like [`wait`](Self::wait), calling `on_line` for each console line
     /// as it arrives.
-    pub fn wait_with(
+    pub fn wait_with(self, timeout: Duration, on_line: impl FnMut(&ConsoleLine)) -> ConsoleRun {
+        self.wait_until(timeout, None, on_line)
+    }
+
+    /// Like [`wait_with`](Self::wait_with), but once a console line contains
+    /// `end.0` the process gets only `end.1` more to exit before it is
+    /// killed (not counted as a timeout): for guests known to end there
+    /// whose VMM may not exit by itself.
+    pub fn wait_until(
         mut self,
         timeout: Duration,
+        end: Option<(&str, Duration)>,
         mut on_line: impl FnMut(&ConsoleLine),
     ) -> ConsoleRun {
-        let deadline = self.started + timeout;
+        let mut deadline = self.started + timeout;
+        let mut ended_by_marker = false;
         let pid = self.child.id();
         let mut console = Vec::new();
         let mut timed_out = false;
@@ -132,12 +142,18 @@ impl ConsoleProcess {
             peak_rss_kib = peak_rss_kib.max(read_vm_hwm_kib(pid));
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                timed_out = true;
+                timed_out = !ended_by_marker;
                 break;
             }
             match self.console.recv_timeout(left.min(RSS_SAMPLE_INTERVAL)) {
                 Ok(line) => {
                     on_line(&line);
+                    if let Some((marker, grace)) = end {
+                        if !ended_by_marker && line.text.contains(marker) {
+                            ended_by_marker = true;
+                            deadline = deadline.min(Instant::now() + grace);
+                        }
+                    }
                     console.push(line);
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -149,7 +165,7 @@ impl ConsoleProcess {
         } else {
             self.wait_exit(deadline)
         };
-        timed_out |= status.is_none();
+        timed_out |= status.is_none() && !ended_by_marker;
         if status.is_none() {
             self.kill();
         }
@@ -274,6 +290,21 @@ mod tests {
         let two = run.find("two").unwrap().at;
         assert!(two >= one + Duration::from_millis(150), "{one:?} {two:?}");
         assert!(run.peak_rss_kib.is_some());
+    }
+
+    #[test]
+    fn console_process_ending_at_marker_gets_only_the_grace_period() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo booting; echo Kernel panic; sleep 30"]);
+        let run = ConsoleProcess::spawn(cmd).unwrap().wait_until(
+            Duration::from_secs(60),
+            Some(("Kernel panic", Duration::from_millis(200))),
+            |_| {},
+        );
+        assert!(!run.timed_out);
+        assert!(run.status.is_none(), "killed after the grace period");
+        assert!(run.elapsed < Duration::from_secs(5), "{:?}", run.elapsed);
+        assert_eq!(run.console.len(), 2);
     }
 
     #[test]

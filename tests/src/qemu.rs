@@ -113,6 +113,13 @@ impl QemuConfig {
     }
 }
 
+/// A guest that prints this goes no further: it reboots at once
+/// (`panic=-1`). QEMU on nested `kvm_pvm` was seen to hang there instead of
+/// exiting, so waits end a grace period ([`PANIC_GRACE`]) after it.
+pub const KERNEL_PANIC: &str = "Kernel panic - not syncing";
+/// How long a VMM gets to exit after [`KERNEL_PANIC`].
+pub const PANIC_GRACE: Duration = Duration::from_secs(30);
+
 /// A console message that marks a stage of the boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Milestone {

@@ -13,7 +13,10 @@ use std::time::Duration;
 use cloister_e2e::cloister_vmm::{find_cloister_vmm, CloisterVmmConfig};
 use cloister_e2e::console::ConsoleRun;
 use cloister_e2e::guest_image::GuestImage;
-use cloister_e2e::qemu::{milestones, qemu_available, Accel, QemuConfig, QemuMicrovm, MILESTONES};
+use cloister_e2e::qemu::{
+    milestones, qemu_available, Accel, QemuConfig, QemuMicrovm, KERNEL_PANIC, MILESTONES,
+    PANIC_GRACE,
+};
 use cloister_guest_image::cmdline::host_is_nested_pvm;
 
 const TIMEOUT: Duration = Duration::from_secs(900);
@@ -89,7 +92,11 @@ fn run() -> Result<(), String> {
     let mut ours = Samples::new();
     let mut theirs = Samples::new();
     for i in 1..=runs {
-        let run = vmm_config.spawn().map_err(|e| e.to_string())?.wait(TIMEOUT);
+        let end = Some((KERNEL_PANIC, PANIC_GRACE));
+        let run = vmm_config
+            .spawn()
+            .map_err(|e| e.to_string())?
+            .wait_until(TIMEOUT, end, |_| {});
         println!("run {i}: cloister-vmm {:.1} s", run.elapsed.as_secs_f64());
         ours.add(&run);
         let run = QemuMicrovm::spawn(&qemu_config)

@@ -13,7 +13,9 @@ use std::time::Duration;
 use cloister_e2e::cloister_vmm::{find_cloister_vmm, CloisterVmmConfig};
 use cloister_e2e::console::{ConsoleLine, ConsoleRun};
 use cloister_e2e::guest_image::{GuestImage, TEST_INIT_MARKER};
-use cloister_e2e::qemu::{qemu_available, Accel, QemuConfig, QemuMicrovm, MILESTONES};
+use cloister_e2e::qemu::{
+    qemu_available, Accel, QemuConfig, QemuMicrovm, KERNEL_PANIC, MILESTONES, PANIC_GRACE,
+};
 use cloister_guest_image::cmdline::host_is_nested_pvm;
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(900);
@@ -58,10 +60,21 @@ fn run() -> Result<bool, String> {
     }
     println!("booting in cloister-vmm ({}):", vmm.display());
     let config = CloisterVmmConfig::new(&vmm, &image.vmlinux, Some(&image.initramfs));
-    let ours = config
-        .spawn()
-        .map_err(|e| e.to_string())?
-        .wait_with(VMM_TIMEOUT, |line| print_milestone("cloister-vmm", line));
+    let ours = config.spawn().map_err(|e| e.to_string())?.wait_until(
+        VMM_TIMEOUT,
+        Some((KERNEL_PANIC, PANIC_GRACE)),
+        |line| {
+            print_milestone("cloister-vmm", line);
+            if line.text.contains(KERNEL_PANIC) {
+                println!(
+                    "  {:<13} {:>9.3} s  {}",
+                    "cloister-vmm",
+                    line.at.as_secs_f64(),
+                    line.text.trim()
+                );
+            }
+        },
+    );
     for line in ours
         .stderr
         .lines()
