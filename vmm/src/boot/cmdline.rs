@@ -21,17 +21,46 @@ pub enum CmdlineError {
     Invalid { value: String, reason: String },
 }
 
+/// Parameters whose value is a comma-separated list that Linux reads from
+/// one occurrence only: extra values are merged into the user's.
+const LIST_PARAMS: &[&str] = &["clearcpuid"];
+
+/// Adds `arg` to the command line `text`: skipped when present, merged
+/// into the user's value for [`LIST_PARAMS`], appended otherwise. The
+/// user's text is otherwise kept byte for byte (quoted values may hold
+/// spaces).
+fn add_arg(text: &mut String, arg: &str) {
+    if text.split_whitespace().any(|a| a == arg) {
+        return;
+    }
+    if let Some((key, values)) = arg.split_once('=') {
+        let prefix = format!("{key}=");
+        let existing = text.split_whitespace().find(|a| a.starts_with(&prefix));
+        if let (true, Some(existing)) = (LIST_PARAMS.contains(&key), existing) {
+            let start = existing.as_ptr() as usize - text.as_ptr() as usize;
+            let mut merged = existing.to_string();
+            for value in values.split(',') {
+                if !existing[prefix.len()..].split(',').any(|v| v == value) {
+                    merged.push(',');
+                    merged.push_str(value);
+                }
+            }
+            text.replace_range(start..start + existing.len(), &merged);
+            return;
+        }
+    }
+    if !text.is_empty() {
+        text.push(' ');
+    }
+    text.push_str(arg);
+}
+
 /// Joins the user's command line and extra arguments (from the CPU
 /// template) into one validated `Cmdline`.
 pub fn build_cmdline(base: &str, extra: &[&str]) -> Result<Cmdline, CmdlineError> {
     let mut text = base.trim().to_string();
     for arg in extra {
-        if !text.split_whitespace().any(|a| a == *arg) {
-            if !text.is_empty() {
-                text.push(' ');
-            }
-            text.push_str(arg);
-        }
+        add_arg(&mut text, arg);
     }
     // Cmdline's capacity counts the terminating NUL.
     if text.len() >= CMDLINE_MAX_SIZE {
@@ -59,6 +88,28 @@ mod tests {
         assert_eq!(
             cl.as_cstring().unwrap().to_str().unwrap(),
             "console=ttyS0 noxsave clearcpuid=smap"
+        );
+    }
+
+    #[test]
+    fn build_cmdline_merges_clearcpuid_lists() {
+        let cl = build_cmdline(
+            "console=ttyS0 clearcpuid=xsave,popcnt quiet",
+            &["clearcpuid=xsave,smap,smep,popcnt"],
+        )
+        .unwrap();
+        assert_eq!(
+            cl.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 clearcpuid=xsave,popcnt,smap,smep quiet"
+        );
+    }
+
+    #[test]
+    fn build_cmdline_keeps_user_text_as_written() {
+        let cl = build_cmdline("init=/x  foo=\"a  b\"", &["clearcpuid=smap"]).unwrap();
+        assert_eq!(
+            cl.as_cstring().unwrap().to_str().unwrap(),
+            "init=/x  foo=\"a  b\" clearcpuid=smap"
         );
     }
 

@@ -104,11 +104,11 @@ impl CpuTemplate {
 
     /// Kernel arguments a guest needs with this template. kvm_pvm shows
     /// SMAP/SMEP to the guest whatever CPUID says, so Linux must be told
-    /// to leave them off; `noxsave` keeps it from probing XSAVE state.
+    /// to leave them off, and XSAVE too (6.12 no longer knows `noxsave`).
     pub fn kernel_args(self) -> &'static [&'static str] {
         match self {
             CpuTemplate::Host => &[],
-            CpuTemplate::NestedPvm => &["clearcpuid=smap,smep,popcnt", "noxsave"],
+            CpuTemplate::NestedPvm => &["clearcpuid=xsave,smap,smep,popcnt"],
         }
     }
 
