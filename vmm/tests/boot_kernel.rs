@@ -137,3 +137,34 @@ fn guest_kernel_in_cloister_vmm_reaches_init_or_every_milestone_qemu_reaches() {
         );
     }
 }
+
+/// The built kernel's two formats load through the paths `cloister-vmm`
+/// boots them with: vmlinux through its PVH note, bzImage through the
+/// 64-bit entry 0x200 bytes into its protected-mode code. Needs no KVM.
+#[test]
+fn built_vmlinux_has_pvh_entry_and_bzimage_has_64bit_entry() {
+    use cloister_vmm::boot::loader::load_kernel;
+    use cloister_vmm::boot::regs::BootEntry;
+    use cloister_vmm::vstate::memory::create_guest_memory;
+
+    let image = match GuestImage::locate() {
+        Ok(image) => image,
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return;
+        }
+    };
+    let mem = create_guest_memory(256, false).expect("guest memory");
+    let vmlinux = load_kernel(&mem, &image.vmlinux).expect("vmlinux loads");
+    assert!(
+        matches!(vmlinux.entry, BootEntry::Pvh { entry } if entry >= 0x10_0000),
+        "vmlinux entry {:?}",
+        vmlinux.entry
+    );
+    assert!(vmlinux.kernel_end > 0x100_0000);
+
+    let mem = create_guest_memory(256, false).expect("guest memory");
+    let bz = load_kernel(&mem, &image.bz_image).expect("bzImage loads");
+    assert_eq!(bz.entry, BootEntry::LongMode { entry: 0x10_0200 });
+    assert!(bz.kernel_end > 0x10_0000);
+}
