@@ -76,6 +76,62 @@ const EARLY_MOUNTS: [(&str, &str, &str, u64, &str); 7] = [
     ),
 ];
 
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Moves PID 1 off the initramfs root mount, which has no parent mount and
+/// so cannot be pivoted away from: bind `/` onto `/.root`, move that bind
+/// over `/` and chroot into it (what switch_root does). Afterwards every
+/// container's mount namespace has a root that pivot_root accepts; without
+/// it containers fall back to MS_MOVE + chroot, which a process holding
+/// CAP_SYS_CHROOT can escape.
+pub fn leave_initramfs_root() -> Result<bool, InitError> {
+    let root_type = nix::sys::statfs::statfs("/")
+        .map(|s| s.filesystem_type().0)
+        .map_err(|e| InitError::Io {
+            what: "statfs /".into(),
+            source: e.into(),
+        })?;
+    if root_type != RAMFS_MAGIC && root_type != TMPFS_MAGIC {
+        return Ok(false);
+    }
+    let mount_err = |target: &str| {
+        let target = target.to_owned();
+        move |source| InitError::Mount {
+            fstype: "bind".into(),
+            target,
+            source,
+        }
+    };
+    std::fs::create_dir_all("/.root").map_err(|e| InitError::Io {
+        what: "create /.root".into(),
+        source: e,
+    })?;
+    // Recursive, so anything already mounted below / comes along.
+    mount(
+        Some("/"),
+        "/.root",
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(mount_err("/.root"))?;
+    nix::unistd::chdir("/.root").map_err(|e| InitError::Io {
+        what: "chdir /.root".into(),
+        source: e.into(),
+    })?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(mount_err("/"))?;
+    nix::unistd::chroot(".").map_err(|e| InitError::Io {
+        what: "chroot into the bind of /".into(),
+        source: e.into(),
+    })?;
+    nix::unistd::chdir("/").map_err(|e| InitError::Io {
+        what: "chdir /".into(),
+        source: e.into(),
+    })?;
+    Ok(true)
+}
+
 /// Mounts proc, sys, devtmpfs, cgroup2, /run, /dev/shm and /dev/pts. A
 /// file system that is already mounted (EBUSY) is fine.
 pub fn early_mounts() -> Result<(), InitError> {

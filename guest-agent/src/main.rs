@@ -96,6 +96,10 @@ fn run(is_pid1: bool) -> anyhow::Result<()> {
     let args = parse_args(is_pid1)?;
     let mut log_level = args.log_level;
     if is_pid1 {
+        // Not fatal: containers then use the MS_MOVE + chroot fallback.
+        if let Err(e) = cloister_agent::init::leave_initramfs_root() {
+            eprintln!("cloister-agent: staying on the initramfs root: {e}");
+        }
         cloister_agent::init::early_mounts().context("early mounts")?;
         // The kernel keeps dotted parameters from init: read them here.
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();

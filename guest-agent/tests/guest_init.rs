@@ -57,6 +57,7 @@ impl Pid1Agent {
             .args([
                 "--pid",
                 "--fork",
+                "--kill-child",
                 "--mount",
                 "--net",
                 "--uts",
@@ -303,4 +304,143 @@ async fn pid1_agent_sets_up_the_sandbox_network_and_powers_off() {
         Some(libc::SIGHUP),
         "{status:?}; log:\n{log}"
     );
+}
+
+/// Copies `binary` and the shared libraries `ldd` lists into `root`.
+fn install_with_libraries(binary: &Path, root: &Path, name: &str) -> Result<(), String> {
+    std::fs::copy(binary, root.join(name)).map_err(|e| e.to_string())?;
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|e| format!("ldd: {e}"))?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(Path::new);
+        let Some(path) = path else { continue };
+        let target = root.join(path.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).map_err(|e| e.to_string())?;
+        std::fs::copy(path, &target).map_err(|e| format!("copy {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn pid1_agent_on_a_tmpfs_root_leaves_it_and_containers_use_pivot_root() {
+    if let Some(reason) = tools_missing() {
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    // Like an initramfs: the agent's root is a tmpfs holding only /init.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("newroot");
+    let staging = dir.path().join("staging");
+    let sock = dir.path().join("sock");
+    for d in [&root, &staging, &sock] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    if let Err(e) = install_with_libraries(
+        Path::new(env!("CARGO_BIN_EXE_cloister-agent")),
+        &staging,
+        "init",
+    ) {
+        eprintln!("SKIP: cannot stage the agent with its libraries: {e}");
+        return;
+    }
+    let rootfs = busybox_rootfs(dir.path());
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs {root}; cp -a {staging}/. {root}/; \
+         mkdir -p {root}/sock {root}/ctr; mount --bind {sock} {root}/sock; mount --rbind {rootfs} {root}/ctr; \
+         cd {root}; exec /usr/sbin/chroot . /init --listen unix:/sock/agent.sock --log-level debug 2>{sock}/agent.log",
+        root = root.display(),
+        staging = staging.display(),
+        sock = sock.display(),
+        rootfs = rootfs.display(),
+    );
+    let mut unshare = Command::new("/usr/bin/unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--net",
+            "--uts",
+            "--ipc",
+            "--propagation",
+            "private",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = sock.join("agent.sock");
+    let address = format!("unix://{}", socket.display());
+    let mut client = None;
+    for _ in 0..300 {
+        if socket.exists() {
+            if let Ok(c) = ttrpc::r#async::Client::connect(&address).await {
+                client = Some(c);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = || std::fs::read_to_string(sock.join("agent.log")).unwrap_or_default();
+    let Some(client) = client else {
+        let _ = unshare.kill();
+        panic!("agent on a tmpfs root did not come up; log:\n{}", log());
+    };
+    let client = AgentServiceClient::new(client);
+
+    let request = create_request(
+        "pivot",
+        Path::new("/ctr"),
+        &spec(&["true"]),
+        stdio(false, false, false, false),
+    );
+    let created = client.create_container(ctx(), &request).await;
+    let outcome = async {
+        created.map_err(|e| error_text(&e))?;
+        let mut start = agent::StartContainerRequest::new();
+        start.container_id = "pivot".into();
+        client
+            .start_container(ctx(), &start)
+            .await
+            .map_err(|e| error_text(&e))?;
+        let mut wait = agent::WaitProcessRequest::new();
+        wait.container_id = "pivot".into();
+        let status = client
+            .wait_process(ctx(), &wait)
+            .await
+            .map_err(|e| error_text(&e))?
+            .exit_status;
+        client
+            .shutdown(ctx(), &agent::ShutdownRequest::new())
+            .await
+            .map_err(|e| error_text(&e))?;
+        Ok::<u32, String>(status)
+    }
+    .await;
+    for _ in 0..500 {
+        if unshare.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = unshare.kill();
+    let _ = unshare.wait();
+    let log = log();
+    assert_eq!(
+        outcome.unwrap_or_else(|e| panic!("{e}; log:\n{log}")),
+        0,
+        "{log}"
+    );
+    assert!(
+        log.contains("root=PivotRoot"),
+        "container did not use pivot_root; log:\n{log}"
+    );
+    assert!(!log.contains("staying on the initramfs root"), "{log}");
 }

@@ -57,13 +57,14 @@ fn execute(plan: HelperPlan, sync: &mut File) -> Result<Never, String> {
                 join_namespace(*kind, path)
                     .map_err(|e| format!("join {kind:?} namespace {}: {e}", path.display()))?;
             }
-            apply_rootfs(&plan, &mut LinuxSyscalls).map_err(|e| e.to_string())?;
+            let root = apply_rootfs(&plan, &mut LinuxSyscalls).map_err(|e| e.to_string())?;
             nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
             if plan.process.terminal {
                 open_terminal(sync)?;
             }
             let prepared = prepare_process(&plan.process)?;
-            write_blocking(sync, &FromHelper::Ready).map_err(|e| format!("report ready: {e}"))?;
+            write_blocking(sync, &FromHelper::Ready { root })
+                .map_err(|e| format!("report ready: {e}"))?;
             match read_blocking::<ToHelper>(sync) {
                 Ok(Some(ToHelper::Start)) => {}
                 _ => return Err("agent went away before start".into()),

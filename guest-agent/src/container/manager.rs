@@ -641,7 +641,10 @@ impl ContainerManager {
                 answer = read_frame_timeout(&mut channel, id).await?;
             }
             match answer {
-                Some(FromHelper::Ready) => Ok(()),
+                Some(FromHelper::Ready { root }) => {
+                    tracing::debug!(container = %id, ?root, "container set up");
+                    Ok(())
+                }
                 Some(FromHelper::Error { message }) => Err(ContainerError::Helper {
                     id: id.to_owned(),
                     message,

@@ -36,9 +36,19 @@ const MS_REMOUNT: u64 = libc::MS_REMOUNT;
 const MS_RDONLY: u64 = libc::MS_RDONLY;
 const MS_MOVE: u64 = libc::MS_MOVE;
 
+/// How the helper entered the container's root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RootSwitch {
+    /// pivot_root, old root detached: nothing of the guest stays reachable.
+    PivotRoot,
+    /// MS_MOVE + chroot, when the current root cannot be pivoted (the
+    /// initramfs itself); weaker against CAP_SYS_CHROOT holders.
+    MoveAndChroot,
+}
+
 /// Sets up the rootfs and switches into it. Runs in the container init
 /// helper, inside the new mount namespace.
-pub fn apply_rootfs(plan: &CreatePlan, sys: &mut dyn Syscalls) -> Result<(), SetupError> {
+pub fn apply_rootfs(plan: &CreatePlan, sys: &mut dyn Syscalls) -> Result<RootSwitch, SetupError> {
     let root = plan.rootfs.as_path();
     at(
         "set propagation of",
@@ -98,9 +108,10 @@ pub fn apply_rootfs(plan: &CreatePlan, sys: &mut dyn Syscalls) -> Result<(), Set
     }
 
     at("chdir to rootfs", root.display(), sys.chdir(root))?;
-    match sys.pivot_root_here() {
+    let switch = match sys.pivot_root_here() {
         Ok(()) => {
             at("detach old root", "/", sys.umount_detach(Path::new(".")))?;
+            RootSwitch::PivotRoot
         }
         // The initramfs root (rootfs) cannot be pivoted away from: move the
         // container's root over it and chroot, as runc's --no-pivot does.
@@ -111,9 +122,10 @@ pub fn apply_rootfs(plan: &CreatePlan, sys: &mut dyn Syscalls) -> Result<(), Set
                 sys.mount(root.to_str(), Path::new("/"), None, MS_MOVE, None),
             )?;
             at("chroot into", root.display(), sys.chroot_here())?;
+            RootSwitch::MoveAndChroot
         }
         Err(e) => return Err(at::<()>("pivot_root into", root.display(), Err(e)).unwrap_err()),
-    }
+    };
     at("chdir to", "/", sys.chdir(Path::new("/")))?;
 
     for path in &plan.masked_paths {
@@ -172,7 +184,7 @@ pub fn apply_rootfs(plan: &CreatePlan, sys: &mut dyn Syscalls) -> Result<(), Set
             ),
         )?;
     }
-    Ok(())
+    Ok(switch)
 }
 
 fn apply_mount(mount: &MountPlan, sys: &mut dyn Syscalls) -> Result<(), SetupError> {
@@ -372,7 +384,10 @@ mod tests {
             ..Default::default()
         };
 
-        apply_rootfs(&plan, &mut sys).unwrap();
+        assert_eq!(
+            apply_rootfs(&plan, &mut sys).unwrap(),
+            RootSwitch::PivotRoot
+        );
 
         let expected_prefix = vec![
             "mount - / - 0x84000 -".to_owned(),
@@ -424,7 +439,10 @@ mod tests {
             pivot_fails_with: Some(libc::EINVAL),
             ..Default::default()
         };
-        apply_rootfs(&plan, &mut sys).unwrap();
+        assert_eq!(
+            apply_rootfs(&plan, &mut sys).unwrap(),
+            RootSwitch::MoveAndChroot
+        );
         let i = sys.calls.iter().position(|c| c == "pivot_root").unwrap();
         assert!(
             sys.calls[i + 1].starts_with("mount ") && sys.calls[i + 1].contains(" / - 0x2000 ")

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! agent → helper   Plan(HelperPlan)
-//! helper → agent   Ready                (create: set up, waiting for Start)
+//! helper → agent   Ready { root }       (create: set up, waiting for Start)
 //!                  Forked { pid }       (exec: the process that will exec)
 //!                  Console + 1 byte     (terminal: pty master as SCM_RIGHTS)
 //!                  Error { message }    (any step failed; helper exits)
@@ -16,6 +16,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use super::plan::HelperPlan;
+pub use super::setup::RootSwitch;
 
 /// Largest frame accepted (plans carry seccomp programs).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -28,7 +29,10 @@ pub enum ToHelper {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromHelper {
-    Ready,
+    /// Set up and waiting for Start; says how the root was entered.
+    Ready {
+        root: RootSwitch,
+    },
     Forked {
         pid: i32,
     },
