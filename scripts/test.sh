@@ -8,4 +8,4 @@ cd "$here"
 . scripts/env.sh
 scripts/install-deps.sh
 scripts/build-guest.sh
-cargo test --workspace "$@"
+cargo test --workspace "$@" -- --show-output

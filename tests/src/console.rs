@@ -36,9 +36,12 @@ pub struct ConsoleLine {
 /// How a VMM run ended.
 #[derive(Debug)]
 pub struct ConsoleRun {
-    /// `None` when the process was killed at the timeout.
+    /// `None` when the process was killed (timeout, idle console, or the
+    /// grace period after an end marker ran out).
     pub status: Option<ExitStatus>,
     pub timed_out: bool,
+    /// The console stayed silent for the policy's idle limit.
+    pub went_idle: bool,
     /// From process start to exit (or to the kill).
     pub elapsed: Duration,
     pub console: Vec<ConsoleLine>,
@@ -65,6 +68,31 @@ impl ConsoleRun {
             out.push_str(&self.stderr);
         }
         out
+    }
+}
+
+/// How long to collect a console.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitPolicy<'a> {
+    /// From process start.
+    pub timeout: Duration,
+    /// Once a console line contains `.0`, the process gets only `.1` more
+    /// to exit (then it is killed; not counted as a timeout): for guests
+    /// known to end there whose VMM may not exit by itself.
+    pub end_marker: Option<(&'a str, Duration)>,
+    /// Ends the wait when the console has been silent this long: a guest
+    /// that stopped (e.g. QEMU paused on a KVM internal error).
+    pub idle_limit: Option<Duration>,
+}
+
+impl WaitPolicy<'_> {
+    /// Only a timeout.
+    pub fn timeout(timeout: Duration) -> Self {
+        WaitPolicy {
+            timeout,
+            end_marker: None,
+            idle_limit: None,
+        }
     }
 }
 
@@ -119,21 +147,21 @@ impl ConsoleProcess {
     /// Like [`wait`](Self::wait), calling `on_line` for each console line
     /// as it arrives.
     pub fn wait_with(self, timeout: Duration, on_line: impl FnMut(&ConsoleLine)) -> ConsoleRun {
-        self.wait_until(timeout, None, on_line)
+        self.wait_until(&WaitPolicy::timeout(timeout), on_line)
     }
 
-    /// Like [`wait_with`](Self::wait_with), but once a console line contains
-    /// `end.0` the process gets only `end.1` more to exit before it is
-    /// killed (not counted as a timeout): for guests known to end there
-    /// whose VMM may not exit by itself.
+    /// Collects the console as `policy` says, calling `on_line` for each
+    /// line as it arrives; kills the process when the wait ends before it
+    /// exited.
     pub fn wait_until(
         mut self,
-        timeout: Duration,
-        end: Option<(&str, Duration)>,
+        policy: &WaitPolicy<'_>,
         mut on_line: impl FnMut(&ConsoleLine),
     ) -> ConsoleRun {
-        let mut deadline = self.started + timeout;
+        let mut deadline = self.started + policy.timeout;
         let mut ended_by_marker = false;
+        let mut went_idle = false;
+        let mut last_output = Instant::now();
         let pid = self.child.id();
         let mut console = Vec::new();
         let mut timed_out = false;
@@ -145,10 +173,18 @@ impl ConsoleProcess {
                 timed_out = !ended_by_marker;
                 break;
             }
+            if policy
+                .idle_limit
+                .is_some_and(|idle| last_output.elapsed() >= idle)
+            {
+                went_idle = true;
+                break;
+            }
             match self.console.recv_timeout(left.min(RSS_SAMPLE_INTERVAL)) {
                 Ok(line) => {
                     on_line(&line);
-                    if let Some((marker, grace)) = end {
+                    last_output = Instant::now();
+                    if let Some((marker, grace)) = policy.end_marker {
                         if !ended_by_marker && line.text.contains(marker) {
                             ended_by_marker = true;
                             deadline = deadline.min(Instant::now() + grace);
@@ -162,10 +198,12 @@ impl ConsoleProcess {
         }
         let status = if timed_out {
             None
+        } else if went_idle {
+            self.child.try_wait().ok().flatten()
         } else {
             self.wait_exit(deadline)
         };
-        timed_out |= status.is_none() && !ended_by_marker;
+        timed_out |= status.is_none() && !ended_by_marker && !went_idle;
         if status.is_none() {
             self.kill();
         }
@@ -182,6 +220,7 @@ impl ConsoleProcess {
         ConsoleRun {
             status,
             timed_out,
+            went_idle,
             elapsed,
             console,
             stderr,
@@ -296,15 +335,33 @@ mod tests {
     fn console_process_ending_at_marker_gets_only_the_grace_period() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo booting; echo Kernel panic; sleep 30"]);
-        let run = ConsoleProcess::spawn(cmd).unwrap().wait_until(
-            Duration::from_secs(60),
-            Some(("Kernel panic", Duration::from_millis(200))),
-            |_| {},
-        );
+        let policy = WaitPolicy {
+            end_marker: Some(("Kernel panic", Duration::from_millis(200))),
+            ..WaitPolicy::timeout(Duration::from_secs(60))
+        };
+        let run = ConsoleProcess::spawn(cmd)
+            .unwrap()
+            .wait_until(&policy, |_| {});
         assert!(!run.timed_out);
         assert!(run.status.is_none(), "killed after the grace period");
         assert!(run.elapsed < Duration::from_secs(5), "{:?}", run.elapsed);
         assert_eq!(run.console.len(), 2);
+    }
+
+    #[test]
+    fn console_process_silent_for_the_idle_limit_is_ended() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo one; sleep 30"]);
+        let policy = WaitPolicy {
+            idle_limit: Some(Duration::from_millis(300)),
+            ..WaitPolicy::timeout(Duration::from_secs(60))
+        };
+        let run = ConsoleProcess::spawn(cmd)
+            .unwrap()
+            .wait_until(&policy, |_| {});
+        assert!(run.went_idle);
+        assert!(!run.timed_out);
+        assert!(run.elapsed < Duration::from_secs(5), "{:?}", run.elapsed);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use cloister_guest_image::cmdline::{self, RebootMethod};
 
-use crate::console::{ConsoleError, ConsoleLine, ConsoleProcess};
+use crate::console::{ConsoleError, ConsoleLine, ConsoleProcess, WaitPolicy};
 use crate::guest_image::{TEST_INIT_MARKER, TEST_INIT_POWER_OFF};
 
 /// The QEMU binary (Debian package `qemu-system-x86`).
@@ -119,6 +119,21 @@ impl QemuConfig {
 pub const KERNEL_PANIC: &str = "Kernel panic - not syncing";
 /// How long a VMM gets to exit after [`KERNEL_PANIC`].
 pub const PANIC_GRACE: Duration = Duration::from_secs(30);
+/// A booting guest prints something at least this often, even with its
+/// kernel mode emulated; silence this long means it stopped (QEMU on
+/// `kvm_pvm` was seen to pause on "KVM internal error" mid-boot).
+pub const BOOT_IDLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// How to wait for a guest boot: up to `timeout`, ending
+/// [`PANIC_GRACE`] after a kernel panic or after [`BOOT_IDLE_LIMIT`] of
+/// console silence.
+pub fn boot_wait_policy(timeout: Duration) -> WaitPolicy<'static> {
+    WaitPolicy {
+        timeout,
+        end_marker: Some((KERNEL_PANIC, PANIC_GRACE)),
+        idle_limit: Some(BOOT_IDLE_LIMIT),
+    }
+}
 
 /// A console message that marks a stage of the boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use cloister_e2e::cloister_vmm::CloisterVmmConfig;
 use cloister_e2e::console::ConsoleRun;
 use cloister_e2e::guest_image::{GuestImage, TEST_INIT_MARKER};
 use cloister_e2e::qemu::{
-    milestones, qemu_available, Accel, QemuConfig, QemuMicrovm, KERNEL_PANIC, PANIC_GRACE,
+    boot_wait_policy, milestones, qemu_available, Accel, QemuConfig, QemuMicrovm,
 };
 use cloister_guest_image::cmdline::host_is_nested_pvm;
 use cloister_vmm::vstate::kvm::KvmContext;
@@ -110,9 +110,9 @@ fn guest_kernel_in_cloister_vmm_reaches_init_or_every_milestone_qemu_reaches() {
     let ours = vmm.spawn().expect("cloister-vmm starts");
     let qemu = QemuMicrovm::spawn(&qemu_config).expect("qemu starts");
     let (ours, qemu) = std::thread::scope(|s| {
-        let end = Some((KERNEL_PANIC, PANIC_GRACE));
-        let qemu = s.spawn(move || qemu.wait_until(NESTED_BOOT_TIMEOUT, end, |_| {}));
-        let ours = ours.wait_until(NESTED_BOOT_TIMEOUT, end, |_| {});
+        let policy = boot_wait_policy(NESTED_BOOT_TIMEOUT);
+        let qemu = s.spawn(move || qemu.wait_until(&policy, |_| {}));
+        let ours = ours.wait_until(&policy, |_| {});
         (ours, qemu.join().expect("qemu waiter"))
     });
     print_milestones(&ours, Some(&qemu));

@@ -14,8 +14,7 @@ use cloister_e2e::cloister_vmm::{find_cloister_vmm, CloisterVmmConfig};
 use cloister_e2e::console::ConsoleRun;
 use cloister_e2e::guest_image::GuestImage;
 use cloister_e2e::qemu::{
-    milestones, qemu_available, Accel, QemuConfig, QemuMicrovm, KERNEL_PANIC, MILESTONES,
-    PANIC_GRACE,
+    boot_wait_policy, milestones, qemu_available, Accel, QemuConfig, QemuMicrovm, MILESTONES,
 };
 use cloister_guest_image::cmdline::host_is_nested_pvm;
 
@@ -55,6 +54,25 @@ impl Samples {
     }
 }
 
+/// How a run ended, and the last console line (where a stopped guest stood).
+fn outcome(run: &ConsoleRun) -> String {
+    let how = if run.went_idle {
+        "console silent, stopped".to_string()
+    } else if run.timed_out {
+        "killed at the timeout".to_string()
+    } else {
+        match run.status {
+            Some(status) => format!("exited ({status})"),
+            None => "ended after a kernel panic".to_string(),
+        }
+    };
+    let last = run.console.last().map_or("", |l| l.text.as_str());
+    format!(
+        "{how} after {:.1} s; last line: {last}",
+        run.elapsed.as_secs_f64()
+    )
+}
+
 fn fmt(v: Option<f64>, unit: &str) -> String {
     v.map_or("-".into(), |v| format!("{v:.3} {unit}"))
 }
@@ -92,17 +110,17 @@ fn run() -> Result<(), String> {
     let mut ours = Samples::new();
     let mut theirs = Samples::new();
     for i in 1..=runs {
-        let end = Some((KERNEL_PANIC, PANIC_GRACE));
+        let policy = boot_wait_policy(TIMEOUT);
         let run = vmm_config
             .spawn()
             .map_err(|e| e.to_string())?
-            .wait_until(TIMEOUT, end, |_| {});
-        println!("run {i}: cloister-vmm {:.1} s", run.elapsed.as_secs_f64());
+            .wait_until(&policy, |_| {});
+        println!("run {i}: cloister-vmm {}", outcome(&run));
         ours.add(&run);
         let run = QemuMicrovm::spawn(&qemu_config)
             .map_err(|e| e.to_string())?
-            .wait(TIMEOUT);
-        println!("run {i}: qemu         {:.1} s", run.elapsed.as_secs_f64());
+            .wait_until(&policy, |_| {});
+        println!("run {i}: qemu         {}", outcome(&run));
         theirs.add(&run);
     }
     println!();

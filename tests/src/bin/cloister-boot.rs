@@ -14,7 +14,7 @@ use cloister_e2e::cloister_vmm::{find_cloister_vmm, CloisterVmmConfig};
 use cloister_e2e::console::{ConsoleLine, ConsoleRun};
 use cloister_e2e::guest_image::{GuestImage, TEST_INIT_MARKER};
 use cloister_e2e::qemu::{
-    qemu_available, Accel, QemuConfig, QemuMicrovm, KERNEL_PANIC, MILESTONES, PANIC_GRACE,
+    boot_wait_policy, qemu_available, Accel, QemuConfig, QemuMicrovm, KERNEL_PANIC, MILESTONES,
 };
 use cloister_guest_image::cmdline::host_is_nested_pvm;
 
@@ -61,8 +61,7 @@ fn run() -> Result<bool, String> {
     println!("booting in cloister-vmm ({}):", vmm.display());
     let config = CloisterVmmConfig::new(&vmm, &image.vmlinux, Some(&image.initramfs));
     let ours = config.spawn().map_err(|e| e.to_string())?.wait_until(
-        VMM_TIMEOUT,
-        Some((KERNEL_PANIC, PANIC_GRACE)),
+        &boot_wait_policy(VMM_TIMEOUT),
         |line| {
             print_milestone("cloister-vmm", line);
             if line.text.contains(KERNEL_PANIC) {
