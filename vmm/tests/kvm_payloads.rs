@@ -47,6 +47,10 @@ fn kvm_available() -> bool {
 }
 
 fn run_payload(code: &[u8], vcpus: u8) -> (VmRun, String) {
+    run_payload_with(code, vcpus, false)
+}
+
+fn run_payload_with(code: &[u8], vcpus: u8, hugepages: bool) -> (VmRun, String) {
     let serial = SerialCapture::default();
     let spec = VmSpec {
         boot: BootSource::RawLongMode {
@@ -55,7 +59,7 @@ fn run_payload(code: &[u8], vcpus: u8) -> (VmRun, String) {
         },
         vcpus,
         memory_mib: 32,
-        hugepages: false,
+        hugepages,
         cpu_template: None,
     };
     let run = run_vm(&spec, Box::new(serial.clone()), Instant::now()).expect("VM builds and runs");
@@ -160,5 +164,32 @@ fn two_vcpus_each_see_their_own_apic_id() {
     ids.sort_unstable();
     assert_eq!(ids, vec!['0', '1'], "serial printed {serial:?}");
     assert!(serial.ends_with('\n'));
+    assert_eq!(run.exit, VmExit::Reset);
+}
+
+/// Free 2 MiB pages in the host's hugetlb pool.
+fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn payload_in_hugepage_backed_memory_runs() {
+    if !kvm_available() {
+        return;
+    }
+    let free = free_hugepages();
+    if free < 16 {
+        eprintln!("SKIP: needs 16 free 2 MiB hugepages, the host has {free} (echo 64 > /proc/sys/vm/nr_hugepages)");
+        return;
+    }
+    let (run, serial) = run_payload_with(HELLO_THEN_RESET, 1, true);
+    assert_eq!(serial, "hello from long mode\n");
     assert_eq!(run.exit, VmExit::Reset);
 }
