@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,6 +30,9 @@ use crate::vstate::vm::{Vm, VmError};
 
 /// How often vCPUs are kicked on a `kvm_pvm` host (see [`VcpuNudger`]).
 pub const NESTED_PVM_NUDGE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Stack bytes per vCPU of a raw payload, below the boot stack pointer.
+const RAW_PAYLOAD_STACK_SIZE: u64 = 0x200;
 
 /// What the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +193,13 @@ pub fn run_vm(
             setup_boot_vcpu(&fd, &mem, entry)?;
         }
         if index > 0 && all_vcpus_start {
+            // A stack of its own for each vCPU of a raw payload.
+            let mut regs = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+            regs.rsp -= u64::from(index) * RAW_PAYLOAD_STACK_SIZE;
+            regs.rbp = regs.rsp;
+            fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
+        }
+        if index > 0 && all_vcpus_start {
             fd.set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             })
@@ -203,6 +213,8 @@ pub fn run_vm(
             exit: exit.clone(),
             stop: stop.clone(),
             metrics: metrics.clone(),
+            runs: Arc::new(AtomicU64::new(0)),
+            guest_memory: mem.clone(),
         });
     }
 
@@ -211,6 +223,7 @@ pub fn run_vm(
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
     let mut threads = Vec::with_capacity(vcpus.len());
+    let run_counters: Vec<Arc<AtomicU64>> = vcpus.iter().map(|v| v.runs.clone()).collect();
     for vcpu in vcpus {
         match vcpu.spawn() {
             Ok(t) => threads.push(t),
@@ -225,10 +238,11 @@ pub fn run_vm(
     }
     let nudger = if kvm.host_kind == HostKvmKind::NestedPvm {
         tracing::info!(
-            "host KVM is nested paravirtualized (kvm_pvm): kicking vCPUs every {} ms so the guest keeps making progress",
+            "host KVM is nested paravirtualized (kvm_pvm): kicking vCPUs that stay in KVM_RUN for {} ms so the guest keeps making progress",
             NESTED_PVM_NUDGE_INTERVAL.as_millis()
         );
-        match VcpuNudger::start(&threads, NESTED_PVM_NUDGE_INTERVAL) {
+        let watched: Vec<_> = threads.iter().zip(run_counters).collect();
+        match VcpuNudger::start(&watched, NESTED_PVM_NUDGE_INTERVAL) {
             Ok(n) => Some(n),
             Err(e) => {
                 stop_vcpus(&stop, threads);
@@ -242,13 +256,10 @@ pub fn run_vm(
         None
     };
     let end = exit.wait();
-    if let Some(nudger) = nudger {
-        nudger.stop();
-    }
+    // The nudger signals the vCPU threads: it ends before they are joined.
+    drop(nudger);
     stop_vcpus(&stop, threads);
-    // Memory and VM outlive the vCPU threads that used them.
     drop(vm);
-    drop(mem);
     Ok(VmRun {
         exit: end,
         cpu_template: template,

@@ -13,7 +13,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 #[derive(Debug, thiserror::Error)]
 pub enum CmdlineError {
     #[error(
-        "kernel command line is {len} bytes, the limit is {} (Linux COMMAND_LINE_SIZE, including the NUL)",
+        "kernel command line is {len} bytes, at most {} fit (Linux COMMAND_LINE_SIZE {CMDLINE_MAX_SIZE} counts the NUL)",
         CMDLINE_MAX_SIZE - 1
     )]
     TooLong { len: usize },

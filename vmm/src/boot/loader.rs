@@ -30,6 +30,8 @@ const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+/// `xloadflags` bit: the kernel has the 64-bit entry point.
+const XLF_KERNEL_64: u16 = 1;
 
 /// Why a guest could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,8 @@ pub enum LoaderError {
         kernel_end: u64,
         low_end: u64,
     },
+    #[error("bzImage {path} has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")]
+    Not64Bit { path: PathBuf },
     #[error("initramfs {path} is empty")]
     EmptyInitrd { path: PathBuf },
     #[error("cannot write {what} to guest memory: {source}")]
@@ -118,13 +122,24 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     };
     let mut file = open("kernel", path)?;
     match BzImage::load(mem, None, &mut file, highmem) {
-        Ok(result) => Ok(LoadedKernel {
-            entry: BootEntry::LongMode {
-                entry: result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
-            },
-            kernel_end: result.kernel_end,
-            setup_header: result.setup_header,
-        }),
+        Ok(result) => {
+            let load = result.kernel_load.raw_value();
+            let header = result.setup_header.unwrap_or_default();
+            if header.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(LoaderError::Not64Bit {
+                    path: path.to_path_buf(),
+                });
+            }
+            // The decompressor works in memory up to load + init_size,
+            // beyond the compressed image: nothing may be placed there.
+            Ok(LoadedKernel {
+                entry: BootEntry::LongMode {
+                    entry: load + BZIMAGE_64BIT_ENTRY_OFFSET,
+                },
+                kernel_end: result.kernel_end.max(load + u64::from(header.init_size)),
+                setup_header: result.setup_header,
+            })
+        }
         Err(bzimage) => Err(LoaderError::KernelFormat {
             path: path.to_path_buf(),
             elf,

@@ -124,7 +124,9 @@ pub fn setup_sregs<M: GuestMemory>(
     if long_mode {
         sregs.cr3 = write_identity_page_tables(mem)?;
         sregs.cr4 |= CR4_PAE;
-        sregs.cr0 |= CR0_PE | CR0_PG | CR0_ET;
+        // Assigned, not or-ed: KVM's reset value has caching disabled
+        // (CD, NW), which a payload that never rewrites CR0 would keep.
+        sregs.cr0 = CR0_PE | CR0_PG | CR0_ET;
         sregs.efer |= EFER_LME | EFER_LMA;
     } else {
         sregs.cr0 = CR0_PE | CR0_ET;

@@ -28,7 +28,9 @@ fn id_bits(count: u32) -> u32 {
 /// per core. APIC ids are the vCPU indexes, as in the MP table.
 pub fn normalize_entry(entry: &mut kvm_cpuid_entry2, cpu_index: u8, cpu_count: u8) {
     let apic_id = u32::from(cpu_index);
-    let count = u32::from(cpu_count);
+    // At least one vCPU: the config refuses zero, and `count - 1` below
+    // must not underflow whoever calls this.
+    let count = u32::from(cpu_count.max(1));
     match entry.function {
         0x1 => {
             entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | (count << 16);

@@ -95,9 +95,10 @@ impl Bus {
     }
 }
 
-/// A device whose lock was poisoned by a panicking thread still holds
-/// consistent register state (every update is a single assignment), so we
-/// keep serving it rather than cascade the panic.
+/// A device whose lock was poisoned by a panicking thread is served on,
+/// best effort (its registers may be half-updated), rather than turning
+/// one panic into a panic of every vCPU; the panicking vCPU already ends
+/// the VM.
 pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

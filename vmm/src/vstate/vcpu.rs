@@ -7,7 +7,7 @@
 //! lands between the `stop` check and `KVM_RUN` is lost, which is why the
 //! VMM repeats it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -43,6 +43,28 @@ pub struct Vcpu {
     pub exit: Arc<ExitSignal>,
     pub stop: Arc<AtomicBool>,
     pub metrics: Arc<VmmMetrics>,
+    /// Returns from `KVM_RUN` of this vCPU, for [`VcpuNudger`].
+    pub runs: Arc<AtomicU64>,
+    /// Keeps the guest memory KVM maps for this vCPU alive as long as the
+    /// vCPU can run.
+    pub guest_memory: vm_memory::GuestMemoryMmap,
+}
+
+/// Reports a panicking vCPU thread as the VM's exit.
+struct ReportPanic {
+    vcpu: u8,
+    exit: Arc<ExitSignal>,
+}
+
+impl Drop for ReportPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.exit.report(VmExit::VcpuError {
+                vcpu: self.vcpu,
+                message: "vCPU thread panicked".into(),
+            });
+        }
+    }
 }
 
 /// What one KVM exit means for the run loop, decided while the exit data
@@ -66,6 +88,12 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        // A vCPU thread that unwinds must still end the VM, or the VMM
+        // would wait for an exit nobody reports.
+        let _panic_guard = ReportPanic {
+            vcpu: self.index,
+            exit: self.exit.clone(),
+        };
         while !self.stop.load(Ordering::Acquire) {
             let step = self.run_once();
             let exit = match step {
@@ -99,7 +127,9 @@ impl Vcpu {
 
     fn run_once(&mut self) -> Step {
         let index = self.index;
-        match self.fd.run() {
+        let result = self.fd.run();
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        match result {
             Ok(exit) => {
                 VmmMetrics::add(&self.metrics.vcpu_exits, 1);
                 match exit {
@@ -201,23 +231,34 @@ pub fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Periodically kicks every vCPU out of `KVM_RUN` and back in.
+/// Kicks a vCPU out of `KVM_RUN` and back in when it has not left it for
+/// a whole interval.
 ///
 /// Needed on nested paravirtualized KVM (`kvm_pvm`): there a Linux guest
 /// was seen to stop making progress inside `KVM_RUN` (at the clocksource
-/// switch, for minutes) until the vCPU returned to userspace once; with a
-/// kick every few milliseconds it boots on. Hardware KVM does not need it
-/// and does not get it.
+/// switch, for minutes) until the vCPU returned to userspace once; with
+/// such kicks it boots on. A vCPU that exits by itself (port I/O, MMIO) is
+/// left alone. Hardware KVM does not need it and does not get it.
+///
+/// Dropping it stops and joins its thread, which must happen before the
+/// vCPU threads it signals are joined (their ids could be reused after).
 pub struct VcpuNudger {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl VcpuNudger {
-    /// Starts kicking the threads of `vcpus` every `interval`.
-    pub fn start(vcpus: &[JoinHandle<()>], interval: Duration) -> std::io::Result<Self> {
+    /// Starts watching `vcpus`: each thread with the counter its `Vcpu`
+    /// increments on every return from `KVM_RUN`.
+    pub fn start(
+        vcpus: &[(&JoinHandle<()>, Arc<AtomicU64>)],
+        interval: Duration,
+    ) -> std::io::Result<Self> {
         use std::os::unix::thread::JoinHandleExt;
-        let targets: Vec<libc::pthread_t> = vcpus.iter().map(|t| t.as_pthread_t()).collect();
+        let mut targets: Vec<(libc::pthread_t, Arc<AtomicU64>, u64)> = vcpus
+            .iter()
+            .map(|(t, runs)| (t.as_pthread_t(), runs.clone(), u64::MAX))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -225,7 +266,12 @@ impl VcpuNudger {
             .spawn(move || {
                 while !stop_flag.load(Ordering::Acquire) {
                     std::thread::sleep(interval);
-                    for target in &targets {
+                    for (target, runs, seen) in &mut targets {
+                        let now = runs.load(Ordering::Relaxed);
+                        if now != *seen {
+                            *seen = now;
+                            continue;
+                        }
                         // SAFETY: the vCPU threads are joined only after
                         // `VcpuNudger::stop` has joined this thread, so every
                         // `target` still names a thread that has not been
@@ -234,14 +280,20 @@ impl VcpuNudger {
                     }
                 }
             })?;
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
+}
 
-    /// Stops kicking; must run before the vCPU threads are joined.
-    pub fn stop(self) {
+impl Drop for VcpuNudger {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if self.thread.join().is_err() {
-            tracing::error!("the vCPU nudger thread panicked");
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the vCPU nudger thread panicked");
+            }
         }
     }
 }

@@ -25,6 +25,8 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 pub struct Vm {
     fd: VmFd,
+    /// The memory KVM maps: kept alive as long as the VM.
+    _guest_memory: GuestMemoryMmap,
 }
 
 impl Vm {
@@ -42,9 +44,10 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
             };
-            // SAFETY: the region's host mapping lives in `mem`, which the
-            // caller keeps alive for as long as the VM exists (both are
-            // owned by the running VM and dropped together).
+            // SAFETY: the region's host mapping belongs to `mem`, a clone
+            // of which (sharing the mappings) the returned `Vm` owns; each
+            // `Vcpu` owns one too, so the mapping outlives every file
+            // descriptor through which KVM can touch it.
             unsafe { fd.set_user_memory_region(region) }
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -58,7 +61,10 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            _guest_memory: mem.clone(),
+        })
     }
 
     pub fn fd(&self) -> &VmFd {
