@@ -21,8 +21,13 @@ use cloister_guest_image::cmdline::host_is_nested_pvm;
 const VMM_TIMEOUT: Duration = Duration::from_secs(900);
 const TCG_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn print_milestone(who: &str, line: &ConsoleLine) {
-    if let Some(m) = MILESTONES.iter().find(|m| line.text.contains(m.needle)) {
+/// Prints `line` when it is the first to reach one of [`MILESTONES`].
+fn print_milestone(who: &str, line: &ConsoleLine, seen: &mut Vec<&'static str>) {
+    let found = MILESTONES
+        .iter()
+        .find(|m| line.text.contains(m.needle) && !seen.contains(&m.name));
+    if let Some(m) = found {
+        seen.push(m.name);
         println!(
             "  {who:<13} {:>9.3} s  {:<18} | {}",
             line.at.as_secs_f64(),
@@ -60,10 +65,11 @@ fn run() -> Result<bool, String> {
     }
     println!("booting in cloister-vmm ({}):", vmm.display());
     let config = CloisterVmmConfig::new(&vmm, &image.vmlinux, Some(&image.initramfs));
+    let mut seen = Vec::new();
     let ours = config.spawn().map_err(|e| e.to_string())?.wait_until(
         &boot_wait_policy(VMM_TIMEOUT),
         |line| {
-            print_milestone("cloister-vmm", line);
+            print_milestone("cloister-vmm", line, &mut seen);
             if line.text.contains(KERNEL_PANIC) {
                 println!(
                     "  {:<13} {:>9.3} s  {}",
@@ -99,9 +105,12 @@ fn run() -> Result<bool, String> {
         return Ok(ours.find("Run /init").is_some());
     }
     println!("the same image under QEMU/TCG (software emulation, for comparison):");
+    let mut seen = Vec::new();
     let tcg = QemuMicrovm::spawn(&qemu)
         .map_err(|e| e.to_string())?
-        .wait_with(TCG_TIMEOUT, |line| print_milestone("qemu-tcg", line));
+        .wait_with(TCG_TIMEOUT, |line| {
+            print_milestone("qemu-tcg", line, &mut seen)
+        });
     summary("qemu-tcg", &tcg);
     Ok(ours.find("Run /init").is_some() && tcg.find(TEST_INIT_MARKER).is_some())
 }
