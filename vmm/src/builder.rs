@@ -15,7 +15,7 @@ use crate::boot::cmdline::{build_cmdline, CmdlineError};
 use crate::boot::loader::{load_initrd, load_kernel, write_boot_info, LoaderError};
 use crate::boot::mptable::{write_mptable, MptableError};
 use crate::boot::regs::{setup_boot_vcpu, setup_lapic_lints, setup_msrs, BootEntry, RegsError};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{validate_resources, ConfigError, VmConfig};
 use crate::cpuid::{cpuid_for_vcpu, CpuTemplate};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::bus::{Bus, BusError};
@@ -141,11 +141,7 @@ pub fn run_vm(
     serial_out: Box<dyn Write + Send>,
     vmm_start: Instant,
 ) -> Result<VmRun, BuildError> {
-    let mut probe = VmConfig::new("-");
-    probe.vcpus = spec.vcpus;
-    probe.memory_mib = spec.memory_mib;
-    probe.hugepages = spec.hugepages;
-    probe.validate()?;
+    validate_resources(spec.vcpus, spec.memory_mib, spec.hugepages)?;
 
     let kvm = KvmContext::open()?;
     if usize::from(spec.vcpus) > kvm.max_vcpus {

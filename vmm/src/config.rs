@@ -158,32 +158,38 @@ impl VmConfig {
 
     /// Checks every field's range; files are checked when they are opened.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.vcpus == 0 || self.vcpus > MAX_MPTABLE_CPUS {
-            return Err(ConfigError::Invalid {
-                field: "vcpus",
-                value: self.vcpus.to_string(),
-                reason: format!("must be between 1 and {MAX_MPTABLE_CPUS}"),
-            });
-        }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(ConfigError::Invalid {
-                field: "memory_mib",
-                value: self.memory_mib.to_string(),
-                reason: format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB"),
-            });
-        }
-        if self.hugepages && !self.memory_mib.is_multiple_of(2) {
-            return Err(ConfigError::Invalid {
-                field: "memory_mib",
-                value: self.memory_mib.to_string(),
-                reason: "must be a multiple of 2 MiB with hugepages".into(),
-            });
-        }
+        validate_resources(self.vcpus, self.memory_mib, self.hugepages)?;
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
         }
         Ok(())
     }
+}
+
+/// The ranges of a VM's size, for a config file and a `VmSpec` alike.
+pub fn validate_resources(vcpus: u8, memory_mib: u32, hugepages: bool) -> Result<(), ConfigError> {
+    if vcpus == 0 || vcpus > MAX_MPTABLE_CPUS {
+        return Err(ConfigError::Invalid {
+            field: "vcpus",
+            value: vcpus.to_string(),
+            reason: format!("must be between 1 and {MAX_MPTABLE_CPUS}"),
+        });
+    }
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(ConfigError::Invalid {
+            field: "memory_mib",
+            value: memory_mib.to_string(),
+            reason: format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB"),
+        });
+    }
+    if hugepages && !memory_mib.is_multiple_of(2) {
+        return Err(ConfigError::Invalid {
+            field: "memory_mib",
+            value: memory_mib.to_string(),
+            reason: "must be a multiple of 2 MiB with hugepages".into(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
