@@ -32,6 +32,8 @@ pub enum VmExit {
     GuestCrash { vcpu: u8 },
     /// An exit reason we do not handle, or a failing ioctl.
     VcpuError { vcpu: u8, message: String },
+    /// The VMM could not wait for an exit (reading the exit eventfd failed).
+    WaitFailed(String),
 }
 
 impl VmExit {
@@ -78,6 +80,7 @@ impl std::fmt::Display for VmExit {
             ),
             VmExit::GuestCrash { vcpu } => write!(f, "vCPU {vcpu} reported a guest crash"),
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu}: {message}"),
+            VmExit::WaitFailed(message) => write!(f, "cannot wait for VM exit: {message}"),
         }
     }
 }
@@ -120,10 +123,7 @@ impl ExitSignal {
             }
             if let Err(e) = self.evt.read() {
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    return VmExit::VcpuError {
-                        vcpu: 0,
-                        message: format!("cannot wait for VM exit: {e}"),
-                    };
+                    return VmExit::WaitFailed(e.to_string());
                 }
             }
         }
