@@ -1,0 +1,5 @@
+//! virtio devices: each a transport-independent backend
+//! ([`device::VirtioDevice`]) served over virtio-mmio by `cloister-vmm` or
+//! over vhost-user to QEMU.
+
+pub mod device;
