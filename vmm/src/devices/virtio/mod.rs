@@ -3,3 +3,6 @@
 //! over vhost-user to QEMU.
 
 pub mod device;
+pub mod event_loop;
+pub mod mmio;
+pub mod rng;
