@@ -2,6 +2,7 @@
 //! ([`device::VirtioDevice`]) served over virtio-mmio by `cloister-vmm` or
 //! over vhost-user to QEMU.
 
+pub mod attach;
 pub mod device;
 pub mod event_loop;
 pub mod mmio;
