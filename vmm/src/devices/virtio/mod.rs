@@ -3,3 +3,4 @@
 //! over vhost-user to QEMU.
 
 pub mod device;
+pub mod vsock;
