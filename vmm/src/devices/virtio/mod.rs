@@ -7,3 +7,4 @@ pub mod device;
 pub mod event_loop;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
