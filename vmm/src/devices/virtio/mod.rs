@@ -2,4 +2,5 @@
 //! ([`device::VirtioDevice`]) served over virtio-mmio by `cloister-vmm` or
 //! over vhost-user to QEMU.
 
+pub mod block;
 pub mod device;
