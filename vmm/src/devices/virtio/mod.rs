@@ -3,4 +3,5 @@
 //! over vhost-user to QEMU.
 
 pub mod block;
+pub mod console;
 pub mod device;
