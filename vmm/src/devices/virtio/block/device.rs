@@ -15,7 +15,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::disk::{DiskImage, HoleSupport, SECTOR_SIZE};
-use super::request::{Limits, Request, RequestChain, RequestError, Segment, Status, ID_BYTES};
+use super::request::{
+    Limits, Piece, Request, RequestChain, RequestError, Segment, Status, ID_BYTES,
+};
 use crate::devices::virtio::device::{
     device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -113,6 +115,8 @@ pub struct BlockDevice {
     config: [u8; CONFIG_LEN],
     metrics: DeviceMetrics,
     block_metrics: BlockMetrics,
+    /// The current request's descriptors; kept to reuse its allocation.
+    pieces: Vec<Piece>,
 }
 
 impl BlockDevice {
@@ -141,6 +145,7 @@ impl BlockDevice {
             config: config_space,
             metrics: DeviceMetrics::default(),
             block_metrics: BlockMetrics::default(),
+            pieces: Vec::with_capacity(usize::from(BLOCK_QUEUE_SIZE)),
         })
     }
 
@@ -192,7 +197,19 @@ impl BlockDevice {
         chain: DescriptorChain<&'m GuestMemoryMmap>,
     ) -> u32 {
         DeviceMetrics::add(&self.metrics.requests, 1);
-        let mut request = match RequestChain::new(mem, chain) {
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let used_len = self.run_request(mem, chain, &mut pieces);
+        self.pieces = pieces;
+        used_len
+    }
+
+    fn run_request<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+        chain: DescriptorChain<&'m GuestMemoryMmap>,
+        pieces: &mut Vec<Piece>,
+    ) -> u32 {
+        let request = match RequestChain::new(mem, chain, pieces) {
             Ok(request) => request,
             Err(e) => {
                 DeviceMetrics::add(&self.metrics.errors, 1);
@@ -200,7 +217,7 @@ impl BlockDevice {
                 return 0;
             }
         };
-        let (status, data_written) = match self.execute(&mut request) {
+        let (status, data_written) = match self.execute(&request) {
             Ok(written) => (Status::Ok, written),
             Err(e) => {
                 DeviceMetrics::add(&self.metrics.errors, 1);
@@ -215,7 +232,7 @@ impl BlockDevice {
 
     /// Parses and performs the request; returns the data bytes written into
     /// guest memory (status byte excluded).
-    fn execute(&mut self, request: &mut RequestChain<'_>) -> Result<usize, RequestError> {
+    fn execute(&mut self, request: &RequestChain<'_, '_>) -> Result<usize, RequestError> {
         let limits = Limits {
             capacity_sectors: self.disk.capacity_sectors(),
             max_segments: MAX_DISCARD_SEGMENTS as usize,
