@@ -1,1 +1,3 @@
 //! The containerd shim v2 (`containerd-shim-cloister-v2`) and the host CLI (`cloister`): task API, pod sandboxes, stdio, events, runtime config and host checks.
+
+pub mod config;
