@@ -4,3 +4,4 @@ pub mod agent_client;
 pub mod config;
 pub mod container;
 pub mod events;
+pub mod io;

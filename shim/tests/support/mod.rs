@@ -71,6 +71,35 @@ pub struct HostAgent {
     pub rootfs: PathBuf,
     pub endpoint: AgentEndpoint,
     child: Child,
+    /// A private cgroup v2 parent for this agent's containers, removed
+    /// (with whatever still runs in it) when the fixture drops.
+    cgroup_root: Option<PathBuf>,
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    })
+}
+
+/// Kills everything below `dir` and removes the cgroups, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 impl HostAgent {
@@ -79,7 +108,20 @@ impl HostAgent {
         let rootfs = busybox_rootfs(dir.path());
         let socket = dir.path().join("agent.sock");
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let child = Command::new(agent_binary().unwrap())
+        let cgroup_root = cgroup2_mount().map(|mount| {
+            let name = dir.path().file_name().unwrap().to_string_lossy();
+            let root = mount.join(format!(
+                "cloister-shim-test{}",
+                name.trim_start_matches('.')
+            ));
+            std::fs::create_dir(&root).unwrap();
+            root
+        });
+        let mut command = Command::new(agent_binary().unwrap());
+        if let Some(root) = &cgroup_root {
+            command.arg("--cgroup-root").arg(root);
+        }
+        let child = command
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .stdin(Stdio::null())
@@ -97,6 +139,7 @@ impl HostAgent {
                 rootfs,
                 endpoint,
                 child,
+                cgroup_root,
             },
             client,
         )
@@ -111,6 +154,11 @@ impl Drop for HostAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // On the host, containers outlive a killed agent (in a guest they
+        // die with the VM): end them with their cgroups.
+        if let Some(root) = &self.cgroup_root {
+            remove_cgroup_tree(root);
+        }
     }
 }
 
