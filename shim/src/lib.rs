@@ -5,3 +5,4 @@ pub mod config;
 pub mod container;
 pub mod events;
 pub mod io;
+pub mod vmm_client;
