@@ -5,4 +5,5 @@ pub mod config;
 pub mod container;
 pub mod events;
 pub mod io;
+pub mod sandbox;
 pub mod vmm_client;
