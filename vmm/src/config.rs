@@ -112,6 +112,8 @@ pub struct BlockConfig {
 pub enum VirtioConsoleOutput {
     Stdout,
     File(PathBuf),
+    /// Discarded (still counted).
+    None,
 }
 
 impl FromStr for VirtioConsoleOutput {
@@ -119,11 +121,12 @@ impl FromStr for VirtioConsoleOutput {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match (s, s.strip_prefix("file:")) {
             ("stdout", _) => Ok(Self::Stdout),
+            ("none", _) => Ok(Self::None),
             (_, Some(path)) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
             _ => Err(ConfigError::Invalid {
                 field: "console.output",
                 value: s.to_string(),
-                reason: "expected stdout or file:PATH".into(),
+                reason: "expected stdout, none or file:PATH".into(),
             }),
         }
     }
@@ -133,6 +136,7 @@ impl fmt::Display for VirtioConsoleOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Stdout => f.write_str("stdout"),
+            Self::None => f.write_str("none"),
             Self::File(p) => write!(f, "file:{}", p.display()),
         }
     }

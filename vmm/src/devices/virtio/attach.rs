@@ -42,6 +42,8 @@ pub enum AttachError {
 /// A device in its slot.
 #[derive(Clone)]
 pub struct AttachedDevice {
+    /// The device's name, numbered when several share it (`block0`, `block1`).
+    pub name: String,
     pub mmio_base: u64,
     pub irq: u32,
     pub transport: Arc<Mutex<MmioTransport>>,
@@ -67,10 +69,10 @@ impl VirtioDevices {
                 count: devices.len(),
             });
         }
+        let names = report_names(devices.iter().map(|d| d.name()));
         let mut attached = Vec::with_capacity(devices.len());
         // Slot numbers are below MAX_VIRTIO_DEVICES (19), so they fit u32.
-        for (slot, device) in (0u32..).zip(devices) {
-            let name = device.name().to_string();
+        for ((slot, device), name) in (0u32..).zip(devices).zip(names) {
             let mmio_base = VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_WINDOW;
             let irq = VIRTIO_IRQ_FIRST + slot;
             let irq_event =
@@ -95,6 +97,7 @@ impl VirtioDevices {
                 })?;
             tracing::debug!(device = name, "virtio-mmio at {mmio_base:#x}, irq {irq}");
             attached.push(AttachedDevice {
+                name,
                 mmio_base,
                 irq,
                 transport,
@@ -126,7 +129,7 @@ impl VirtioDevices {
             .map(|d| {
                 let transport = lock(&d.transport);
                 DeviceReport {
-                    name: transport.name().to_string(),
+                    name: d.name.clone(),
                     mmio_base: d.mmio_base,
                     irq: d.irq,
                     transport: transport.report(),
@@ -134,6 +137,24 @@ impl VirtioDevices {
             })
             .collect()
     }
+}
+
+/// Device names for logs and metrics: a name several devices share gets
+/// each one's ordinal appended.
+fn report_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let names: Vec<&str> = names.collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            if names.iter().filter(|n| *n == name).count() > 1 {
+                let ordinal = names[..i].iter().filter(|n| *n == name).count();
+                format!("{name}{ordinal}")
+            } else {
+                (*name).to_string()
+            }
+        })
+        .collect()
 }
 
 /// Lets KVM signal queue `i`'s eventfd itself when the guest writes `i` to
@@ -149,5 +170,16 @@ fn register_ioeventfds(vm: &VmFd, transport: &MmioTransport, mmio_base: u64) {
                 "KVM_IOEVENTFD for queue {index} refused ({e}): notifications go through MMIO exits"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_names_number_only_shared_names() {
+        let names = report_names(["rng", "block", "vsock", "block", "block"].into_iter());
+        assert_eq!(names, ["rng", "block0", "vsock", "block1", "block2"]);
     }
 }
