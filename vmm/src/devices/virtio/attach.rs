@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
-use super::mmio::{reg, MmioError, MmioTransport};
+use super::mmio::{reg, MmioError, MmioTransport, MmioWindow};
 use crate::boot::cmdline::virtio_mmio_device_arg;
 use crate::boot::layout::{
     MAX_VIRTIO_DEVICES, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW,
@@ -89,8 +89,9 @@ impl VirtioDevices {
             let transport = MmioTransport::new(device, mem.clone(), irq_event)?;
             register_ioeventfds(vm, &transport, mmio_base);
             let transport = Arc::new(Mutex::new(transport));
+            let window = MmioWindow::new(transport.clone())?;
             mmio_bus
-                .insert(mmio_base, VIRTIO_MMIO_WINDOW, transport.clone())
+                .insert(mmio_base, VIRTIO_MMIO_WINDOW, Arc::new(Mutex::new(window)))
                 .map_err(|source| AttachError::Bus {
                     device: name.clone(),
                     source,
