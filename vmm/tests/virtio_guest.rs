@@ -12,8 +12,8 @@
 //! device may need a reset. The kernel log must show the devices
 //! registered from the command line and both disks' sizes. Probing
 //! happens long before `/init`, so on nested paravirtualized KVM
-//! (`kvm_pvm`, where kernel mode is emulated) this takes 50-150 s
-//! (depending on load) rather than the 90-200 s to init.
+//! (`kvm_pvm`, where kernel mode is emulated) this takes 1-4 minutes
+//! (depending on load) rather than 1.5-5 minutes to init.
 //!
 //! Skipped, with the reason printed, without `/dev/kvm` or a built image
 //! (`kernel-config/build-kernel.sh`, `kernel-config/build-initramfs.sh`).
@@ -34,8 +34,8 @@ use cloister_guest_image::cmdline::host_is_nested_pvm;
 use cloister_vmm::vstate::kvm::KvmContext;
 
 const HARDWARE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Probing took 30 s here with the machine otherwise idle; the margin is
-/// for 2 cores shared with builds.
+/// Every device was in use after 50 s here with the machine otherwise
+/// idle and after 210 s with builds on both cores; the margin is for that.
 const NESTED_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// DRIVER_OK | FEATURES_OK | DRIVER | ACKNOWLEDGE.
