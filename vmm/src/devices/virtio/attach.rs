@@ -9,13 +9,16 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
-use super::mmio::{reg, MmioError, MmioTransport, MmioWindow};
+use super::mmio::{reg, MmioError, MmioTransport, MmioWindow, MMIO_WINDOW_SIZE};
 use crate::boot::cmdline::virtio_mmio_device_arg;
 use crate::boot::layout::{
     MAX_VIRTIO_DEVICES, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW,
 };
 use crate::devices::bus::{lock, Bus, BusError};
 use crate::metrics::DeviceReport;
+
+// The layout's slots are exactly one transport register window each.
+const _: () = assert!(VIRTIO_MMIO_WINDOW == MMIO_WINDOW_SIZE);
 
 /// Why a device could not be attached.
 #[derive(Debug, thiserror::Error)]
