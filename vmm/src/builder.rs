@@ -392,12 +392,13 @@ fn create_virtio_devices(
         };
         devices.push(Box::new(ConsoleDevice::new(output)?));
     }
-    for disk in &config.block {
-        devices.push(Box::new(BlockDevice::new(block::BlockConfig {
+    for (index, disk) in config.block.iter().enumerate() {
+        let device = BlockDevice::new(block::BlockConfig {
             path: disk.path.clone(),
             read_only: disk.read_only,
             serial: disk.serial.clone(),
-        })?));
+        })?;
+        devices.push(Box::new(device.with_name(format!("block{index}"))));
     }
     Ok(devices)
 }
