@@ -648,6 +648,19 @@ fn host_close_without_guest_rst_times_out_with_rst() {
 }
 
 #[test]
+fn guest_data_after_host_close_returns_rst() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(1)).unwrap();
+    h.provide_rx(8, RX_BUF);
+    let host = h.guest_connect(&listener, 2, 1);
+    drop(host);
+    assert!(h.pump_until(|r| r.iter().any(|(h, _)| h.known_op() == Some(Op::Shutdown))));
+    h.send(guest_hdr(Op::Rw, 2, 1), b"too late");
+    assert_eq!(h.ops(), vec![Op::Shutdown, Op::Rst]);
+    assert_eq!(h.dev.vsock_metrics().open_connections, 0);
+}
+
+#[test]
 fn host_half_close_gives_guest_shutdown_send_and_guest_can_still_write() {
     let mut h = Harness::new();
     let listener = UnixListener::bind(h.port_path(1)).unwrap();
