@@ -2,7 +2,7 @@
 """Writes the seed corpus of the block_requests fuzz target (see its header
 for the input format): one well-formed ring per request type, plus split
 headers, several requests per ring, an indirect table and a read-only disk.
-Usage: python3 make_block_seeds.py [DIR] (default corpus/block_requests)."""
+Usage: python3 make_block_seeds.py [DIR] (default seeds/block_requests)."""
 import os
 import struct
 import sys
@@ -64,7 +64,7 @@ seeds = {
     "out_of_range": seed(0, [0], chain([(DATA, 16, 0), (BUF, 1024, WRITE), (STATUS, 1, WRITE)]), header(IN, 63)),
 }
 
-out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus", "block_requests")
+out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "seeds", "block_requests")
 os.makedirs(out_dir, exist_ok=True)
 for name, data in seeds.items():
     with open(os.path.join(out_dir, name), "wb") as f:

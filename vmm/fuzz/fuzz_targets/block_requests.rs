@@ -14,8 +14,9 @@
 //!   the rest    copied to guest memory at DATA (headers, segments, data)
 //!
 //! Seeds: `python3 make_block_seeds.py` (one ring per request type); the
-//! committed corpus is those merged with what 60 s of fuzzing found. Run:
-//! `cd vmm/fuzz && cargo +nightly fuzz run --dev block_requests -- -max_total_time=60`.
+//! committed seeds (`seeds/block_requests`) are those merged with what 60 s
+//! of fuzzing found. Run (see ../README.md):
+//! `cd vmm/fuzz && mkdir -p corpus/block_requests && cargo +nightly fuzz run --dev block_requests corpus/block_requests seeds/block_requests -- -max_total_time=60`.
 #![no_main]
 
 use std::cell::Cell;
