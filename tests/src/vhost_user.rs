@@ -9,6 +9,7 @@
 //! host-initiated connections, bulk transfer both ways with checksums.
 
 use std::fs::File;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant};
 use cloister_guest_image::paths;
 use cloister_vsock_probe::{ProbeConfig, DONE_MARKER, FAIL_PREFIX, START_MARKER};
 
-use crate::console::{kill_process_group, ConsoleRun, WaitPolicy};
+use crate::cloister_vmm::CloisterVmmConfig;
+use crate::console::{kill_process_group, ConsoleProcess, ConsoleRun, WaitPolicy};
 use crate::hybrid_vsock::{
     accept_guest, bulk_session, concurrent_echo, echo_session, listen_host_port, BulkReport,
     HybridVsockError, Latency,
@@ -325,9 +327,7 @@ pub fn run_vsock_probe(
     let dir = tempfile::tempdir().map_err(VhostUserRunError::TempDir)?;
     let socket = dir.path().join("vhost-user.sock");
     let uds = dir.path().join("vsock.sock");
-    let step = |step: &'static str| move |source| VhostUserRunError::Step { step, source };
-    let echo_listener = listen_host_port(&uds, ECHO_PORT).map_err(step("listen for echo"))?;
-    let bulk_listener = listen_host_port(&uds, BULK_PORT).map_err(step("listen for bulk"))?;
+    let listeners = HostListeners::bind(&uds)?;
     let process = BackendProcess::spawn(backend, &socket, &uds, &dir.path().join("backend.log"))?;
 
     let mut qemu = QemuConfig::new(Accel::Tcg, &plan.vmlinux, Some(&plan.initramfs));
@@ -341,6 +341,72 @@ pub fn run_vsock_probe(
         binary: qemu.binary.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    let (outcome, console) = drive_vm(vm, plan, &uds, &listeners);
+    let (backend_exited_cleanly, backend_log) = process.finish(Duration::from_secs(5));
+    Ok(ProbeReport {
+        backend: backend.name().to_string(),
+        outcome,
+        console,
+        backend_exited_cleanly,
+        backend_log,
+    })
+}
+
+/// Boots the probe guest in `cloister-vmm` itself, with its vsock device on
+/// virtio-mmio (`--vsock`), and drives every mode the same way. Needs a host
+/// whose KVM runs guest user mode (not nested `kvm_pvm`).
+pub fn run_vsock_probe_in_cloister_vmm(
+    binary: &Path,
+    plan: &ProbePlan,
+) -> Result<ProbeReport, VhostUserRunError> {
+    let dir = tempfile::tempdir().map_err(VhostUserRunError::TempDir)?;
+    let uds = dir.path().join("vsock.sock");
+    let listeners = HostListeners::bind(&uds)?;
+    let mut config = CloisterVmmConfig::new(binary, &plan.vmlinux, Some(&plan.initramfs));
+    config.cmdline.push(' ');
+    config.cmdline.push_str(&plan.probe_config().to_cmdline());
+    let mut command = config.command();
+    command
+        .arg("--vsock")
+        .arg(format!("guest_cid={GUEST_CID},uds_path={}", uds.display()));
+    let vm = ConsoleProcess::spawn(command).map_err(|e| VhostUserRunError::Spawn {
+        binary: binary.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let (outcome, console) = drive_vm(vm, plan, &uds, &listeners);
+    Ok(ProbeReport {
+        backend: "cloister-vmm (virtio-mmio)".to_string(),
+        outcome,
+        console,
+        backend_exited_cleanly: true,
+        backend_log: String::new(),
+    })
+}
+
+/// The host ports the probe connects to, bound before the guest starts.
+struct HostListeners {
+    echo: UnixListener,
+    bulk: UnixListener,
+}
+
+impl HostListeners {
+    fn bind(uds: &Path) -> Result<Self, VhostUserRunError> {
+        let step = |step: &'static str| move |source| VhostUserRunError::Step { step, source };
+        Ok(Self {
+            echo: listen_host_port(uds, ECHO_PORT).map_err(step("listen for echo"))?,
+            bulk: listen_host_port(uds, BULK_PORT).map_err(step("listen for bulk"))?,
+        })
+    }
+}
+
+/// Collects `vm`'s console on a thread while the host drives the probe;
+/// kills the VM if the host gives up, so the console wait ends.
+fn drive_vm(
+    vm: ConsoleProcess,
+    plan: &ProbePlan,
+    uds: &Path,
+    listeners: &HostListeners,
+) -> (Result<ProbeFigures, VhostUserRunError>, ConsoleRun) {
     let vm_pid = vm.id();
     let policy = WaitPolicy {
         timeout: plan.timeout,
@@ -348,8 +414,7 @@ pub fn run_vsock_probe(
         idle_limit: None,
     };
     let console = thread::spawn(move || vm.wait_until(&policy, |_| {}));
-
-    let outcome = drive_probe(plan, &uds, &echo_listener, &bulk_listener);
+    let outcome = drive_probe(plan, uds, &listeners.echo, &listeners.bulk);
     if outcome.is_err() && !console.is_finished() {
         // The guest may wait forever for a host that gave up.
         kill_process_group(vm_pid);
@@ -363,22 +428,15 @@ pub fn run_vsock_probe(
         stderr: "console thread panicked".to_string(),
         peak_rss_kib: None,
     });
-    let (backend_exited_cleanly, backend_log) = process.finish(Duration::from_secs(5));
-    Ok(ProbeReport {
-        backend: backend.name().to_string(),
-        outcome,
-        console,
-        backend_exited_cleanly,
-        backend_log,
-    })
+    (outcome, console)
 }
 
 /// The host's half of every probe mode, in the probe's order.
 fn drive_probe(
     plan: &ProbePlan,
     uds: &Path,
-    echo_listener: &std::os::unix::net::UnixListener,
-    bulk_listener: &std::os::unix::net::UnixListener,
+    echo_listener: &UnixListener,
+    bulk_listener: &UnixListener,
 ) -> Result<ProbeFigures, VhostUserRunError> {
     let step = |step: &'static str| move |source| VhostUserRunError::Step { step, source };
     // Boot under TCG takes seconds; a loaded CI machine may take longer.
