@@ -162,19 +162,21 @@ struct BackendProcess {
 }
 
 impl BackendProcess {
+    /// Starts `command` (named `name` in messages) and waits until it
+    /// listens on `socket`.
     fn spawn(
-        backend: &VsockBackend,
+        name: &str,
+        mut command: Command,
         socket: &Path,
-        uds: &Path,
         log: &Path,
     ) -> Result<Self, VhostUserRunError> {
+        let binary = PathBuf::from(command.get_program());
         let spawn_error = |source| VhostUserRunError::Spawn {
-            binary: backend.binary().to_path_buf(),
+            binary: binary.clone(),
             source,
         };
         let stderr = File::create(log).map_err(spawn_error)?;
-        let child = backend
-            .command(socket, uds)
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -189,7 +191,7 @@ impl BackendProcess {
         while !socket.exists() {
             if started.elapsed() > wait {
                 return Err(VhostUserRunError::NoSocket {
-                    backend: format!("{} ({})", backend.name(), process.log_text()),
+                    backend: format!("{name} ({})", process.log_text()),
                     socket: socket.to_path_buf(),
                     waited: wait,
                 });
@@ -276,6 +278,7 @@ impl ProbePlan {
             listen: Some((LISTEN_PORT, self.connections)),
             bulk: Some((BULK_PORT, self.bulk_mib)),
             write_chunk: Some(self.write_chunk),
+            ..ProbeConfig::default()
         }
     }
 }
@@ -328,7 +331,12 @@ pub fn run_vsock_probe(
     let socket = dir.path().join("vhost-user.sock");
     let uds = dir.path().join("vsock.sock");
     let listeners = HostListeners::bind(&uds)?;
-    let process = BackendProcess::spawn(backend, &socket, &uds, &dir.path().join("backend.log"))?;
+    let process = BackendProcess::spawn(
+        backend.name(),
+        backend.command(&socket, &uds),
+        &socket,
+        &dir.path().join("backend.log"),
+    )?;
 
     let mut qemu = QemuConfig::new(Accel::Tcg, &plan.vmlinux, Some(&plan.initramfs));
     qemu.cmdline.push(' ');
@@ -472,4 +480,125 @@ fn drive_probe(
 /// Whether `report`'s console shows the probe ran at all (for messages).
 pub fn probe_started(report: &ProbeReport) -> bool {
     report.console.find(START_MARKER).is_some()
+}
+
+/// The rng and block devices of `cloister-vmm` served over vhost-user to one
+/// QEMU/TCG guest, which reads entropy, checksums the disk and writes to it
+/// (the probe's rng and block modes).
+pub struct DeviceProbe {
+    /// Holds the disk image and the sockets.
+    pub dir: tempfile::TempDir,
+    pub disk: PathBuf,
+}
+
+/// How a [`DeviceProbe`] run ended.
+#[derive(Debug)]
+pub struct DeviceProbeReport {
+    pub console: ConsoleRun,
+    /// Per back end: its name, whether it exited 0 after QEMU did, its log.
+    pub backends: Vec<(String, bool, String)>,
+}
+
+impl DeviceProbeReport {
+    /// Console and back-end logs, for failure messages.
+    pub fn transcript(&self) -> String {
+        let mut out = self.console.transcript();
+        for (name, _, log) in &self.backends {
+            out.push_str(&format!("--- {name} log ---\n{log}"));
+        }
+        out
+    }
+}
+
+impl DeviceProbe {
+    /// A temporary folder with a `disk_mib` MiB disk image of pattern data
+    /// (`seed`).
+    pub fn new(disk_mib: u32, seed: u64) -> Result<Self, VhostUserRunError> {
+        let dir = tempfile::tempdir().map_err(VhostUserRunError::TempDir)?;
+        let disk = dir.path().join("disk.img");
+        let mut data = vec![0u8; (disk_mib as usize) << 20];
+        cloister_vsock_probe::Pattern::new(seed).fill(&mut data);
+        std::fs::write(&disk, &data).map_err(VhostUserRunError::TempDir)?;
+        Ok(Self { dir, disk })
+    }
+
+    /// Boots the probe with `binary` serving rng and block (`disk`), the
+    /// guest reading `rng_bytes` bytes, the whole disk, and writing
+    /// `write_kib` KiB.
+    pub fn run(
+        &self,
+        binary: &Path,
+        vmlinux: &Path,
+        initramfs: &Path,
+        rng_bytes: u32,
+        write_kib: u32,
+        timeout: Duration,
+    ) -> Result<DeviceProbeReport, VhostUserRunError> {
+        let disk_mib = std::fs::metadata(&self.disk)
+            .map_err(VhostUserRunError::TempDir)?
+            .len()
+            >> 20;
+        let rng_socket = self.dir.path().join("rng.sock");
+        let block_socket = self.dir.path().join("block.sock");
+        let mut rng = Command::new(binary);
+        rng.args(["vhost-user", "--device", "rng", "--socket"])
+            .arg(&rng_socket);
+        let mut block = Command::new(binary);
+        block
+            .args(["vhost-user", "--device", "block", "--path"])
+            .arg(&self.disk)
+            .arg("--socket")
+            .arg(&block_socket);
+        let processes = [
+            (
+                "rng",
+                BackendProcess::spawn("rng", rng, &rng_socket, &self.dir.path().join("rng.log"))?,
+            ),
+            (
+                "block",
+                BackendProcess::spawn(
+                    "block",
+                    block,
+                    &block_socket,
+                    &self.dir.path().join("block.log"),
+                )?,
+            ),
+        ];
+        let probe = ProbeConfig {
+            rng_bytes: Some(rng_bytes),
+            block: Some((u32::try_from(disk_mib).unwrap_or(u32::MAX), write_kib)),
+            ..ProbeConfig::default()
+        };
+        let mut qemu = QemuConfig::new(Accel::Tcg, vmlinux, Some(initramfs));
+        qemu.cmdline.push(' ');
+        qemu.cmdline.push_str(&probe.to_cmdline());
+        qemu.vhost_user.push(VhostUserDevice {
+            kind: VhostUserKind::Rng,
+            socket: rng_socket,
+        });
+        qemu.vhost_user.push(VhostUserDevice {
+            kind: VhostUserKind::Block,
+            socket: block_socket,
+        });
+        let vm = QemuMicrovm::spawn(&qemu).map_err(|e| VhostUserRunError::Spawn {
+            binary: qemu.binary.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let console = vm.wait_until(
+            &WaitPolicy {
+                timeout,
+                end_marker: Some((KERNEL_PANIC, PANIC_GRACE)),
+                idle_limit: None,
+            },
+            |_| {},
+        );
+        let backends = processes
+            .into_iter()
+            .map(|(name, process)| {
+                let (clean, log) = process.finish(Duration::from_secs(5));
+                (name.to_string(), clean, log)
+            })
+            .collect();
+        Ok(DeviceProbeReport { console, backends })
+    }
 }
