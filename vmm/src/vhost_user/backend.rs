@@ -13,7 +13,7 @@
 //! | all vrings ready and enabled            | `activate()`, then every queue processed once |
 //! | kick on vring *i*                       | `process_queue(i, ctx)`        |
 //! | `host_event_fd()` readable              | `process_host_event(ctx)`      |
-//! | `RESET_DEVICE`                          | `reset()`                      |
+//! | `RESET_DEVICE`, or `SET_FEATURES` again | `reset()`                      |
 //!
 //! vhost-user has no "driver OK" message: the device is activated once
 //! every queue the front end serves ([`front_end_queues`]) has been
@@ -136,6 +136,17 @@ impl VhostUserDevice {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The device's counters as JSON.
+    pub fn metrics_json(&self) -> String {
+        let snapshot = self
+            .device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .metrics()
+            .snapshot();
+        serde_json::to_string(&snapshot).unwrap_or_default()
     }
 
     /// The device, for the calls that change it. (A panic in a device call
@@ -326,6 +337,14 @@ impl VhostUserBackendMut for VhostUserDevice {
     }
 
     fn acked_features(&mut self, features: u64) {
+        // Features are negotiated once per driver session: QEMU sends
+        // SET_FEATURES each time it starts the device (after a guest
+        // reboot or driver reload too) and, unless RESET_DEVICE was
+        // negotiated, nothing else marks the old session's end.
+        if self.activation != Activation::Inactive {
+            tracing::info!("{}: features negotiated again, resetting", self.name);
+            self.reset_device();
+        }
         let device_features = features & self.offered_features;
         self.device_mut().ack_features(device_features);
     }
@@ -732,6 +751,23 @@ mod tests {
         assert_eq!(f.used_idx(1), 2);
         f.calls[1].consume().unwrap();
         assert_eq!(f.seen.lock().unwrap().processed.last(), Some(&(1, 2)));
+    }
+
+    #[test]
+    fn features_negotiated_again_after_activation_reset_the_device() {
+        let mut f = fixture(false, None);
+        f.backend.acked_features(VIRTIO_F_VERSION_1);
+        f.start(0);
+        f.start(1);
+        f.kick(0);
+        assert_eq!(f.backend.activation(), Activation::Active);
+
+        f.backend.acked_features(VIRTIO_F_VERSION_1);
+
+        assert_eq!(f.backend.activation(), Activation::Inactive);
+        assert_eq!(f.seen.lock().unwrap().resets, 1);
+        f.kick(0);
+        assert_eq!(f.seen.lock().unwrap().activations, 2);
     }
 
     #[test]

@@ -79,7 +79,11 @@ pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> Result<(), VhostUs
             socket: socket.to_path_buf(),
             reason,
         })?;
-    tracing::info!("{name}: front end disconnected");
+    let metrics = backend
+        .lock()
+        .map(|backend| backend.metrics_json())
+        .unwrap_or_default();
+    tracing::info!("{name}: front end disconnected; metrics {metrics}");
     Ok(())
 }
 
