@@ -2,6 +2,7 @@
 //! request queue, on top of [`super::disk::DiskImage`] and
 //! [`super::request`].
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,9 +14,12 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{DiskImage, HoleSupport, SECTOR_SIZE};
-use super::request::{Limits, Request, RequestChain, RequestError, Segment, Status, ID_BYTES};
+use super::request::{
+    Limits, Piece, Request, RequestChain, RequestError, Segment, Status, ID_BYTES,
+};
 use crate::devices::virtio::device::{
     device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -31,6 +35,12 @@ pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// Bytes of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and
 /// its padding: everything the features we offer describe.
 pub const CONFIG_LEN: usize = 60;
+
+/// Requests and bytes served in one round before the device yields the
+/// thread it shares with the other devices (vsock, console): a guest that
+/// queues gigabytes cannot stall the agent's connection.
+pub const MAX_REQUESTS_PER_ROUND: u64 = 64;
+pub const MAX_BYTES_PER_ROUND: u64 = 8 << 20;
 
 const REQUEST_QUEUE: usize = 0;
 
@@ -67,6 +77,8 @@ pub enum BlockError {
     TooSmall { path: PathBuf, size_bytes: u64 },
     #[error("disk serial {serial:?} is {len} bytes, at most 20 are allowed")]
     SerialTooLong { serial: String, len: usize },
+    #[error("cannot create the block device's resume eventfd: {0}")]
+    ResumeEvent(std::io::Error),
 }
 
 /// Block-specific counters, next to the common [`DeviceMetrics`].
@@ -105,6 +117,7 @@ impl BlockMetrics {
 /// thread that calls [`VirtioDevice::process_queue`] (the transport's device
 /// thread, never a vCPU).
 pub struct BlockDevice {
+    name: String,
     disk: DiskImage,
     read_only: bool,
     serial: Vec<u8>,
@@ -113,6 +126,12 @@ pub struct BlockDevice {
     config: [u8; CONFIG_LEN],
     metrics: DeviceMetrics,
     block_metrics: BlockMetrics,
+    /// The current request's descriptors; kept to reuse its allocation.
+    pieces: Vec<Piece>,
+    /// Written when a round ends with requests left over, so the event loop
+    /// comes back (through [`VirtioDevice::process_host_event`]) after
+    /// serving the other devices.
+    resume: EventFd,
 }
 
 impl BlockDevice {
@@ -123,6 +142,7 @@ impl BlockDevice {
             return Err(BlockError::SerialTooLong { serial, len });
         }
         let disk = DiskImage::open(&config.path, config.read_only)?;
+        let resume = EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::ResumeEvent)?;
         let features = offered_features(config.read_only, disk.holes());
         let config_space = config_space(&disk, features);
         tracing::debug!(
@@ -133,6 +153,7 @@ impl BlockDevice {
             "block device opened"
         );
         Ok(Self {
+            name: "block".to_owned(),
             disk,
             read_only: config.read_only,
             serial: serial.into_bytes(),
@@ -141,7 +162,16 @@ impl BlockDevice {
             config: config_space,
             metrics: DeviceMetrics::default(),
             block_metrics: BlockMetrics::default(),
+            pieces: Vec::with_capacity(usize::from(BLOCK_QUEUE_SIZE)),
+            resume,
         })
+    }
+
+    /// Names the device in logs and metrics (`block0`, `block1`, ...);
+    /// `block` by default.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Sectors of 512 bytes the guest sees.
@@ -157,7 +187,9 @@ impl BlockDevice {
         self.acked_features
     }
 
-    /// Serves every available request; returns whether any was completed.
+    /// Serves available requests, at most one round's budget; returns
+    /// whether any was completed. With requests left over it signals
+    /// `resume` instead of re-enabling notifications.
     fn serve_requests(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -168,15 +200,22 @@ impl BlockDevice {
             source,
         };
         let mut used_any = false;
+        let (mut requests, mut bytes) = (0u64, 0u64);
         loop {
             // Suppress kicks while draining; re-enabling reports whether the
             // driver added more in the meantime.
             queue.disable_notification(mem).map_err(queue_err)?;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
-                let used_len = self.handle_chain(mem, chain);
+                let (used_len, moved) = self.handle_chain(mem, chain);
                 queue.add_used(mem, head, used_len).map_err(queue_err)?;
                 used_any = true;
+                requests += 1;
+                bytes += moved;
+                if requests >= MAX_REQUESTS_PER_ROUND || bytes >= MAX_BYTES_PER_ROUND {
+                    self.resume.write(1).map_err(DeviceError::Io)?;
+                    return Ok(used_any);
+                }
             }
             if !queue.enable_notification(mem).map_err(queue_err)? {
                 return Ok(used_any);
@@ -184,15 +223,34 @@ impl BlockDevice {
         }
     }
 
-    /// Runs one request and returns the used length (bytes written into the
-    /// chain, status included). Never fails: a bad request gets a bad status.
-    pub(crate) fn handle_chain<'m>(
+    /// Runs one request; returns the used length (bytes written into the
+    /// chain, status included) and the data bytes moved either way. Never
+    /// fails: a bad request gets a bad status.
+    fn handle_chain<'m>(
         &mut self,
         mem: &'m GuestMemoryMmap,
         chain: DescriptorChain<&'m GuestMemoryMmap>,
-    ) -> u32 {
+    ) -> (u32, u64) {
         DeviceMetrics::add(&self.metrics.requests, 1);
-        let mut request = match RequestChain::new(mem, chain) {
+        let before = self.moved_bytes();
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let used_len = self.run_request(mem, chain, &mut pieces);
+        self.pieces = pieces;
+        (used_len, self.moved_bytes() - before)
+    }
+
+    fn moved_bytes(&self) -> u64 {
+        self.metrics.bytes_from_guest.load(Ordering::Relaxed)
+            + self.metrics.bytes_to_guest.load(Ordering::Relaxed)
+    }
+
+    fn run_request<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+        chain: DescriptorChain<&'m GuestMemoryMmap>,
+        pieces: &mut Vec<Piece>,
+    ) -> u32 {
+        let request = match RequestChain::new(mem, chain, pieces) {
             Ok(request) => request,
             Err(e) => {
                 DeviceMetrics::add(&self.metrics.errors, 1);
@@ -200,7 +258,7 @@ impl BlockDevice {
                 return 0;
             }
         };
-        let (status, data_written) = match self.execute(&mut request) {
+        let (status, data_written) = match self.execute(&request) {
             Ok(written) => (Status::Ok, written),
             Err(e) => {
                 DeviceMetrics::add(&self.metrics.errors, 1);
@@ -215,7 +273,7 @@ impl BlockDevice {
 
     /// Parses and performs the request; returns the data bytes written into
     /// guest memory (status byte excluded).
-    fn execute(&mut self, request: &mut RequestChain<'_>) -> Result<usize, RequestError> {
+    fn execute(&mut self, request: &RequestChain<'_, '_>) -> Result<usize, RequestError> {
         let limits = Limits {
             capacity_sectors: self.disk.capacity_sectors(),
             max_segments: MAX_DISCARD_SEGMENTS as usize,
@@ -376,7 +434,7 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn name(&self) -> &str {
-        "block"
+        &self.name
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -434,8 +492,21 @@ impl VirtioDevice for BlockDevice {
         Ok(())
     }
 
+    fn host_event_fd(&self) -> Option<RawFd> {
+        Some(self.resume.as_raw_fd())
+    }
+
+    /// The previous round left requests in the ring.
+    fn process_host_event(&mut self, ctx: &mut QueueContext<'_, '_>) -> Result<(), DeviceError> {
+        // WouldBlock: nothing pending (a reset drained it); still safe to
+        // look at the ring.
+        let _ = self.resume.read();
+        self.process_queue(REQUEST_QUEUE, ctx)
+    }
+
     fn reset(&mut self) {
         self.acked_features = 0;
+        let _ = self.resume.read();
     }
 
     fn metrics(&self) -> &DeviceMetrics {

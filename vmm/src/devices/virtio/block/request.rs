@@ -11,20 +11,22 @@
 //!
 //! With `VIRTIO_F_VERSION_1` the framing is free: the header may be split
 //! across descriptors or share one with data, and data may span any number of
-//! descriptors. The header, segments, serial and status go through
-//! `virtio_queue::{Reader, Writer}`; bulk IN/OUT data is handed to the image
-//! as guest-memory slices (see [`RequestChain::data_slices`]) so the file I/O
-//! reads and writes guest memory directly.
+//! descriptors. [`RequestChain`] reads the chain's descriptors once and
+//! addresses its readable and writable bytes by offset; bulk IN/OUT data is
+//! handed to the image as guest-memory slices (see
+//! [`RequestChain::data_slices`]) so the file I/O reads and writes guest
+//! memory directly. (`virtio_queue::{Reader, Writer}` would walk the chain
+//! once per direction and copy the data through `io::Read`/`io::Write`.)
 //!
 //! Everything here is written by the guest. A request that is malformed gets
 //! status IOERR (UNSUPP for unknown types and flags) as long as its chain ends
 //! in a writable byte to put the status in; a chain without one is returned
 //! with nothing written ([`RequestError::NoStatusByte`]).
 
-use std::io::{self, Read};
+use std::io;
 
-use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::{Address, GuestMemory, GuestMemoryMmap, VolatileSlice};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, VolatileSlice};
 
 use super::disk::SECTOR_SIZE;
 
@@ -58,8 +60,6 @@ pub enum Status {
 pub enum RequestError {
     #[error("descriptor chain does not end in a device-writable status byte")]
     NoStatusByte,
-    #[error("descriptor chain points outside guest memory: {0}")]
-    BadChain(virtio_queue::Error),
     #[error("a device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
     #[error("request header is {0} bytes, expected 16")]
@@ -176,85 +176,98 @@ pub struct Limits {
     pub max_segments: usize,
 }
 
-/// A descriptor chain known to end in a status byte.
-pub struct RequestChain<'m> {
+/// One descriptor of a chain, as read once from the descriptor table.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece {
+    addr: GuestAddress,
+    len: u32,
+    writable: bool,
+}
+
+/// A descriptor chain known to end in a status byte: its descriptors read
+/// once into a list, and byte ranges of its readable and writable parts
+/// addressed by offset, across descriptor boundaries.
+pub struct RequestChain<'m, 'p> {
     mem: &'m GuestMemoryMmap,
-    chain: DescriptorChain<&'m GuestMemoryMmap>,
+    /// Non-empty descriptors in chain order.
+    pieces: &'p [Piece],
     /// Bytes in device-readable descriptors (header and OUT data).
     readable_len: usize,
     /// Bytes in device-writable descriptors before the status byte.
-    writable_data: Writer<'m>,
-    status: Writer<'m>,
+    writable_len: usize,
+    status_addr: GuestAddress,
     readable_after_writable: bool,
 }
 
-impl<'m> RequestChain<'m> {
-    /// Finds the status byte: the last byte of the chain, which must be in a
-    /// device-writable descriptor. Without one no status can be reported.
+impl<'m, 'p> RequestChain<'m, 'p> {
+    /// Reads the chain's descriptors into `pieces` (reused between requests)
+    /// and finds the status byte: the last byte of the chain, which must be
+    /// in a device-writable descriptor inside guest memory. Without one no
+    /// status can be reported.
     pub fn new(
         mem: &'m GuestMemoryMmap,
         chain: DescriptorChain<&'m GuestMemoryMmap>,
+        pieces: &'p mut Vec<Piece>,
     ) -> Result<Self, RequestError> {
+        pieces.clear();
         let mut readable_len = 0usize;
         let mut writable_len = 0usize;
-        let mut seen_writable = false;
         let mut readable_after_writable = false;
-        let mut last_is_writable = false;
-        for desc in chain.clone() {
+        for desc in chain {
             if desc.len() == 0 {
                 continue;
             }
-            // The queue stops a chain at 2^32 bytes, so these cannot
-            // overflow a 64-bit usize; checked anyway.
+            // The queue ends a chain before 2^32 bytes: no overflow.
             let len = desc.len() as usize;
             if desc.is_write_only() {
                 writable_len = writable_len.saturating_add(len);
-                seen_writable = true;
             } else {
                 readable_len = readable_len.saturating_add(len);
-                readable_after_writable |= seen_writable;
+                readable_after_writable |= writable_len > 0;
             }
-            last_is_writable = desc.is_write_only();
+            pieces.push(Piece {
+                addr: desc.addr(),
+                len: desc.len(),
+                writable: desc.is_write_only(),
+            });
         }
-        if !last_is_writable {
-            return Err(RequestError::NoStatusByte);
-        }
-        let mut writable_data = Writer::new(mem, chain.clone()).map_err(RequestError::BadChain)?;
-        let status = writable_data
-            .split_at(writable_len - 1)
-            .map_err(RequestError::BadChain)?;
+        let last = match pieces.last() {
+            Some(last) if last.writable => *last,
+            _ => return Err(RequestError::NoStatusByte),
+        };
+        let status_addr = last
+            .addr
+            .checked_add(u64::from(last.len) - 1)
+            .filter(|a| mem.address_in_range(*a))
+            .ok_or(RequestError::NoStatusByte)?;
         Ok(Self {
             mem,
-            chain,
+            pieces,
             readable_len,
-            writable_data,
-            status,
+            writable_len: writable_len - 1,
+            status_addr,
             readable_after_writable,
         })
     }
 
     /// Reads and checks the header and, for DISCARD and WRITE_ZEROES, the
     /// segment list.
-    pub fn parse(&mut self, limits: Limits) -> Result<Request, RequestError> {
+    pub fn parse(&self, limits: Limits) -> Result<Request, RequestError> {
         if self.readable_after_writable {
             return Err(RequestError::ReadableAfterWritable);
         }
-        let mut reader =
-            Reader::new(self.mem, self.chain.clone()).map_err(RequestError::BadChain)?;
         if self.readable_len < HEADER_LEN {
             return Err(RequestError::HeaderTooShort(self.readable_len));
         }
         let mut header = [0u8; HEADER_LEN];
-        reader
-            .read_exact(&mut header)
-            .map_err(|e| RequestError::GuestMemory(e.to_string()))?;
+        self.read_readable(0, &mut header)?;
         let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes([
             header[8], header[9], header[10], header[11], header[12], header[13], header[14],
             header[15],
         ]);
         let readable_data = self.readable_len - HEADER_LEN;
-        let writable_data = self.writable_data.available_bytes();
+        let writable_data = self.writable_len;
         match request_type {
             T_IN => {
                 no_data("read", readable_data, "readable")?;
@@ -279,7 +292,7 @@ impl<'m> RequestChain<'m> {
             }
             T_DISCARD => {
                 no_data("discard", writable_data, "writable")?;
-                let segments = read_segments("discard", &mut reader, readable_data, limits)?;
+                let segments = self.read_segments("discard", readable_data, limits)?;
                 if let Some(s) = segments.iter().find(|s| s.flags != 0) {
                     // virtio 1.2, 5.2.6.2: UNMAP is not valid for discard.
                     return Err(RequestError::UnsupportedFlags {
@@ -292,7 +305,7 @@ impl<'m> RequestChain<'m> {
             }
             T_WRITE_ZEROES => {
                 no_data("write-zeroes", writable_data, "writable")?;
-                let segments = read_segments("write-zeroes", &mut reader, readable_data, limits)?;
+                let segments = self.read_segments("write-zeroes", readable_data, limits)?;
                 if let Some(s) = segments.iter().find(|s| s.flags & !SEGMENT_FLAG_UNMAP != 0) {
                     return Err(RequestError::UnsupportedFlags {
                         request: "write-zeroes",
@@ -311,72 +324,134 @@ impl<'m> RequestChain<'m> {
     /// reads into or writes from directly. One slice per descriptor (more
     /// where a descriptor crosses guest memory regions).
     pub fn data_slices(&self, writable: bool) -> Result<Vec<VolatileSlice<'m>>, RequestError> {
-        let (descriptors, skip, len) = if writable {
-            (
-                self.chain.clone().writable(),
-                0,
-                self.writable_data.available_bytes(),
-            )
+        let (skip, len) = if writable {
+            (0, self.writable_len)
         } else {
-            (
-                self.chain.clone().readable(),
-                HEADER_LEN,
-                self.readable_len - HEADER_LEN.min(self.readable_len),
-            )
+            (HEADER_LEN, self.readable_len.saturating_sub(HEADER_LEN))
         };
-        let mut slices = Vec::new();
-        let mut skip = skip;
-        let mut left = len;
-        for desc in descriptors {
-            if left == 0 {
-                break;
-            }
-            let desc_len = desc.len() as usize;
-            if skip >= desc_len {
-                skip -= desc_len;
-                continue;
-            }
-            let take = (desc_len - skip).min(left);
-            let addr = desc
-                .addr()
-                .checked_add(skip as u64)
-                .ok_or_else(|| RequestError::GuestMemory(format!("{:#x}", desc.addr().0)))?;
-            for slice in self.mem.get_slices(addr, take) {
+        let mut slices = Vec::with_capacity(self.pieces.len());
+        self.for_each_range(writable, skip, len, |addr, n| {
+            for slice in self.mem.get_slices(addr, n) {
                 slices.push(slice.map_err(|e| RequestError::GuestMemory(e.to_string()))?);
             }
-            skip = 0;
-            left -= take;
-        }
-        if left != 0 {
-            return Err(RequestError::GuestMemory(format!(
-                "descriptor chain ended {left} bytes short of its data"
-            )));
-        }
+            Ok(())
+        })?;
         Ok(slices)
     }
 
     /// Writes the serial (zero padded to 20 bytes, truncated to the buffer).
     /// Returns the bytes written.
-    pub fn write_id(&mut self, serial: &[u8]) -> Result<usize, RequestError> {
+    pub fn write_id(&self, serial: &[u8]) -> Result<usize, RequestError> {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial[..n]);
-        let len = self.writable_data.available_bytes().min(ID_BYTES);
-        io::Write::write_all(&mut self.writable_data, &id[..len])
-            .map_err(|e| RequestError::GuestMemory(e.to_string()))?;
+        let len = self.writable_len.min(ID_BYTES);
+        let mut done = 0;
+        self.for_each_range(true, 0, len, |addr, n| {
+            self.mem
+                .write_slice(&id[done..done + n], addr)
+                .map_err(|e| RequestError::GuestMemory(e.to_string()))?;
+            done += n;
+            Ok(())
+        })?;
         Ok(len)
     }
 
     /// Completes the request: writes `status` and returns the used length
     /// (`data_written` plus the status byte).
-    pub fn finish(mut self, status: Status, data_written: usize) -> u32 {
-        if let Err(e) = io::Write::write_all(&mut self.status, &[status as u8]) {
-            // The slice was bounds-checked when the Writer was built, so this
-            // only fails if guest memory went away.
+    pub fn finish(self, status: Status, data_written: usize) -> u32 {
+        if let Err(e) = self.mem.write_obj(status as u8, self.status_addr) {
+            // The address was checked in `new`, so this only fails if guest
+            // memory went away.
             tracing::debug!("cannot write virtio-blk status: {e}");
             return 0;
         }
         u32::try_from(data_written.saturating_add(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Copies `buf.len()` readable bytes from `offset` (header at 0).
+    fn read_readable(&self, offset: usize, buf: &mut [u8]) -> Result<(), RequestError> {
+        let mut done = 0;
+        self.for_each_range(false, offset, buf.len(), |addr, n| {
+            self.mem
+                .read_slice(&mut buf[done..done + n], addr)
+                .map_err(|e| RequestError::GuestMemory(e.to_string()))?;
+            done += n;
+            Ok(())
+        })
+    }
+
+    /// Calls `f` with the guest address and length of each part of the
+    /// byte range `[skip, skip + len)` of the chain's readable or writable
+    /// bytes. The caller keeps the range inside what [`Self::new`] counted.
+    fn for_each_range(
+        &self,
+        writable: bool,
+        mut skip: usize,
+        len: usize,
+        mut f: impl FnMut(GuestAddress, usize) -> Result<(), RequestError>,
+    ) -> Result<(), RequestError> {
+        let mut left = len;
+        for piece in self.pieces.iter().filter(|p| p.writable == writable) {
+            if left == 0 {
+                break;
+            }
+            let piece_len = piece.len as usize;
+            if skip >= piece_len {
+                skip -= piece_len;
+                continue;
+            }
+            let take = (piece_len - skip).min(left);
+            let addr = piece.addr.checked_add(skip as u64).ok_or_else(|| {
+                RequestError::GuestMemory(format!("descriptor at {:#x} wraps", piece.addr.0))
+            })?;
+            f(addr, take)?;
+            skip = 0;
+            left -= take;
+        }
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(RequestError::GuestMemory(format!(
+                "descriptor chain ended {left} bytes short"
+            )))
+        }
+    }
+
+    fn read_segments(
+        &self,
+        request: &'static str,
+        len: usize,
+        limits: Limits,
+    ) -> Result<Vec<Segment>, RequestError> {
+        if !len.is_multiple_of(SEGMENT_LEN) {
+            return Err(RequestError::SegmentListLength { request, len });
+        }
+        let count = len / SEGMENT_LEN;
+        if count > limits.max_segments {
+            return Err(RequestError::TooManySegments {
+                request,
+                count,
+                max: limits.max_segments,
+            });
+        }
+        let mut segments = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut raw = [0u8; SEGMENT_LEN];
+            self.read_readable(HEADER_LEN + i * SEGMENT_LEN, &mut raw)?;
+            let sector = u64::from_le_bytes([
+                raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+            ]);
+            let num_sectors = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+            let flags = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
+            check_range_sectors(sector, u64::from(num_sectors), limits.capacity_sectors)?;
+            segments.push(Segment {
+                sector,
+                num_sectors,
+                flags,
+            });
+        }
+        Ok(segments)
     }
 }
 
@@ -398,52 +473,16 @@ fn check_range(sector: u64, len: usize, capacity: u64) -> Result<(), RequestErro
     if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::UnalignedLength(len as usize));
     }
-    let end = sector.checked_add(len / SECTOR_SIZE);
-    match end {
+    check_range_sectors(sector, len / SECTOR_SIZE, capacity)
+}
+
+fn check_range_sectors(sector: u64, sectors: u64, capacity: u64) -> Result<(), RequestError> {
+    match sector.checked_add(sectors) {
         Some(end) if end <= capacity => Ok(()),
         _ => Err(RequestError::OutOfRange {
             sector,
-            len,
+            len: sectors * SECTOR_SIZE,
             capacity,
         }),
     }
-}
-
-fn read_segments(
-    request: &'static str,
-    reader: &mut Reader<'_>,
-    len: usize,
-    limits: Limits,
-) -> Result<Vec<Segment>, RequestError> {
-    if !len.is_multiple_of(SEGMENT_LEN) {
-        return Err(RequestError::SegmentListLength { request, len });
-    }
-    let count = len / SEGMENT_LEN;
-    if count > limits.max_segments {
-        return Err(RequestError::TooManySegments {
-            request,
-            count,
-            max: limits.max_segments,
-        });
-    }
-    let mut segments = Vec::with_capacity(count);
-    for _ in 0..count {
-        let mut raw = [0u8; SEGMENT_LEN];
-        reader
-            .read_exact(&mut raw)
-            .map_err(|e| RequestError::GuestMemory(e.to_string()))?;
-        let sector = u64::from_le_bytes([
-            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-        ]);
-        let num_sectors = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
-        let flags = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
-        let bytes = usize::try_from(u64::from(num_sectors) * SECTOR_SIZE).unwrap_or(usize::MAX);
-        check_range(sector, bytes, limits.capacity_sectors)?;
-        segments.push(Segment {
-            sector,
-            num_sectors,
-            flags,
-        });
-    }
-    Ok(segments)
 }

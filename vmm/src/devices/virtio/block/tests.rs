@@ -89,6 +89,17 @@ fn serve(
     mem: &GuestMemoryMmap,
     chains: &[Vec<RawDescriptor>],
 ) -> (Vec<(u32, u32)>, u32) {
+    serve_rounds(dev, mem, chains, 0)
+}
+
+/// As [`serve`], then `host_events` rounds of `process_host_event`, as the
+/// event loop runs them while the device's resume eventfd is readable.
+fn serve_rounds(
+    dev: &mut BlockDevice,
+    mem: &GuestMemoryMmap,
+    chains: &[Vec<RawDescriptor>],
+    host_events: usize,
+) -> (Vec<(u32, u32)>, u32) {
     let vq = MockSplitQueue::new(mem, 64);
     let mut offset = 0u16;
     for chain in chains {
@@ -120,6 +131,9 @@ fn serve(
             notifier: &notifier,
         };
         dev.process_queue(0, &mut ctx).unwrap();
+        for _ in 0..host_events {
+            dev.process_host_event(&mut ctx).unwrap();
+        }
     }
     let used_idx = vq.used().idx().load();
     let used = (0..used_idx)
@@ -916,4 +930,53 @@ fn image_size_not_multiple_of_512_hides_the_partial_sector() {
         ]],
     );
     assert_eq!(status_at(&mem, STATUS), S_IOERR);
+}
+
+/// Whether the device asked the event loop to come back.
+fn resume_pending(dev: &BlockDevice) -> bool {
+    let fd = dev.host_event_fd().unwrap();
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call, no timeout.
+    unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+}
+
+#[test]
+fn kick_beyond_one_round_budget_yields_and_finishes_on_host_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sparse.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut dev = open(&path, false, None);
+    let mem = memory();
+    // Three 4 MiB reads: the first two fill the 8 MiB round budget.
+    let request = 4u32 << 20;
+    let chains: Vec<_> = (0..3u64)
+        .map(|i| {
+            put_header(&mem, HEADER + 16 * i, VIRTIO_BLK_T_IN, i * 8192);
+            vec![
+                readable(HEADER + 16 * i, 16),
+                writable(DATA + u64::from(request) * i, request),
+                writable(HEADER + 0x100 + i, 1),
+            ]
+        })
+        .collect();
+
+    let (used, _) = serve_rounds(&mut dev, &mem, &chains, 0);
+
+    assert_eq!(used.len(), 2);
+    assert!(resume_pending(&dev));
+
+    let (used, _) = serve_rounds(&mut dev, &mem, &chains, 1);
+
+    assert_eq!(used.len(), 3);
+    assert!(!resume_pending(&dev));
+    for i in 0..3 {
+        assert_eq!(status_at(&mem, HEADER + 0x100 + i), S_OK);
+    }
 }

@@ -5,7 +5,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::metrics::{VsockMetrics, VsockMetricsSnapshot};
@@ -44,6 +44,17 @@ fn queue_mut<'a>(queues: &'a mut [&mut Queue], index: usize) -> Result<&'a mut Q
         .get_mut(index)
         .map(|q| &mut **q)
         .ok_or(DeviceError::NoSuchQueue(index))
+}
+
+/// The next available chain. Unlike `pop_descriptor_chain`, a broken
+/// available ring (index more than a queue size ahead) is an error: the
+/// device then needs a reset instead of spinning on "more available".
+fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    index: usize,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    Ok(queue.iter(mem).map_err(queue_error(index))?.next())
 }
 
 impl VsockDevice {
@@ -102,7 +113,7 @@ impl VsockDevice {
     fn read_tx_packet(
         &mut self,
         mem: &GuestMemoryMmap,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<(PacketHeader, usize), VsockError> {
         let mut reader = chain.reader(mem).map_err(VsockError::BadChain)?;
         let available = reader.available_bytes();
@@ -142,7 +153,7 @@ impl VsockDevice {
             queue
                 .disable_notification(mem)
                 .map_err(queue_error(TX_QUEUE))?;
-            while let Some(chain) = queue_mut(ctx.queues, TX_QUEUE)?.pop_descriptor_chain(mem) {
+            while let Some(chain) = pop_chain(queue_mut(ctx.queues, TX_QUEUE)?, mem, TX_QUEUE)? {
                 let head = chain.head_index();
                 match self.read_tx_packet(mem, chain) {
                     Ok((hdr, len)) => {
@@ -178,7 +189,7 @@ impl VsockDevice {
         queue_mut(ctx.queues, RX_QUEUE)?.set_event_idx(self.event_idx());
         while self.muxer.has_pending_rx() {
             let queue = queue_mut(ctx.queues, RX_QUEUE)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(queue, mem, RX_QUEUE)? else {
                 // Out of buffers: ask for a kick when the driver adds some,
                 // unless it already did in the meantime.
                 if queue
@@ -194,6 +205,16 @@ impl VsockDevice {
                 Ok(Some(len)) => {
                     queue_mut(ctx.queues, RX_QUEUE)?
                         .add_used(mem, head, len)
+                        .map_err(queue_error(RX_QUEUE))?;
+                    used = true;
+                }
+                Ok(None) if self.muxer.has_pending_rx() => {
+                    // Only data is pending and this buffer has no room for
+                    // any: return it unused so the queue moves on.
+                    tracing::debug!("vsock: rx buffer too small for data");
+                    DeviceMetrics::add(&self.metrics.errors, 1);
+                    queue_mut(ctx.queues, RX_QUEUE)?
+                        .add_used(mem, head, 0)
                         .map_err(queue_error(RX_QUEUE))?;
                     used = true;
                 }
@@ -219,7 +240,7 @@ impl VsockDevice {
     fn fill_rx_chain(
         &mut self,
         mem: &GuestMemoryMmap,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<Option<u32>, VsockError> {
         if chain.clone().any(|d| !d.is_write_only()) {
             return Err(VsockError::RxChainNotWritable);
@@ -241,11 +262,6 @@ impl VsockDevice {
         DeviceMetrics::add(&self.metrics.bytes_to_guest, len as u64);
         // HDR_LEN + len <= 44 + 64 KiB.
         Ok(Some((HDR_LEN + len) as u32))
-    }
-
-    fn signal(&self, ctx: &mut QueueContext<'_, '_>, index: usize) -> Result<(), DeviceError> {
-        DeviceMetrics::add(&self.metrics.interrupts, 1);
-        ctx.signal_used_queue(index)
     }
 }
 
@@ -301,17 +317,18 @@ impl VirtioDevice for VsockDevice {
             RX_QUEUE => {}
             TX_QUEUE => {
                 if self.process_tx(ctx)? {
-                    self.signal(ctx, TX_QUEUE)?;
+                    ctx.signal_used_queue(TX_QUEUE)?;
                 }
-                self.muxer.sync_timer();
             }
             // We never send transport events; the driver's buffers stay.
             EVENT_QUEUE => return Ok(()),
             other => return Err(DeviceError::NoSuchQueue(other)),
         }
         if self.process_rx(ctx)? {
-            self.signal(ctx, RX_QUEUE)?;
+            ctx.signal_used_queue(RX_QUEUE)?;
         }
+        // Guest packets and rx delivery both start and end deadlines.
+        self.muxer.sync_timer();
         Ok(())
     }
 
@@ -322,8 +339,10 @@ impl VirtioDevice for VsockDevice {
     fn process_host_event(&mut self, ctx: &mut QueueContext<'_, '_>) -> Result<(), DeviceError> {
         self.muxer.process_host_events()?;
         if self.process_rx(ctx)? {
-            self.signal(ctx, RX_QUEUE)?;
+            ctx.signal_used_queue(RX_QUEUE)?;
         }
+        // Guest packets and rx delivery both start and end deadlines.
+        self.muxer.sync_timer();
         Ok(())
     }
 

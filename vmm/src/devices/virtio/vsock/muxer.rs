@@ -414,7 +414,6 @@ impl VsockMuxer {
             }
             // Anything else was closed earlier in this batch.
         }
-        self.sync_timer();
         Ok(())
     }
 

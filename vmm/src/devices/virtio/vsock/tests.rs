@@ -13,9 +13,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::packet::{Op, PacketHeader, HDR_LEN, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
-use super::{VsockDevice, VsockTimeouts, CONN_TX_BUF_SIZE, MAX_CONNECT_LINE};
+use super::{VsockDevice, VsockError, VsockTimeouts, CONN_TX_BUF_SIZE, MAX_CONNECT_LINE};
 use crate::devices::virtio::device::{
-    QueueContext, UsedNotifier, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    DeviceError, QueueContext, UsedNotifier, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 const GUEST_CID: u64 = 3;
@@ -204,6 +205,16 @@ impl Harness {
             .unwrap();
     }
 
+    fn try_kick(&mut self, q: usize) -> Result<(), DeviceError> {
+        let mut refs: Vec<&mut Queue> = self.queues.iter_mut().collect();
+        let mut ctx = QueueContext {
+            mem: &self.mem,
+            queues: &mut refs,
+            notifier: &self.notifier,
+        };
+        self.dev.process_queue(q, &mut ctx)
+    }
+
     fn kick(&mut self, q: usize) {
         let mut refs: Vec<&mut Queue> = self.queues.iter_mut().collect();
         let mut ctx = QueueContext {
@@ -301,6 +312,16 @@ impl Harness {
             if start.elapsed() > Duration::from_secs(2) {
                 return false;
             }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Processes host events for a while, to give the device a chance to
+    /// do what a test asserts it does not do.
+    fn pump_briefly(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(100) {
+            self.host_event();
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -612,6 +633,21 @@ fn host_close_gives_guest_data_then_shutdown_both() {
 }
 
 #[test]
+fn host_close_without_guest_rst_times_out_with_rst() {
+    let mut h = Harness::with_timeouts(VsockTimeouts {
+        close: Duration::from_millis(50),
+        ..VsockTimeouts::default()
+    });
+    let listener = UnixListener::bind(h.port_path(1)).unwrap();
+    h.provide_rx(8, RX_BUF);
+    let host = h.guest_connect(&listener, 2, 1);
+    drop(host);
+    assert!(h.pump_until(|r| r.iter().any(|(h, _)| h.known_op() == Some(Op::Rst))));
+    assert_eq!(h.ops(), vec![Op::Shutdown, Op::Rst]);
+    assert_eq!(h.dev.vsock_metrics().open_connections, 0);
+}
+
+#[test]
 fn host_half_close_gives_guest_shutdown_send_and_guest_can_still_write() {
     let mut h = Harness::new();
     let listener = UnixListener::bind(h.port_path(1)).unwrap();
@@ -640,7 +676,7 @@ fn guest_shutdown_rcv_stops_delivery() {
     // The guest will not read: host writes fail instead of piling up.
     let err = host.write_all(b"x").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::BrokenPipe);
-    h.pump_until(|_| false);
+    h.pump_briefly();
     assert!(payload_of(&h.received).is_empty());
 }
 
@@ -659,7 +695,7 @@ fn host_data_beyond_guest_buf_alloc_waits_for_credit_update() {
         .iter()
         .any(|(h, _)| h.known_op() == Some(Op::CreditRequest))));
     // Give the loop a chance to (wrongly) deliver more.
-    h.pump_until(|_| false);
+    h.pump_briefly();
     assert_eq!(payload_of(&h.received).len(), 100);
     h.take_received();
 
@@ -668,7 +704,7 @@ fn host_data_beyond_guest_buf_alloc_waits_for_credit_update() {
     update.fwd_cnt = 100;
     h.send(update, &[]);
     assert!(h.pump_until(|r| payload_of(r).len() == 100));
-    h.pump_until(|_| false);
+    h.pump_briefly();
     assert_eq!(
         payload_of(&h.received).len(),
         100,
@@ -807,4 +843,297 @@ fn tx_with_header_split_across_descriptors_is_handled() {
     host.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"abcdef");
     assert_eq!(h.errors(), 0);
+}
+
+/// A well-formed packet's bytes with `len` set to the payload's length.
+fn packet_bytes(hdr: PacketHeader, payload: &[u8]) -> Vec<u8> {
+    let mut hdr = hdr;
+    hdr.len = payload.len() as u32;
+    let mut bytes = hdr.to_bytes().to_vec();
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+#[test]
+fn tx_with_chain_shorter_than_header_is_dropped_and_counted() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let bytes = packet_bytes(guest_hdr(Op::Request, 1, 2), &[]);
+    h.send_chain(&[readable(&bytes[..43])]);
+    assert_eq!(h.errors(), 1);
+    assert_eq!(h.take_used(1), vec![(0, 0)], "the chain is returned");
+    assert!(h.take_received().is_empty());
+}
+
+#[test]
+fn tx_with_write_only_chain_is_dropped_and_counted() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let mut desc = readable(&packet_bytes(guest_hdr(Op::Request, 1, 2), &[]));
+    desc.write = true;
+    h.send_chain(&[desc]);
+    assert_eq!(h.errors(), 1);
+    assert!(h.take_received().is_empty());
+}
+
+#[test]
+fn tx_with_len_beyond_chain_is_dropped_without_reply() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let mut hdr = guest_hdr(Op::Rw, 1, 2);
+    hdr.len = 100;
+    let mut bytes = hdr.to_bytes().to_vec();
+    bytes.extend_from_slice(&[0u8; 10]);
+    h.send_chain(&[readable(&bytes)]);
+    assert_eq!(h.errors(), 1);
+    assert!(h.take_received().is_empty());
+}
+
+#[test]
+fn tx_with_len_above_max_is_dropped_without_reply() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let bytes = packet_bytes(guest_hdr(Op::Rw, 1, 2), &vec![0u8; 70_000]);
+    h.send_chain(&[readable(&bytes)]);
+    assert_eq!(h.errors(), 1);
+    assert!(h.take_received().is_empty());
+}
+
+#[test]
+fn tx_with_wrong_cids_is_dropped_without_reply() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let mut spoofed = guest_hdr(Op::Request, 1, 2);
+    spoofed.src_cid = 4;
+    h.send(spoofed, &[]);
+    let mut elsewhere = guest_hdr(Op::Request, 1, 2);
+    elsewhere.dst_cid = 5;
+    h.send(elsewhere, &[]);
+    assert_eq!(h.errors(), 2);
+    assert!(h.take_received().is_empty());
+}
+
+#[test]
+fn tx_with_non_stream_type_returns_rst() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let mut dgram = guest_hdr(Op::Request, 1, 2);
+    dgram.type_ = 3;
+    h.send(dgram, &[]);
+    assert_eq!(h.errors(), 1);
+    assert_eq!(h.ops(), vec![Op::Rst]);
+}
+
+#[test]
+fn tx_with_unknown_op_for_unknown_connection_returns_rst() {
+    let mut h = Harness::new();
+    h.provide_rx(4, RX_BUF);
+    let mut bogus = guest_hdr(Op::Rw, 1, 2);
+    bogus.op = 99;
+    h.send(bogus, &[]);
+    h.send(guest_hdr(Op::Rw, 1, 2), b"data");
+    h.send(guest_hdr(Op::Shutdown, 1, 2), &[]);
+    assert_eq!(h.ops(), vec![Op::Rst, Op::Rst, Op::Rst]);
+    // RST is never answered.
+    h.send(guest_hdr(Op::Rst, 1, 2), &[]);
+    assert_eq!(h.received.len(), 3);
+}
+
+#[test]
+fn tx_with_unknown_op_on_connection_resets_it() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(2)).unwrap();
+    h.provide_rx(4, RX_BUF);
+    let mut host = h.guest_connect(&listener, 1, 2);
+    let mut bogus = guest_hdr(Op::Rw, 1, 2);
+    bogus.op = 0;
+    h.send(bogus, &[]);
+    assert_eq!(h.ops(), vec![Op::Rst]);
+    assert_eq!(read_to_eof(&mut host), b"");
+    assert_eq!(h.dev.vsock_metrics().open_connections, 0);
+}
+
+#[test]
+fn tx_with_response_on_open_connection_resets_it() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(2)).unwrap();
+    h.provide_rx(4, RX_BUF);
+    let mut host = h.guest_connect(&listener, 1, 2);
+    h.send(guest_hdr(Op::Response, 1, 2), &[]);
+    assert_eq!(h.ops(), vec![Op::Rst]);
+    assert_eq!(read_to_eof(&mut host), b"");
+}
+
+#[test]
+fn tx_with_data_after_shutdown_send_resets_connection() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(2)).unwrap();
+    h.provide_rx(4, RX_BUF);
+    let _host = h.guest_connect(&listener, 1, 2);
+    let mut shut = guest_hdr(Op::Shutdown, 1, 2);
+    shut.flags = SHUTDOWN_SEND;
+    h.send(shut, &[]);
+    h.send(guest_hdr(Op::Rw, 1, 2), b"late");
+    assert_eq!(h.ops(), vec![Op::Rst]);
+    assert_eq!(h.errors(), 1);
+}
+
+#[test]
+fn tx_with_descriptor_outside_memory_is_dropped_and_counted() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let outside = Desc {
+        data: Vec::new(),
+        len: 64,
+        write: false,
+        addr: Some(MEM_SIZE + 4096),
+    };
+    h.send_chain(&[outside]);
+    let straddling = Desc {
+        data: Vec::new(),
+        len: 4096,
+        write: false,
+        addr: Some(MEM_SIZE - 100),
+    };
+    h.send_chain(&[straddling]);
+    let huge = Desc {
+        data: Vec::new(),
+        len: u32::MAX,
+        write: false,
+        addr: Some(BUF_AREA),
+    };
+    h.send_chain(&[huge]);
+    assert_eq!(h.errors(), 3);
+    assert_eq!(h.take_used(1).len(), 3);
+}
+
+#[test]
+fn tx_with_looping_chain_ends_and_is_returned() {
+    let mut h = Harness::new();
+    h.provide_rx(2, RX_BUF);
+    let bytes = packet_bytes(guest_hdr(Op::Request, 1, 2), &[]);
+    let addr = h.alloc(64);
+    h.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+    let slot = h.driver[1].next_desc;
+    let at = h.driver[1].desc.0 + 16 * u64::from(slot);
+    h.mem.write_obj(addr, GuestAddress(at)).unwrap();
+    h.mem.write_obj(44u32, GuestAddress(at + 8)).unwrap();
+    h.mem.write_obj(DESC_F_NEXT, GuestAddress(at + 12)).unwrap();
+    h.mem.write_obj(slot, GuestAddress(at + 14)).unwrap();
+    let avail = h.driver[1].avail.0;
+    h.mem.write_obj(slot, GuestAddress(avail + 4)).unwrap();
+    h.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    h.kick(1);
+    assert_eq!(h.take_used(1).len(), 1);
+    // The header is read from the first pass through the loop; nobody
+    // listens on port 2, so the answer is RST.
+    assert_eq!(h.ops(), vec![Op::Rst]);
+}
+
+#[test]
+fn tx_with_avail_index_far_ahead_returns_error_instead_of_spinning() {
+    let mut h = Harness::new();
+    let avail = h.driver[1].avail.0;
+    h.mem.write_obj(1000u16, GuestAddress(avail + 2)).unwrap();
+    let err = h.try_kick(1).unwrap_err();
+    assert!(matches!(err, DeviceError::Queue { index: 1, .. }), "{err}");
+}
+
+#[test]
+fn rx_with_readable_or_short_chain_is_dropped_and_next_buffer_used() {
+    let mut h = Harness::new();
+    h.add_chain(0, &[readable(&[0u8; 64]), writable(RX_BUF)]);
+    h.add_chain(0, &[writable(20)]);
+    h.add_chain(0, &[writable(RX_BUF)]);
+    h.kick(0);
+    h.send(guest_hdr(Op::Request, 1, 2), &[]);
+    assert_eq!(h.errors(), 2);
+    assert_eq!(h.ops(), vec![Op::Rst]);
+}
+
+#[test]
+fn rx_with_header_only_buffers_while_data_waits_returns_them_unused() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(2)).unwrap();
+    h.provide_rx(1, RX_BUF);
+    let mut host = h.guest_connect(&listener, 1, 2);
+    h.provide_rx(2, HDR_LEN as u32);
+    host.write_all(b"xyz").unwrap();
+    h.pump_briefly();
+    assert!(h.received.is_empty());
+    assert_eq!(h.errors(), 2);
+    h.provide_rx(1, RX_BUF);
+    assert!(h.pump_until(|r| payload_of(r) == b"xyz"));
+}
+
+#[test]
+fn rx_with_header_only_buffer_carries_control_packets() {
+    let mut h = Harness::new();
+    h.provide_rx(1, HDR_LEN as u32);
+    h.send(guest_hdr(Op::Request, 1, 2), &[]);
+    assert_eq!(h.ops(), vec![Op::Rst]);
+    assert_eq!(h.errors(), 0);
+}
+
+#[test]
+fn reset_drops_connections_and_sends_nothing() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(2)).unwrap();
+    h.provide_rx(8, RX_BUF);
+    let mut host = h.guest_connect(&listener, 1, 2);
+    let (mut client, _) = h.host_connect(5);
+    h.dev.reset();
+    assert_eq!(read_to_eof(&mut host), b"");
+    assert_eq!(read_to_eof(&mut client), b"");
+    h.pump_briefly();
+    assert!(h.take_received().is_empty());
+    assert_eq!(h.dev.vsock_metrics().open_connections, 0);
+    // The listener survives a reset.
+    h.dev.ack_features(VIRTIO_F_VERSION_1);
+    h.dev.activate().unwrap();
+    let (_client, _) = h.host_connect(5);
+}
+
+#[test]
+fn config_space_holds_guest_cid_and_is_read_only() {
+    let mut h = Harness::new();
+    let mut cid = [0xffu8; 8];
+    h.dev.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
+    let mut tail = [0xffu8; 8];
+    h.dev.read_config(4, &mut tail);
+    assert_eq!(tail, [0; 8]);
+    h.dev.read_config(u64::MAX, &mut tail);
+    assert_eq!(tail, [0; 8]);
+    let err = h.dev.write_config(2, &[1]).unwrap_err();
+    assert!(err.to_string().contains("offset 2"), "{err}");
+    assert_eq!(h.dev.device_type(), 19);
+    assert_eq!(h.dev.queue_max_sizes().len(), 3);
+}
+
+#[test]
+fn new_with_bad_arguments_returns_error_naming_value() {
+    let dir = tempfile::tempdir().unwrap();
+    for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+        let err = VsockDevice::new(cid, dir.path().join("a")).err().unwrap();
+        assert!(matches!(err, VsockError::ReservedGuestCid(c) if c == cid));
+        assert!(err.to_string().contains(&cid.to_string()), "{err}");
+    }
+    let long = dir.path().join("x".repeat(100));
+    let err = VsockDevice::new(3, long).err().unwrap();
+    assert!(matches!(err, VsockError::SocketPathTooLong(_)), "{err}");
+    let taken = dir.path().join("taken");
+    std::fs::write(&taken, b"").unwrap();
+    let err = VsockDevice::new(3, taken).err().unwrap();
+    assert!(err.to_string().contains("taken"), "{err}");
+}
+
+#[test]
+fn drop_removes_the_socket_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let dev = VsockDevice::new(3, path.clone()).unwrap();
+    assert!(path.exists());
+    drop(dev);
+    assert!(!path.exists());
 }

@@ -1,0 +1,568 @@
+//! Pod sandboxes: which shim a container belongs to, the sandbox folder,
+//! and the pod's VM with its agent connection.
+//!
+//! Grouping: under CRI every container of a pod carries the pod's id in
+//! `io.kubernetes.cri.sandbox-id`; the pod's first (sandbox, "pause")
+//! container starts the VM, later containers go to the same shim — the
+//! socket address is derived from the grouping id, so containerd 1.6, which
+//! runs `start` per container, is handed the running pod shim's address.
+//! Without CRI annotations (`ctr run`) a container is a pod of its own.
+//!
+//! Sandbox folder (`<state_dir>/<namespace>/<sandbox id>/`): the VM's
+//! config, logs and sockets (see `vmm_client::VmPaths`) and `shared/`, the
+//! directory the virtio-fs device exports to the guest, where each
+//! container's rootfs is mounted as `shared/<container id>/rootfs`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloister_protocol::agent;
+use containerd_shim_protos::api::Mount;
+
+use crate::agent_client::{AgentClient, AgentEndpoint, AgentError};
+use crate::config::{ConfigError, ConfigSource, RuntimeConfig};
+use crate::container::ContainerKind;
+use crate::vmm_client::{hypervisor_for, ChildExit, Hypervisor, HypervisorError, VmPaths};
+
+/// CRI's annotations naming a container's role and pod.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The virtio-fs tag of the pod's shared directory.
+pub const SHARED_FS_TAG: &str = "cloister";
+/// Where the agent mounts the shared directory in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/cloister/shared";
+/// How long the VMM gets after SIGTERM before SIGKILL.
+pub const VMM_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors setting up or tearing down a pod sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("sandbox folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mount rootfs of {container_id} at {target}: {reason}")]
+    Rootfs {
+        container_id: String,
+        target: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "container {container_id} names pod sandbox {sandbox_id}, which this shim does not run"
+    )]
+    ForeignSandbox {
+        container_id: String,
+        sandbox_id: String,
+    },
+    #[error("annotation {key} is missing on container {container_id} of type {container_type}")]
+    MissingSandboxId {
+        container_id: String,
+        container_type: String,
+        key: &'static str,
+    },
+}
+
+/// The pod a container belongs to, from its OCI annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMembership {
+    pub kind: ContainerKind,
+    /// The pod's id: the sandbox container's id.
+    pub sandbox_id: String,
+}
+
+/// Classifies a container by CRI's annotations.
+pub fn pod_membership(
+    container_id: &str,
+    annotations: &HashMap<String, String>,
+) -> Result<PodMembership, SandboxError> {
+    match annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) {
+        Some("container") => match annotations.get(CRI_SANDBOX_ID) {
+            Some(sandbox) if !sandbox.is_empty() => Ok(PodMembership {
+                kind: ContainerKind::Workload,
+                sandbox_id: sandbox.clone(),
+            }),
+            _ => Err(SandboxError::MissingSandboxId {
+                container_id: container_id.to_owned(),
+                container_type: "container".into(),
+                key: CRI_SANDBOX_ID,
+            }),
+        },
+        // "sandbox", or no CRI at all (`ctr run`): a pod of its own.
+        _ => Ok(PodMembership {
+            kind: ContainerKind::Sandbox,
+            sandbox_id: container_id.to_owned(),
+        }),
+    }
+}
+
+/// The id the shim socket address is derived from: the pod's.
+pub fn shim_grouping(container_id: &str, annotations: &HashMap<String, String>) -> String {
+    match pod_membership(container_id, annotations) {
+        Ok(membership) => membership.sandbox_id,
+        Err(_) => container_id.to_owned(),
+    }
+}
+
+/// Annotations of the OCI spec in a bundle (empty if none).
+pub fn bundle_annotations(spec: &serde_json::Value) -> HashMap<String, String> {
+    spec.get("annotations")
+        .and_then(|a| a.as_object())
+        .map(|object| {
+            object
+                .iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The folder of one pod sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxDir {
+    pub path: PathBuf,
+}
+
+impl SandboxDir {
+    pub fn new(state_dir: &Path, namespace: &str, sandbox_id: &str) -> Self {
+        Self {
+            path: state_dir.join(namespace).join(sandbox_id),
+        }
+    }
+
+    /// Creates the folder (private to root) and `shared/`.
+    pub fn create(&self) -> Result<(), SandboxError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let folder_error = |source| SandboxError::Folder {
+            path: self.path.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
+            .map_err(folder_error)?;
+        std::fs::create_dir_all(self.shared_dir()).map_err(folder_error)
+    }
+
+    pub fn vm_paths(&self) -> VmPaths {
+        VmPaths {
+            dir: self.path.clone(),
+        }
+    }
+
+    /// Exported to the guest over virtio-fs.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.path.join("shared")
+    }
+
+    /// Host mount point of a container's rootfs.
+    pub fn rootfs_target(&self, container_id: &str) -> PathBuf {
+        self.shared_dir().join(container_id).join("rootfs")
+    }
+
+    /// Removes the folder. Mounts below it must be gone: removal refuses to
+    /// cross into a mounted file system instead of deleting its contents.
+    pub fn remove(&self) -> Result<(), SandboxError> {
+        match remove_tree_without_crossing_mounts(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SandboxError::Folder {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Mount points at or below `path`, from `/proc/self/mountinfo`.
+pub fn mounts_below(path: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .filter(|mount_point| mount_point.starts_with(path))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(value) = u8::from_str_radix(digits, 8) {
+                out.push(value);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `rm -r` that refuses to start while anything is mounted below `path`
+/// (a bind-mounted rootfs would otherwise be deleted through the mount),
+/// and never crosses into another file system while walking.
+fn remove_tree_without_crossing_mounts(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let root_dev = std::fs::symlink_metadata(path)?.dev();
+    if let Some(mount) = mounts_below(path).first() {
+        return Err(std::io::Error::other(format!(
+            "{} is a mount point",
+            mount.display()
+        )));
+    }
+    fn walk(path: &Path, dev: u64) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                if meta.dev() != dev {
+                    return Err(std::io::Error::other(format!(
+                        "{} is a mount point",
+                        entry.path().display()
+                    )));
+                }
+                walk(&entry.path(), dev)?;
+                std::fs::remove_dir(entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+    walk(path, root_dev)?;
+    std::fs::remove_dir(path)
+}
+
+/// Mounts a container's rootfs at `target`: containerd's mounts (overlay
+/// from the snapshotter), or a bind of the bundle's `rootfs` when containerd
+/// passed none (`ctr run --rootfs`).
+pub async fn mount_rootfs(
+    container_id: &str,
+    mounts: &[Mount],
+    bundle: &Path,
+    target: &Path,
+) -> Result<(), SandboxError> {
+    let fail = |reason: String| SandboxError::Rootfs {
+        container_id: container_id.to_owned(),
+        target: target.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(target).map_err(|e| fail(e.to_string()))?;
+    if mounts.is_empty() {
+        let source = bundle.join("rootfs");
+        let bind = Mount {
+            type_: "bind".into(),
+            source: source.display().to_string(),
+            options: vec!["rbind".into(), "rw".into()],
+            ..Default::default()
+        };
+        return containerd_shim::asynchronous::util::mount_rootfs(&bind, target)
+            .await
+            .map_err(|e| fail(e.to_string()));
+    }
+    for mount in mounts {
+        containerd_shim::asynchronous::util::mount_rootfs(mount, target)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Unmounts a container's rootfs (lazily: the guest may still hold files).
+pub fn unmount_rootfs(target: &Path) -> Result<(), nix::Error> {
+    loop {
+        match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+            // Stacked mounts: repeat until nothing is mounted there.
+            Ok(()) => continue,
+            Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The rootfs the agent gets for a container whose rootfs is in the share.
+pub fn shared_rootfs(container_id: &str) -> agent::Rootfs {
+    let mut rootfs = agent::Rootfs::new();
+    let mut share = agent::VirtioFsRootfs::new();
+    share.tag = SHARED_FS_TAG.into();
+    share.path = format!("{container_id}/rootfs");
+    rootfs.set_virtio_fs(share);
+    rootfs
+}
+
+/// The SetupSandbox request: the shared folder mounted in the guest.
+pub fn setup_request(hostname: &str) -> agent::SetupSandboxRequest {
+    let mut request = agent::SetupSandboxRequest::new();
+    request.hostname = hostname.into();
+    let mut share = agent::GuestMount::new();
+    share.fstype = "virtiofs".into();
+    share.source = SHARED_FS_TAG.into();
+    share.target = GUEST_SHARED_DIR.into();
+    request.mounts.push(share);
+    request
+}
+
+/// A running pod: its agent, and the VM it runs in.
+pub struct PodSandbox {
+    pub id: String,
+    pub agent: Arc<dyn AgentClient>,
+    pub dir: SandboxDir,
+    hypervisor: Option<Box<dyn Hypervisor>>,
+}
+
+impl PodSandbox {
+    pub fn new(
+        id: &str,
+        agent: Arc<dyn AgentClient>,
+        dir: SandboxDir,
+        hypervisor: Option<Box<dyn Hypervisor>>,
+    ) -> Self {
+        Self {
+            id: id.to_owned(),
+            agent,
+            dir,
+            hypervisor,
+        }
+    }
+
+    /// Resolves when the VM is gone; never, for a sandbox without one.
+    pub async fn vm_exit(&self) -> ChildExit {
+        match &self.hypervisor {
+            Some(h) => h.wait_exit().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Host pids of the VM's processes.
+    pub fn vm_pids(&self) -> Vec<u32> {
+        self.hypervisor
+            .as_ref()
+            .map(|h| h.pids())
+            .unwrap_or_default()
+    }
+
+    /// Agent shutdown, then the VMM stopped (SIGKILL after the grace
+    /// period), then the folder removed.
+    pub async fn shut_down(&self) -> Result<(), SandboxError> {
+        if let Err(e) = self.agent.shutdown().await {
+            tracing::warn!(sandbox = %self.id, "agent shutdown: {e}");
+        }
+        if let Some(hypervisor) = &self.hypervisor {
+            hypervisor.stop(VMM_STOP_GRACE).await;
+        }
+        self.dir.remove()
+    }
+}
+
+/// What the service needs to bring up a pod (real VM, or a fake in tests).
+#[async_trait]
+pub trait SandboxLauncher: Send + Sync {
+    async fn launch(
+        &self,
+        sandbox_id: &str,
+        spec: &serde_json::Value,
+        options_config_path: Option<String>,
+    ) -> Result<PodSandbox, SandboxError>;
+}
+
+/// Starts the pod's microVM and connects to its agent.
+pub struct VmLauncher {
+    pub namespace: String,
+    pub state_dir: PathBuf,
+}
+
+#[async_trait]
+impl SandboxLauncher for VmLauncher {
+    async fn launch(
+        &self,
+        sandbox_id: &str,
+        spec: &serde_json::Value,
+        options_config_path: Option<String>,
+    ) -> Result<PodSandbox, SandboxError> {
+        let env = std::env::var(crate::config::CONFIG_ENV).ok();
+        let source = ConfigSource::resolve(options_config_path.as_deref(), env.as_deref());
+        let config = RuntimeConfig::load(&source)?;
+        let vm = config.pod_vm(&bundle_annotations(spec))?;
+        let dir = SandboxDir::new(&self.state_dir, &self.namespace, sandbox_id);
+        dir.create()?;
+        let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
+        let connected = async {
+            hypervisor.start().await?;
+            let endpoint = AgentEndpoint::HybridVsock {
+                uds: hypervisor.vsock_uds(),
+            };
+            let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
+            let agent = endpoint.connect_until(timeout).await?;
+            let hostname = spec
+                .get("hostname")
+                .and_then(|h| h.as_str())
+                .unwrap_or_default();
+            agent.setup_sandbox(setup_request(hostname)).await?;
+            Ok::<_, SandboxError>(agent)
+        }
+        .await;
+        match connected {
+            Ok(agent) => Ok(PodSandbox::new(
+                sandbox_id,
+                Arc::new(agent),
+                dir,
+                Some(hypervisor),
+            )),
+            Err(e) => {
+                // Nothing of a failed start stays behind.
+                hypervisor.stop(VMM_STOP_GRACE).await;
+                if let Err(cleanup) = dir.remove() {
+                    tracing::warn!("{cleanup}");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn cri_sandbox_container_starts_its_own_pod() {
+        let a = annotations(&[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "pod1")]);
+        let m = pod_membership("pod1", &a).unwrap();
+        assert_eq!(m.kind, ContainerKind::Sandbox);
+        assert_eq!(m.sandbox_id, "pod1");
+        assert_eq!(shim_grouping("pod1", &a), "pod1");
+    }
+
+    #[test]
+    fn cri_workload_container_joins_the_pods_shim() {
+        let a = annotations(&[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "pod1")]);
+        let m = pod_membership("app", &a).unwrap();
+        assert_eq!(
+            m,
+            PodMembership {
+                kind: ContainerKind::Workload,
+                sandbox_id: "pod1".into()
+            }
+        );
+        assert_eq!(shim_grouping("app", &a), "pod1");
+    }
+
+    #[test]
+    fn container_without_cri_annotations_is_a_pod_of_its_own() {
+        let m = pod_membership("ctr-run", &HashMap::new()).unwrap();
+        assert_eq!(m.kind, ContainerKind::Sandbox);
+        assert_eq!(shim_grouping("ctr-run", &HashMap::new()), "ctr-run");
+    }
+
+    #[test]
+    fn workload_without_sandbox_id_is_refused_by_name() {
+        let a = annotations(&[(CRI_CONTAINER_TYPE, "container")]);
+        let err = pod_membership("app", &a).unwrap_err();
+        assert!(err.to_string().contains(CRI_SANDBOX_ID), "{err}");
+        assert_eq!(shim_grouping("app", &a), "app");
+    }
+
+    #[test]
+    fn annotations_are_read_from_the_spec() {
+        let spec = serde_json::json!({"annotations": {"a": "1", "n": 2}});
+        assert_eq!(bundle_annotations(&spec), annotations(&[("a", "1")]));
+        assert!(bundle_annotations(&serde_json::json!({})).is_empty());
+    }
+
+    #[test]
+    fn sandbox_dir_layout_create_and_remove() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::new(state.path(), "k8s.io", "pod1");
+        assert_eq!(dir.path, state.path().join("k8s.io/pod1"));
+        dir.create().unwrap();
+        assert_eq!(
+            dir.rootfs_target("c1"),
+            state.path().join("k8s.io/pod1/shared/c1/rootfs")
+        );
+        std::fs::create_dir_all(dir.rootfs_target("c1")).unwrap();
+        std::fs::write(dir.path.join("vmm.log"), "x").unwrap();
+        dir.remove().unwrap();
+        assert!(!dir.path.exists());
+        // Removing twice is fine.
+        dir.remove().unwrap();
+    }
+
+    #[test]
+    fn shared_rootfs_and_setup_request_agree_on_the_tag() {
+        let rootfs = shared_rootfs("c1");
+        assert_eq!(rootfs.virtio_fs().tag, SHARED_FS_TAG);
+        assert_eq!(rootfs.virtio_fs().path, "c1/rootfs");
+        let setup = setup_request("pod-host");
+        assert_eq!(setup.hostname, "pod-host");
+        assert_eq!(setup.mounts[0].source, SHARED_FS_TAG);
+        assert_eq!(setup.mounts[0].fstype, "virtiofs");
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
+        assert!(mounts_below(Path::new("/proc")).contains(&PathBuf::from("/proc")));
+    }
+
+    #[tokio::test]
+    async fn rootfs_bind_mount_round_trip_and_removal_refuses_mounts() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: mounting a rootfs needs root");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let bundle = state.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/etc")).unwrap();
+        std::fs::write(bundle.join("rootfs/etc/hostname"), "box\n").unwrap();
+        let dir = SandboxDir::new(state.path(), "default", "pod");
+        dir.create().unwrap();
+        let target = dir.rootfs_target("c1");
+        // Unmounts even when an assertion fails, so no mount outlives the test.
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = unmount_rootfs(&self.0);
+            }
+        }
+        let _guard = Unmount(target.clone());
+        mount_rootfs("c1", &[], &bundle, &target).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(target.join("etc/hostname")).unwrap(),
+            "box\n"
+        );
+        // A leftover mount must not be deleted through.
+        let err = dir.remove().unwrap_err();
+        assert!(err.to_string().contains("mount point"), "{err}");
+        assert!(bundle.join("rootfs/etc/hostname").exists());
+        unmount_rootfs(&target).unwrap();
+        dir.remove().unwrap();
+        assert!(bundle.join("rootfs/etc/hostname").exists());
+    }
+}

@@ -1,0 +1,756 @@
+//! The pod's hypervisor: one `Hypervisor` trait, two backends.
+//!
+//! - [`CloisterVmm`] (default): `cloister-vmm --config vm.json`, devices
+//!   in-process; its vsock device serves hybrid vsock on `vsock.sock`.
+//! - [`Qemu`]: `qemu-system-x86_64 -M microvm` with guest memory in a
+//!   shared memfd, and our vsock device served over vhost-user by a
+//!   `cloister-vmm vhost-user --device vsock` child, which exposes the same
+//!   hybrid vsock socket. The agent is reached the same way in both.
+//!
+//! Every process runs as a child of the shim with its own log file in the
+//! sandbox folder, is watched by a task that records its exit (so VM death
+//! is noticed at once), and is stopped with SIGTERM, then SIGKILL after a
+//! grace period.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloister_guest_image::cmdline::{self, RebootMethod};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig};
+
+/// The guest's vsock context id. Hybrid vsock is local to one VM's device,
+/// so every VM may use the first free CID.
+pub const GUEST_CID: u32 = 3;
+
+/// Errors starting or stopping a hypervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("spawn {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{name} exited during startup ({status}); see {log}")]
+    EarlyExit {
+        name: String,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("{what} did not appear within {waited:?}: {path}")]
+    SocketTimeout {
+        what: &'static str,
+        path: PathBuf,
+        waited: Duration,
+    },
+}
+
+/// How a supervised child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildExit {
+    Code(i32),
+    Signal(i32),
+    /// Waiting for it failed (it is gone either way).
+    Lost,
+}
+
+impl std::fmt::Display for ChildExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChildExit::Code(c) => write!(f, "exit code {c}"),
+            ChildExit::Signal(s) => write!(f, "signal {s}"),
+            ChildExit::Lost => f.write_str("exit status lost"),
+        }
+    }
+}
+
+/// A child process, its log, and a watch on its exit.
+#[derive(Debug)]
+pub struct SupervisedChild {
+    pub name: String,
+    pub pid: u32,
+    pub log: PathBuf,
+    exit: watch::Receiver<Option<ChildExit>>,
+}
+
+impl SupervisedChild {
+    /// Spawns `program args` with stdout and stderr into `log`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+    ) -> Result<Self, HypervisorError> {
+        let file_error = |source| HypervisorError::File {
+            path: log.to_path_buf(),
+            source,
+        };
+        let out = std::fs::File::create(log).map_err(file_error)?;
+        let err = out.try_clone().map_err(file_error)?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // If the shim dies, the VM must not outlive it unwatched.
+            .kill_on_drop(false);
+        // SAFETY: prctl with integer arguments between fork and exec
+        // touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|source| HypervisorError::Spawn {
+            program: program.to_path_buf(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (status.code(), status.signal()) {
+                        (Some(code), _) => ChildExit::Code(code),
+                        (None, Some(signal)) => ChildExit::Signal(signal),
+                        _ => ChildExit::Lost,
+                    }
+                }
+                Err(_) => ChildExit::Lost,
+            };
+            tx.send_replace(Some(exit));
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            pid,
+            log: log.to_path_buf(),
+            exit: rx,
+        })
+    }
+
+    /// The exit, if it happened.
+    pub fn exited(&self) -> Option<ChildExit> {
+        *self.exit.borrow()
+    }
+
+    /// Waits for the exit.
+    pub async fn wait(&self) -> ChildExit {
+        let mut rx = self.exit.clone();
+        let exit = match rx.wait_for(Option::is_some).await {
+            Ok(exit) => exit.unwrap_or(ChildExit::Lost),
+            Err(_) => ChildExit::Lost,
+        };
+        exit
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&self, grace: Duration) -> ChildExit {
+        if let Some(exit) = self.exited() {
+            return exit;
+        }
+        self.signal(libc::SIGTERM);
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::warn!(name = %self.name, pid = self.pid, "no exit after {grace:?}, killing");
+                self.signal(libc::SIGKILL);
+                self.wait().await
+            }
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return;
+        };
+        // Only while the watcher has not seen the exit: the pid is still
+        // ours (not reaped, so not reused).
+        if self.exited().is_none() && pid > 0 {
+            // SAFETY: kill(2) with a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+}
+
+/// The files of one VM inside the sandbox folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    /// Hybrid vsock socket: where the shim reaches the agent.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    pub fn vm_config(&self) -> PathBuf {
+        self.dir.join("vm.json")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn vhost_user_vsock(&self) -> PathBuf {
+        self.dir.join("vhost-vsock.sock")
+    }
+    pub fn vhost_user_log(&self) -> PathBuf {
+        self.dir.join("vhost-user-vsock.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+}
+
+/// A running (or stopped) microVM, whichever hypervisor runs it.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Spawns the VM; returns once it is running (the guest still boots).
+    async fn start(&mut self) -> Result<(), HypervisorError>;
+    /// The hybrid vsock socket of the VM's vsock device.
+    fn vsock_uds(&self) -> PathBuf;
+    /// Resolves when the VM is gone (any of its processes ended).
+    async fn wait_exit(&self) -> ChildExit;
+    /// Stops every process of the VM: SIGTERM, SIGKILL after `grace`.
+    async fn stop(&self, grace: Duration);
+    /// Host pids of the VM's processes (for Pids and cgroup placement).
+    fn pids(&self) -> Vec<u32>;
+}
+
+/// `vsock` section of `vm.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmVsockConfig {
+    pub guest_cid: u32,
+    pub uds_path: PathBuf,
+}
+
+/// What `cloister-vmm --config` reads: the fields of the VMM's `VmConfig`
+/// plus the vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmJson {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub serial: String,
+    pub vsock: VmVsockConfig,
+}
+
+fn join_cmdline(base: String, extra: &str) -> String {
+    if extra.trim().is_empty() {
+        base
+    } else {
+        format!("{base} {}", extra.trim())
+    }
+}
+
+/// The VM config for `cloister-vmm`.
+pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> VmJson {
+    // cloister-vmm adds the nested-KVM parameters itself when it picks the
+    // nested-pvm CPU template, and resets through the i8042.
+    let base = cmdline::guest_cmdline(RebootMethod::Keyboard, false);
+    VmJson {
+        kernel: config.guest.kernel.clone(),
+        initrd: Some(config.guest.initramfs.clone()),
+        cmdline: join_cmdline(base, &vm.kernel_params),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        serial: format!("file:{}", paths.console_log().display()),
+        vsock: VmVsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: paths.vsock_uds(),
+        },
+    }
+}
+
+/// The default backend.
+pub struct CloisterVmm {
+    binary: PathBuf,
+    vm_json: VmJson,
+    paths: VmPaths,
+    child: Option<SupervisedChild>,
+}
+
+impl CloisterVmm {
+    pub fn new(config: &RuntimeConfig, vm: &PodVm, paths: VmPaths) -> Self {
+        Self {
+            binary: config.vmm.path.clone(),
+            vm_json: cloister_vm_json(config, vm, &paths),
+            paths,
+            child: None,
+        }
+    }
+
+    pub fn args(&self) -> Vec<OsString> {
+        vec!["--config".into(), self.paths.vm_config().into()]
+    }
+}
+
+#[async_trait]
+impl Hypervisor for CloisterVmm {
+    async fn start(&mut self) -> Result<(), HypervisorError> {
+        let path = self.paths.vm_config();
+        let text = serde_json::to_vec_pretty(&self.vm_json).map_err(|e| HypervisorError::File {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&path, text).map_err(|source| HypervisorError::File {
+            path: path.clone(),
+            source,
+        })?;
+        let child = SupervisedChild::spawn(
+            "cloister-vmm",
+            &self.binary,
+            &self.args(),
+            &self.paths.vmm_log(),
+        )?;
+        // The vsock socket appears once the VMM built its devices; a VMM
+        // that refuses its config exits first.
+        let ready = wait_for_socket(&child, &self.paths.vsock_uds(), "vsock socket").await;
+        self.child = Some(child);
+        ready
+    }
+
+    fn vsock_uds(&self) -> PathBuf {
+        self.paths.vsock_uds()
+    }
+
+    async fn wait_exit(&self) -> ChildExit {
+        match &self.child {
+            Some(child) => child.wait().await,
+            None => ChildExit::Lost,
+        }
+    }
+
+    async fn stop(&self, grace: Duration) {
+        if let Some(child) = &self.child {
+            let exit = child.stop(grace).await;
+            tracing::info!(pid = child.pid, "cloister-vmm stopped: {exit}");
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.child.iter().map(|c| c.pid).collect()
+    }
+}
+
+/// How long a freshly spawned process may take to create its socket.
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+
+async fn wait_for_socket(
+    child: &SupervisedChild,
+    path: &Path,
+    what: &'static str,
+) -> Result<(), HypervisorError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(exit) = child.exited() {
+            return Err(HypervisorError::EarlyExit {
+                name: child.name.clone(),
+                status: exit.to_string(),
+                log: child.log.clone(),
+            });
+        }
+        if started.elapsed() >= SOCKET_WAIT {
+            return Err(HypervisorError::SocketTimeout {
+                what,
+                path: path.to_path_buf(),
+                waited: SOCKET_WAIT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `cloister-vmm vhost-user` command serving our vsock device to QEMU.
+pub fn vhost_user_vsock_args(paths: &VmPaths) -> Vec<OsString> {
+    vec![
+        "vhost-user".into(),
+        "--device".into(),
+        "vsock".into(),
+        "--guest-cid".into(),
+        GUEST_CID.to_string().into(),
+        "--uds".into(),
+        paths.vsock_uds().into(),
+        "--socket".into(),
+        paths.vhost_user_vsock().into(),
+    ]
+}
+
+/// Whether QEMU should use KVM: asked for, or `auto` and `/dev/kvm` opens.
+pub fn qemu_uses_kvm(accel: QemuAccel) -> bool {
+    match accel {
+        QemuAccel::Kvm => true,
+        QemuAccel::Tcg => false,
+        QemuAccel::Auto => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+    }
+}
+
+/// QEMU's arguments for the pod's microVM.
+pub fn qemu_args(
+    config: &RuntimeConfig,
+    vm: &PodVm,
+    paths: &VmPaths,
+    kvm: bool,
+    nested_pvm: bool,
+) -> Vec<OsString> {
+    let (accel, cpu) = match (kvm, nested_pvm) {
+        (false, _) => ("tcg", "qemu64"),
+        // `-cpu host` fails on nested KVM.
+        (true, true) => ("kvm", cmdline::NESTED_KVM_QEMU_CPU),
+        (true, false) => ("kvm", "host"),
+    };
+    let base = cmdline::guest_cmdline(RebootMethod::TripleFault, kvm && nested_pvm);
+    let memory = format!(
+        "memory-backend-memfd,id=mem,size={}M,share=on",
+        vm.memory_mib
+    );
+    let args: Vec<String> = vec![
+        "-M".into(),
+        // Shared memfd memory: the vhost-user backend maps guest memory.
+        "microvm,acpi=off,memory-backend=mem".into(),
+        "-object".into(),
+        memory,
+        "-accel".into(),
+        accel.into(),
+        "-cpu".into(),
+        cpu.into(),
+        "-m".into(),
+        format!("{}M", vm.memory_mib),
+        "-smp".into(),
+        vm.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-reboot".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-serial".into(),
+        format!("file:{}", paths.console_log().display()),
+        "-kernel".into(),
+        config.guest.kernel.display().to_string(),
+        "-initrd".into(),
+        config.guest.initramfs.display().to_string(),
+        "-append".into(),
+        join_cmdline(base, &vm.kernel_params),
+        "-chardev".into(),
+        format!(
+            "socket,id=vsock0,path={}",
+            paths.vhost_user_vsock().display()
+        ),
+        "-device".into(),
+        format!("vhost-user-vsock-device,chardev=vsock0,guest-cid={GUEST_CID}"),
+        "-device".into(),
+        "virtio-rng-device".into(),
+    ];
+    args.into_iter().map(OsString::from).collect()
+}
+
+/// QEMU with our vhost-user vsock backend.
+pub struct Qemu {
+    qemu: PathBuf,
+    vmm: PathBuf,
+    args: Vec<OsString>,
+    paths: VmPaths,
+    backend: Option<SupervisedChild>,
+    qemu_child: Option<SupervisedChild>,
+}
+
+impl Qemu {
+    pub fn new(config: &RuntimeConfig, vm: &PodVm, paths: VmPaths) -> Self {
+        let kvm = qemu_uses_kvm(config.qemu.accel);
+        let args = qemu_args(config, vm, &paths, kvm, cmdline::host_is_nested_pvm());
+        Self {
+            qemu: config.qemu.path.clone(),
+            vmm: config.vmm.path.clone(),
+            args,
+            paths,
+            backend: None,
+            qemu_child: None,
+        }
+    }
+
+    pub fn args(&self) -> &[OsString] {
+        &self.args
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    async fn start(&mut self) -> Result<(), HypervisorError> {
+        let backend = SupervisedChild::spawn(
+            "cloister-vmm vhost-user vsock",
+            &self.vmm,
+            &vhost_user_vsock_args(&self.paths),
+            &self.paths.vhost_user_log(),
+        )?;
+        // QEMU connects to the backend's socket at start: it must exist.
+        let ready = wait_for_socket(
+            &backend,
+            &self.paths.vhost_user_vsock(),
+            "vhost-user vsock socket",
+        )
+        .await;
+        self.backend = Some(backend);
+        ready?;
+        let qemu = SupervisedChild::spawn("qemu", &self.qemu, &self.args, &self.paths.qemu_log())?;
+        self.qemu_child = Some(qemu);
+        Ok(())
+    }
+
+    fn vsock_uds(&self) -> PathBuf {
+        self.paths.vsock_uds()
+    }
+
+    async fn wait_exit(&self) -> ChildExit {
+        match (&self.qemu_child, &self.backend) {
+            (Some(qemu), Some(backend)) => tokio::select! {
+                exit = qemu.wait() => exit,
+                exit = backend.wait() => exit,
+            },
+            (None, Some(backend)) => backend.wait().await,
+            _ => ChildExit::Lost,
+        }
+    }
+
+    async fn stop(&self, grace: Duration) {
+        // QEMU first: the backend serves its memory until then.
+        for child in [&self.qemu_child, &self.backend].into_iter().flatten() {
+            let exit = child.stop(grace).await;
+            tracing::info!(name = %child.name, pid = child.pid, "stopped: {exit}");
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        [&self.qemu_child, &self.backend]
+            .into_iter()
+            .flatten()
+            .map(|c| c.pid)
+            .collect()
+    }
+}
+
+/// The backend the pod's config names.
+pub fn hypervisor_for(config: &RuntimeConfig, vm: &PodVm, paths: VmPaths) -> Box<dyn Hypervisor> {
+    match vm.hypervisor {
+        HypervisorKind::Cloister => Box::new(CloisterVmm::new(config, vm, paths)),
+        HypervisorKind::Qemu => Box::new(Qemu::new(config, vm, paths)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_vm() -> PodVm {
+        PodVm {
+            hypervisor: HypervisorKind::Cloister,
+            vcpus: 2,
+            memory_mib: 512,
+            kernel_params: "agent.log=debug".into(),
+        }
+    }
+
+    fn paths() -> VmPaths {
+        VmPaths {
+            dir: PathBuf::from("/run/cloister/default/pod1"),
+        }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn cloister_vm_json_has_vmm_fields_and_vsock() {
+        let json = serde_json::to_value(cloister_vm_json(
+            &RuntimeConfig::default(),
+            &pod_vm(),
+            &paths(),
+        ))
+        .unwrap();
+        assert_eq!(json["kernel"], "/usr/share/cloister/vmlinux");
+        assert_eq!(json["initrd"], "/usr/share/cloister/initramfs.cpio");
+        assert_eq!(json["vcpus"], 2);
+        assert_eq!(json["memory_mib"], 512);
+        assert_eq!(
+            json["serial"],
+            "file:/run/cloister/default/pod1/console.log"
+        );
+        assert_eq!(json["vsock"]["guest_cid"], 3);
+        assert_eq!(
+            json["vsock"]["uds_path"],
+            "/run/cloister/default/pod1/vsock.sock"
+        );
+        let cmdline = json["cmdline"].as_str().unwrap();
+        assert!(cmdline.starts_with("console=ttyS0"), "{cmdline}");
+        assert!(cmdline.contains("reboot=k"), "{cmdline}");
+        assert!(cmdline.ends_with(" agent.log=debug"), "{cmdline}");
+        let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 7, "{keys:?}");
+    }
+
+    #[test]
+    fn cloister_vmm_is_started_with_the_config_file() {
+        let vmm = CloisterVmm::new(&RuntimeConfig::default(), &pod_vm(), paths());
+        assert_eq!(
+            strings(&vmm.args()),
+            ["--config", "/run/cloister/default/pod1/vm.json"]
+        );
+    }
+
+    #[test]
+    fn qemu_command_line_on_tcg() {
+        let args = strings(&qemu_args(
+            &RuntimeConfig::default(),
+            &pod_vm(),
+            &paths(),
+            false,
+            true,
+        ));
+        let joined = args.join(" ");
+        assert!(
+            joined.starts_with(
+                "-M microvm,acpi=off,memory-backend=mem -object memory-backend-memfd,id=mem,size=512M,share=on -accel tcg -cpu qemu64 -m 512M -smp 2"
+            ),
+            "{joined}"
+        );
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(append.contains("reboot=t"), "{append}");
+        // Nested-KVM parameters only when KVM is used.
+        assert!(!append.contains("clearcpuid"), "{append}");
+        assert!(append.ends_with("agent.log=debug"));
+        assert!(joined.contains(
+            "-chardev socket,id=vsock0,path=/run/cloister/default/pod1/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0,guest-cid=3"
+        ), "{joined}");
+        assert!(joined.contains("-serial file:/run/cloister/default/pod1/console.log"));
+        assert!(joined.contains(
+            "-kernel /usr/share/cloister/vmlinux -initrd /usr/share/cloister/initramfs.cpio"
+        ));
+    }
+
+    #[test]
+    fn qemu_command_line_on_kvm_picks_cpu_for_host() {
+        let config = RuntimeConfig::default();
+        let nested = strings(&qemu_args(&config, &pod_vm(), &paths(), true, true));
+        let cpu = &nested[nested.iter().position(|a| a == "-cpu").unwrap() + 1];
+        assert_eq!(cpu, cmdline::NESTED_KVM_QEMU_CPU);
+        let append = &nested[nested.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(append.contains("clearcpuid="), "{append}");
+        let bare = strings(&qemu_args(&config, &pod_vm(), &paths(), true, false));
+        assert!(bare.join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn vhost_user_backend_command() {
+        assert_eq!(
+            strings(&vhost_user_vsock_args(&paths())).join(" "),
+            "vhost-user --device vsock --guest-cid 3 --uds /run/cloister/default/pod1/vsock.sock --socket /run/cloister/default/pod1/vhost-vsock.sock"
+        );
+    }
+
+    #[test]
+    fn accel_choice() {
+        assert!(qemu_uses_kvm(QemuAccel::Kvm));
+        assert!(!qemu_uses_kvm(QemuAccel::Tcg));
+    }
+
+    #[tokio::test]
+    async fn supervised_child_logs_and_reports_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("child.log");
+        let child = SupervisedChild::spawn(
+            "sh",
+            Path::new("/bin/sh"),
+            &["-c".into(), "echo out; echo err >&2; exit 7".into()],
+            &log,
+        )
+        .unwrap();
+        assert_eq!(child.wait().await, ChildExit::Code(7));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("out\n") && text.contains("err\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn stop_kills_a_child_that_ignores_sigterm_after_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = SupervisedChild::spawn(
+            "stubborn",
+            Path::new("/bin/sh"),
+            &[
+                "-c".into(),
+                "trap '' TERM; while :; do sleep 0.05; done".into(),
+            ],
+            &dir.path().join("log"),
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let exit = child.stop(Duration::from_millis(300)).await;
+        assert_eq!(exit, ChildExit::Signal(libc::SIGKILL));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let polite = SupervisedChild::spawn(
+            "polite",
+            Path::new("/bin/sleep"),
+            &["100".into()],
+            &dir.path().join("log2"),
+        )
+        .unwrap();
+        assert_eq!(
+            polite.stop(Duration::from_secs(5)).await,
+            ChildExit::Signal(libc::SIGTERM)
+        );
+    }
+
+    #[tokio::test]
+    async fn vmm_that_exits_at_start_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RuntimeConfig::default();
+        // A "VMM" that refuses its config at once.
+        config.vmm.path = PathBuf::from("/bin/false");
+        let mut vmm = CloisterVmm::new(
+            &config,
+            &pod_vm(),
+            VmPaths {
+                dir: dir.path().to_path_buf(),
+            },
+        );
+        let err = vmm.start().await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("exited during startup") && text.contains("vmm.log"),
+            "{text}"
+        );
+        assert!(dir.path().join("vm.json").exists());
+        assert_eq!(vmm.wait_exit().await, ChildExit::Code(1));
+    }
+}
