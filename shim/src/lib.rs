@@ -6,4 +6,6 @@ pub mod container;
 pub mod events;
 pub mod io;
 pub mod sandbox;
+pub mod service;
+pub mod stats;
 pub mod vmm_client;

@@ -381,6 +381,19 @@ pub trait SandboxLauncher: Send + Sync {
         spec: &serde_json::Value,
         options_config_path: Option<String>,
     ) -> Result<PodSandbox, SandboxError>;
+
+    /// Makes a container's rootfs visible in the guest; returns the rootfs
+    /// the agent is to use.
+    async fn share_rootfs(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[Mount],
+        bundle: &Path,
+    ) -> Result<agent::Rootfs, SandboxError>;
+
+    /// Undoes [`SandboxLauncher::share_rootfs`].
+    fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError>;
 }
 
 /// Starts the pod's microVM and connects to its agent.
@@ -434,6 +447,36 @@ impl SandboxLauncher for VmLauncher {
                 }
                 Err(e)
             }
+        }
+    }
+
+    async fn share_rootfs(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[Mount],
+        bundle: &Path,
+    ) -> Result<agent::Rootfs, SandboxError> {
+        let target = sandbox.dir.rootfs_target(container_id);
+        mount_rootfs(container_id, mounts, bundle, &target).await?;
+        Ok(shared_rootfs(container_id))
+    }
+
+    fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
+        let target = sandbox.dir.rootfs_target(container_id);
+        unmount_rootfs(&target).map_err(|e| SandboxError::Rootfs {
+            container_id: container_id.to_owned(),
+            target: target.clone(),
+            reason: format!("unmount: {e}"),
+        })?;
+        let container_dir = sandbox.dir.shared_dir().join(container_id);
+        match remove_tree_without_crossing_mounts(&container_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SandboxError::Folder {
+                path: container_dir,
+                source,
+            }),
         }
     }
 }
