@@ -174,7 +174,14 @@ impl SandboxDir {
     /// cross into a mounted file system instead of deleting its contents.
     pub fn remove(&self) -> Result<(), SandboxError> {
         match remove_tree_without_crossing_mounts(&self.path) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The namespace folder goes with its last sandbox; another
+                // pod's folder in it keeps it (and the error is expected).
+                if let Some(namespace_dir) = self.path.parent() {
+                    let _ = std::fs::remove_dir(namespace_dir);
+                }
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(SandboxError::Folder {
                 path: self.path.clone(),
@@ -549,8 +556,13 @@ mod tests {
         );
         std::fs::create_dir_all(dir.rootfs_target("c1")).unwrap();
         std::fs::write(dir.path.join("vmm.log"), "x").unwrap();
+        let neighbour = SandboxDir::new(state.path(), "k8s.io", "pod2");
+        neighbour.create().unwrap();
         dir.remove().unwrap();
         assert!(!dir.path.exists());
+        assert!(neighbour.path.exists());
+        neighbour.remove().unwrap();
+        assert!(!state.path().join("k8s.io").exists());
         // Removing twice is fine.
         dir.remove().unwrap();
     }
