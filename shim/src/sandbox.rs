@@ -30,8 +30,7 @@ use crate::vmm_client::{hypervisor_for, ChildExit, Hypervisor, HypervisorError, 
 /// CRI's annotations naming a container's role and pod.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-/// The virtio-fs tag of the pod's shared directory.
-pub const SHARED_FS_TAG: &str = "cloister";
+pub use crate::vmm_client::SHARED_FS_TAG;
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/cloister/shared";
 /// How long the VMM gets after SIGTERM before SIGKILL.
@@ -162,7 +161,7 @@ impl SandboxDir {
 
     /// Exported to the guest over virtio-fs.
     pub fn shared_dir(&self) -> PathBuf {
-        self.path.join("shared")
+        self.vm_paths().shared_dir()
     }
 
     /// Host mount point of a container's rootfs.

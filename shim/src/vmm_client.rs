@@ -3,9 +3,10 @@
 //! - [`CloisterVmm`] (default): `cloister-vmm --config vm.json`, devices
 //!   in-process; its vsock device serves hybrid vsock on `vsock.sock`.
 //! - [`Qemu`]: `qemu-system-x86_64 -M microvm` with guest memory in a
-//!   shared memfd, and our vsock device served over vhost-user by a
-//!   `cloister-vmm vhost-user --device vsock` child, which exposes the same
-//!   hybrid vsock socket. The agent is reached the same way in both.
+//!   shared memfd, and our vsock and virtio-fs devices served over
+//!   vhost-user by `cloister-vmm vhost-user --device vsock|fs` children; the
+//!   vsock backend exposes the same hybrid vsock socket. The agent and the
+//!   shared folder are reached the same way in both.
 //!
 //! Every process runs as a child of the shim with its own log file in the
 //! sandbox folder, is watched by a task that records its exit (so VM death
@@ -23,6 +24,10 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig};
+
+/// The virtio-fs tag of the pod's shared folder (`VmPaths::shared_dir`),
+/// which the agent mounts before any container starts.
+pub const SHARED_FS_TAG: &str = "cloister";
 
 /// The guest's vsock context id. Hybrid vsock is local to one VM's device,
 /// so every VM may use the first free CID.
@@ -209,11 +214,21 @@ impl VmPaths {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// Exported to the guest over virtio-fs; rootfs mounts go below it.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
     pub fn vhost_user_vsock(&self) -> PathBuf {
         self.dir.join("vhost-vsock.sock")
     }
-    pub fn vhost_user_log(&self) -> PathBuf {
+    pub fn vhost_user_vsock_log(&self) -> PathBuf {
         self.dir.join("vhost-user-vsock.log")
+    }
+    pub fn vhost_user_fs(&self) -> PathBuf {
+        self.dir.join("vhost-fs.sock")
+    }
+    pub fn vhost_user_fs_log(&self) -> PathBuf {
+        self.dir.join("vhost-user-fs.log")
     }
     pub fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
@@ -242,8 +257,15 @@ pub struct VmVsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// One `fs` entry of `vm.json`: a host folder shared under a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmFsConfig {
+    pub tag: String,
+    pub shared_dir: PathBuf,
+}
+
 /// What `cloister-vmm --config` reads: the fields of the VMM's `VmConfig`
-/// plus the vsock device.
+/// plus the vsock device and the virtio-fs shares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmJson {
     pub kernel: PathBuf,
@@ -253,6 +275,7 @@ pub struct VmJson {
     pub memory_mib: u32,
     pub serial: String,
     pub vsock: VmVsockConfig,
+    pub fs: Vec<VmFsConfig>,
 }
 
 fn join_cmdline(base: String, extra: &str) -> String {
@@ -279,6 +302,10 @@ pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> 
             guest_cid: GUEST_CID,
             uds_path: paths.vsock_uds(),
         },
+        fs: vec![VmFsConfig {
+            tag: SHARED_FS_TAG.into(),
+            shared_dir: paths.shared_dir(),
+        }],
     }
 }
 
@@ -399,6 +426,21 @@ pub fn vhost_user_vsock_args(paths: &VmPaths) -> Vec<OsString> {
     ]
 }
 
+/// The `cloister-vmm vhost-user` command serving the pod's shared folder.
+pub fn vhost_user_fs_args(paths: &VmPaths) -> Vec<OsString> {
+    vec![
+        "vhost-user".into(),
+        "--device".into(),
+        "fs".into(),
+        "--tag".into(),
+        SHARED_FS_TAG.into(),
+        "--shared-dir".into(),
+        paths.shared_dir().into(),
+        "--socket".into(),
+        paths.vhost_user_fs().into(),
+    ]
+}
+
 /// Whether QEMU should use KVM: asked for, or `auto` and `/dev/kvm` opens.
 pub fn qemu_uses_kvm(accel: QemuAccel) -> bool {
     match accel {
@@ -467,19 +509,23 @@ pub fn qemu_args(
         ),
         "-device".into(),
         format!("vhost-user-vsock-device,chardev=vsock0,guest-cid={GUEST_CID}"),
+        "-chardev".into(),
+        format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
+        "-device".into(),
+        format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
         "-device".into(),
         "virtio-rng-device".into(),
     ];
     args.into_iter().map(OsString::from).collect()
 }
 
-/// QEMU with our vhost-user vsock backend.
+/// QEMU with our vhost-user vsock and fs backends.
 pub struct Qemu {
     qemu: PathBuf,
     vmm: PathBuf,
     args: Vec<OsString>,
     paths: VmPaths,
-    backend: Option<SupervisedChild>,
+    backends: Vec<SupervisedChild>,
     qemu_child: Option<SupervisedChild>,
 }
 
@@ -492,7 +538,7 @@ impl Qemu {
             vmm: config.vmm.path.clone(),
             args,
             paths,
-            backend: None,
+            backends: Vec::new(),
             qemu_child: None,
         }
     }
@@ -505,21 +551,29 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        let backend = SupervisedChild::spawn(
-            "cloister-vmm vhost-user vsock",
-            &self.vmm,
-            &vhost_user_vsock_args(&self.paths),
-            &self.paths.vhost_user_log(),
-        )?;
-        // QEMU connects to the backend's socket at start: it must exist.
-        let ready = wait_for_socket(
-            &backend,
-            &self.paths.vhost_user_vsock(),
-            "vhost-user vsock socket",
-        )
-        .await;
-        self.backend = Some(backend);
-        ready?;
+        let backends = [
+            (
+                "cloister-vmm vhost-user vsock",
+                vhost_user_vsock_args(&self.paths),
+                self.paths.vhost_user_vsock_log(),
+                self.paths.vhost_user_vsock(),
+                "vhost-user vsock socket",
+            ),
+            (
+                "cloister-vmm vhost-user fs",
+                vhost_user_fs_args(&self.paths),
+                self.paths.vhost_user_fs_log(),
+                self.paths.vhost_user_fs(),
+                "vhost-user fs socket",
+            ),
+        ];
+        for (name, args, log, socket, what) in backends {
+            let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log)?;
+            // QEMU connects to the backends' sockets at start: they must exist.
+            let ready = wait_for_socket(&backend, &socket, what).await;
+            self.backends.push(backend);
+            ready?;
+        }
         let qemu = SupervisedChild::spawn("qemu", &self.qemu, &self.args, &self.paths.qemu_log())?;
         self.qemu_child = Some(qemu);
         Ok(())
@@ -529,32 +583,49 @@ impl Hypervisor for Qemu {
         self.paths.vsock_uds()
     }
 
+    /// Any process of the VM ending ends the VM.
     async fn wait_exit(&self) -> ChildExit {
-        match (&self.qemu_child, &self.backend) {
-            (Some(qemu), Some(backend)) => tokio::select! {
-                exit = qemu.wait() => exit,
-                exit = backend.wait() => exit,
-            },
-            (None, Some(backend)) => backend.wait().await,
-            _ => ChildExit::Lost,
+        let children: Vec<&SupervisedChild> =
+            self.qemu_child.iter().chain(self.backends.iter()).collect();
+        if children.is_empty() {
+            return ChildExit::Lost;
         }
+        let waits = children.into_iter().map(|c| Box::pin(c.wait()));
+        futures_select_all(waits).await
     }
 
     async fn stop(&self, grace: Duration) {
-        // QEMU first: the backend serves its memory until then.
-        for child in [&self.qemu_child, &self.backend].into_iter().flatten() {
+        // QEMU first: the backends serve its memory until then.
+        for child in self.qemu_child.iter().chain(self.backends.iter()) {
             let exit = child.stop(grace).await;
             tracing::info!(name = %child.name, pid = child.pid, "stopped: {exit}");
         }
     }
 
     fn pids(&self) -> Vec<u32> {
-        [&self.qemu_child, &self.backend]
-            .into_iter()
-            .flatten()
+        self.qemu_child
+            .iter()
+            .chain(self.backends.iter())
             .map(|c| c.pid)
             .collect()
     }
+}
+
+/// The first of several exits.
+async fn futures_select_all<F>(futures: impl IntoIterator<Item = F>) -> ChildExit
+where
+    F: std::future::Future<Output = ChildExit> + Unpin,
+{
+    let mut futures: Vec<F> = futures.into_iter().collect();
+    std::future::poll_fn(move |cx| {
+        for future in futures.iter_mut() {
+            if let std::task::Poll::Ready(exit) = std::pin::Pin::new(future).poll(cx) {
+                return std::task::Poll::Ready(exit);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// The backend the pod's config names.
@@ -615,8 +686,13 @@ mod tests {
         assert!(cmdline.starts_with("console=ttyS0"), "{cmdline}");
         assert!(cmdline.contains("reboot=k"), "{cmdline}");
         assert!(cmdline.ends_with(" agent.log=debug"), "{cmdline}");
+        assert_eq!(json["fs"][0]["tag"], "cloister");
+        assert_eq!(
+            json["fs"][0]["shared_dir"],
+            "/run/cloister/default/pod1/shared"
+        );
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 7, "{keys:?}");
+        assert_eq!(keys.len(), 8, "{keys:?}");
     }
 
     #[test]
@@ -652,6 +728,9 @@ mod tests {
         assert!(joined.contains(
             "-chardev socket,id=vsock0,path=/run/cloister/default/pod1/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0,guest-cid=3"
         ), "{joined}");
+        assert!(joined.contains(
+            "-chardev socket,id=fs0,path=/run/cloister/default/pod1/vhost-fs.sock -device vhost-user-fs-device,chardev=fs0,tag=cloister"
+        ), "{joined}");
         assert!(joined.contains("-serial file:/run/cloister/default/pod1/console.log"));
         assert!(joined.contains(
             "-kernel /usr/share/cloister/vmlinux -initrd /usr/share/cloister/initramfs.cpio"
@@ -668,6 +747,14 @@ mod tests {
         assert!(append.contains("clearcpuid="), "{append}");
         let bare = strings(&qemu_args(&config, &pod_vm(), &paths(), true, false));
         assert!(bare.join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn vhost_user_fs_backend_command() {
+        assert_eq!(
+            strings(&vhost_user_fs_args(&paths())).join(" "),
+            "vhost-user --device fs --tag cloister --shared-dir /run/cloister/default/pod1/shared --socket /run/cloister/default/pod1/vhost-fs.sock"
+        );
     }
 
     #[test]
