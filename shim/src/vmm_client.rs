@@ -46,11 +46,13 @@ pub enum HypervisorError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{name} exited during startup ({status}); see {log}")]
+    /// `log_tail`: the end of its log, which goes with the sandbox folder.
+    #[error("{name} exited during startup ({status}); its log {log} ends: {log_tail:?}")]
     EarlyExit {
         name: String,
         status: String,
         log: PathBuf,
+        log_tail: String,
     },
     #[error("{what} did not appear within {waited:?}: {path}")]
     SocketTimeout {
@@ -380,6 +382,30 @@ impl Hypervisor for CloisterVmm {
     }
 }
 
+/// How much of a failed process's log goes into the error.
+const LOG_TAIL_BYTES: usize = 600;
+
+/// The last `max` bytes of a log file (whole lines where possible).
+pub fn log_tail(path: &Path, max: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim_end();
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &text[start..];
+    match tail.find('\n') {
+        Some(newline) if newline + 1 < tail.len() => tail[newline + 1..].to_owned(),
+        _ => tail.to_owned(),
+    }
+}
+
 /// How long a freshly spawned process may take to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
@@ -398,6 +424,7 @@ async fn wait_for_socket(
                 name: child.name.clone(),
                 status: exit.to_string(),
                 log: child.log.clone(),
+                log_tail: log_tail(&child.log, LOG_TAIL_BYTES),
             });
         }
         if started.elapsed() >= SOCKET_WAIT {
@@ -771,6 +798,16 @@ mod tests {
         assert!(!qemu_uses_kvm(QemuAccel::Tcg));
     }
 
+    #[test]
+    fn log_tail_keeps_whole_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        std::fs::write(&log, "first line\nsecond line\nthird\n").unwrap();
+        assert_eq!(log_tail(&log, 100), "first line\nsecond line\nthird");
+        assert_eq!(log_tail(&log, 12), "third");
+        assert_eq!(log_tail(&dir.path().join("none"), 10), "");
+    }
+
     #[tokio::test]
     async fn supervised_child_logs_and_reports_exit() {
         let dir = tempfile::tempdir().unwrap();
@@ -823,7 +860,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = RuntimeConfig::default();
         // A "VMM" that refuses its config at once.
-        config.vmm.path = PathBuf::from("/bin/false");
+        let vmm_script = dir.path().join("vmm.sh");
+        std::fs::write(
+            &vmm_script,
+            "#!/bin/sh\necho 'config: unknown field vsock' >&2\nexit 2\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &vmm_script,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        config.vmm.path = vmm_script;
         let mut vmm = CloisterVmm::new(
             &config,
             &pod_vm(),
@@ -837,7 +885,8 @@ mod tests {
             text.contains("exited during startup") && text.contains("vmm.log"),
             "{text}"
         );
+        assert!(text.contains("unknown field vsock"), "{text}");
         assert!(dir.path().join("vm.json").exists());
-        assert_eq!(vmm.wait_exit().await, ChildExit::Code(1));
+        assert_eq!(vmm.wait_exit().await, ChildExit::Code(2));
     }
 }
