@@ -47,6 +47,7 @@ impl PrivateContainerd {
             .output()
             .unwrap();
         let version = String::from_utf8_lossy(&version.stdout).into_owned();
+        eprintln!("private {}", version.trim());
         let major = cloister_shim::compat::parse_containerd_version(&version)
             .map(|(major, _)| major)
             .unwrap_or(2);
