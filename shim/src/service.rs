@@ -517,6 +517,8 @@ impl TaskService {
         });
         if entry.container.kind == ContainerKind::Sandbox {
             self.stop_sandbox().await;
+            // Containers still in the pod went down with its VM.
+            self.fail_all(ExitReason::SandboxGone).await;
         }
         Ok(delete_response(pid, exit))
     }

@@ -706,3 +706,19 @@ async fn stdin_fifo_reaches_agent_and_close_io_is_forwarded() {
     h.service.close_io(&close).await.unwrap();
     assert!(h.agent.calls().contains(&"close-stdin c1 \"\"".to_string()));
 }
+
+#[tokio::test]
+async fn deleting_the_sandbox_ends_the_pods_other_containers() {
+    let h = Harness::new();
+    h.create("pod", cri("sandbox", "pod")).await.unwrap();
+    h.start("pod", "").await.unwrap();
+    h.create("app", cri("container", "pod")).await.unwrap();
+    h.start("app", "").await.unwrap();
+    h.agent.send_exit("pod", "", 0).await;
+    assert_eq!(h.wait("pod", "").await.exit_status, 0);
+    h.delete("pod", "").await.unwrap();
+    assert!(h.launcher.vm_stopped.load(Ordering::SeqCst));
+    assert_eq!(h.wait("app", "").await.exit_status, 137);
+    assert_eq!(h.status("app", "").await, TaskStatus::STOPPED);
+    h.delete("app", "").await.unwrap();
+}
