@@ -257,13 +257,25 @@ fn remove_tree_without_crossing_mounts(path: &Path) -> std::io::Result<()> {
     std::fs::remove_dir(path)
 }
 
+/// The spec's `root.path`, relative to the bundle unless absolute
+/// (`ctr run --rootfs DIR` writes DIR itself); `rootfs` when absent.
+pub fn spec_root(bundle: &Path, spec: &serde_json::Value) -> PathBuf {
+    let root = spec
+        .get("root")
+        .and_then(|r| r.get("path"))
+        .and_then(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("rootfs");
+    bundle.join(root)
+}
+
 /// Mounts a container's rootfs at `target`: containerd's mounts (overlay
-/// from the snapshotter), or a bind of the bundle's `rootfs` when containerd
-/// passed none (`ctr run --rootfs`).
+/// from the snapshotter), or a bind of `root_dir` (the spec's root) when
+/// containerd passed none (`ctr run --rootfs`).
 pub async fn mount_rootfs(
     container_id: &str,
     mounts: &[Mount],
-    bundle: &Path,
+    root_dir: &Path,
     target: &Path,
 ) -> Result<(), SandboxError> {
     let fail = |reason: String| SandboxError::Rootfs {
@@ -273,7 +285,7 @@ pub async fn mount_rootfs(
     };
     std::fs::create_dir_all(target).map_err(|e| fail(e.to_string()))?;
     if mounts.is_empty() {
-        let source = bundle.join("rootfs");
+        let source = root_dir;
         let bind = Mount {
             type_: "bind".into(),
             source: source.display().to_string(),
@@ -388,14 +400,15 @@ pub trait SandboxLauncher: Send + Sync {
         options_config_path: Option<String>,
     ) -> Result<PodSandbox, SandboxError>;
 
-    /// Makes a container's rootfs visible in the guest; returns the rootfs
-    /// the agent is to use.
+    /// Makes a container's rootfs visible in the guest: containerd's
+    /// `mounts`, or `root_dir` when there are none. Returns the rootfs the
+    /// agent is to use.
     async fn share_rootfs(
         &self,
         sandbox: &PodSandbox,
         container_id: &str,
         mounts: &[Mount],
-        bundle: &Path,
+        root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError>;
 
     /// Undoes [`SandboxLauncher::share_rootfs`].
@@ -461,10 +474,10 @@ impl SandboxLauncher for VmLauncher {
         sandbox: &PodSandbox,
         container_id: &str,
         mounts: &[Mount],
-        bundle: &Path,
+        root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError> {
         let target = sandbox.dir.rootfs_target(container_id);
-        mount_rootfs(container_id, mounts, bundle, &target).await?;
+        mount_rootfs(container_id, mounts, root_dir, &target).await?;
         Ok(shared_rootfs(container_id))
     }
 
@@ -537,6 +550,19 @@ mod tests {
     }
 
     #[test]
+    fn spec_root_is_relative_to_the_bundle_unless_absolute() {
+        let bundle = Path::new("/run/b");
+        let rel = serde_json::json!({"root": {"path": "rootfs"}});
+        assert_eq!(spec_root(bundle, &rel), Path::new("/run/b/rootfs"));
+        let abs = serde_json::json!({"root": {"path": "/srv/rootfs"}});
+        assert_eq!(spec_root(bundle, &abs), Path::new("/srv/rootfs"));
+        assert_eq!(
+            spec_root(bundle, &serde_json::json!({})),
+            Path::new("/run/b/rootfs")
+        );
+    }
+
+    #[test]
     fn annotations_are_read_from_the_spec() {
         let spec = serde_json::json!({"annotations": {"a": "1", "n": 2}});
         assert_eq!(bundle_annotations(&spec), annotations(&[("a", "1")]));
@@ -606,7 +632,9 @@ mod tests {
             }
         }
         let _guard = Unmount(target.clone());
-        mount_rootfs("c1", &[], &bundle, &target).await.unwrap();
+        mount_rootfs("c1", &[], &bundle.join("rootfs"), &target)
+            .await
+            .unwrap();
         assert_eq!(
             std::fs::read_to_string(target.join("etc/hostname")).unwrap(),
             "box\n"

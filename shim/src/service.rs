@@ -34,7 +34,7 @@ use crate::container::{
 use crate::events::{time_from_ns, timestamp, EventSender, TaskEvent};
 use crate::io::{requested_streams, ProcessIo, StdioError};
 use crate::sandbox::{
-    bundle_annotations, pod_membership, PodSandbox, SandboxError, SandboxLauncher,
+    bundle_annotations, pod_membership, spec_root, PodSandbox, SandboxError, SandboxLauncher,
 };
 
 /// How long an exit waits for the process's output to reach the FIFOs.
@@ -281,7 +281,7 @@ impl TaskService {
     ) -> Result<(u32, ProcessIo), ServiceError> {
         let launcher = &self.state.launcher;
         let rootfs = launcher
-            .share_rootfs(sandbox, &req.id, &req.rootfs, bundle)
+            .share_rootfs(sandbox, &req.id, &req.rootfs, &spec_root(bundle, spec))
             .await?;
         let mut request = agent::CreateContainerRequest::new();
         request.container_id = req.id.clone();

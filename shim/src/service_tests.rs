@@ -226,11 +226,11 @@ impl SandboxLauncher for FakeLauncher {
         _: &PodSandbox,
         container_id: &str,
         _: &[api::Mount],
-        bundle: &Path,
+        root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError> {
         self.agent.log(format!("share {container_id}"));
         let mut rootfs = agent::Rootfs::new();
-        rootfs.set_directory(bundle.join("rootfs").display().to_string());
+        rootfs.set_directory(root_dir.display().to_string());
         Ok(rootfs)
     }
     fn unshare_rootfs(&self, _: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
