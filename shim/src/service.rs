@@ -647,7 +647,7 @@ impl TaskService {
     async fn watch_sandbox(
         self,
         sandbox: Arc<PodSandbox>,
-        mut events: tokio::sync::mpsc::Receiver<agent::Event>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<agent::Event>,
     ) {
         loop {
             tokio::select! {

@@ -20,7 +20,7 @@ use crate::vmm_client::{ChildExit, Hypervisor, HypervisorError};
 #[derive(Default)]
 struct FakeAgent {
     calls: StdMutex<Vec<String>>,
-    events: StdMutex<Option<mpsc::Sender<agent::Event>>>,
+    events: StdMutex<Option<mpsc::UnboundedSender<agent::Event>>>,
     /// The agent's ends of attached stdio streams.
     streams: StdMutex<HashMap<(String, String, StreamKind), UnixStream>>,
     next_pid: AtomicU32,
@@ -43,7 +43,7 @@ impl FakeAgent {
         exited.exited_at_ns = 1_700_000_000_000_000_000;
         event.set_exited(exited);
         let tx = self.events.lock().unwrap().clone().unwrap();
-        tx.send(event).await.unwrap();
+        tx.send(event).unwrap();
     }
     fn close_events(&self) {
         self.events.lock().unwrap().take();
@@ -134,8 +134,8 @@ impl AgentClient for FakeAgent {
         self.log(format!("close-stdin {id} {exec:?}"));
         Ok(())
     }
-    async fn events(&self) -> Result<mpsc::Receiver<agent::Event>, AgentError> {
-        let (tx, rx) = mpsc::channel(16);
+    async fn events(&self) -> Result<mpsc::UnboundedReceiver<agent::Event>, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
         *self.events.lock().unwrap() = Some(tx);
         Ok(rx)
     }
