@@ -138,6 +138,11 @@ impl ConsoleProcess {
         })
     }
 
+    /// The process id (it leads its own process group).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Collects the console until the process exits or `timeout` (from the
     /// start) passes; then kills it.
     pub fn wait(self, timeout: Duration) -> ConsoleRun {
@@ -239,12 +244,7 @@ impl ConsoleProcess {
     }
 
     fn kill(&mut self) {
-        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) with a negative pid signals the process group
-            // this child leads (spawned with process_group(0)); no memory
-            // is involved.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
+        kill_process_group(self.child.id());
         // Errors mean it has already exited; either way it is reaped here.
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -256,6 +256,17 @@ impl Drop for ConsoleProcess {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.kill();
         }
+    }
+}
+
+/// Kills the process group led by `pid` (a [`ConsoleProcess`], from any
+/// thread, e.g. when a test gives up on its guest).
+pub fn kill_process_group(pid: u32) {
+    if let Ok(pgid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) with a negative pid signals the process group
+        // this child leads (spawned with process_group(0)); no memory is
+        // involved.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
 }
 

@@ -6,8 +6,14 @@
 //! - [`qemu`]: boots the image in QEMU `-M microvm` (TCG or KVM) and names
 //!   the console milestones.
 //! - [`cloister_vmm`]: boots the same image the same way in `cloister-vmm`.
+//! - [`hybrid_vsock`]: the host side of hybrid vsock and of the vsock
+//!   probe's modes (echo, concurrent echo, bulk with checksums).
+//! - [`vhost_user`]: vhost-user back ends for QEMU (ours, the
+//!   `vhost-device-vsock` peer) and the vsock probe guest run.
 
 pub mod cloister_vmm;
 pub mod console;
 pub mod guest_image;
+pub mod hybrid_vsock;
 pub mod qemu;
+pub mod vhost_user;

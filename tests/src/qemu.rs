@@ -41,8 +41,41 @@ pub struct QemuConfig {
     pub cmdline: String,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// Guest RAM in a shared memfd (`memory-backend-memfd,share=on`), which
+    /// vhost-user back ends need to map it; forced on by
+    /// [`Self::vhost_user`] devices.
+    pub shared_memory: bool,
+    /// Devices served by vhost-user back ends (on virtio-mmio).
+    pub vhost_user: Vec<VhostUserDevice>,
     /// Appended as given (devices, `-global`s, ...).
     pub extra_args: Vec<String>,
+}
+
+/// The kinds of vhost-user device QEMU 7.2 offers on `microvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VhostUserKind {
+    Vsock,
+    Rng,
+    Block,
+}
+
+impl VhostUserKind {
+    /// QEMU's device model (the virtio-bus one, not the PCI proxy).
+    pub fn qemu_device(self) -> &'static str {
+        match self {
+            VhostUserKind::Vsock => "vhost-user-vsock-device",
+            VhostUserKind::Rng => "vhost-user-rng",
+            VhostUserKind::Block => "vhost-user-blk",
+        }
+    }
+}
+
+/// A device whose back end listens on a vhost-user socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserDevice {
+    pub kind: VhostUserKind,
+    /// The back end's socket (it must listen before QEMU starts).
+    pub socket: PathBuf,
 }
 
 impl QemuConfig {
@@ -67,6 +100,8 @@ impl QemuConfig {
             cmdline: cmdline::guest_cmdline(RebootMethod::TripleFault, nested),
             memory_mib: 256,
             vcpus: 1,
+            shared_memory: false,
+            vhost_user: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -77,9 +112,15 @@ impl QemuConfig {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
         };
+        let shared_memory = self.shared_memory || !self.vhost_user.is_empty();
+        let machine = if shared_memory {
+            "microvm,acpi=off,memory-backend=mem"
+        } else {
+            "microvm,acpi=off"
+        };
         let mut args: Vec<OsString> = [
             "-M",
-            "microvm,acpi=off",
+            machine,
             "-accel",
             accel,
             "-cpu",
@@ -107,6 +148,24 @@ impl QemuConfig {
         if let Some(initrd) = &self.initrd {
             args.push("-initrd".into());
             args.push(initrd.clone().into());
+        }
+        if shared_memory {
+            args.push("-object".into());
+            args.push(
+                format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.memory_mib
+                )
+                .into(),
+            );
+        }
+        for (i, device) in self.vhost_user.iter().enumerate() {
+            let mut chardev = OsString::from(format!("socket,id=vhu{i},path="));
+            chardev.push(&device.socket);
+            args.push("-chardev".into());
+            args.push(chardev);
+            args.push("-device".into());
+            args.push(format!("{},chardev=vhu{i}", device.kind.qemu_device()).into());
         }
         args.extend(self.extra_args.iter().map(OsString::from));
         args
@@ -270,6 +329,26 @@ mod tests {
         assert!(args[append + 1].contains("console=ttyS0"));
         // TCG needs none of the nested-KVM workarounds.
         assert!(!args[append + 1].contains("clearcpuid"));
+    }
+
+    #[test]
+    fn args_with_vhost_user_device_share_guest_memory_and_attach_the_socket() {
+        let mut config = QemuConfig::new(Accel::Tcg, Path::new("/k/vmlinux"), None);
+        config.vhost_user.push(VhostUserDevice {
+            kind: VhostUserKind::Vsock,
+            socket: PathBuf::from("/run/v.sock"),
+        });
+        let joined = config
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.starts_with("-M microvm,acpi=off,memory-backend=mem "));
+        assert!(joined.contains(" -object memory-backend-memfd,id=mem,size=256M,share=on "));
+        assert!(joined.ends_with(
+            " -chardev socket,id=vhu0,path=/run/v.sock -device vhost-user-vsock-device,chardev=vhu0"
+        ));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Builds a microVM from a [`VmSpec`] and runs it to its end: KVM checks,
-//! guest memory, boot payload, legacy devices, vCPU threads.
+//! guest memory, boot payload, legacy devices, virtio devices and their
+//! thread, vCPU threads.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -15,14 +16,18 @@ use crate::boot::cmdline::{build_cmdline, CmdlineError};
 use crate::boot::loader::{load_initrd, load_kernel, write_boot_info, LoaderError};
 use crate::boot::mptable::{write_mptable, MptableError};
 use crate::boot::regs::{setup_boot_vcpu, setup_lapic_lints, setup_msrs, BootEntry, RegsError};
-use crate::config::{validate_resources, ConfigError, VmConfig};
+use crate::config::{validate_resources, ConfigError, VirtioDevicesConfig, VmConfig};
 use crate::cpuid::{cpuid_for_vcpu, CpuTemplate};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use crate::devices::virtio::attach::{AttachError, VirtioDevices};
+use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::event_loop::{EventLoopError, VirtioThread};
+use crate::devices::virtio::rng::RngDevice;
 use crate::exit::{ExitSignal, VmExit};
-use crate::metrics::VmmMetrics;
+use crate::metrics::{DeviceReport, PeriodicMetrics, VmmMetrics};
 use crate::vstate::kvm::{HostKvmKind, KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu, VcpuNudger};
@@ -58,6 +63,10 @@ pub struct VmSpec {
     pub hugepages: bool,
     /// `None`: chosen for the host.
     pub cpu_template: Option<CpuTemplate>,
+    pub devices: VirtioDevicesConfig,
+    /// Print the counters as a JSON line on stderr this often while the
+    /// VM runs.
+    pub metrics_interval: Option<Duration>,
 }
 
 impl From<&VmConfig> for VmSpec {
@@ -72,6 +81,8 @@ impl From<&VmConfig> for VmSpec {
             memory_mib: cfg.memory_mib,
             hugepages: cfg.hugepages,
             cpu_template: cfg.cpu_template,
+            devices: cfg.devices(),
+            metrics_interval: None,
         }
     }
 }
@@ -82,6 +93,15 @@ pub struct VmRun {
     pub exit: VmExit,
     pub cpu_template: CpuTemplate,
     pub metrics: Arc<VmmMetrics>,
+    /// Each virtio device's counters when the VM ended.
+    pub devices: Vec<DeviceReport>,
+}
+
+impl VmRun {
+    /// The VMM's and the devices' counters.
+    pub fn metrics_json(&self) -> serde_json::Value {
+        self.metrics.to_json_with_devices(&self.devices)
+    }
 }
 
 /// Why a VM could not be built.
@@ -107,6 +127,10 @@ pub enum BuildError {
     Regs(#[from] RegsError),
     #[error("cannot place device: {0}")]
     Bus(#[from] BusError),
+    #[error("cannot attach virtio device: {0}")]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
     #[error("raw payload of {len} bytes at {addr:#x} does not fit guest memory: {source}")]
     Payload {
         addr: u64,
@@ -162,13 +186,38 @@ pub fn run_vm(
 
     let mem = create_guest_memory(spec.memory_mib, spec.hugepages)?;
     let vm = Vm::new(&kvm, &mem)?;
-    let (entry, all_vcpus_start) = load_payload(&mem, &spec.boot, template)?;
+    let mut mmio_bus = Bus::new();
+    let virtio = VirtioDevices::attach(
+        vm.fd(),
+        &mem,
+        &mut mmio_bus,
+        create_virtio_devices(&spec.devices)?,
+    )?;
+    let (entry, all_vcpus_start) =
+        load_payload(&mem, &spec.boot, template, &virtio.cmdline_args())?;
     write_mptable(&mem, spec.vcpus)?;
 
     let metrics = Arc::new(VmmMetrics::default());
     let exit = Arc::new(ExitSignal::new().map_err(io("cannot create exit eventfd"))?);
     let io_bus = Arc::new(legacy_io_bus(&vm, serial_out, &exit, &metrics, vmm_start)?);
-    let mmio_bus = Arc::new(Bus::new());
+    let mmio_bus = Arc::new(mmio_bus);
+    let virtio_thread = if virtio.is_empty() {
+        None
+    } else {
+        Some(VirtioThread::start(&virtio.transports())?)
+    };
+    let periodic_metrics = match spec.metrics_interval {
+        Some(interval) => {
+            let (vmm, devices) = (metrics.clone(), virtio.clone());
+            Some(
+                PeriodicMetrics::start(interval, Box::new(std::io::stderr()), move || {
+                    vmm.to_json_with_devices(&devices.reports())
+                })
+                .map_err(io("cannot start the metrics thread"))?,
+            )
+        }
+        None => None,
+    };
 
     let supported = kvm
         .kvm()
@@ -255,11 +304,16 @@ pub fn run_vm(
     // The nudger signals the vCPU threads: it ends before they are joined.
     drop(nudger);
     stop_vcpus(&stop, threads);
+    drop(periodic_metrics);
+    // Devices stop after the vCPUs: no register access can race the end.
+    drop(virtio_thread);
+    let devices = virtio.reports();
     drop(vm);
     Ok(VmRun {
         exit: end,
         cpu_template: template,
         metrics,
+        devices,
     })
 }
 
@@ -269,6 +323,7 @@ fn load_payload(
     mem: &GuestMemoryMmap,
     boot: &BootSource,
     template: CpuTemplate,
+    device_args: &[String],
 ) -> Result<(BootEntry, bool), BuildError> {
     match boot {
         BootSource::Linux {
@@ -276,7 +331,13 @@ fn load_payload(
             initrd,
             cmdline,
         } => {
-            let cmdline = build_cmdline(cmdline, template.kernel_args())?;
+            let extra: Vec<&str> = template
+                .kernel_args()
+                .iter()
+                .copied()
+                .chain(device_args.iter().map(String::as_str))
+                .collect();
+            let cmdline = build_cmdline(cmdline, &extra)?;
             let loaded = load_kernel(mem, kernel)?;
             let initrd = initrd
                 .as_deref()
@@ -296,6 +357,35 @@ fn load_payload(
             Ok((BootEntry::LongMode { entry: *load_addr }, true))
         }
     }
+}
+
+/// The virtio devices `config` asks for, in slot order.
+fn create_virtio_devices(
+    config: &VirtioDevicesConfig,
+) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if config.rng {
+        devices.push(Box::new(RngDevice::new()));
+    }
+    if let Some(vsock) = &config.vsock {
+        return Err(not_built_yet("vsock", vsock.uds_path.display().to_string()));
+    }
+    if let Some(console) = &config.console {
+        return Err(not_built_yet("console", console.output.to_string()));
+    }
+    if let Some(disk) = config.block.first() {
+        return Err(not_built_yet("block", disk.path.display().to_string()));
+    }
+    Ok(devices)
+}
+
+/// A device the configuration accepts but this build does not have yet.
+fn not_built_yet(field: &'static str, value: String) -> BuildError {
+    BuildError::Config(ConfigError::Invalid {
+        field,
+        value,
+        reason: format!("the virtio {field} device is not built yet"),
+    })
 }
 
 /// COM1, the i8042 (reset only) and the boot timer on the port I/O bus.

@@ -13,4 +13,5 @@ pub mod cpuid;
 pub mod devices;
 pub mod exit;
 pub mod metrics;
+pub mod vhost_user;
 pub mod vstate;

@@ -5,12 +5,14 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use cloister_vmm::builder::{run_vm, VmSpec};
-use cloister_vmm::config::{SerialOutput, VmConfig};
+use cloister_vmm::config::{
+    BlockConfig, ConsoleConfig, SerialOutput, VirtioConsoleOutput, VmConfig, VsockConfig,
+};
 use cloister_vmm::cpuid::CpuTemplate;
 
 /// Runs one KVM microVM.
@@ -41,16 +43,39 @@ struct Args {
     /// Back guest memory with hugepages.
     #[arg(long)]
     hugepages: bool,
+    /// Add a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
+    /// Add a virtio-vsock device: guest_cid=CID,uds_path=PATH.
+    #[arg(long)]
+    vsock: Option<VsockConfig>,
+    /// Add a virtio-blk disk: path=IMAGE[,read_only=true][,serial=ID];
+    /// repeat for more disks (replaces the config file's list).
+    #[arg(long)]
+    block: Vec<BlockConfig>,
+    /// Add a virtio console (hvc0) writing to stdout or file:PATH.
+    #[arg(long)]
+    console: Option<VirtioConsoleOutput>,
     /// JSON config with the same fields; flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Print the VMM's counters as JSON on stderr when the VM ends.
+    /// Print the VMM's and each device's counters as JSON on stderr when
+    /// the VM ends.
     #[arg(long)]
     print_metrics: bool,
+    /// Also print them every SECONDS while the VM runs.
+    #[arg(long, value_name = "SECONDS")]
+    metrics_interval: Option<u64>,
+}
+
+/// What main does besides building the VM.
+struct RunOptions {
+    print_metrics: bool,
+    metrics_interval: Option<Duration>,
 }
 
 impl Args {
-    fn into_config(self) -> anyhow::Result<(VmConfig, bool)> {
+    fn into_config(self) -> anyhow::Result<(VmConfig, RunOptions)> {
         let mut cfg = match (&self.config, &self.kernel) {
             (Some(path), _) => VmConfig::from_file(path)?,
             (None, Some(kernel)) => VmConfig::new(kernel),
@@ -78,8 +103,27 @@ impl Args {
             cfg.cpu_template = Some(template);
         }
         cfg.hugepages |= self.hugepages;
+        cfg.rng |= self.rng;
+        if let Some(vsock) = self.vsock {
+            cfg.vsock = Some(vsock);
+        }
+        if !self.block.is_empty() {
+            cfg.block = self.block;
+        }
+        if let Some(output) = self.console {
+            cfg.console = Some(ConsoleConfig { output });
+        }
         cfg.validate()?;
-        Ok((cfg, self.print_metrics))
+        if self.metrics_interval == Some(0) {
+            anyhow::bail!("metrics_interval = 0: must be at least 1 second");
+        }
+        Ok((
+            cfg,
+            RunOptions {
+                print_metrics: self.print_metrics,
+                metrics_interval: self.metrics_interval.map(Duration::from_secs),
+            },
+        ))
     }
 }
 
@@ -95,9 +139,13 @@ fn serial_writer(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>>
 
 fn run() -> anyhow::Result<bool> {
     let start = Instant::now();
-    let (cfg, print_metrics) = Args::parse().into_config()?;
+    let (cfg, options) = Args::parse().into_config()?;
     let serial = serial_writer(&cfg.serial)?;
-    let run = run_vm(&VmSpec::from(&cfg), serial, start)?;
+    let spec = VmSpec {
+        metrics_interval: options.metrics_interval,
+        ..VmSpec::from(&cfg)
+    };
+    let run = run_vm(&spec, serial, start)?;
     let _ = std::io::stdout().flush();
     tracing::info!(
         "VM ended after {} ms: {} (CPU template {})",
@@ -105,8 +153,8 @@ fn run() -> anyhow::Result<bool> {
         run.exit,
         run.cpu_template
     );
-    if print_metrics {
-        eprintln!("{}", run.metrics.to_json());
+    if options.print_metrics {
+        eprintln!("{}", run.metrics_json());
     }
     if !run.exit.is_clean() {
         eprintln!("cloister-vmm: {}", run.exit);

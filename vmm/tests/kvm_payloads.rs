@@ -61,6 +61,8 @@ fn run_payload_with(code: &[u8], vcpus: u8, hugepages: bool) -> (VmRun, String) 
         memory_mib: 32,
         hugepages,
         cpu_template: None,
+        devices: Default::default(),
+        metrics_interval: None,
     };
     let run = run_vm(&spec, Box::new(serial.clone()), Instant::now()).expect("VM builds and runs");
     (run, serial.text())

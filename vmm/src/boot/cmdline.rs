@@ -9,6 +9,12 @@ use super::layout::CMDLINE_MAX_SIZE;
 /// kernel panic that reboots at once instead of hanging.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
+/// The argument that announces a virtio-mmio device to Linux
+/// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`): `virtio_mmio.device=4K@0xd0000000:5`.
+pub fn virtio_mmio_device_arg(base: u64, window: u64, irq: u32) -> String {
+    format!("virtio_mmio.device={}K@{base:#x}:{irq}", window >> 10)
+}
+
 /// Why a command line was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CmdlineError {
@@ -81,6 +87,14 @@ pub fn build_cmdline(base: &str, extra: &[&str]) -> Result<Cmdline, CmdlineError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtio_mmio_device_arg_names_size_base_and_irq() {
+        assert_eq!(
+            virtio_mmio_device_arg(0xd000_1000, 0x1000, 6),
+            "virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
 
     #[test]
     fn build_cmdline_appends_extras_once() {

@@ -37,6 +37,17 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// Guest RAM stops here and resumes at 4 GiB: the gap is for MMIO.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio register windows, one 4 KiB page per device from here up,
+/// at the bottom of the MMIO gap (Linux finds them through
+/// `virtio_mmio.device=` on the command line).
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
+/// Interrupt lines of virtio-mmio devices: IOAPIC pins 5 to 23 (4 is
+/// COM1; KVM's IOAPIC has 24 pins, all routed in the MP table).
+pub const VIRTIO_IRQ_FIRST: u32 = 5;
+pub const VIRTIO_IRQ_LAST: u32 = 23;
+/// One interrupt line each.
+pub const MAX_VIRTIO_DEVICES: usize = (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize;
 /// KVM's three-page TSS region and the identity-map page right below it,
 /// inside the MMIO gap so they never overlap RAM.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;

@@ -2,4 +2,11 @@
 //! ([`device::VirtioDevice`]) served over virtio-mmio by `cloister-vmm` or
 //! over vhost-user to QEMU.
 
+pub mod attach;
+pub mod block;
+pub mod console;
 pub mod device;
+pub mod event_loop;
+pub mod mmio;
+pub mod rng;
+pub mod vsock;

@@ -1,0 +1,41 @@
+//! What the vsock probe (`/init` of a test guest) and the host side of the
+//! test agree on: the kernel command-line keys that choose its modes, the
+//! console markers, the bulk-transfer data and its checksum.
+//!
+//! The probe runs its modes in this order, each only if its key is given:
+//!
+//! 1. **echo** (`vsock_probe.echo_port=P`): connects to the host (CID 2)
+//!    port P and echoes everything until the host shuts its side down.
+//! 2. **accept** (`vsock_probe.listen_port=L vsock_probe.connections=N`):
+//!    listens on port L, echoes on N host-initiated connections at once
+//!    (one thread each), and goes on when all N have ended.
+//! 3. **bulk** (`vsock_probe.bulk_port=P vsock_probe.bulk_mib=M`): connects
+//!    to host port P, receives M MiB, sends the [`StreamHash`] of them (8
+//!    bytes, little endian), sends M MiB of [`Pattern`] data
+//!    ([`GUEST_PATTERN_SEED`]) and then their hash.
+//!
+//! Then it prints [`DONE_MARKER`] (or a line starting with [`FAIL_PREFIX`])
+//! and reboots, which ends the VM.
+
+pub mod cmdline;
+pub mod stream;
+
+pub use cmdline::ProbeConfig;
+pub use stream::{Pattern, StreamHash};
+
+/// Printed first, once the probe runs as `/init`.
+pub const START_MARKER: &str = "vsock-probe: started";
+/// Printed when the accept mode listens (host CONNECTs can start).
+pub const LISTENING_MARKER: &str = "vsock-probe: listening";
+/// Printed after every mode succeeded.
+pub const DONE_MARKER: &str = "vsock-probe: all modes passed";
+/// Starts the line describing the first failure.
+pub const FAIL_PREFIX: &str = "vsock-probe: FAIL";
+/// The well-known CID of the host.
+pub const HOST_CID: u32 = 2;
+/// Seed of the data the guest sends in bulk mode.
+pub const GUEST_PATTERN_SEED: u64 = 0x6775_6573_745f_7478;
+/// Seed of the data the host sends in bulk mode.
+pub const HOST_PATTERN_SEED: u64 = 0x686f_7374_5f74_7800;
+/// Read and write size in bulk mode.
+pub const BULK_CHUNK: usize = 64 * 1024;

@@ -1,0 +1,153 @@
+//! Places virtio devices into the VM: one virtio-mmio window and one
+//! interrupt line each, KVM irqfd for the interrupt, KVM ioeventfd for
+//! queue notifications, and the kernel arguments that announce them.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::VirtioDevice;
+use super::mmio::{reg, MmioError, MmioTransport};
+use crate::boot::cmdline::virtio_mmio_device_arg;
+use crate::boot::layout::{
+    MAX_VIRTIO_DEVICES, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW,
+};
+use crate::devices::bus::{lock, Bus, BusError};
+use crate::metrics::DeviceReport;
+
+/// Why a device could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{count} virtio devices requested, at most {MAX_VIRTIO_DEVICES} fit")]
+    TooMany { count: usize },
+    #[error("device {device}: cannot create its interrupt eventfd: {source}")]
+    IrqEvent {
+        device: String,
+        source: std::io::Error,
+    },
+    #[error("device {device}: KVM_IRQFD on irq {irq} failed: {source}")]
+    Irqfd {
+        device: String,
+        irq: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Transport(#[from] MmioError),
+    #[error("device {device}: {source}")]
+    Bus { device: String, source: BusError },
+}
+
+/// A device in its slot.
+#[derive(Clone)]
+pub struct AttachedDevice {
+    pub mmio_base: u64,
+    pub irq: u32,
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The VM's virtio devices, in slot order (clones share the devices).
+#[derive(Clone, Default)]
+pub struct VirtioDevices {
+    devices: Vec<AttachedDevice>,
+}
+
+impl VirtioDevices {
+    /// Gives each device the next slot: its window goes on `mmio_bus`, its
+    /// irqfd and (where KVM takes them) queue ioeventfds on `vm`.
+    pub fn attach(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        mmio_bus: &mut Bus,
+        devices: Vec<Box<dyn VirtioDevice>>,
+    ) -> Result<Self, AttachError> {
+        if devices.len() > MAX_VIRTIO_DEVICES {
+            return Err(AttachError::TooMany {
+                count: devices.len(),
+            });
+        }
+        let mut attached = Vec::with_capacity(devices.len());
+        // Slot numbers are below MAX_VIRTIO_DEVICES (19), so they fit u32.
+        for (slot, device) in (0u32..).zip(devices) {
+            let name = device.name().to_string();
+            let mmio_base = VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_WINDOW;
+            let irq = VIRTIO_IRQ_FIRST + slot;
+            let irq_event =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(|source| AttachError::IrqEvent {
+                    device: name.clone(),
+                    source,
+                })?;
+            vm.register_irqfd(&irq_event, irq)
+                .map_err(|source| AttachError::Irqfd {
+                    device: name.clone(),
+                    irq,
+                    source,
+                })?;
+            let transport = MmioTransport::new(device, mem.clone(), irq_event)?;
+            register_ioeventfds(vm, &transport, mmio_base);
+            let transport = Arc::new(Mutex::new(transport));
+            mmio_bus
+                .insert(mmio_base, VIRTIO_MMIO_WINDOW, transport.clone())
+                .map_err(|source| AttachError::Bus {
+                    device: name.clone(),
+                    source,
+                })?;
+            tracing::debug!(device = name, "virtio-mmio at {mmio_base:#x}, irq {irq}");
+            attached.push(AttachedDevice {
+                mmio_base,
+                irq,
+                transport,
+            });
+        }
+        Ok(Self { devices: attached })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// `virtio_mmio.device=` for each device.
+    pub fn cmdline_args(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .map(|d| virtio_mmio_device_arg(d.mmio_base, VIRTIO_MMIO_WINDOW, d.irq))
+            .collect()
+    }
+
+    pub fn transports(&self) -> Vec<Arc<Mutex<MmioTransport>>> {
+        self.devices.iter().map(|d| d.transport.clone()).collect()
+    }
+
+    /// Each device's counters now.
+    pub fn reports(&self) -> Vec<DeviceReport> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let transport = lock(&d.transport);
+                DeviceReport {
+                    name: transport.name().to_string(),
+                    mmio_base: d.mmio_base,
+                    irq: d.irq,
+                    transport: transport.report(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Lets KVM signal queue `i`'s eventfd itself when the guest writes `i` to
+/// `QueueNotify`, without an exit to the vCPU thread. Where KVM refuses,
+/// the write reaches the transport as an MMIO exit, which signals the same
+/// eventfd.
+fn register_ioeventfds(vm: &VmFd, transport: &MmioTransport, mmio_base: u64) {
+    let notify = IoEventAddress::Mmio(mmio_base + reg::QUEUE_NOTIFY);
+    for (index, event) in (0u32..).zip(transport.queue_events()) {
+        if let Err(e) = vm.register_ioevent(event, &notify, index) {
+            tracing::info!(
+                device = transport.name(),
+                "KVM_IOEVENTFD for queue {index} refused ({e}): notifications go through MMIO exits"
+            );
+        }
+    }
+}

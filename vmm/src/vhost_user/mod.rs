@@ -1,0 +1,104 @@
+//! The devices of `cloister-vmm` served to another VMM (QEMU) over
+//! vhost-user.
+//!
+//! vhost-user primer: the front end (QEMU) owns the virtio transport the
+//! guest sees. Over a Unix socket it hands the back end (us) the guest's
+//! RAM as file descriptors (so guest memory must be shareable: QEMU's
+//! `memory-backend-memfd,share=on`), the ring addresses of each virtqueue,
+//! and two eventfds per queue: *kick* (guest → device, the driver made
+//! buffers available) and *call* (device → guest, an interrupt). From then
+//! on the back end reads and writes the rings in guest memory directly and
+//! QEMU only forwards config-space accesses (`GET_CONFIG`) and lifecycle
+//! messages. rust-vmm's `vhost-user-backend` implements the protocol; this
+//! module adapts our transport-independent [`VirtioDevice`] to it, so the
+//! same device code serves `cloister-vmm`'s virtio-mmio guests and QEMU's.
+//!
+//! One process serves one device to one front end and returns when the
+//! front end disconnects (QEMU exits), like `vhost-device-*` and virtiofsd.
+
+mod backend;
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+pub use backend::{Activation, VhostUserDevice};
+
+use crate::devices::virtio::device::VirtioDevice;
+
+/// Errors serving a device over vhost-user.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    // vhost_user_backend::Error implements Display only, hence `reason`.
+    #[error("cannot set up the vhost-user back end for {device}: {reason}")]
+    Daemon {
+        device: String,
+        reason: vhost_user_backend::Error,
+    },
+    #[error("cannot watch {device}'s host event fd: {source}")]
+    HostEvent {
+        device: String,
+        source: std::io::Error,
+    },
+    #[error("vhost-user back end for {device} on {socket} failed: {reason}")]
+    Serve {
+        device: String,
+        socket: PathBuf,
+        reason: vhost_user_backend::Error,
+    },
+}
+
+/// Serves `device` on the vhost-user socket `socket` (created; a stale file
+/// there is replaced) to one front end, until it disconnects.
+pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> Result<(), VhostUserError> {
+    let name = device.name().to_string();
+    let backend = Arc::new(Mutex::new(VhostUserDevice::new(device)));
+    let mut daemon = VhostUserDaemon::new(
+        format!("vhost-user-{name}"),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|reason| VhostUserError::Daemon {
+        device: name.clone(),
+        reason,
+    })?;
+    watch_host_events(&daemon, &backend).map_err(|source| VhostUserError::HostEvent {
+        device: name.clone(),
+        source,
+    })?;
+    tracing::info!("{name}: serving vhost-user on {}", socket.display());
+    daemon
+        .serve(socket)
+        .map_err(|reason| VhostUserError::Serve {
+            device: name.clone(),
+            socket: socket.to_path_buf(),
+            reason,
+        })?;
+    tracing::info!("{name}: front end disconnected");
+    Ok(())
+}
+
+/// Registers the device's host event fd with the (single) vring worker.
+fn watch_host_events(
+    daemon: &VhostUserDaemon<Arc<Mutex<VhostUserDevice>>>,
+    backend: &Mutex<VhostUserDevice>,
+) -> std::io::Result<()> {
+    // A poisoned lock means a device call panicked; nothing to serve.
+    let mut backend = backend
+        .lock()
+        .map_err(|_| std::io::Error::other("device lock poisoned"))?;
+    let Some(fd) = backend.host_event_fd() else {
+        return Ok(());
+    };
+    let handlers = daemon.get_epoll_handlers();
+    let Some(worker) = handlers.first() else {
+        return Err(std::io::Error::other("no vring worker"));
+    };
+    worker.register_listener(fd, EventSet::IN, u64::from(backend.host_event_id()))?;
+    backend.attach_epoll(worker.as_raw_fd());
+    Ok(())
+}
