@@ -170,6 +170,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // `cloister-vmm vhost-user …` serves one device to QEMU instead.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "vhost-user")
+    {
+        return cloister_vmm::vhost_user::cli::main(std::env::args_os().skip(1));
+    }
     match run() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
