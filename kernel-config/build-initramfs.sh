@@ -2,7 +2,7 @@
 # Builds a static binary of this workspace and packs it as /init into a raw
 # newc initramfs (cloister-initramfs adds /dev, /dev/console, /proc, /sys).
 #
-# Usage: build-initramfs.sh [--package P] [--bin B] [--out FILE] [--file SRC:DST]...
+# Usage: build-initramfs.sh [--package P] [--bin B] [--out FILE] [--file SRC:DST]... [--tree DIR:DST]...
 #   defaults: --package cloister-test-init --bin <package>
 #             --out ${CLOISTER_CACHE:-$HOME/.cache/cloister}/initramfs/<bin without cloister->.cpio
 # Prints the archive's path on stdout (progress on stderr).
@@ -33,6 +33,7 @@ while [ $# -gt 0 ]; do
         --bin) bin="${2:?--bin needs a value}"; shift 2 ;;
         --out) out="${2:?--out needs a value}"; shift 2 ;;
         --file) extra+=(--file "${2:?--file needs SRC:DST}"); shift 2 ;;
+        --tree) extra+=(--tree "${2:?--tree needs DIR:DST}"); shift 2 ;;
         -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown argument '$1'" ;;
     esac

@@ -93,3 +93,59 @@ fn refuses_file_spec_without_absolute_target() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("SRC:/ABSOLUTE/DST"));
 }
+
+#[test]
+fn packs_directory_tree_with_symlinks_in_name_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init-bin");
+    std::fs::write(&init, static_elf()).unwrap();
+    let tree = dir.path().join("rootfs");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("proc")).unwrap();
+    std::fs::write(tree.join("bin/busybox"), b"box").unwrap();
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+    let out = dir.path().join("image.cpio");
+
+    let status = Command::new(TOOL)
+        .arg("--init")
+        .arg(&init)
+        .arg("--out")
+        .arg(&out)
+        .arg("--tree")
+        .arg(format!("{}:/rootfs/busybox", tree.display()))
+        .status()
+        .unwrap();
+
+    assert!(status.success());
+    let entries = parse_newc(&std::fs::read(&out).unwrap()).unwrap();
+    let find = |p: &str| entries.iter().find(|e| e.path == p);
+    for d in ["rootfs", "rootfs/busybox", "rootfs/busybox/bin", "rootfs/busybox/proc"] {
+        assert_eq!(find(d).unwrap().kind(), Some(EntryKind::Directory), "{d}");
+    }
+    assert_eq!(find("rootfs/busybox/bin/busybox").unwrap().data, b"box");
+    let sh = find("rootfs/busybox/bin/sh").unwrap();
+    assert_eq!(sh.kind(), Some(EntryKind::Symlink("busybox".into())));
+}
+
+#[test]
+fn refuses_tree_source_that_is_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init-bin");
+    std::fs::write(&init, static_elf()).unwrap();
+    let out = dir.path().join("image.cpio");
+
+    let output = Command::new(TOOL)
+        .arg("--init")
+        .arg(&init)
+        .arg("--out")
+        .arg(&out)
+        .arg("--tree")
+        .arg(format!("{}:/rootfs", init.display()))
+        .output()
+        .unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not a directory"), "{stderr}");
+    assert!(!out.exists());
+}

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cloister-initramfs --init target/.../cloister-test-init --out test-init.cpio \
-//!     [--file SRC:/DST]...
+//!     [--file SRC:/DST]... [--tree SRCDIR:/DST]...
 //! ```
 
 use std::fs;
@@ -28,6 +28,11 @@ struct Args {
     /// absolute path inside the image. Repeatable.
     #[arg(long = "file", value_name = "SRC:DST")]
     files: Vec<String>,
+    /// Extra directory tree (directories, regular files, symlinks as they
+    /// are; anything else refused): host directory, then where it goes in
+    /// the image. Repeatable. Used for a container rootfs in guest tests.
+    #[arg(long = "tree", value_name = "SRCDIR:DST")]
+    trees: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -69,13 +74,65 @@ fn build(args: &Args) -> Result<Initramfs> {
         .directory("/sys", 0o555)?
         .file("/init", 0o755, init)?;
     for spec in &args.files {
-        let (source, target) = spec
-            .rsplit_once(':')
-            .filter(|(s, t)| !s.is_empty() && t.starts_with('/'))
-            .with_context(|| format!("--file '{spec}' is not SRC:/ABSOLUTE/DST"))?;
+        let (source, target) = split_spec("--file", spec)?;
         add_file(&mut image, Path::new(source), target)?;
     }
+    for spec in &args.trees {
+        let (source, target) = split_spec("--tree", spec)?;
+        add_tree(&mut image, Path::new(source), target.trim_end_matches('/'))?;
+    }
     Ok(image)
+}
+
+fn split_spec<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, &'a str)> {
+    spec.rsplit_once(':')
+        .filter(|(s, t)| !s.is_empty() && t.starts_with('/') && t.len() > 1)
+        .with_context(|| format!("{flag} '{spec}' is not SRC:/ABSOLUTE/DST"))
+}
+
+/// Adds `source` as directory `target`, recursively, in name order so the
+/// archive is the same on every run.
+fn add_tree(image: &mut Initramfs, source: &Path, target: &str) -> Result<()> {
+    let metadata =
+        fs::symlink_metadata(source).with_context(|| format!("reading {}", source.display()))?;
+    if !metadata.is_dir() {
+        bail!("--tree source {} is not a directory", source.display());
+    }
+    image
+        .directory(target, metadata.permissions().mode() & 0o7777)
+        .with_context(|| format!("adding {} as {target}", source.display()))?;
+    let mut entries = fs::read_dir(source)
+        .with_context(|| format!("listing {}", source.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("listing {}", source.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", path.display()))?;
+        let child = format!("{target}/{name}");
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("reading {}", path.display()))?;
+        if kind.is_dir() {
+            add_tree(image, &path, &child)?;
+        } else if kind.is_symlink() {
+            let link = fs::read_link(&path).with_context(|| format!("reading {}", path.display()))?;
+            let link = link
+                .to_str()
+                .with_context(|| format!("symlink {} is not UTF-8", path.display()))?;
+            image
+                .symlink(&child, link)
+                .with_context(|| format!("adding {} as {child}", path.display()))?;
+        } else if kind.is_file() {
+            add_file(image, &path, &child)?;
+        } else {
+            bail!("{} is neither a directory, a file nor a symlink", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn add_file(image: &mut Initramfs, source: &Path, target: &str) -> Result<()> {
