@@ -133,8 +133,9 @@ pub trait AgentClient: Send + Sync {
     ) -> Result<(), AgentError>;
     async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
     /// Exits and OOM kills from now on, in order; the channel closes when
-    /// the agent connection ends.
-    async fn events(&self) -> Result<mpsc::Receiver<agent::Event>, AgentError>;
+    /// the agent connection ends. Unbounded: a relay that waited for a slow
+    /// consumer would stall the ttrpc connection the RPCs share.
+    async fn events(&self) -> Result<mpsc::UnboundedReceiver<agent::Event>, AgentError>;
     async fn shutdown(&self) -> Result<(), AgentError>;
     /// Opens one stdio stream of a process (see `cloister_protocol::stdio`).
     async fn open_stdio(
@@ -500,7 +501,7 @@ impl AgentClient for TtrpcAgentClient {
             .map_err(|e| AgentError::rpc("CloseStdin", e))
     }
 
-    async fn events(&self) -> Result<mpsc::Receiver<agent::Event>, AgentError> {
+    async fn events(&self) -> Result<mpsc::UnboundedReceiver<agent::Event>, AgentError> {
         // No deadline: the stream lives as long as the sandbox.
         let mut stream = self
             .client
@@ -510,12 +511,12 @@ impl AgentClient for TtrpcAgentClient {
             )
             .await
             .map_err(|e| AgentError::rpc("Events", e))?;
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match stream.recv().await {
                     Ok(Some(event)) => {
-                        if tx.send(event).await.is_err() {
+                        if tx.send(event).is_err() {
                             return;
                         }
                     }

@@ -544,6 +544,12 @@ connect_timeout_secs = 10
     }
 
     #[test]
+    fn shipped_example_is_the_defaults() {
+        let example = include_str!("../deploy/config.toml");
+        assert_eq!(parse(example).unwrap(), RuntimeConfig::default());
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config, RuntimeConfig::default());

@@ -1,9 +1,14 @@
 //! The containerd shim v2 (`containerd-shim-cloister-v2`) and the host CLI (`cloister`): task API, pod sandboxes, stdio, events, runtime config and host checks.
 
 pub mod agent_client;
+pub mod check;
+pub mod compat;
 pub mod config;
 pub mod container;
 pub mod events;
 pub mod io;
+pub mod lifecycle;
 pub mod sandbox;
+pub mod service;
+pub mod stats;
 pub mod vmm_client;

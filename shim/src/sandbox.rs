@@ -30,8 +30,7 @@ use crate::vmm_client::{hypervisor_for, ChildExit, Hypervisor, HypervisorError, 
 /// CRI's annotations naming a container's role and pod.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-/// The virtio-fs tag of the pod's shared directory.
-pub const SHARED_FS_TAG: &str = "cloister";
+pub use crate::vmm_client::SHARED_FS_TAG;
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/cloister/shared";
 /// How long the VMM gets after SIGTERM before SIGKILL.
@@ -162,7 +161,7 @@ impl SandboxDir {
 
     /// Exported to the guest over virtio-fs.
     pub fn shared_dir(&self) -> PathBuf {
-        self.path.join("shared")
+        self.vm_paths().shared_dir()
     }
 
     /// Host mount point of a container's rootfs.
@@ -174,7 +173,14 @@ impl SandboxDir {
     /// cross into a mounted file system instead of deleting its contents.
     pub fn remove(&self) -> Result<(), SandboxError> {
         match remove_tree_without_crossing_mounts(&self.path) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The namespace folder goes with its last sandbox; another
+                // pod's folder in it keeps it (and the error is expected).
+                if let Some(namespace_dir) = self.path.parent() {
+                    let _ = std::fs::remove_dir(namespace_dir);
+                }
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(SandboxError::Folder {
                 path: self.path.clone(),
@@ -251,13 +257,25 @@ fn remove_tree_without_crossing_mounts(path: &Path) -> std::io::Result<()> {
     std::fs::remove_dir(path)
 }
 
+/// The spec's `root.path`, relative to the bundle unless absolute
+/// (`ctr run --rootfs DIR` writes DIR itself); `rootfs` when absent.
+pub fn spec_root(bundle: &Path, spec: &serde_json::Value) -> PathBuf {
+    let root = spec
+        .get("root")
+        .and_then(|r| r.get("path"))
+        .and_then(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("rootfs");
+    bundle.join(root)
+}
+
 /// Mounts a container's rootfs at `target`: containerd's mounts (overlay
-/// from the snapshotter), or a bind of the bundle's `rootfs` when containerd
-/// passed none (`ctr run --rootfs`).
+/// from the snapshotter), or a bind of `root_dir` (the spec's root) when
+/// containerd passed none (`ctr run --rootfs`).
 pub async fn mount_rootfs(
     container_id: &str,
     mounts: &[Mount],
-    bundle: &Path,
+    root_dir: &Path,
     target: &Path,
 ) -> Result<(), SandboxError> {
     let fail = |reason: String| SandboxError::Rootfs {
@@ -267,7 +285,7 @@ pub async fn mount_rootfs(
     };
     std::fs::create_dir_all(target).map_err(|e| fail(e.to_string()))?;
     if mounts.is_empty() {
-        let source = bundle.join("rootfs");
+        let source = root_dir;
         let bind = Mount {
             type_: "bind".into(),
             source: source.display().to_string(),
@@ -381,6 +399,20 @@ pub trait SandboxLauncher: Send + Sync {
         spec: &serde_json::Value,
         options_config_path: Option<String>,
     ) -> Result<PodSandbox, SandboxError>;
+
+    /// Makes a container's rootfs visible in the guest: containerd's
+    /// `mounts`, or `root_dir` when there are none. Returns the rootfs the
+    /// agent is to use.
+    async fn share_rootfs(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[Mount],
+        root_dir: &Path,
+    ) -> Result<agent::Rootfs, SandboxError>;
+
+    /// Undoes [`SandboxLauncher::share_rootfs`].
+    fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError>;
 }
 
 /// Starts the pod's microVM and connects to its agent.
@@ -436,6 +468,36 @@ impl SandboxLauncher for VmLauncher {
             }
         }
     }
+
+    async fn share_rootfs(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[Mount],
+        root_dir: &Path,
+    ) -> Result<agent::Rootfs, SandboxError> {
+        let target = sandbox.dir.rootfs_target(container_id);
+        mount_rootfs(container_id, mounts, root_dir, &target).await?;
+        Ok(shared_rootfs(container_id))
+    }
+
+    fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
+        let target = sandbox.dir.rootfs_target(container_id);
+        unmount_rootfs(&target).map_err(|e| SandboxError::Rootfs {
+            container_id: container_id.to_owned(),
+            target: target.clone(),
+            reason: format!("unmount: {e}"),
+        })?;
+        let container_dir = sandbox.dir.shared_dir().join(container_id);
+        match remove_tree_without_crossing_mounts(&container_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SandboxError::Folder {
+                path: container_dir,
+                source,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -488,6 +550,19 @@ mod tests {
     }
 
     #[test]
+    fn spec_root_is_relative_to_the_bundle_unless_absolute() {
+        let bundle = Path::new("/run/b");
+        let rel = serde_json::json!({"root": {"path": "rootfs"}});
+        assert_eq!(spec_root(bundle, &rel), Path::new("/run/b/rootfs"));
+        let abs = serde_json::json!({"root": {"path": "/srv/rootfs"}});
+        assert_eq!(spec_root(bundle, &abs), Path::new("/srv/rootfs"));
+        assert_eq!(
+            spec_root(bundle, &serde_json::json!({})),
+            Path::new("/run/b/rootfs")
+        );
+    }
+
+    #[test]
     fn annotations_are_read_from_the_spec() {
         let spec = serde_json::json!({"annotations": {"a": "1", "n": 2}});
         assert_eq!(bundle_annotations(&spec), annotations(&[("a", "1")]));
@@ -506,8 +581,13 @@ mod tests {
         );
         std::fs::create_dir_all(dir.rootfs_target("c1")).unwrap();
         std::fs::write(dir.path.join("vmm.log"), "x").unwrap();
+        let neighbour = SandboxDir::new(state.path(), "k8s.io", "pod2");
+        neighbour.create().unwrap();
         dir.remove().unwrap();
         assert!(!dir.path.exists());
+        assert!(neighbour.path.exists());
+        neighbour.remove().unwrap();
+        assert!(!state.path().join("k8s.io").exists());
         // Removing twice is fine.
         dir.remove().unwrap();
     }
@@ -552,7 +632,9 @@ mod tests {
             }
         }
         let _guard = Unmount(target.clone());
-        mount_rootfs("c1", &[], &bundle, &target).await.unwrap();
+        mount_rootfs("c1", &[], &bundle.join("rootfs"), &target)
+            .await
+            .unwrap();
         assert_eq!(
             std::fs::read_to_string(target.join("etc/hostname")).unwrap(),
             "box\n"

@@ -3,9 +3,10 @@
 //! - [`CloisterVmm`] (default): `cloister-vmm --config vm.json`, devices
 //!   in-process; its vsock device serves hybrid vsock on `vsock.sock`.
 //! - [`Qemu`]: `qemu-system-x86_64 -M microvm` with guest memory in a
-//!   shared memfd, and our vsock device served over vhost-user by a
-//!   `cloister-vmm vhost-user --device vsock` child, which exposes the same
-//!   hybrid vsock socket. The agent is reached the same way in both.
+//!   shared memfd, and our vsock and virtio-fs devices served over
+//!   vhost-user by `cloister-vmm vhost-user --device vsock|fs` children; the
+//!   vsock backend exposes the same hybrid vsock socket. The agent and the
+//!   shared folder are reached the same way in both.
 //!
 //! Every process runs as a child of the shim with its own log file in the
 //! sandbox folder, is watched by a task that records its exit (so VM death
@@ -24,6 +25,10 @@ use tokio::sync::watch;
 
 use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig};
 
+/// The virtio-fs tag of the pod's shared folder (`VmPaths::shared_dir`),
+/// which the agent mounts before any container starts.
+pub const SHARED_FS_TAG: &str = "cloister";
+
 /// The guest's vsock context id. Hybrid vsock is local to one VM's device,
 /// so every VM may use the first free CID.
 pub const GUEST_CID: u32 = 3;
@@ -41,11 +46,13 @@ pub enum HypervisorError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{name} exited during startup ({status}); see {log}")]
+    /// `log_tail`: the end of its log, which goes with the sandbox folder.
+    #[error("{name} exited during startup ({status}); its log {log} ends: {log_tail:?}")]
     EarlyExit {
         name: String,
         status: String,
         log: PathBuf,
+        log_tail: String,
     },
     #[error("{what} did not appear within {waited:?}: {path}")]
     SocketTimeout {
@@ -209,11 +216,21 @@ impl VmPaths {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// Exported to the guest over virtio-fs; rootfs mounts go below it.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
     pub fn vhost_user_vsock(&self) -> PathBuf {
         self.dir.join("vhost-vsock.sock")
     }
-    pub fn vhost_user_log(&self) -> PathBuf {
+    pub fn vhost_user_vsock_log(&self) -> PathBuf {
         self.dir.join("vhost-user-vsock.log")
+    }
+    pub fn vhost_user_fs(&self) -> PathBuf {
+        self.dir.join("vhost-fs.sock")
+    }
+    pub fn vhost_user_fs_log(&self) -> PathBuf {
+        self.dir.join("vhost-user-fs.log")
     }
     pub fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
@@ -242,8 +259,15 @@ pub struct VmVsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// One `fs` entry of `vm.json`: a host folder shared under a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmFsConfig {
+    pub tag: String,
+    pub shared_dir: PathBuf,
+}
+
 /// What `cloister-vmm --config` reads: the fields of the VMM's `VmConfig`
-/// plus the vsock device.
+/// plus the vsock device and the virtio-fs shares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmJson {
     pub kernel: PathBuf,
@@ -253,6 +277,7 @@ pub struct VmJson {
     pub memory_mib: u32,
     pub serial: String,
     pub vsock: VmVsockConfig,
+    pub fs: Vec<VmFsConfig>,
 }
 
 fn join_cmdline(base: String, extra: &str) -> String {
@@ -279,6 +304,10 @@ pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> 
             guest_cid: GUEST_CID,
             uds_path: paths.vsock_uds(),
         },
+        fs: vec![VmFsConfig {
+            tag: SHARED_FS_TAG.into(),
+            shared_dir: paths.shared_dir(),
+        }],
     }
 }
 
@@ -353,6 +382,30 @@ impl Hypervisor for CloisterVmm {
     }
 }
 
+/// How much of a failed process's log goes into the error.
+const LOG_TAIL_BYTES: usize = 600;
+
+/// The last `max` bytes of a log file (whole lines where possible).
+pub fn log_tail(path: &Path, max: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim_end();
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &text[start..];
+    match tail.find('\n') {
+        Some(newline) if newline + 1 < tail.len() => tail[newline + 1..].to_owned(),
+        _ => tail.to_owned(),
+    }
+}
+
 /// How long a freshly spawned process may take to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
@@ -371,6 +424,7 @@ async fn wait_for_socket(
                 name: child.name.clone(),
                 status: exit.to_string(),
                 log: child.log.clone(),
+                log_tail: log_tail(&child.log, LOG_TAIL_BYTES),
             });
         }
         if started.elapsed() >= SOCKET_WAIT {
@@ -396,6 +450,21 @@ pub fn vhost_user_vsock_args(paths: &VmPaths) -> Vec<OsString> {
         paths.vsock_uds().into(),
         "--socket".into(),
         paths.vhost_user_vsock().into(),
+    ]
+}
+
+/// The `cloister-vmm vhost-user` command serving the pod's shared folder.
+pub fn vhost_user_fs_args(paths: &VmPaths) -> Vec<OsString> {
+    vec![
+        "vhost-user".into(),
+        "--device".into(),
+        "fs".into(),
+        "--tag".into(),
+        SHARED_FS_TAG.into(),
+        "--shared-dir".into(),
+        paths.shared_dir().into(),
+        "--socket".into(),
+        paths.vhost_user_fs().into(),
     ]
 }
 
@@ -467,19 +536,23 @@ pub fn qemu_args(
         ),
         "-device".into(),
         format!("vhost-user-vsock-device,chardev=vsock0,guest-cid={GUEST_CID}"),
+        "-chardev".into(),
+        format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
+        "-device".into(),
+        format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
         "-device".into(),
         "virtio-rng-device".into(),
     ];
     args.into_iter().map(OsString::from).collect()
 }
 
-/// QEMU with our vhost-user vsock backend.
+/// QEMU with our vhost-user vsock and fs backends.
 pub struct Qemu {
     qemu: PathBuf,
     vmm: PathBuf,
     args: Vec<OsString>,
     paths: VmPaths,
-    backend: Option<SupervisedChild>,
+    backends: Vec<SupervisedChild>,
     qemu_child: Option<SupervisedChild>,
 }
 
@@ -492,7 +565,7 @@ impl Qemu {
             vmm: config.vmm.path.clone(),
             args,
             paths,
-            backend: None,
+            backends: Vec::new(),
             qemu_child: None,
         }
     }
@@ -505,21 +578,29 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        let backend = SupervisedChild::spawn(
-            "cloister-vmm vhost-user vsock",
-            &self.vmm,
-            &vhost_user_vsock_args(&self.paths),
-            &self.paths.vhost_user_log(),
-        )?;
-        // QEMU connects to the backend's socket at start: it must exist.
-        let ready = wait_for_socket(
-            &backend,
-            &self.paths.vhost_user_vsock(),
-            "vhost-user vsock socket",
-        )
-        .await;
-        self.backend = Some(backend);
-        ready?;
+        let backends = [
+            (
+                "cloister-vmm vhost-user vsock",
+                vhost_user_vsock_args(&self.paths),
+                self.paths.vhost_user_vsock_log(),
+                self.paths.vhost_user_vsock(),
+                "vhost-user vsock socket",
+            ),
+            (
+                "cloister-vmm vhost-user fs",
+                vhost_user_fs_args(&self.paths),
+                self.paths.vhost_user_fs_log(),
+                self.paths.vhost_user_fs(),
+                "vhost-user fs socket",
+            ),
+        ];
+        for (name, args, log, socket, what) in backends {
+            let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log)?;
+            // QEMU connects to the backends' sockets at start: they must exist.
+            let ready = wait_for_socket(&backend, &socket, what).await;
+            self.backends.push(backend);
+            ready?;
+        }
         let qemu = SupervisedChild::spawn("qemu", &self.qemu, &self.args, &self.paths.qemu_log())?;
         self.qemu_child = Some(qemu);
         Ok(())
@@ -529,32 +610,49 @@ impl Hypervisor for Qemu {
         self.paths.vsock_uds()
     }
 
+    /// Any process of the VM ending ends the VM.
     async fn wait_exit(&self) -> ChildExit {
-        match (&self.qemu_child, &self.backend) {
-            (Some(qemu), Some(backend)) => tokio::select! {
-                exit = qemu.wait() => exit,
-                exit = backend.wait() => exit,
-            },
-            (None, Some(backend)) => backend.wait().await,
-            _ => ChildExit::Lost,
+        let children: Vec<&SupervisedChild> =
+            self.qemu_child.iter().chain(self.backends.iter()).collect();
+        if children.is_empty() {
+            return ChildExit::Lost;
         }
+        let waits = children.into_iter().map(|c| Box::pin(c.wait()));
+        futures_select_all(waits).await
     }
 
     async fn stop(&self, grace: Duration) {
-        // QEMU first: the backend serves its memory until then.
-        for child in [&self.qemu_child, &self.backend].into_iter().flatten() {
+        // QEMU first: the backends serve its memory until then.
+        for child in self.qemu_child.iter().chain(self.backends.iter()) {
             let exit = child.stop(grace).await;
             tracing::info!(name = %child.name, pid = child.pid, "stopped: {exit}");
         }
     }
 
     fn pids(&self) -> Vec<u32> {
-        [&self.qemu_child, &self.backend]
-            .into_iter()
-            .flatten()
+        self.qemu_child
+            .iter()
+            .chain(self.backends.iter())
             .map(|c| c.pid)
             .collect()
     }
+}
+
+/// The first of several exits.
+async fn futures_select_all<F>(futures: impl IntoIterator<Item = F>) -> ChildExit
+where
+    F: std::future::Future<Output = ChildExit> + Unpin,
+{
+    let mut futures: Vec<F> = futures.into_iter().collect();
+    std::future::poll_fn(move |cx| {
+        for future in futures.iter_mut() {
+            if let std::task::Poll::Ready(exit) = std::pin::Pin::new(future).poll(cx) {
+                return std::task::Poll::Ready(exit);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// The backend the pod's config names.
@@ -615,8 +713,13 @@ mod tests {
         assert!(cmdline.starts_with("console=ttyS0"), "{cmdline}");
         assert!(cmdline.contains("reboot=k"), "{cmdline}");
         assert!(cmdline.ends_with(" agent.log=debug"), "{cmdline}");
+        assert_eq!(json["fs"][0]["tag"], "cloister");
+        assert_eq!(
+            json["fs"][0]["shared_dir"],
+            "/run/cloister/default/pod1/shared"
+        );
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 7, "{keys:?}");
+        assert_eq!(keys.len(), 8, "{keys:?}");
     }
 
     #[test]
@@ -652,6 +755,9 @@ mod tests {
         assert!(joined.contains(
             "-chardev socket,id=vsock0,path=/run/cloister/default/pod1/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0,guest-cid=3"
         ), "{joined}");
+        assert!(joined.contains(
+            "-chardev socket,id=fs0,path=/run/cloister/default/pod1/vhost-fs.sock -device vhost-user-fs-device,chardev=fs0,tag=cloister"
+        ), "{joined}");
         assert!(joined.contains("-serial file:/run/cloister/default/pod1/console.log"));
         assert!(joined.contains(
             "-kernel /usr/share/cloister/vmlinux -initrd /usr/share/cloister/initramfs.cpio"
@@ -671,6 +777,14 @@ mod tests {
     }
 
     #[test]
+    fn vhost_user_fs_backend_command() {
+        assert_eq!(
+            strings(&vhost_user_fs_args(&paths())).join(" "),
+            "vhost-user --device fs --tag cloister --shared-dir /run/cloister/default/pod1/shared --socket /run/cloister/default/pod1/vhost-fs.sock"
+        );
+    }
+
+    #[test]
     fn vhost_user_backend_command() {
         assert_eq!(
             strings(&vhost_user_vsock_args(&paths())).join(" "),
@@ -682,6 +796,16 @@ mod tests {
     fn accel_choice() {
         assert!(qemu_uses_kvm(QemuAccel::Kvm));
         assert!(!qemu_uses_kvm(QemuAccel::Tcg));
+    }
+
+    #[test]
+    fn log_tail_keeps_whole_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        std::fs::write(&log, "first line\nsecond line\nthird\n").unwrap();
+        assert_eq!(log_tail(&log, 100), "first line\nsecond line\nthird");
+        assert_eq!(log_tail(&log, 12), "third");
+        assert_eq!(log_tail(&dir.path().join("none"), 10), "");
     }
 
     #[tokio::test]
@@ -736,7 +860,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = RuntimeConfig::default();
         // A "VMM" that refuses its config at once.
-        config.vmm.path = PathBuf::from("/bin/false");
+        let vmm_script = dir.path().join("vmm.sh");
+        std::fs::write(
+            &vmm_script,
+            "#!/bin/sh\necho 'config: unknown field vsock' >&2\nexit 2\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &vmm_script,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        config.vmm.path = vmm_script;
         let mut vmm = CloisterVmm::new(
             &config,
             &pod_vm(),
@@ -750,7 +885,8 @@ mod tests {
             text.contains("exited during startup") && text.contains("vmm.log"),
             "{text}"
         );
+        assert!(text.contains("unknown field vsock"), "{text}");
         assert!(dir.path().join("vm.json").exists());
-        assert_eq!(vmm.wait_exit().await, ChildExit::Code(1));
+        assert_eq!(vmm.wait_exit().await, ChildExit::Code(2));
     }
 }

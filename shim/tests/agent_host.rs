@@ -11,7 +11,9 @@ use cloister_shim::agent_client::AgentClient;
 use support::*;
 use tokio::io::AsyncReadExt;
 
-async fn next_exit(events: &mut tokio::sync::mpsc::Receiver<agent::Event>) -> agent::ProcessExited {
+async fn next_exit(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<agent::Event>,
+) -> agent::ProcessExited {
     loop {
         let event = tokio::time::timeout(Duration::from_secs(30), events.recv())
             .await

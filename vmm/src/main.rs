@@ -53,7 +53,7 @@ struct Args {
     /// repeat for more disks (replaces the config file's list).
     #[arg(long)]
     block: Vec<BlockConfig>,
-    /// Add a virtio console (hvc0) writing to stdout or file:PATH.
+    /// Add a virtio console (hvc0) writing to stdout, none or file:PATH.
     #[arg(long)]
     console: Option<VirtioConsoleOutput>,
     /// JSON config with the same fields; flags given here override it.

@@ -1,0 +1,546 @@
+//! `cloister check`: can this host run a pod? One line per check, each
+//! failure with the fix to apply. A failure means a pod could not start;
+//! a warning means it could, with less (no networking, slower boots).
+
+use std::fmt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use crate::config::{ConfigSource, HypervisorKind, RuntimeConfig};
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// A pod starts, but something it may need is missing.
+    Warn,
+    /// A pod cannot start.
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub outcome: Outcome,
+    pub detail: String,
+    /// What to do about a warning or failure.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            outcome: Outcome::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            outcome: Outcome::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            outcome: Outcome::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.outcome {
+            Outcome::Ok => "ok  ",
+            Outcome::Warn => "WARN",
+            Outcome::Fail => "FAIL",
+        };
+        write!(f, "{tag} {:<12} {}", self.name, self.detail)?;
+        if let Some(fix) = &self.fix {
+            write!(f, " — fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `_IO(KVMIO, 0x00)` and `_IO(KVMIO, 0x01)`.
+const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+const KVM_API_VERSION: i32 = 12;
+
+/// `/dev/kvm` opens, speaks API 12 and creates a VM.
+pub fn check_kvm(device: &Path) -> Check {
+    const NAME: &str = "kvm";
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(device)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Check::fail(
+                NAME,
+                format!("{} missing", device.display()),
+                "enable virtualization in the firmware and load kvm_intel or kvm_amd (modprobe kvm_intel)",
+            )
+        }
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("cannot open {}: {e}", device.display()),
+                "run the shim as root, or give its user access to /dev/kvm (group kvm)",
+            )
+        }
+    };
+    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
+    let version = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    if version != KVM_API_VERSION {
+        return Check::fail(
+            NAME,
+            format!(
+                "{} answers KVM API {version}, expected {KVM_API_VERSION}",
+                device.display()
+            ),
+            "use a host kernel with standard KVM",
+        );
+    }
+    // SAFETY: KVM_CREATE_VM with machine type 0 returns a new fd or -1.
+    let vm = unsafe { libc::ioctl(file.as_raw_fd(), KVM_CREATE_VM, 0) };
+    if vm < 0 {
+        return Check::fail(
+            NAME,
+            format!("KVM_CREATE_VM failed: {}", std::io::Error::last_os_error()),
+            "free KVM resources or check dmesg for KVM errors",
+        );
+    }
+    // SAFETY: `vm` is a fresh fd this function owns.
+    drop(unsafe { OwnedFd::from_raw_fd(vm) });
+    let nested = if Path::new("/sys/module/kvm_pvm").exists() {
+        " (nested, paravirtualized kvm_pvm: guest kernels run emulated and slow; the qemu backend with TCG may boot faster)"
+    } else {
+        ""
+    };
+    Check::ok(
+        NAME,
+        format!("{} usable, API {version}{nested}", device.display()),
+    )
+}
+
+/// Effective capabilities of this process, from `/proc/self/status`.
+fn effective_capabilities(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_NET_ADMIN: u32 = 12;
+
+/// Mounting rootfs shares needs CAP_SYS_ADMIN; taps and tc need CAP_NET_ADMIN.
+pub fn check_capabilities(proc_status: &str) -> Check {
+    const NAME: &str = "capabilities";
+    let Some(caps) = effective_capabilities(proc_status) else {
+        return Check::warn(
+            NAME,
+            "cannot read CapEff",
+            "run on Linux with /proc mounted",
+        );
+    };
+    let missing: Vec<&str> = [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| caps & (1 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        return Check::ok(NAME, "CAP_SYS_ADMIN and CAP_NET_ADMIN (mounts, taps)");
+    }
+    Check::fail(
+        NAME,
+        format!("missing {}", missing.join(", ")),
+        "run containerd (and so the shim) as root",
+    )
+}
+
+/// A file the VM needs.
+pub fn check_file(name: &'static str, path: &Path, fix: &str) -> Check {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() && meta.len() > 0 => Check::ok(
+            name,
+            format!("{} ({} KiB)", path.display(), meta.len() / 1024),
+        ),
+        Ok(_) => Check::fail(
+            name,
+            format!("{} is empty or not a file", path.display()),
+            fix,
+        ),
+        Err(e) => Check::fail(name, format!("{}: {e}", path.display()), fix),
+    }
+}
+
+/// An executable the hypervisor backend runs.
+pub fn check_executable(name: &'static str, path: &Path, fix: &str) -> Check {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
+            Check::ok(name, path.display().to_string())
+        }
+        Ok(_) => Check::fail(name, format!("{} is not executable", path.display()), fix),
+        Err(e) => Check::fail(name, format!("{}: {e}", path.display()), fix),
+    }
+}
+
+/// containerd's version from `containerd --version`.
+pub fn check_containerd(version_output: Option<&str>) -> Check {
+    const NAME: &str = "containerd";
+    let Some(output) = version_output else {
+        return Check::fail(
+            NAME,
+            "containerd not found on PATH",
+            "apt-get install containerd (1.6+), or put containerd 2.x on PATH",
+        );
+    };
+    match crate::compat::parse_containerd_version(output) {
+        Some((major, minor)) if major >= 2 => {
+            Check::ok(NAME, format!("{major}.{minor} (task API v3)"))
+        }
+        Some((1, minor)) if minor >= 6 => Check::ok(
+            NAME,
+            format!("1.{minor} (task API v2 through the shim's compatibility socket)"),
+        ),
+        Some((major, minor)) => Check::fail(
+            NAME,
+            format!("{major}.{minor} is too old"),
+            "upgrade containerd to 1.6 or newer",
+        ),
+        None => Check::warn(
+            NAME,
+            format!("unrecognised version {:?}", output.trim()),
+            "check that containerd is 1.6 or newer",
+        ),
+    }
+}
+
+/// cgroup v2 (unified) or v1/hybrid: both work on the host side; the guest
+/// always has its own cgroup v2.
+pub fn check_cgroups(cgroup_root: &Path) -> Check {
+    const NAME: &str = "cgroups";
+    if cgroup_root.join("cgroup.controllers").exists() {
+        return Check::ok(NAME, "v2 (unified)");
+    }
+    if cgroup_root.join("unified/cgroup.controllers").exists() {
+        return Check::ok(NAME, "v1 with a v2 hierarchy at unified/ (hybrid); containers get cgroup v2 inside the guest");
+    }
+    if cgroup_root.join("memory").exists() {
+        return Check::ok(NAME, "v1; containers get cgroup v2 inside the guest");
+    }
+    Check::warn(
+        NAME,
+        format!("no cgroup hierarchy under {}", cgroup_root.display()),
+        "mount cgroup2 on /sys/fs/cgroup so VMs can be placed in the pod's cgroup",
+    )
+}
+
+/// Hybrid vsock needs no host vsock module: its sockets are Unix sockets
+/// in the sandbox folder, so the state folder must take one.
+pub fn check_hybrid_vsock(state_dir: &Path) -> Check {
+    const NAME: &str = "vsock";
+    let fix = format!(
+        "make {} writable for root on a file system that supports Unix sockets",
+        state_dir.display()
+    );
+    if let Err(e) = std::fs::create_dir_all(state_dir) {
+        return Check::fail(NAME, format!("{}: {e}", state_dir.display()), fix);
+    }
+    let probe: PathBuf = state_dir.join(format!(".check-{}.sock", std::process::id()));
+    let result = std::os::unix::net::UnixListener::bind(&probe);
+    let _ = std::fs::remove_file(&probe);
+    match result {
+        Ok(_) => Check::ok(
+            NAME,
+            format!(
+                "hybrid vsock sockets can be created in {}",
+                state_dir.display()
+            ),
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("unix socket in {}: {e}", state_dir.display()),
+            fix,
+        ),
+    }
+}
+
+/// Taps for pod networking.
+pub fn check_tun(device: &Path) -> Check {
+    const NAME: &str = "tap";
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(device)
+    {
+        Ok(_) => Check::ok(NAME, format!("{} usable", device.display())),
+        Err(e) => Check::warn(
+            NAME,
+            format!(
+                "{}: {e} (pods with a network namespace cannot get a tap)",
+                device.display()
+            ),
+            "modprobe tun",
+        ),
+    }
+}
+
+/// tc with the mirred action redirects the pod's veth to the tap.
+pub fn check_tc(tc_found: bool, mirred_available: bool) -> Check {
+    const NAME: &str = "tc";
+    match (tc_found, mirred_available) {
+        (true, true) => Check::ok(NAME, "tc and act_mirred available"),
+        (false, _) => Check::warn(NAME, "tc not found on PATH", "apt-get install iproute2"),
+        (true, false) => Check::warn(
+            NAME,
+            "act_mirred neither loaded nor installed as a module",
+            "modprobe act_mirred (kernel option CONFIG_NET_ACT_MIRRED)",
+        ),
+    }
+}
+
+/// Whether act_mirred is loaded, built in, or available as a module.
+pub fn mirred_available(modules_root: &Path, release: &str) -> bool {
+    if Path::new("/sys/module/act_mirred").exists() {
+        return true;
+    }
+    let dir = modules_root.join(release);
+    let listed = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .map(|text| text.contains("act_mirred"))
+            .unwrap_or(false)
+    };
+    listed("modules.builtin") || listed("modules.dep")
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Every check, in report order.
+pub fn run_checks() -> Vec<Check> {
+    let mut checks = Vec::new();
+    checks.push(check_kvm(Path::new("/dev/kvm")));
+    checks.push(check_capabilities(
+        &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+    ));
+    let env = std::env::var(crate::config::CONFIG_ENV).ok();
+    let source = ConfigSource::resolve(None, env.as_deref());
+    let config = match RuntimeConfig::load(&source) {
+        Ok(config) => {
+            let detail = if source.path().exists() {
+                source.path().display().to_string()
+            } else {
+                format!("{} absent: built-in defaults", source.path().display())
+            };
+            checks.push(Check::ok("config", detail));
+            config
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "config",
+                e.to_string(),
+                format!("correct {}", source.path().display()),
+            ));
+            RuntimeConfig::default()
+        }
+    };
+    let install = "build it (kernel-config/build-kernel.sh, build-initramfs.sh) and install it to /usr/share/cloister/, or set [guest] in the config";
+    checks.push(check_file("kernel", &config.guest.kernel, install));
+    checks.push(check_file("initramfs", &config.guest.initramfs, install));
+    checks.push(check_executable(
+        "cloister-vmm",
+        &config.vmm.path,
+        "install cloister-vmm (cargo build -p cloister-vmm) or set vmm.path",
+    ));
+    if config.hypervisor == HypervisorKind::Qemu {
+        checks.push(check_executable(
+            "qemu",
+            &config.qemu.path,
+            "apt-get install qemu-system-x86, or set qemu.path",
+        ));
+    }
+    let containerd = find_on_path("containerd").and_then(|path| {
+        std::process::Command::new(path)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    checks.push(check_containerd(containerd.as_deref()));
+    checks.push(check_cgroups(Path::new("/sys/fs/cgroup")));
+    checks.push(check_hybrid_vsock(Path::new(crate::lifecycle::STATE_DIR)));
+    checks.push(check_tun(Path::new("/dev/net/tun")));
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    checks.push(check_tc(
+        find_on_path("tc").is_some(),
+        mirred_available(Path::new("/lib/modules"), &release),
+    ));
+    checks
+}
+
+/// Whether a pod can start, given the checks.
+pub fn pod_can_start(checks: &[Check]) -> bool {
+    checks.iter().all(|c| c.outcome != Outcome::Fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_kvm_device_fails_with_fix() {
+        let check = check_kvm(Path::new("/nonexistent/kvm"));
+        assert_eq!(check.outcome, Outcome::Fail);
+        assert!(check.fix.as_deref().unwrap().contains("modprobe"));
+        let line = check.to_string();
+        assert!(
+            line.starts_with("FAIL kvm") && line.contains("— fix:"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_non_kvm_device_is_refused() {
+        let check = check_kvm(Path::new("/dev/null"));
+        assert_eq!(check.outcome, Outcome::Fail, "{check}");
+    }
+
+    #[test]
+    fn real_kvm_when_present() {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("SKIP: no /dev/kvm on this host");
+            return;
+        }
+        let check = check_kvm(Path::new("/dev/kvm"));
+        assert_eq!(check.outcome, Outcome::Ok, "{check}");
+        assert!(check.detail.contains("API 12"));
+    }
+
+    #[test]
+    fn capabilities_from_proc_status() {
+        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(check_capabilities(root).outcome, Outcome::Ok);
+        let user = "CapEff:\t0000000000000000\n";
+        let check = check_capabilities(user);
+        assert_eq!(check.outcome, Outcome::Fail);
+        assert!(
+            check.detail.contains("CAP_SYS_ADMIN, CAP_NET_ADMIN"),
+            "{check}"
+        );
+    }
+
+    #[test]
+    fn files_and_executables() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        assert_eq!(check_file("kernel", &kernel, "x").outcome, Outcome::Fail);
+        std::fs::write(&kernel, "").unwrap();
+        assert_eq!(check_file("kernel", &kernel, "x").outcome, Outcome::Fail);
+        std::fs::write(&kernel, vec![0u8; 4096]).unwrap();
+        let ok = check_file("kernel", &kernel, "x");
+        assert_eq!(ok.outcome, Outcome::Ok);
+        assert!(ok.detail.contains("4 KiB"));
+        assert_eq!(check_executable("vmm", &kernel, "x").outcome, Outcome::Fail);
+        assert_eq!(
+            check_executable("sh", Path::new("/bin/sh"), "x").outcome,
+            Outcome::Ok
+        );
+    }
+
+    #[test]
+    fn containerd_versions() {
+        assert_eq!(check_containerd(None).outcome, Outcome::Fail);
+        let old = check_containerd(Some(
+            "containerd github.com/containerd/containerd 1.6.20~ds1 x",
+        ));
+        assert_eq!(old.outcome, Outcome::Ok);
+        assert!(old.detail.contains("task API v2"));
+        let new = check_containerd(Some(
+            "containerd github.com/containerd/containerd/v2 v2.1.4 abc",
+        ));
+        assert!(new.detail.contains("v3"));
+        assert_eq!(
+            check_containerd(Some("containerd v1.5.9 x")).outcome,
+            Outcome::Fail
+        );
+        assert_eq!(check_containerd(Some("garbage")).outcome, Outcome::Warn);
+    }
+
+    #[test]
+    fn cgroup_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(check_cgroups(dir.path()).outcome, Outcome::Warn);
+        std::fs::create_dir(dir.path().join("memory")).unwrap();
+        assert!(check_cgroups(dir.path()).detail.starts_with("v1"));
+        std::fs::create_dir(dir.path().join("unified")).unwrap();
+        std::fs::write(dir.path().join("unified/cgroup.controllers"), "").unwrap();
+        assert!(check_cgroups(dir.path()).detail.contains("hybrid"));
+        std::fs::write(dir.path().join("cgroup.controllers"), "").unwrap();
+        assert_eq!(check_cgroups(dir.path()).detail, "v2 (unified)");
+    }
+
+    #[test]
+    fn vsock_socket_probe_and_tun_and_tc() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(check_hybrid_vsock(dir.path()).outcome, Outcome::Ok);
+        assert_eq!(
+            dir.path().read_dir().unwrap().count(),
+            0,
+            "probe socket left behind"
+        );
+        assert_eq!(
+            check_hybrid_vsock(Path::new("/proc/self/cannot")).outcome,
+            Outcome::Fail
+        );
+        assert_eq!(
+            check_tun(Path::new("/nonexistent/tun")).outcome,
+            Outcome::Warn
+        );
+        assert_eq!(check_tc(true, true).outcome, Outcome::Ok);
+        assert!(check_tc(false, true).fix.unwrap().contains("iproute2"));
+        assert!(check_tc(true, false).fix.unwrap().contains("act_mirred"));
+    }
+
+    #[test]
+    fn mirred_found_in_module_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("6.1.0")).unwrap();
+        std::fs::write(
+            dir.path().join("6.1.0/modules.dep"),
+            "kernel/net/sched/act_mirred.ko: \n",
+        )
+        .unwrap();
+        assert!(mirred_available(dir.path(), "6.1.0"));
+    }
+
+    #[test]
+    fn one_failure_means_no_pod() {
+        let checks = vec![Check::ok("a", "x"), Check::warn("b", "y", "z")];
+        assert!(pod_can_start(&checks));
+        let mut checks = checks;
+        checks.push(Check::fail("c", "d", "e"));
+        assert!(!pod_can_start(&checks));
+    }
+}

@@ -1,0 +1,901 @@
+//! containerd's task API for the containers of one pod.
+//!
+//! Each call is checked against the container state machine
+//! (`container.rs`), forwarded to the pod's agent, recorded, and turned into
+//! a task event. Exits come from the agent's event stream; a VM that dies or
+//! an agent connection that ends turns every live process into an exit
+//! (137 when the VM is gone, 255 when the shim cannot tell), so Wait always
+//! returns.
+//!
+//! Locking: one async mutex over the container table, held across the
+//! agent call of a state change (create, start, pause, resume, delete), so
+//! an exit that races a Start is recorded after the Start and containerd
+//! sees TaskStart before TaskExit. Wait, Kill and the exit handler's output
+//! drain never wait under the lock.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use cloister_protocol::agent;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim_protos::api;
+use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim_protos::protobuf::MessageDyn;
+use containerd_shim_protos::types::task::Status as TaskStatus;
+use tokio::sync::Mutex;
+
+use crate::agent_client::AgentError;
+use crate::config::config_path_from_options;
+use crate::container::{
+    Container, ContainerError, ContainerKind, Exit, ExitReason, Status, StdioPaths,
+};
+use crate::events::{time_from_ns, timestamp, EventSender, TaskEvent};
+use crate::io::{requested_streams, ProcessIo, StdioError};
+use crate::sandbox::{
+    bundle_annotations, pod_membership, spec_root, PodSandbox, SandboxError, SandboxLauncher,
+};
+
+/// How long an exit waits for the process's output to reach the FIFOs.
+const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// After the agent connection ends, how long to wait for the VM's exit
+/// before calling the processes' fate unknown.
+const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Errors of the task service, each answered with a ttrpc status.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Stdio(#[from] StdioError),
+    #[error("bundle {path}: {reason}")]
+    Bundle { path: PathBuf, reason: String },
+    #[error("{0} is not supported by cloister")]
+    Unsupported(&'static str),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("pod sandbox is not running in this shim (container {0})")]
+    NoSandbox(String),
+}
+
+impl ServiceError {
+    pub fn code(&self) -> ttrpc::Code {
+        use ttrpc::Code;
+        match self {
+            ServiceError::Container(e) => match e {
+                ContainerError::ContainerNotFound(_)
+                | ContainerError::ProcessNotFound { .. }
+                | ContainerError::AlreadyFinished(_) => Code::NOT_FOUND,
+                ContainerError::ContainerExists(_) | ContainerError::ProcessExists { .. } => {
+                    Code::ALREADY_EXISTS
+                }
+                ContainerError::WrongState { .. } => Code::FAILED_PRECONDITION,
+            },
+            ServiceError::Agent(e) => e.code().unwrap_or(Code::UNAVAILABLE),
+            ServiceError::Sandbox(SandboxError::Config(_)) => Code::INVALID_ARGUMENT,
+            ServiceError::Sandbox(SandboxError::ForeignSandbox { .. })
+            | ServiceError::NoSandbox(_) => Code::FAILED_PRECONDITION,
+            ServiceError::Sandbox(_) | ServiceError::Stdio(_) => Code::INTERNAL,
+            ServiceError::Bundle { .. } | ServiceError::InvalidArgument(_) => {
+                Code::INVALID_ARGUMENT
+            }
+            ServiceError::Unsupported(_) => Code::UNIMPLEMENTED,
+        }
+    }
+
+    pub fn to_ttrpc(&self) -> ttrpc::Error {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(self.code(), self.to_string()))
+    }
+}
+
+/// One container and what the shim keeps beside its record.
+struct Entry {
+    container: Container,
+    /// Copy tasks per process ("" = init), until the process exits.
+    io: HashMap<String, ProcessIo>,
+    /// OCI `process` JSON of execs added but not started.
+    exec_specs: HashMap<String, Vec<u8>>,
+}
+
+struct State {
+    launcher: Arc<dyn SandboxLauncher>,
+    events: EventSender,
+    exit: Arc<ExitSignal>,
+    containers: Mutex<HashMap<String, Entry>>,
+    sandbox: Mutex<Option<Arc<PodSandbox>>>,
+}
+
+/// The task service of one shim (one pod).
+#[derive(Clone)]
+pub struct TaskService {
+    state: Arc<State>,
+}
+
+fn spec_of(bundle: &Path) -> Result<serde_json::Value, ServiceError> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| ServiceError::Bundle {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_slice(&text).map_err(|e| ServiceError::Bundle {
+        path,
+        reason: e.to_string(),
+    })
+}
+
+fn status_of(status: Status) -> TaskStatus {
+    match status {
+        Status::Created => TaskStatus::CREATED,
+        Status::Running => TaskStatus::RUNNING,
+        Status::Paused => TaskStatus::PAUSED,
+        Status::Stopped => TaskStatus::STOPPED,
+    }
+}
+
+fn not_found(id: &str) -> ServiceError {
+    ServiceError::Container(ContainerError::ContainerNotFound(id.to_owned()))
+}
+
+impl TaskService {
+    pub fn new(
+        launcher: Arc<dyn SandboxLauncher>,
+        events: EventSender,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self {
+            state: Arc::new(State {
+                launcher,
+                events,
+                exit,
+                containers: Mutex::new(HashMap::new()),
+                sandbox: Mutex::new(None),
+            }),
+        }
+    }
+
+    async fn sandbox(&self, container_id: &str) -> Result<Arc<PodSandbox>, ServiceError> {
+        self.state
+            .sandbox
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| ServiceError::NoSandbox(container_id.to_owned()))
+    }
+
+    pub async fn create(
+        &self,
+        req: &api::CreateTaskRequest,
+    ) -> Result<api::CreateTaskResponse, ServiceError> {
+        if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
+            return Err(ServiceError::Unsupported("restoring from a checkpoint"));
+        }
+        let mut containers = self.state.containers.lock().await;
+        if containers.contains_key(&req.id) {
+            return Err(ContainerError::ContainerExists(req.id.clone()).into());
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = spec_of(&bundle)?;
+        let membership = pod_membership(&req.id, &bundle_annotations(&spec))?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let sandbox = match membership.kind {
+            ContainerKind::Sandbox => self.start_sandbox(&req.id, &spec, req).await?,
+            ContainerKind::Workload => {
+                let sandbox = self.sandbox(&req.id).await?;
+                if sandbox.id != membership.sandbox_id {
+                    return Err(SandboxError::ForeignSandbox {
+                        container_id: req.id.clone(),
+                        sandbox_id: membership.sandbox_id,
+                    }
+                    .into());
+                }
+                sandbox
+            }
+        };
+        let created = self
+            .create_in_guest(&sandbox, req, &bundle, &spec, &stdio)
+            .await;
+        let (pid, io) = match created {
+            Ok(done) => done,
+            Err(e) => {
+                if membership.kind == ContainerKind::Sandbox {
+                    self.stop_sandbox().await;
+                }
+                return Err(e);
+            }
+        };
+        let mut container = Container::new(&req.id, bundle, membership.kind, stdio.clone());
+        container.set_pid("", pid)?;
+        let mut entry = Entry {
+            container,
+            io: HashMap::new(),
+            exec_specs: HashMap::new(),
+        };
+        entry.io.insert(String::new(), io);
+        containers.insert(req.id.clone(), entry);
+        self.state.events.send(TaskEvent::Create {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            stdio,
+            pid,
+        });
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_sandbox(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+        req: &api::CreateTaskRequest,
+    ) -> Result<Arc<PodSandbox>, ServiceError> {
+        let mut slot = self.state.sandbox.lock().await;
+        if let Some(existing) = slot.as_ref() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "container {id} would start a second pod sandbox in the shim of {}",
+                existing.id
+            )));
+        }
+        let config_path = match req.options.as_ref() {
+            Some(any) if any.type_url.contains("runtimeoptions") => {
+                config_path_from_options(&any.value).map_err(SandboxError::from)?
+            }
+            _ => None,
+        };
+        let sandbox = Arc::new(self.state.launcher.launch(id, spec, config_path).await?);
+        // Subscribed before any container exists: no exit can be missed.
+        let events = sandbox.agent.events().await;
+        let events = match events {
+            Ok(events) => events,
+            Err(e) => {
+                if let Err(cleanup) = sandbox.shut_down().await {
+                    tracing::warn!("{cleanup}");
+                }
+                return Err(e.into());
+            }
+        };
+        *slot = Some(sandbox.clone());
+        tokio::spawn(self.clone().watch_sandbox(sandbox.clone(), events));
+        Ok(sandbox)
+    }
+
+    async fn create_in_guest(
+        &self,
+        sandbox: &PodSandbox,
+        req: &api::CreateTaskRequest,
+        bundle: &Path,
+        spec: &serde_json::Value,
+        stdio: &StdioPaths,
+    ) -> Result<(u32, ProcessIo), ServiceError> {
+        let launcher = &self.state.launcher;
+        let rootfs = launcher
+            .share_rootfs(sandbox, &req.id, &req.rootfs, &spec_root(bundle, spec))
+            .await?;
+        let mut request = agent::CreateContainerRequest::new();
+        request.container_id = req.id.clone();
+        request.oci_spec_json = serde_json::to_vec(spec).map_err(|e| ServiceError::Bundle {
+            path: bundle.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        request.rootfs = Some(rootfs).into();
+        request.stdio = Some(requested_streams(stdio)).into();
+        let pid = match sandbox.agent.create_container(request).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.unshare(sandbox, &req.id);
+                return Err(e.into());
+            }
+        };
+        match ProcessIo::attach(sandbox.agent.as_ref(), &req.id, "", stdio).await {
+            Ok(io) => Ok((pid, io)),
+            Err(e) => {
+                if let Err(remove) = sandbox.agent.remove_container(&req.id, true).await {
+                    tracing::warn!("{remove}");
+                }
+                self.unshare(sandbox, &req.id);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn unshare(&self, sandbox: &PodSandbox, container_id: &str) {
+        if let Err(e) = self.state.launcher.unshare_rootfs(sandbox, container_id) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    pub async fn start(&self, req: &api::StartRequest) -> Result<api::StartResponse, ServiceError> {
+        let sandbox = self.sandbox(&req.id).await?;
+        let mut containers = self.state.containers.lock().await;
+        let entry = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id))?;
+        entry.container.check_start(&req.exec_id)?;
+        let pid = if req.exec_id.is_empty() {
+            sandbox.agent.start_container(&req.id).await?;
+            entry.container.init.pid
+        } else {
+            let process_json = entry.exec_specs.remove(&req.exec_id).unwrap_or_default();
+            let stdio = entry.container.process(&req.exec_id)?.stdio.clone();
+            let mut request = agent::ExecProcessRequest::new();
+            request.container_id = req.id.clone();
+            request.exec_id = req.exec_id.clone();
+            request.process_json = process_json;
+            request.stdio = Some(requested_streams(&stdio)).into();
+            let pid = sandbox.agent.exec_process(request).await?;
+            let io =
+                ProcessIo::attach(sandbox.agent.as_ref(), &req.id, &req.exec_id, &stdio).await?;
+            entry.io.insert(req.exec_id.clone(), io);
+            pid
+        };
+        entry.container.mark_started(&req.exec_id, pid)?;
+        self.state.events.send(if req.exec_id.is_empty() {
+            TaskEvent::Start {
+                container_id: req.id.clone(),
+                pid,
+            }
+        } else {
+            TaskEvent::ExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+            }
+        });
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    pub async fn exec(&self, req: &api::ExecProcessRequest) -> Result<(), ServiceError> {
+        let mut containers = self.state.containers.lock().await;
+        let entry = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id))?;
+        let process_json = req
+            .spec
+            .as_ref()
+            .map(|any| any.value.clone())
+            .ok_or_else(|| {
+                ServiceError::InvalidArgument(format!("exec {} has no process spec", req.exec_id))
+            })?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        entry.container.add_exec(&req.exec_id, stdio)?;
+        entry.exec_specs.insert(req.exec_id.clone(), process_json);
+        self.state.events.send(TaskEvent::ExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+        });
+        Ok(())
+    }
+
+    pub async fn kill(&self, req: &api::KillRequest) -> Result<(), ServiceError> {
+        {
+            let containers = self.state.containers.lock().await;
+            let entry = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            entry.container.check_kill(&req.exec_id)?;
+        }
+        let sandbox = self.sandbox(&req.id).await?;
+        sandbox
+            .agent
+            .signal_process(&req.id, &req.exec_id, req.signal, req.all)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn wait(&self, req: &api::WaitRequest) -> Result<api::WaitResponse, ServiceError> {
+        let mut exit = {
+            let containers = self.state.containers.lock().await;
+            let entry = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            entry.container.process(&req.exec_id)?.subscribe_exit()
+        };
+        let exit = match exit.wait_for(Option::is_some).await {
+            Ok(exit) => *exit,
+            // The record was dropped (deleted) while waiting.
+            Err(_) => None,
+        };
+        let exit = exit.unwrap_or(Exit {
+            status: ExitReason::Unknown.exit_status(),
+            at: SystemTime::now(),
+        });
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    pub async fn state(&self, req: &api::StateRequest) -> Result<api::StateResponse, ServiceError> {
+        let containers = self.state.containers.lock().await;
+        let entry = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        let process = entry.container.process(&req.exec_id)?;
+        let status = entry.container.process_status(&req.exec_id)?;
+        let exit = process.exit();
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: entry.container.bundle.display().to_string(),
+            pid: process.pid,
+            status: status_of(status).into(),
+            stdin: process.stdio.stdin.clone(),
+            stdout: process.stdio.stdout.clone(),
+            stderr: process.stdio.stderr.clone(),
+            terminal: process.stdio.terminal,
+            exit_status: exit.map(|e| e.status).unwrap_or(0),
+            exited_at: exit.map(|e| timestamp(e.at)).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<(), ServiceError> {
+        let sandbox = self.sandbox(id).await?;
+        let mut containers = self.state.containers.lock().await;
+        let entry = containers.get_mut(id).ok_or_else(|| not_found(id))?;
+        entry.container.check_pause()?;
+        sandbox.agent.pause_container(id).await?;
+        entry.container.mark_paused()?;
+        self.state.events.send(TaskEvent::Paused {
+            container_id: id.to_owned(),
+        });
+        Ok(())
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<(), ServiceError> {
+        let sandbox = self.sandbox(id).await?;
+        let mut containers = self.state.containers.lock().await;
+        let entry = containers.get_mut(id).ok_or_else(|| not_found(id))?;
+        entry.container.check_resume()?;
+        sandbox.agent.resume_container(id).await?;
+        entry.container.mark_resumed()?;
+        self.state.events.send(TaskEvent::Resumed {
+            container_id: id.to_owned(),
+        });
+        Ok(())
+    }
+
+    pub async fn delete(
+        &self,
+        req: &api::DeleteRequest,
+    ) -> Result<api::DeleteResponse, ServiceError> {
+        let mut containers = self.state.containers.lock().await;
+        let entry = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id))?;
+        entry.container.check_delete(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            let process = entry.container.remove_exec(&req.exec_id)?;
+            entry.io.remove(&req.exec_id);
+            let exit = process.exit();
+            return Ok(delete_response(process.pid, exit));
+        }
+        let never_started = entry.container.status() == Status::Created;
+        let sandbox = self.state.sandbox.lock().await.clone();
+        if let Some(sandbox) = &sandbox {
+            // A VM that is gone has taken the container with it.
+            if let Err(e) = sandbox.agent.remove_container(&req.id, never_started).await {
+                if entry.container.init.exit().map(|e| e.status)
+                    != Some(ExitReason::SandboxGone.exit_status())
+                {
+                    return Err(e.into());
+                }
+                tracing::warn!("{e}");
+            }
+            self.unshare(sandbox, &req.id);
+        }
+        let Some(mut entry) = containers.remove(&req.id) else {
+            return Err(not_found(&req.id));
+        };
+        drop(containers);
+        for (_, mut io) in entry.io.drain() {
+            io.shutdown();
+        }
+        let pid = entry.container.init.pid;
+        let exit = entry.container.init.exit();
+        self.state.events.send(TaskEvent::Delete {
+            container_id: req.id.clone(),
+            exec_id: String::new(),
+            pid,
+            exit_status: exit.map(|e| e.status).unwrap_or(0),
+            exited_at: exit.map(|e| e.at),
+        });
+        if entry.container.kind == ContainerKind::Sandbox {
+            self.stop_sandbox().await;
+            // Containers still in the pod went down with its VM.
+            self.fail_all(ExitReason::SandboxGone).await;
+        }
+        Ok(delete_response(pid, exit))
+    }
+
+    /// Shuts the pod's VM down and forgets it.
+    async fn stop_sandbox(&self) {
+        let sandbox = self.state.sandbox.lock().await.take();
+        if let Some(sandbox) = sandbox {
+            if let Err(e) = sandbox.shut_down().await {
+                tracing::warn!(sandbox = %sandbox.id, "{e}");
+            }
+        }
+    }
+
+    pub async fn pids(&self, id: &str) -> Result<api::PidsResponse, ServiceError> {
+        let sandbox = self.sandbox(id).await?;
+        if !self.state.containers.lock().await.contains_key(id) {
+            return Err(not_found(id));
+        }
+        let processes = sandbox.agent.list_processes(id).await?;
+        Ok(api::PidsResponse {
+            processes: processes
+                .into_iter()
+                .map(|p| api::ProcessInfo {
+                    pid: p.pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<api::StatsResponse, ServiceError> {
+        let sandbox = self.sandbox(id).await?;
+        if !self.state.containers.lock().await.contains_key(id) {
+            return Err(not_found(id));
+        }
+        let stats = sandbox.agent.stats_container(id).await?;
+        let metrics: Box<dyn MessageDyn> = Box::new(crate::stats::to_cgroup_v2_metrics(&stats));
+        let any = containerd_shim::util::convert_to_any(metrics)
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: Some(any).into(),
+            ..Default::default()
+        })
+    }
+
+    pub async fn update(&self, req: &api::UpdateTaskRequest) -> Result<(), ServiceError> {
+        let sandbox = self.sandbox(&req.id).await?;
+        if !self.state.containers.lock().await.contains_key(&req.id) {
+            return Err(not_found(&req.id));
+        }
+        // containerd sends the OCI LinuxResources as JSON in the Any.
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|any| any.value.clone())
+            .ok_or_else(|| {
+                ServiceError::InvalidArgument(format!("update of {} has no resources", req.id))
+            })?;
+        sandbox.agent.update_container(&req.id, resources).await?;
+        Ok(())
+    }
+
+    pub async fn resize_pty(&self, req: &api::ResizePtyRequest) -> Result<(), ServiceError> {
+        let sandbox = self.sandbox(&req.id).await?;
+        {
+            let containers = self.state.containers.lock().await;
+            let entry = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            entry.container.process(&req.exec_id)?;
+        }
+        sandbox
+            .agent
+            .resize_tty(&req.id, &req.exec_id, req.height, req.width)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close_io(&self, req: &api::CloseIORequest) -> Result<(), ServiceError> {
+        if !req.stdin {
+            return Ok(());
+        }
+        let sandbox = self.sandbox(&req.id).await?;
+        {
+            let mut containers = self.state.containers.lock().await;
+            let entry = containers
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&req.id))?;
+            entry.container.process(&req.exec_id)?;
+            if let Some(io) = entry.io.get_mut(&req.exec_id) {
+                io.close_stdin();
+            }
+        }
+        sandbox.agent.close_stdin(&req.id, &req.exec_id).await?;
+        Ok(())
+    }
+
+    pub async fn connect(&self, id: &str) -> api::ConnectResponse {
+        let task_pid = self
+            .state
+            .containers
+            .lock()
+            .await
+            .get(id)
+            .map(|e| e.container.init.pid)
+            .unwrap_or(0);
+        api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        }
+    }
+
+    /// containerd's Shutdown: ignored while containers remain, as runc's
+    /// shim does; otherwise the VM is stopped and the shim exits.
+    pub async fn shutdown(&self) {
+        if !self.state.containers.lock().await.is_empty() {
+            return;
+        }
+        self.stop_sandbox().await;
+        self.state.exit.signal();
+    }
+
+    /// Follows the agent's events and the VM's life until either ends.
+    async fn watch_sandbox(
+        self,
+        sandbox: Arc<PodSandbox>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<agent::Event>,
+    ) {
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle_agent_event(event).await,
+                    None => break,
+                },
+                exit = sandbox.vm_exit() => {
+                    tracing::warn!(sandbox = %sandbox.id, "VM gone: {exit}");
+                    self.fail_all(ExitReason::SandboxGone).await;
+                    return;
+                }
+            }
+        }
+        if !self.is_current(&sandbox).await {
+            // Deleted: the stream ended because we shut the agent down.
+            return;
+        }
+        let reason = match tokio::time::timeout(VM_EXIT_GRACE, sandbox.vm_exit()).await {
+            Ok(_) => ExitReason::SandboxGone,
+            Err(_) => ExitReason::Unknown,
+        };
+        tracing::warn!(sandbox = %sandbox.id, "agent connection ended; processes exit with {}", reason.exit_status());
+        self.fail_all(reason).await;
+    }
+
+    async fn is_current(&self, sandbox: &Arc<PodSandbox>) -> bool {
+        self.state
+            .sandbox
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, sandbox))
+    }
+
+    async fn handle_agent_event(&self, event: agent::Event) {
+        if event.has_oom() {
+            self.state.events.send(TaskEvent::Oom {
+                container_id: event.oom().container_id.clone(),
+            });
+            return;
+        }
+        if event.has_exited() {
+            let exited = event.exited();
+            let exit = Exit {
+                status: ExitReason::Reported(exited.exit_status).exit_status(),
+                at: time_from_ns(exited.exited_at_ns),
+            };
+            self.record_exit(&exited.container_id, &exited.exec_id, exit)
+                .await;
+        }
+    }
+
+    /// Drains the process's output, then records the exit and publishes
+    /// TaskExit.
+    async fn record_exit(&self, container_id: &str, exec_id: &str, exit: Exit) {
+        let io = {
+            let mut containers = self.state.containers.lock().await;
+            let Some(entry) = containers.get_mut(container_id) else {
+                tracing::warn!(container_id, exec_id, "exit of an unknown process");
+                return;
+            };
+            entry.io.remove(exec_id)
+        };
+        if let Some(mut io) = io {
+            io.wait_output(OUTPUT_DRAIN_LIMIT).await;
+            io.shutdown();
+        }
+        let mut containers = self.state.containers.lock().await;
+        let Some(entry) = containers.get_mut(container_id) else {
+            return;
+        };
+        let pid = match entry.container.process(exec_id) {
+            Ok(process) => process.pid,
+            Err(e) => {
+                tracing::warn!("{e}");
+                return;
+            }
+        };
+        if let Ok(true) = entry.container.record_exit(exec_id, exit) {
+            self.state.events.send(TaskEvent::Exit {
+                container_id: container_id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                pid,
+                exit_status: exit.status,
+                exited_at: exit.at,
+            });
+        }
+    }
+
+    /// Every live process of the pod exits with `reason`.
+    async fn fail_all(&self, reason: ExitReason) {
+        let live: Vec<(String, String)> = {
+            let containers = self.state.containers.lock().await;
+            let mut live = Vec::new();
+            for (id, entry) in containers.iter() {
+                for exec_id in entry.container.live_process_ids() {
+                    live.push((id.clone(), exec_id));
+                }
+            }
+            live
+        };
+        let exit = Exit {
+            status: reason.exit_status(),
+            at: SystemTime::now(),
+        };
+        for (container_id, exec_id) in live {
+            self.record_exit(&container_id, &exec_id, exit).await;
+        }
+    }
+}
+
+fn delete_response(pid: u32, exit: Option<Exit>) -> api::DeleteResponse {
+    api::DeleteResponse {
+        pid,
+        exit_status: exit.map(|e| e.status).unwrap_or(0),
+        exited_at: Some(timestamp(
+            exit.map(|e| e.at).unwrap_or_else(SystemTime::now),
+        ))
+        .into(),
+        ..Default::default()
+    }
+}
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+type Ctx = containerd_shim_protos::ttrpc::r#async::TtrpcContext;
+
+fn answer<T>(result: Result<T, ServiceError>, method: &str) -> TtrpcResult<T> {
+    result.map_err(|e| {
+        tracing::info!(method, "{e}");
+        e.to_ttrpc()
+    })
+}
+
+#[async_trait::async_trait]
+impl containerd_shim_protos::shim_async::Task for TaskService {
+    async fn state(&self, _: &Ctx, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        answer(TaskService::state(self, &req).await, "State")
+    }
+
+    async fn create(
+        &self,
+        _: &Ctx,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        answer(TaskService::create(self, &req).await, "Create")
+    }
+
+    async fn start(&self, _: &Ctx, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        answer(TaskService::start(self, &req).await, "Start")
+    }
+
+    async fn delete(&self, _: &Ctx, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        answer(TaskService::delete(self, &req).await, "Delete")
+    }
+
+    async fn pids(&self, _: &Ctx, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        answer(TaskService::pids(self, &req.id).await, "Pids")
+    }
+
+    async fn pause(&self, _: &Ctx, req: api::PauseRequest) -> TtrpcResult<Empty> {
+        answer(
+            TaskService::pause(self, &req.id)
+                .await
+                .map(|_| Empty::new()),
+            "Pause",
+        )
+    }
+
+    async fn resume(&self, _: &Ctx, req: api::ResumeRequest) -> TtrpcResult<Empty> {
+        answer(
+            TaskService::resume(self, &req.id)
+                .await
+                .map(|_| Empty::new()),
+            "Resume",
+        )
+    }
+
+    async fn checkpoint(&self, _: &Ctx, _: api::CheckpointTaskRequest) -> TtrpcResult<Empty> {
+        answer(
+            Err(ServiceError::Unsupported(
+                "checkpoint (the container's state lives in the pod's microVM)",
+            )),
+            "Checkpoint",
+        )
+    }
+
+    async fn kill(&self, _: &Ctx, req: api::KillRequest) -> TtrpcResult<Empty> {
+        answer(
+            TaskService::kill(self, &req).await.map(|_| Empty::new()),
+            "Kill",
+        )
+    }
+
+    async fn exec(&self, _: &Ctx, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
+        answer(
+            TaskService::exec(self, &req).await.map(|_| Empty::new()),
+            "Exec",
+        )
+    }
+
+    async fn resize_pty(&self, _: &Ctx, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
+        answer(
+            TaskService::resize_pty(self, &req)
+                .await
+                .map(|_| Empty::new()),
+            "ResizePty",
+        )
+    }
+
+    async fn close_io(&self, _: &Ctx, req: api::CloseIORequest) -> TtrpcResult<Empty> {
+        answer(
+            TaskService::close_io(self, &req)
+                .await
+                .map(|_| Empty::new()),
+            "CloseIO",
+        )
+    }
+
+    async fn update(&self, _: &Ctx, req: api::UpdateTaskRequest) -> TtrpcResult<Empty> {
+        answer(
+            TaskService::update(self, &req).await.map(|_| Empty::new()),
+            "Update",
+        )
+    }
+
+    async fn wait(&self, _: &Ctx, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        answer(TaskService::wait(self, &req).await, "Wait")
+    }
+
+    async fn stats(&self, _: &Ctx, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        answer(TaskService::stats(self, &req.id).await, "Stats")
+    }
+
+    async fn connect(
+        &self,
+        _: &Ctx,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(TaskService::connect(self, &req.id).await)
+    }
+
+    async fn shutdown(&self, _: &Ctx, _: api::ShutdownRequest) -> TtrpcResult<Empty> {
+        TaskService::shutdown(self).await;
+        Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
