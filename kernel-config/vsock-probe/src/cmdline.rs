@@ -31,8 +31,8 @@ pub struct ProbeConfig {
     pub bulk: Option<(u32, u32)>,
     /// Bytes per write in bulk mode (default [`crate::BULK_CHUNK`]). Linux
     /// sends a write of more than 32 KiB as one packet spread over several
-    /// descriptors, which `vhost-device-vsock` 0.3.0 rejects; benchmarks
-    /// against it use 16 KiB.
+    /// descriptors, which `vhost-device-vsock` 0.3.0 rejects (the stream
+    /// stalls); benchmarks against it use 32 KiB.
     pub write_chunk: Option<u32>,
     /// Rng mode: bytes to read from `/dev/hwrng`.
     pub rng_bytes: Option<u32>,
