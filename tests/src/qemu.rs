@@ -60,11 +60,16 @@ pub enum VhostUserKind {
 }
 
 impl VhostUserKind {
-    /// QEMU's device model (the virtio-bus one, not the PCI proxy).
+    /// QEMU's device model (the virtio-bus one, not the PCI proxy) and its
+    /// properties.
     pub fn qemu_device(self) -> &'static str {
         match self {
             VhostUserKind::Vsock => "vhost-user-vsock-device",
-            VhostUserKind::Rng => "vhost-user-rng",
+            // QEMU 7.2's vhost-user-rng offers the guest QEMU's own ring
+            // features (indirect descriptors, event index) without asking
+            // the back end, and passes what the guest acked on; ours offers
+            // neither, so QEMU must not either.
+            VhostUserKind::Rng => "vhost-user-rng,indirect_desc=off,event_idx=off",
             VhostUserKind::Block => "vhost-user-blk",
         }
     }

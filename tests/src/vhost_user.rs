@@ -9,6 +9,7 @@
 //! host-initiated connections, bulk transfer both ways with checksums.
 
 use std::fs::File;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant};
 use cloister_guest_image::paths;
 use cloister_vsock_probe::{ProbeConfig, DONE_MARKER, FAIL_PREFIX, START_MARKER};
 
-use crate::console::{kill_process_group, ConsoleRun, WaitPolicy};
+use crate::cloister_vmm::CloisterVmmConfig;
+use crate::console::{kill_process_group, ConsoleProcess, ConsoleRun, WaitPolicy};
 use crate::hybrid_vsock::{
     accept_guest, bulk_session, concurrent_echo, echo_session, listen_host_port, BulkReport,
     HybridVsockError, Latency,
@@ -160,19 +162,21 @@ struct BackendProcess {
 }
 
 impl BackendProcess {
+    /// Starts `command` (named `name` in messages) and waits until it
+    /// listens on `socket`.
     fn spawn(
-        backend: &VsockBackend,
+        name: &str,
+        mut command: Command,
         socket: &Path,
-        uds: &Path,
         log: &Path,
     ) -> Result<Self, VhostUserRunError> {
+        let binary = PathBuf::from(command.get_program());
         let spawn_error = |source| VhostUserRunError::Spawn {
-            binary: backend.binary().to_path_buf(),
+            binary: binary.clone(),
             source,
         };
         let stderr = File::create(log).map_err(spawn_error)?;
-        let child = backend
-            .command(socket, uds)
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -187,7 +191,7 @@ impl BackendProcess {
         while !socket.exists() {
             if started.elapsed() > wait {
                 return Err(VhostUserRunError::NoSocket {
-                    backend: format!("{} ({})", backend.name(), process.log_text()),
+                    backend: format!("{name} ({})", process.log_text()),
                     socket: socket.to_path_buf(),
                     waited: wait,
                 });
@@ -274,6 +278,7 @@ impl ProbePlan {
             listen: Some((LISTEN_PORT, self.connections)),
             bulk: Some((BULK_PORT, self.bulk_mib)),
             write_chunk: Some(self.write_chunk),
+            ..ProbeConfig::default()
         }
     }
 }
@@ -325,10 +330,13 @@ pub fn run_vsock_probe(
     let dir = tempfile::tempdir().map_err(VhostUserRunError::TempDir)?;
     let socket = dir.path().join("vhost-user.sock");
     let uds = dir.path().join("vsock.sock");
-    let step = |step: &'static str| move |source| VhostUserRunError::Step { step, source };
-    let echo_listener = listen_host_port(&uds, ECHO_PORT).map_err(step("listen for echo"))?;
-    let bulk_listener = listen_host_port(&uds, BULK_PORT).map_err(step("listen for bulk"))?;
-    let process = BackendProcess::spawn(backend, &socket, &uds, &dir.path().join("backend.log"))?;
+    let listeners = HostListeners::bind(&uds)?;
+    let process = BackendProcess::spawn(
+        backend.name(),
+        backend.command(&socket, &uds),
+        &socket,
+        &dir.path().join("backend.log"),
+    )?;
 
     let mut qemu = QemuConfig::new(Accel::Tcg, &plan.vmlinux, Some(&plan.initramfs));
     qemu.cmdline.push(' ');
@@ -341,6 +349,72 @@ pub fn run_vsock_probe(
         binary: qemu.binary.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    let (outcome, console) = drive_vm(vm, plan, &uds, &listeners);
+    let (backend_exited_cleanly, backend_log) = process.finish(Duration::from_secs(5));
+    Ok(ProbeReport {
+        backend: backend.name().to_string(),
+        outcome,
+        console,
+        backend_exited_cleanly,
+        backend_log,
+    })
+}
+
+/// Boots the probe guest in `cloister-vmm` itself, with its vsock device on
+/// virtio-mmio (`--vsock`), and drives every mode the same way. Needs a host
+/// whose KVM runs guest user mode (not nested `kvm_pvm`).
+pub fn run_vsock_probe_in_cloister_vmm(
+    binary: &Path,
+    plan: &ProbePlan,
+) -> Result<ProbeReport, VhostUserRunError> {
+    let dir = tempfile::tempdir().map_err(VhostUserRunError::TempDir)?;
+    let uds = dir.path().join("vsock.sock");
+    let listeners = HostListeners::bind(&uds)?;
+    let mut config = CloisterVmmConfig::new(binary, &plan.vmlinux, Some(&plan.initramfs));
+    config.cmdline.push(' ');
+    config.cmdline.push_str(&plan.probe_config().to_cmdline());
+    let mut command = config.command();
+    command
+        .arg("--vsock")
+        .arg(format!("guest_cid={GUEST_CID},uds_path={}", uds.display()));
+    let vm = ConsoleProcess::spawn(command).map_err(|e| VhostUserRunError::Spawn {
+        binary: binary.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let (outcome, console) = drive_vm(vm, plan, &uds, &listeners);
+    Ok(ProbeReport {
+        backend: "cloister-vmm (virtio-mmio)".to_string(),
+        outcome,
+        console,
+        backend_exited_cleanly: true,
+        backend_log: String::new(),
+    })
+}
+
+/// The host ports the probe connects to, bound before the guest starts.
+struct HostListeners {
+    echo: UnixListener,
+    bulk: UnixListener,
+}
+
+impl HostListeners {
+    fn bind(uds: &Path) -> Result<Self, VhostUserRunError> {
+        let step = |step: &'static str| move |source| VhostUserRunError::Step { step, source };
+        Ok(Self {
+            echo: listen_host_port(uds, ECHO_PORT).map_err(step("listen for echo"))?,
+            bulk: listen_host_port(uds, BULK_PORT).map_err(step("listen for bulk"))?,
+        })
+    }
+}
+
+/// Collects `vm`'s console on a thread while the host drives the probe;
+/// kills the VM if the host gives up, so the console wait ends.
+fn drive_vm(
+    vm: ConsoleProcess,
+    plan: &ProbePlan,
+    uds: &Path,
+    listeners: &HostListeners,
+) -> (Result<ProbeFigures, VhostUserRunError>, ConsoleRun) {
     let vm_pid = vm.id();
     let policy = WaitPolicy {
         timeout: plan.timeout,
@@ -348,8 +422,7 @@ pub fn run_vsock_probe(
         idle_limit: None,
     };
     let console = thread::spawn(move || vm.wait_until(&policy, |_| {}));
-
-    let outcome = drive_probe(plan, &uds, &echo_listener, &bulk_listener);
+    let outcome = drive_probe(plan, uds, &listeners.echo, &listeners.bulk);
     if outcome.is_err() && !console.is_finished() {
         // The guest may wait forever for a host that gave up.
         kill_process_group(vm_pid);
@@ -363,22 +436,15 @@ pub fn run_vsock_probe(
         stderr: "console thread panicked".to_string(),
         peak_rss_kib: None,
     });
-    let (backend_exited_cleanly, backend_log) = process.finish(Duration::from_secs(5));
-    Ok(ProbeReport {
-        backend: backend.name().to_string(),
-        outcome,
-        console,
-        backend_exited_cleanly,
-        backend_log,
-    })
+    (outcome, console)
 }
 
 /// The host's half of every probe mode, in the probe's order.
 fn drive_probe(
     plan: &ProbePlan,
     uds: &Path,
-    echo_listener: &std::os::unix::net::UnixListener,
-    bulk_listener: &std::os::unix::net::UnixListener,
+    echo_listener: &UnixListener,
+    bulk_listener: &UnixListener,
 ) -> Result<ProbeFigures, VhostUserRunError> {
     let step = |step: &'static str| move |source| VhostUserRunError::Step { step, source };
     // Boot under TCG takes seconds; a loaded CI machine may take longer.
@@ -414,4 +480,125 @@ fn drive_probe(
 /// Whether `report`'s console shows the probe ran at all (for messages).
 pub fn probe_started(report: &ProbeReport) -> bool {
     report.console.find(START_MARKER).is_some()
+}
+
+/// The rng and block devices of `cloister-vmm` served over vhost-user to one
+/// QEMU/TCG guest, which reads entropy, checksums the disk and writes to it
+/// (the probe's rng and block modes).
+pub struct DeviceProbe {
+    /// Holds the disk image and the sockets.
+    pub dir: tempfile::TempDir,
+    pub disk: PathBuf,
+}
+
+/// How a [`DeviceProbe`] run ended.
+#[derive(Debug)]
+pub struct DeviceProbeReport {
+    pub console: ConsoleRun,
+    /// Per back end: its name, whether it exited 0 after QEMU did, its log.
+    pub backends: Vec<(String, bool, String)>,
+}
+
+impl DeviceProbeReport {
+    /// Console and back-end logs, for failure messages.
+    pub fn transcript(&self) -> String {
+        let mut out = self.console.transcript();
+        for (name, _, log) in &self.backends {
+            out.push_str(&format!("--- {name} log ---\n{log}"));
+        }
+        out
+    }
+}
+
+impl DeviceProbe {
+    /// A temporary folder with a `disk_mib` MiB disk image of pattern data
+    /// (`seed`).
+    pub fn new(disk_mib: u32, seed: u64) -> Result<Self, VhostUserRunError> {
+        let dir = tempfile::tempdir().map_err(VhostUserRunError::TempDir)?;
+        let disk = dir.path().join("disk.img");
+        let mut data = vec![0u8; (disk_mib as usize) << 20];
+        cloister_vsock_probe::Pattern::new(seed).fill(&mut data);
+        std::fs::write(&disk, &data).map_err(VhostUserRunError::TempDir)?;
+        Ok(Self { dir, disk })
+    }
+
+    /// Boots the probe with `binary` serving rng and block (`disk`), the
+    /// guest reading `rng_bytes` bytes, the whole disk, and writing
+    /// `write_kib` KiB.
+    pub fn run(
+        &self,
+        binary: &Path,
+        vmlinux: &Path,
+        initramfs: &Path,
+        rng_bytes: u32,
+        write_kib: u32,
+        timeout: Duration,
+    ) -> Result<DeviceProbeReport, VhostUserRunError> {
+        let disk_mib = std::fs::metadata(&self.disk)
+            .map_err(VhostUserRunError::TempDir)?
+            .len()
+            >> 20;
+        let rng_socket = self.dir.path().join("rng.sock");
+        let block_socket = self.dir.path().join("block.sock");
+        let mut rng = Command::new(binary);
+        rng.args(["vhost-user", "--device", "rng", "--socket"])
+            .arg(&rng_socket);
+        let mut block = Command::new(binary);
+        block
+            .args(["vhost-user", "--device", "block", "--path"])
+            .arg(&self.disk)
+            .arg("--socket")
+            .arg(&block_socket);
+        let processes = [
+            (
+                "rng",
+                BackendProcess::spawn("rng", rng, &rng_socket, &self.dir.path().join("rng.log"))?,
+            ),
+            (
+                "block",
+                BackendProcess::spawn(
+                    "block",
+                    block,
+                    &block_socket,
+                    &self.dir.path().join("block.log"),
+                )?,
+            ),
+        ];
+        let probe = ProbeConfig {
+            rng_bytes: Some(rng_bytes),
+            block: Some((u32::try_from(disk_mib).unwrap_or(u32::MAX), write_kib)),
+            ..ProbeConfig::default()
+        };
+        let mut qemu = QemuConfig::new(Accel::Tcg, vmlinux, Some(initramfs));
+        qemu.cmdline.push(' ');
+        qemu.cmdline.push_str(&probe.to_cmdline());
+        qemu.vhost_user.push(VhostUserDevice {
+            kind: VhostUserKind::Rng,
+            socket: rng_socket,
+        });
+        qemu.vhost_user.push(VhostUserDevice {
+            kind: VhostUserKind::Block,
+            socket: block_socket,
+        });
+        let vm = QemuMicrovm::spawn(&qemu).map_err(|e| VhostUserRunError::Spawn {
+            binary: qemu.binary.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let console = vm.wait_until(
+            &WaitPolicy {
+                timeout,
+                end_marker: Some((KERNEL_PANIC, PANIC_GRACE)),
+                idle_limit: None,
+            },
+            |_| {},
+        );
+        let backends = processes
+            .into_iter()
+            .map(|(name, process)| {
+                let (clean, log) = process.finish(Duration::from_secs(5));
+                (name.to_string(), clean, log)
+            })
+            .collect();
+        Ok(DeviceProbeReport { console, backends })
+    }
 }

@@ -16,16 +16,21 @@ use crate::boot::cmdline::{build_cmdline, CmdlineError};
 use crate::boot::loader::{load_initrd, load_kernel, write_boot_info, LoaderError};
 use crate::boot::mptable::{write_mptable, MptableError};
 use crate::boot::regs::{setup_boot_vcpu, setup_lapic_lints, setup_msrs, BootEntry, RegsError};
-use crate::config::{validate_resources, ConfigError, VirtioDevicesConfig, VmConfig};
+use crate::config::{
+    validate_resources, ConfigError, VirtioConsoleOutput, VirtioDevicesConfig, VmConfig,
+};
 use crate::cpuid::{cpuid_for_vcpu, CpuTemplate};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::virtio::attach::{AttachError, VirtioDevices};
+use crate::devices::virtio::block::{self, BlockDevice, BlockError};
+use crate::devices::virtio::console::{ConsoleDevice, ConsoleError, ConsoleOutput};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::event_loop::{EventLoopError, VirtioThread};
 use crate::devices::virtio::rng::RngDevice;
+use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::{DeviceReport, PeriodicMetrics, VmmMetrics};
 use crate::vstate::kvm::{HostKvmKind, KvmContext, KvmError};
@@ -127,10 +132,16 @@ pub enum BuildError {
     Regs(#[from] RegsError),
     #[error("cannot place device: {0}")]
     Bus(#[from] BusError),
-    #[error("cannot attach virtio device: {0}")]
+    #[error(transparent)]
     Attach(#[from] AttachError),
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
     #[error("raw payload of {len} bytes at {addr:#x} does not fit guest memory: {source}")]
     Payload {
         addr: u64,
@@ -368,24 +379,28 @@ fn create_virtio_devices(
         devices.push(Box::new(RngDevice::new()));
     }
     if let Some(vsock) = &config.vsock {
-        return Err(not_built_yet("vsock", vsock.uds_path.display().to_string()));
+        devices.push(Box::new(VsockDevice::new(
+            vsock.guest_cid,
+            vsock.uds_path.clone(),
+        )?));
     }
     if let Some(console) = &config.console {
-        return Err(not_built_yet("console", console.output.to_string()));
+        let output = match &console.output {
+            VirtioConsoleOutput::Stdout => ConsoleOutput::Stdout,
+            VirtioConsoleOutput::File(path) => ConsoleOutput::File(path.clone()),
+            VirtioConsoleOutput::None => ConsoleOutput::Sink,
+        };
+        devices.push(Box::new(ConsoleDevice::new(output)?));
     }
-    if let Some(disk) = config.block.first() {
-        return Err(not_built_yet("block", disk.path.display().to_string()));
+    for (index, disk) in config.block.iter().enumerate() {
+        let device = BlockDevice::new(block::BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            serial: disk.serial.clone(),
+        })?;
+        devices.push(Box::new(device.with_name(format!("block{index}"))));
     }
     Ok(devices)
-}
-
-/// A device the configuration accepts but this build does not have yet.
-fn not_built_yet(field: &'static str, value: String) -> BuildError {
-    BuildError::Config(ConfigError::Invalid {
-        field,
-        value,
-        reason: format!("the virtio {field} device is not built yet"),
-    })
 }
 
 /// COM1, the i8042 (reset only) and the boot timer on the port I/O bus.

@@ -53,7 +53,7 @@ struct Args {
     /// repeat for more disks (replaces the config file's list).
     #[arg(long)]
     block: Vec<BlockConfig>,
-    /// Add a virtio console (hvc0) writing to stdout or file:PATH.
+    /// Add a virtio console (hvc0) writing to stdout, none or file:PATH.
     #[arg(long)]
     console: Option<VirtioConsoleOutput>,
     /// JSON config with the same fields; flags given here override it.
@@ -170,6 +170,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // `cloister-vmm vhost-user …` serves one device to QEMU instead.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "vhost-user")
+    {
+        return cloister_vmm::vhost_user::cli::main(std::env::args_os().skip(1));
+    }
     match run() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

@@ -13,7 +13,7 @@ pub enum CmdlineError {
     },
     #[error("vsock_probe.write_chunk={0}: must be a multiple of 8 between 8 and 1048576")]
     BadChunk(u32),
-    #[error("no mode chosen: give vsock_probe.echo_port, vsock_probe.listen_port or vsock_probe.bulk_port")]
+    #[error("no mode chosen: give vsock_probe.echo_port, .listen_port, .bulk_port, .rng_bytes or .blk_read_mib")]
     NoMode,
 }
 
@@ -34,6 +34,11 @@ pub struct ProbeConfig {
     /// descriptors, which `vhost-device-vsock` 0.3.0 rejects; benchmarks
     /// against it use 16 KiB.
     pub write_chunk: Option<u32>,
+    /// Rng mode: bytes to read from `/dev/hwrng`.
+    pub rng_bytes: Option<u32>,
+    /// Block mode: MiB to read (and checksum) from `/dev/vda`, then KiB of
+    /// [`crate::BLOCK_WRITE_SEED`] pattern to write at its start.
+    pub block: Option<(u32, u32)>,
 }
 
 impl ProbeConfig {
@@ -46,6 +51,9 @@ impl ProbeConfig {
         let mut bulk_port = None;
         let mut bulk_mib = None;
         let mut write_chunk = None;
+        let mut rng_bytes = None;
+        let mut blk_read_mib = None;
+        let mut blk_write_kib = None;
         for word in cmdline.split_whitespace() {
             let Some(setting) = word.strip_prefix(KEY_PREFIX) else {
                 continue;
@@ -60,6 +68,9 @@ impl ProbeConfig {
                 "bulk_port" => &mut bulk_port,
                 "bulk_mib" => &mut bulk_mib,
                 "write_chunk" => &mut write_chunk,
+                "rng_bytes" => &mut rng_bytes,
+                "blk_read_mib" => &mut blk_read_mib,
+                "blk_write_kib" => &mut blk_write_kib,
                 _ => continue,
             };
             *slot = Some(value.parse::<u32>().map_err(|_| CmdlineError::NotANumber {
@@ -87,6 +98,7 @@ impl ProbeConfig {
             }
             (None, _) => None,
         };
+        let block = blk_read_mib.map(|mib| (mib, blk_write_kib.unwrap_or(0)));
         if let Some(chunk) = write_chunk {
             if chunk == 0 || chunk % 8 != 0 || chunk > 1 << 20 {
                 return Err(CmdlineError::BadChunk(chunk));
@@ -97,11 +109,22 @@ impl ProbeConfig {
             listen,
             bulk,
             write_chunk,
+            rng_bytes,
+            block,
         };
-        if config.echo_port.is_none() && config.listen.is_none() && config.bulk.is_none() {
+        if !config.has_mode() {
             return Err(CmdlineError::NoMode);
         }
         Ok(config)
+    }
+
+    /// Whether any mode is chosen (`write_chunk` alone is not a mode).
+    pub fn has_mode(&self) -> bool {
+        self.echo_port.is_some()
+            || self.listen.is_some()
+            || self.bulk.is_some()
+            || self.rng_bytes.is_some()
+            || self.block.is_some()
     }
 
     /// The kernel command-line words that select this configuration.
@@ -120,6 +143,13 @@ impl ProbeConfig {
         }
         if let Some(chunk) = self.write_chunk {
             words.push(format!("{KEY_PREFIX}write_chunk={chunk}"));
+        }
+        if let Some(bytes) = self.rng_bytes {
+            words.push(format!("{KEY_PREFIX}rng_bytes={bytes}"));
+        }
+        if let Some((read_mib, write_kib)) = self.block {
+            words.push(format!("{KEY_PREFIX}blk_read_mib={read_mib}"));
+            words.push(format!("{KEY_PREFIX}blk_write_kib={write_kib}"));
         }
         words.join(" ")
     }
@@ -142,6 +172,8 @@ mod tests {
                 listen: Some((1234, 32)),
                 bulk: Some((5001, 256)),
                 write_chunk: Some(16384),
+                rng_bytes: None,
+                block: None,
             }
         );
         assert_eq!(ProbeConfig::parse(&config.to_cmdline()).unwrap(), config);
@@ -164,6 +196,17 @@ mod tests {
         let err =
             ProbeConfig::parse("vsock_probe.echo_port=1 vsock_probe.write_chunk=1001").unwrap_err();
         assert_eq!(err, CmdlineError::BadChunk(1001));
+    }
+
+    #[test]
+    fn parse_reads_rng_and_block_modes() {
+        let config = ProbeConfig::parse(
+            "vsock_probe.rng_bytes=4096 vsock_probe.blk_read_mib=8 vsock_probe.blk_write_kib=1024",
+        )
+        .unwrap();
+        assert_eq!(config.rng_bytes, Some(4096));
+        assert_eq!(config.block, Some((8, 1024)));
+        assert_eq!(ProbeConfig::parse(&config.to_cmdline()).unwrap(), config);
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //!
 //! The probe runs its modes in this order, each only if its key is given:
 //!
+//! 0. **rng** (`vsock_probe.rng_bytes=N`) and **block**
+//!    (`vsock_probe.blk_read_mib=M vsock_probe.blk_write_kib=K`): for the
+//!    other devices served over vhost-user. Reads N bytes from
+//!    `/dev/hwrng` and prints how many distinct byte values came; reads M
+//!    MiB of `/dev/vda` and prints their [`StreamHash`]
+//!    ([`BLOCK_READ_MARKER`]), then writes K KiB of [`Pattern`] from
+//!    [`BLOCK_WRITE_SEED`] at its start and syncs.
 //! 1. **echo** (`vsock_probe.echo_port=P`): connects to the host (CID 2)
 //!    port P and echoes everything until the host shuts its side down.
 //! 2. **accept** (`vsock_probe.listen_port=L vsock_probe.connections=N`):
@@ -37,5 +44,13 @@ pub const HOST_CID: u32 = 2;
 pub const GUEST_PATTERN_SEED: u64 = 0x6775_6573_745f_7478;
 /// Seed of the data the host sends in bulk mode.
 pub const HOST_PATTERN_SEED: u64 = 0x686f_7374_5f74_7800;
+/// Precedes the rng result: `<prefix><bytes> bytes, <n> distinct values`.
+pub const RNG_MARKER: &str = "vsock-probe: rng: ";
+/// Precedes the block checksum: `<prefix><hash as 16 hex digits>`.
+pub const BLOCK_READ_MARKER: &str = "vsock-probe: blk: read checksum ";
+/// Printed once the block writes are synced.
+pub const BLOCK_WRITTEN_MARKER: &str = "vsock-probe: blk: written and synced";
+/// Seed of the data the guest writes to the disk in block mode.
+pub const BLOCK_WRITE_SEED: u64 = 0x626c_6b5f_7772_6974;
 /// Read and write size in bulk mode.
 pub const BULK_CHUNK: usize = 64 * 1024;

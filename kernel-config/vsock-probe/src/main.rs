@@ -6,13 +6,14 @@
 
 mod vsock;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::thread;
 use std::time::Instant;
 
 use cloister_vsock_probe::{
-    Pattern, ProbeConfig, StreamHash, BULK_CHUNK, DONE_MARKER, FAIL_PREFIX, GUEST_PATTERN_SEED,
-    HOST_CID, LISTENING_MARKER, START_MARKER,
+    Pattern, ProbeConfig, StreamHash, BLOCK_READ_MARKER, BLOCK_WRITE_SEED, BLOCK_WRITTEN_MARKER,
+    BULK_CHUNK, DONE_MARKER, FAIL_PREFIX, GUEST_PATTERN_SEED, HOST_CID, LISTENING_MARKER,
+    RNG_MARKER, START_MARKER,
 };
 
 use vsock::{VsockListener, VsockStream};
@@ -31,6 +32,12 @@ fn run() -> Result<(), String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
     let config = ProbeConfig::parse(&cmdline).map_err(|e| e.to_string())?;
+    if let Some(bytes) = config.rng_bytes {
+        rng(bytes)?;
+    }
+    if let Some((read_mib, write_kib)) = config.block {
+        block(read_mib, write_kib)?;
+    }
     if let Some(port) = config.echo_port {
         let started = Instant::now();
         let stream = VsockStream::connect(HOST_CID, port)
@@ -150,6 +157,89 @@ fn bulk(port: u32, mib: u32, write_chunk: usize) -> Result<(), String> {
          ({write_chunk}-byte writes, guest clock)"
     ));
     Ok(())
+}
+
+/// Reads `bytes` bytes of entropy from the virtio-rng device.
+fn rng(bytes: u32) -> Result<(), String> {
+    mount_dev()?;
+    let mut data = vec![0u8; bytes as usize];
+    std::fs::File::open("/dev/hwrng")
+        .and_then(|mut f| f.read_exact(&mut data))
+        .map_err(|e| format!("rng: read {bytes} bytes from /dev/hwrng: {e}"))?;
+    let mut seen = [false; 256];
+    for byte in &data {
+        seen[usize::from(*byte)] = true;
+    }
+    let distinct = seen.iter().filter(|s| **s).count();
+    say(&format!(
+        "{RNG_MARKER}{bytes} bytes, {distinct} distinct values"
+    ));
+    Ok(())
+}
+
+/// Reads `read_mib` MiB of `/dev/vda` and prints their checksum, then
+/// writes `write_kib` KiB of pattern at its start and syncs.
+fn block(read_mib: u32, write_kib: u32) -> Result<(), String> {
+    mount_dev()?;
+    let fail = |what: &str, e: io::Error| format!("blk: {what} /dev/vda: {e}");
+    let mut disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write_kib > 0)
+        .open("/dev/vda")
+        .map_err(|e| fail("open", e))?;
+    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut hash = StreamHash::new();
+    let len = u64::from(read_mib) << 20;
+    while hash.len() < len {
+        let n = usize::try_from(len - hash.len())
+            .unwrap_or(BULK_CHUNK)
+            .min(BULK_CHUNK);
+        disk.read_exact(&mut buf[..n])
+            .map_err(|e| fail("read", e))?;
+        hash.update(&buf[..n]);
+    }
+    say(&format!("{BLOCK_READ_MARKER}{:016x}", hash.finish()));
+    if write_kib == 0 {
+        return Ok(());
+    }
+    disk.seek(SeekFrom::Start(0)).map_err(|e| fail("seek", e))?;
+    let mut pattern = Pattern::new(BLOCK_WRITE_SEED);
+    let mut left = u64::from(write_kib) << 10;
+    while left > 0 {
+        let n = usize::try_from(left).unwrap_or(BULK_CHUNK).min(BULK_CHUNK);
+        pattern.fill(&mut buf[..n]);
+        disk.write_all(&buf[..n]).map_err(|e| fail("write", e))?;
+        left -= n as u64;
+    }
+    disk.sync_all().map_err(|e| fail("sync", e))?;
+    say(BLOCK_WRITTEN_MARKER);
+    Ok(())
+}
+
+/// Mounts devtmpfs on /dev unless the device nodes are there already (the
+/// kernel does not mount it for an initramfs).
+fn mount_dev() -> Result<(), String> {
+    if std::path::Path::new("/dev/null").exists() {
+        return Ok(());
+    }
+    // SAFETY: mount(2) with NUL-terminated static strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"devtmpfs".as_ptr(),
+            c"/dev".as_ptr(),
+            c"devtmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount devtmpfs on /dev: {}",
+            io::Error::last_os_error()
+        ))
+    }
 }
 
 fn mount_proc() -> Result<(), String> {

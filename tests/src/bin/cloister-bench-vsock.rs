@@ -6,7 +6,9 @@
 //! and 32-connection echo time, with ratios ours / peer.
 //!
 //! Usage: cloister-bench-vsock [--backend cloister|peer|both] [--mib N]
-//!        [--rounds N] [--connections N]
+//!        [--rounds N] [--connections N] [--runs N]
+//! Runs alternate between the back ends; each figure is the median of the
+//! runs.
 //! A benchmark, not a test: nothing here fails on a time. Under TCG the
 //! guest's CPU is emulated, so absolute figures are far below KVM's; the
 //! ratio between back ends on the same guest is the point.
@@ -29,6 +31,7 @@ struct Options {
     mib: u32,
     rounds: usize,
     connections: u32,
+    runs: usize,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -37,6 +40,7 @@ fn parse_options() -> Result<Options, String> {
         mib: 256,
         rounds: 1000,
         connections: 32,
+        runs: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -52,6 +56,7 @@ fn parse_options() -> Result<Options, String> {
             }
             "--mib" => options.mib = value()?.parse().map_err(|_| "--mib: a number")?,
             "--rounds" => options.rounds = value()?.parse().map_err(|_| "--rounds: a number")?,
+            "--runs" => options.runs = value()?.parse().map_err(|_| "--runs: a number")?,
             "--connections" => {
                 options.connections = value()?.parse().map_err(|_| "--connections: a number")?
             }
@@ -74,6 +79,26 @@ fn backend(name: &str) -> Result<VsockBackend, String> {
             .ok_or_else(|| {
                 "vhost-device-vsock not found (scripts/install-vhost-device-vsock.sh)".to_string()
             }),
+    }
+}
+
+/// One boot against `backend`; the figures, or why the run failed (with
+/// the console and the back end's log).
+fn probe_once(backend: &VsockBackend, plan: &ProbePlan) -> Result<ProbeFigures, String> {
+    let report = run_vsock_probe(backend, plan).map_err(|e| e.to_string())?;
+    match (&report.outcome, report.guest_passed()) {
+        (Ok(figures), true) => Ok(figures.clone()),
+        (Ok(_), false) => Err(format!("the guest did not pass:\n{}", report.transcript())),
+        (Err(e), _) => Err(format!("{e}\n{}", report.transcript())),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 
@@ -109,43 +134,31 @@ fn main() -> ExitCode {
     // descriptors, which Linux sends for writes over 32 KiB.
     plan.write_chunk = PEER_SAFE_WRITE_CHUNK;
 
-    let mut results: Vec<(&str, ProbeFigures)> = Vec::new();
+    let mut backends = Vec::new();
     for name in &options.backends {
-        let backend = match backend(name) {
-            Ok(backend) => backend,
+        match backend(name) {
+            Ok(backend) => backends.push(backend),
             Err(e) => {
                 eprintln!("cloister-bench-vsock: {e}");
                 return ExitCode::from(2);
             }
-        };
-        eprintln!(
-            "cloister-bench-vsock: running the probe guest against {}",
-            backend.name()
-        );
-        let report = match run_vsock_probe(&backend, &plan) {
-            Ok(report) => report,
-            Err(e) => {
-                eprintln!("cloister-bench-vsock: {}: {e}", backend.name());
-                return ExitCode::from(1);
-            }
-        };
-        match (&report.outcome, report.guest_passed()) {
-            (Ok(figures), true) => results.push((backend.name(), figures.clone())),
-            (Ok(_), false) => {
-                eprintln!(
-                    "cloister-bench-vsock: {}: the guest did not pass:\n{}",
-                    backend.name(),
-                    report.transcript()
-                );
-                return ExitCode::from(1);
-            }
-            (Err(e), _) => {
-                eprintln!(
-                    "cloister-bench-vsock: {}: {e}\n{}",
-                    backend.name(),
-                    report.transcript()
-                );
-                return ExitCode::from(1);
+        }
+    }
+    let mut results: Vec<(&str, Vec<ProbeFigures>)> =
+        backends.iter().map(|b| (b.name(), Vec::new())).collect();
+    for run in 1..=options.runs.max(1) {
+        for (backend, (_, figures)) in backends.iter().zip(results.iter_mut()) {
+            eprintln!(
+                "cloister-bench-vsock: run {run}/{}: the probe guest against {}",
+                options.runs,
+                backend.name()
+            );
+            match probe_once(backend, &plan) {
+                Ok(f) => figures.push(f),
+                Err(e) => {
+                    eprintln!("cloister-bench-vsock: {}: {e}", backend.name());
+                    return ExitCode::from(1);
+                }
             }
         }
     }
@@ -156,7 +169,12 @@ fn main() -> ExitCode {
 /// A table row: label, the figure, which way is better.
 type Row = (&'static str, fn(&ProbeFigures) -> f64, &'static str);
 
-fn print_table(options: &Options, results: &[(&str, ProbeFigures)]) {
+fn print_table(options: &Options, results: &[(&str, Vec<ProbeFigures>)]) {
+    println!(
+        "medians of {} runs; cloister-vmm is a dev build (our crates unoptimised, dependencies -O2), \
+         vhost-device-vsock a release build (cargo install)",
+        options.runs
+    );
     println!(
         "vsock over vhost-user, QEMU/TCG microvm guest; {} MiB each way ({} KiB guest writes), {} round trips of 64 B, {} connections",
         options.mib, PEER_SAFE_WRITE_CHUNK / 1024, options.rounds, options.connections
@@ -198,11 +216,15 @@ fn print_table(options: &Options, results: &[(&str, ProbeFigures)]) {
     println!();
     for (label, value, better) in rows {
         print!("{label:<22}");
-        for (_, figures) in results {
-            print!(" {:>20.1}", value(figures));
+        let medians: Vec<f64> = results
+            .iter()
+            .map(|(_, runs)| median(runs.iter().map(value).collect()))
+            .collect();
+        for m in &medians {
+            print!(" {m:>20.1}");
         }
-        if let [(_, ours), (_, peer)] = results {
-            let ratio = value(ours) / value(peer).max(1e-9);
+        if let [ours, peer] = medians[..] {
+            let ratio = ours / peer.max(1e-9);
             print!(" {ratio:>14.2}  ({better})");
         }
         println!();

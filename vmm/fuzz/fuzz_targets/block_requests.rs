@@ -20,8 +20,9 @@
 #![no_main]
 
 use std::cell::Cell;
+use std::fs::File;
 use std::io;
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 
 use cloister_vmm::devices::virtio::block::{BlockConfig, BlockDevice, SECTOR_SIZE};
@@ -43,33 +44,47 @@ const FEATURE_DISCARD: u64 = 1 << 13;
 const FEATURE_WRITE_ZEROES: u64 = 1 << 14;
 
 struct Disks {
-    dir: PathBuf,
     read_write: BlockDevice,
     read_only: BlockDevice,
+    /// Our own handles on the two images, whose names are gone (removed
+    /// right after opening, so nothing is left behind when libFuzzer exits).
+    read_write_file: File,
+    read_only_file: File,
     read_only_content: Vec<u8>,
 }
 
 fn disks() -> &'static Mutex<Disks> {
     static DISKS: OnceLock<Mutex<Disks>> = OnceLock::new();
     DISKS.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("cloister-fuzz-block-{}", std::process::id()));
+        // tmpfs where there is one: FLUSH (fdatasync) and DISCARD on a disk
+        // file system cost milliseconds, which would dominate every run.
+        let base = match std::path::Path::new("/dev/shm") {
+            shm if shm.is_dir() => shm.to_path_buf(),
+            _ => std::env::temp_dir(),
+        };
+        let dir = base.join(format!("cloister-fuzz-block-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create fuzz image directory");
         let content: Vec<u8> = (0..IMAGE_SECTORS * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
         let open = |name: &str, read_only: bool| {
             let path = dir.join(name);
             std::fs::write(&path, &content).expect("write fuzz image");
-            BlockDevice::new(BlockConfig {
-                path,
+            let device = BlockDevice::new(BlockConfig {
+                path: path.clone(),
                 read_only,
                 serial: Some("fuzz".into()),
             })
-            .expect("open fuzz image")
+            .expect("open fuzz image");
+            (device, File::open(&path).expect("reopen fuzz image"))
         };
+        let (read_write, read_write_file) = open("rw.img", false);
+        let (read_only, read_only_file) = open("ro.img", true);
+        std::fs::remove_dir_all(&dir).expect("remove fuzz image directory");
         Mutex::new(Disks {
-            read_write: open("rw.img", false),
-            read_only: open("ro.img", true),
+            read_write,
+            read_only,
+            read_write_file,
+            read_only_file,
             read_only_content: content,
-            dir,
         })
     })
 }
@@ -166,11 +181,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = dev.process_queue(0, &mut ctx);
     }
 
-    let image = disks.dir.join(if read_only { "ro.img" } else { "rw.img" });
-    let size = std::fs::metadata(&image).expect("image metadata").len();
+    let image = if read_only { &disks.read_only_file } else { &disks.read_write_file };
+    let size = image.metadata().expect("image metadata").len();
     assert_eq!(size, IMAGE_SECTORS * SECTOR_SIZE, "image size changed");
     if read_only {
-        let content = std::fs::read(&image).expect("read-only image");
+        let mut content = vec![0u8; disks.read_only_content.len()];
+        image.read_exact_at(&mut content, 0).expect("read-only image");
         assert!(content == disks.read_only_content, "read-only image changed");
     }
 });

@@ -1,14 +1,18 @@
-//! Fuzzes the virtio-mmio transport with the rng device behind it: the
-//! input is a program of register reads and writes (any offset, any
-//! width), writes into the small guest memory (so descriptor tables and
+//! Fuzzes the virtio-mmio transport with the rng device behind it, through
+//! the window the vCPUs use: the input is a program of register reads and
+//! writes (any offset, any width), writes into the small guest memory (so descriptor tables and
 //! rings can be crafted), queue kicks, and a shortcut that runs the
 //! driver's whole bring-up with fuzzed queue addresses. After every step
 //! the transport's invariants must hold; nothing may panic.
 #![no_main]
 
-use cloister_vmm::devices::bus::BusDevice;
+use std::sync::{Arc, Mutex};
+
+use cloister_vmm::devices::bus::{lock, BusDevice};
 use cloister_vmm::devices::virtio::device::VIRTIO_F_VERSION_1;
-use cloister_vmm::devices::virtio::mmio::{reg, status, MmioTransport, MMIO_WINDOW_SIZE};
+use cloister_vmm::devices::virtio::mmio::{
+    reg, status, MmioTransport, MmioWindow, MMIO_WINDOW_SIZE,
+};
 use cloister_vmm::devices::virtio::rng::{RngDevice, RNG_MAX_REQUEST_BYTES};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
@@ -49,11 +53,11 @@ impl Input<'_> {
     }
 }
 
-fn write32(t: &mut MmioTransport, offset: u64, value: u32) {
+fn write32(t: &mut MmioWindow, offset: u64, value: u32) {
     t.write(offset, &value.to_le_bytes());
 }
 
-fn bring_up(t: &mut MmioTransport, input: &mut Input<'_>) {
+fn bring_up(t: &mut MmioWindow, input: &mut Input<'_>) {
     write32(t, reg::STATUS, 0);
     write32(t, reg::STATUS, status::ACKNOWLEDGE);
     write32(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
@@ -91,8 +95,10 @@ fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory");
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let mut t = MmioTransport::new(Box::new(RngDevice::new()), mem.clone(), irq)
-        .expect("transport");
+    let transport = Arc::new(Mutex::new(
+        MmioTransport::new(Box::new(RngDevice::new()), mem.clone(), irq).expect("transport"),
+    ));
+    let mut t = MmioWindow::new(transport.clone()).expect("window");
     let mut input = Input(data);
     while !input.is_empty() {
         match input.u8() % 5 {
@@ -120,10 +126,10 @@ fuzz_target!(|data: &[u8]| {
             3 => {
                 let queue = u32::from(input.u8() % 2);
                 write32(&mut t, reg::QUEUE_NOTIFY, queue);
-                t.handle_queue_event(queue as usize);
+                lock(&transport).handle_queue_event(queue as usize);
             }
             _ => bring_up(&mut t, &mut input),
         }
-        check_invariants(&t);
+        check_invariants(&lock(&transport));
     }
 });

@@ -13,10 +13,11 @@
 //! | all vrings ready and enabled            | `activate()`, then every queue processed once |
 //! | kick on vring *i*                       | `process_queue(i, ctx)`        |
 //! | `host_event_fd()` readable              | `process_host_event(ctx)`      |
-//! | `RESET_DEVICE`                          | `reset()`                      |
+//! | `RESET_DEVICE`, or `SET_FEATURES` again | `reset()`                      |
 //!
 //! vhost-user has no "driver OK" message: the device is activated once
-//! every queue has been started (kick fd received) and enabled. A kick
+//! every queue the front end serves ([`front_end_queues`]) has been
+//! started (kick fd received) and enabled. A kick
 //! that arrives before that is not lost: activation processes every queue.
 //! The host event fd is level-triggered; while the device is inactive it
 //! is taken out of the epoll set (or host work would spin the loop) and put
@@ -35,11 +36,33 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::devices::virtio::device::{DeviceError, QueueContext, UsedNotifier, VirtioDevice};
+use crate::devices::virtio::device::{
+    device_type, DeviceError, QueueContext, UsedNotifier, VirtioDevice,
+};
+
+/// QEMU's largest virtqueue (`VIRTQUEUE_MAX_SIZE`). Over vhost-user the
+/// front end alone picks each ring's size (QEMU's vhost-user-vsock uses
+/// 1024) and cannot be told the device's maximum, so the adapter accepts
+/// up to this size even where the device's own maximum (what it offers
+/// over virtio-mmio) is smaller. Devices do not size anything by it.
+pub const FRONT_END_MAX_QUEUE_SIZE: u16 = 1024;
 
 /// Largest configuration read answered; virtio configuration spaces are far
 /// smaller (vhost-user caps `GET_CONFIG` at 256 bytes).
 const MAX_CONFIG_READ: u32 = 4096;
+
+/// The queues of `device` that a vhost-user front end hands to the back
+/// end. QEMU's `vhost-user-vsock-device` keeps virtio-vsock's event queue
+/// (the third) to itself and sets up only rx and tx over vhost-user; other
+/// devices hand over all their queues.
+pub fn front_end_queues(device: &dyn VirtioDevice) -> &[u16] {
+    let sizes = device.queue_max_sizes();
+    if device.device_type() == device_type::VSOCK {
+        &sizes[..sizes.len().min(2)]
+    } else {
+        sizes
+    }
+}
 
 /// The state machine of one device behind vhost-user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +84,7 @@ pub struct VhostUserDevice {
     device: Mutex<Box<dyn VirtioDevice>>,
     /// What the device said at creation and never changes.
     name: String,
+    /// Maximum sizes of the queues the front end serves.
     queue_max_sizes: Vec<u16>,
     offered_features: u64,
     host_event_fd: Option<RawFd>,
@@ -77,7 +101,7 @@ impl VhostUserDevice {
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         Self {
             name: device.name().to_string(),
-            queue_max_sizes: device.queue_max_sizes().to_vec(),
+            queue_max_sizes: front_end_queues(device.as_ref()).to_vec(),
             offered_features: device.features(),
             host_event_fd: device.host_event_fd(),
             device: Mutex::new(device),
@@ -114,6 +138,17 @@ impl VhostUserDevice {
         &self.name
     }
 
+    /// The device's counters as JSON.
+    pub fn metrics_json(&self) -> String {
+        let snapshot = self
+            .device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .metrics()
+            .snapshot();
+        serde_json::to_string(&snapshot).unwrap_or_default()
+    }
+
     /// The device, for the calls that change it. (A panic in a device call
     /// poisons the lock; the device's own state decides what comes next.)
     fn device_mut(&mut self) -> &mut dyn VirtioDevice {
@@ -138,6 +173,17 @@ impl VhostUserDevice {
                 state.get_queue().ready() && state.is_enabled()
             });
         if !all_started {
+            tracing::debug!(
+                "{}: not activated yet: vrings (ready, enabled) = {:?}",
+                self.name,
+                vrings
+                    .iter()
+                    .map(|vring| {
+                        let state = vring.get_ref();
+                        (state.get_queue().ready(), state.is_enabled())
+                    })
+                    .collect::<Vec<_>>()
+            );
             return false;
         }
         if let Err(e) = self.device_mut().activate() {
@@ -282,11 +328,8 @@ impl VhostUserBackendMut for VhostUserDevice {
     }
 
     fn max_queue_size(&self) -> usize {
-        self.queue_max_sizes
-            .iter()
-            .copied()
-            .max()
-            .map_or(0, usize::from)
+        let device_max = self.queue_max_sizes.iter().copied().max().unwrap_or(0);
+        usize::from(device_max.max(FRONT_END_MAX_QUEUE_SIZE))
     }
 
     fn features(&self) -> u64 {
@@ -294,6 +337,14 @@ impl VhostUserBackendMut for VhostUserDevice {
     }
 
     fn acked_features(&mut self, features: u64) {
+        // Features are negotiated once per driver session: QEMU sends
+        // SET_FEATURES each time it starts the device (after a guest
+        // reboot or driver reload too) and, unless RESET_DEVICE was
+        // negotiated, nothing else marks the old session's end.
+        if self.activation != Activation::Inactive {
+            tracing::info!("{}: features negotiated again, resetting", self.name);
+            self.reset_device();
+        }
         let device_features = features & self.offered_features;
         self.device_mut().ack_features(device_features);
     }
@@ -636,10 +687,13 @@ mod tests {
     }
 
     #[test]
-    fn queue_sizes_come_from_the_device() {
+    fn queue_count_comes_from_the_device_and_sizes_up_to_qemus_maximum_are_accepted() {
         let f = fixture(false, None);
         assert_eq!(f.backend.num_queues(), 2);
-        assert_eq!(f.backend.max_queue_size(), usize::from(QUEUE_SIZE));
+        assert_eq!(
+            f.backend.max_queue_size(),
+            usize::from(FRONT_END_MAX_QUEUE_SIZE)
+        );
         assert_eq!(f.backend.host_event_id(), 3);
     }
 
@@ -697,6 +751,23 @@ mod tests {
         assert_eq!(f.used_idx(1), 2);
         f.calls[1].consume().unwrap();
         assert_eq!(f.seen.lock().unwrap().processed.last(), Some(&(1, 2)));
+    }
+
+    #[test]
+    fn features_negotiated_again_after_activation_reset_the_device() {
+        let mut f = fixture(false, None);
+        f.backend.acked_features(VIRTIO_F_VERSION_1);
+        f.start(0);
+        f.start(1);
+        f.kick(0);
+        assert_eq!(f.backend.activation(), Activation::Active);
+
+        f.backend.acked_features(VIRTIO_F_VERSION_1);
+
+        assert_eq!(f.backend.activation(), Activation::Inactive);
+        assert_eq!(f.seen.lock().unwrap().resets, 1);
+        f.kick(0);
+        assert_eq!(f.seen.lock().unwrap().activations, 2);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! front end disconnects (QEMU exits), like `vhost-device-*` and virtiofsd.
 
 mod backend;
+pub mod cli;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -78,7 +79,11 @@ pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> Result<(), VhostUs
             socket: socket.to_path_buf(),
             reason,
         })?;
-    tracing::info!("{name}: front end disconnected");
+    let metrics = backend
+        .lock()
+        .map(|backend| backend.metrics_json())
+        .unwrap_or_default();
+    tracing::info!("{name}: front end disconnected; metrics {metrics}");
     Ok(())
 }
 
@@ -88,17 +93,24 @@ fn watch_host_events(
     backend: &Mutex<VhostUserDevice>,
 ) -> std::io::Result<()> {
     // A poisoned lock means a device call panicked; nothing to serve.
-    let mut backend = backend
-        .lock()
-        .map_err(|_| std::io::Error::other("device lock poisoned"))?;
-    let Some(fd) = backend.host_event_fd() else {
-        return Ok(());
+    let poisoned = |_| std::io::Error::other("device lock poisoned");
+    let (fd, id) = {
+        let backend = backend.lock().map_err(poisoned)?;
+        match backend.host_event_fd() {
+            Some(fd) => (fd, backend.host_event_id()),
+            None => return Ok(()),
+        }
     };
     let handlers = daemon.get_epoll_handlers();
     let Some(worker) = handlers.first() else {
         return Err(std::io::Error::other("no vring worker"));
     };
-    worker.register_listener(fd, EventSet::IN, u64::from(backend.host_event_id()))?;
-    backend.attach_epoll(worker.as_raw_fd());
+    // Not under the device lock: the worker asks the backend (locking it)
+    // for its queue count.
+    worker.register_listener(fd, EventSet::IN, u64::from(id))?;
+    backend
+        .lock()
+        .map_err(poisoned)?
+        .attach_epoll(worker.as_raw_fd());
     Ok(())
 }

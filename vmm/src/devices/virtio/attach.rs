@@ -9,13 +9,16 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
-use super::mmio::{reg, MmioError, MmioTransport};
+use super::mmio::{reg, MmioError, MmioTransport, MmioWindow, MMIO_WINDOW_SIZE};
 use crate::boot::cmdline::virtio_mmio_device_arg;
 use crate::boot::layout::{
     MAX_VIRTIO_DEVICES, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW,
 };
 use crate::devices::bus::{lock, Bus, BusError};
 use crate::metrics::DeviceReport;
+
+// The layout's slots are exactly one transport register window each.
+const _: () = assert!(VIRTIO_MMIO_WINDOW == MMIO_WINDOW_SIZE);
 
 /// Why a device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,8 @@ pub enum AttachError {
 /// A device in its slot.
 #[derive(Clone)]
 pub struct AttachedDevice {
+    /// The device's name, numbered when several share it (`block0`, `block1`).
+    pub name: String,
     pub mmio_base: u64,
     pub irq: u32,
     pub transport: Arc<Mutex<MmioTransport>>,
@@ -67,10 +72,10 @@ impl VirtioDevices {
                 count: devices.len(),
             });
         }
+        let names = report_names(devices.iter().map(|d| d.name()));
         let mut attached = Vec::with_capacity(devices.len());
         // Slot numbers are below MAX_VIRTIO_DEVICES (19), so they fit u32.
-        for (slot, device) in (0u32..).zip(devices) {
-            let name = device.name().to_string();
+        for ((slot, device), name) in (0u32..).zip(devices).zip(names) {
             let mmio_base = VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_WINDOW;
             let irq = VIRTIO_IRQ_FIRST + slot;
             let irq_event =
@@ -87,14 +92,16 @@ impl VirtioDevices {
             let transport = MmioTransport::new(device, mem.clone(), irq_event)?;
             register_ioeventfds(vm, &transport, mmio_base);
             let transport = Arc::new(Mutex::new(transport));
+            let window = MmioWindow::new(transport.clone())?;
             mmio_bus
-                .insert(mmio_base, VIRTIO_MMIO_WINDOW, transport.clone())
+                .insert(mmio_base, VIRTIO_MMIO_WINDOW, Arc::new(Mutex::new(window)))
                 .map_err(|source| AttachError::Bus {
                     device: name.clone(),
                     source,
                 })?;
             tracing::debug!(device = name, "virtio-mmio at {mmio_base:#x}, irq {irq}");
             attached.push(AttachedDevice {
+                name,
                 mmio_base,
                 irq,
                 transport,
@@ -126,7 +133,7 @@ impl VirtioDevices {
             .map(|d| {
                 let transport = lock(&d.transport);
                 DeviceReport {
-                    name: transport.name().to_string(),
+                    name: d.name.clone(),
                     mmio_base: d.mmio_base,
                     irq: d.irq,
                     transport: transport.report(),
@@ -134,6 +141,24 @@ impl VirtioDevices {
             })
             .collect()
     }
+}
+
+/// Device names for logs and metrics: a name several devices share gets
+/// each one's ordinal appended.
+fn report_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let names: Vec<&str> = names.collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            if names.iter().filter(|n| *n == name).count() > 1 {
+                let ordinal = names[..i].iter().filter(|n| *n == name).count();
+                format!("{name}{ordinal}")
+            } else {
+                (*name).to_string()
+            }
+        })
+        .collect()
 }
 
 /// Lets KVM signal queue `i`'s eventfd itself when the guest writes `i` to
@@ -149,5 +174,16 @@ fn register_ioeventfds(vm: &VmFd, transport: &MmioTransport, mmio_base: u64) {
                 "KVM_IOEVENTFD for queue {index} refused ({e}): notifications go through MMIO exits"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_names_number_only_shared_names() {
+        let names = report_names(["rng", "block", "vsock", "block", "block"].into_iter());
+        assert_eq!(names, ["rng", "block0", "vsock", "block1", "block2"]);
     }
 }

@@ -16,7 +16,7 @@
 //!    ("driver") ring and used ("device") ring, then `QueueReady` = 1;
 //! 5. sets DRIVER_OK. From then on it kicks a queue by writing its index
 //!    to `QueueNotify` (KVM turns that write into an eventfd signal, see
-//!    `ioeventfd` in the builder), and the device raises its interrupt
+//!    `super::attach`), and the device raises its interrupt
 //!    line after setting bit 0 (used buffer) or bit 1 (configuration
 //!    change) of `InterruptStatus`, which the driver acknowledges through
 //!    `InterruptACK`;
@@ -34,6 +34,7 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
 use virtio_queue::{Queue, QueueT};
@@ -156,7 +157,7 @@ impl MmioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
-    fn acknowledge(&self, bits: u32) {
+    pub(crate) fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
@@ -216,7 +217,7 @@ pub struct MmioTransport {
     /// Signalled on each kick of queue `i`: by KVM (ioeventfd) or by
     /// [`Self::write`] when KVM did not take the ioeventfd.
     queue_events: Vec<EventFd>,
-    interrupt: MmioInterrupt,
+    interrupt: Arc<MmioInterrupt>,
     /// Signalled when the device was activated, reset or failed, so the
     /// event loop starts or stops watching its host-side fd.
     state_event: EventFd,
@@ -268,7 +269,7 @@ impl MmioTransport {
             mem,
             queues,
             queue_events,
-            interrupt: MmioInterrupt::new(irq),
+            interrupt: Arc::new(MmioInterrupt::new(irq)),
             state_event,
             status: 0,
             device_features_sel: 0,
@@ -311,7 +312,7 @@ impl MmioTransport {
         &self.state_event
     }
 
-    pub fn interrupt(&self) -> &MmioInterrupt {
+    pub fn interrupt(&self) -> &Arc<MmioInterrupt> {
         &self.interrupt
     }
 
@@ -397,7 +398,7 @@ impl MmioTransport {
         let mut ctx = QueueContext {
             mem: &self.mem,
             queues: &mut queues,
-            notifier: &self.interrupt,
+            notifier: self.interrupt.as_ref(),
         };
         let result = work(self.device.as_mut(), &mut ctx);
         DeviceMetrics::add(
@@ -754,6 +755,9 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+mod window;
+pub use window::MmioWindow;
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 //! virtio-blk (device type 2): a raw disk image as the guest's `/dev/vdX`.
 //!
 //! One request queue. Each request is a descriptor chain of a 16-byte header
-//! (type, sector), data, and a status byte ([`request`] documents the layout
+//! (type, sector), data, and a status byte (`request.rs` documents the layout
 //! and its checks). IN and OUT move data with `preadv`/`pwritev` straight
 //! between the image and guest memory; FLUSH is `fdatasync`; GET_ID returns
 //! the configured serial; DISCARD and WRITE_ZEROES map to `fallocate`

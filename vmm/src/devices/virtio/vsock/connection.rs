@@ -292,6 +292,12 @@ impl VsockConnection {
             self.kill(KillCause::Protocol);
             return;
         }
+        if self.host_hup {
+            // Hung up means our sending side is shut too: the bytes have
+            // nowhere to go (and buffered ones never will).
+            self.kill(KillCause::HostIo);
+            return;
+        }
         if self.tx_buf.len() + payload.len() > CONN_TX_BUF_SIZE as usize {
             self.kill(KillCause::CreditViolation);
             return;

@@ -59,6 +59,10 @@ pub struct VsockMuxer {
     listener: UnixListener,
     timer: TimerFd,
     timer_armed: bool,
+    /// Accepting failed (e.g. out of file descriptors): the listener is out
+    /// of the epoll set until the next timer tick, or its pending client
+    /// would wake the loop forever.
+    listener_paused: bool,
     timeouts: VsockTimeouts,
     conns: HashMap<ConnKey, ConnEntry>,
     conn_fds: HashMap<RawFd, ConnKey>,
@@ -156,6 +160,7 @@ impl VsockMuxer {
             listener,
             timer,
             timer_armed: false,
+            listener_paused: false,
             timeouts,
             conns: HashMap::new(),
             conn_fds: HashMap::new(),
@@ -419,8 +424,9 @@ impl VsockMuxer {
 
     /// Re-evaluates the timer after guest activity changed deadlines.
     pub fn sync_timer(&mut self) {
-        let needed =
-            !self.handshakes.is_empty() || self.conns.values().any(|e| e.conn.deadline().is_some());
+        let needed = self.listener_paused
+            || !self.handshakes.is_empty()
+            || self.conns.values().any(|e| e.conn.deadline().is_some());
         if needed == self.timer_armed {
             return;
         }
@@ -455,8 +461,16 @@ impl VsockMuxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: accept failed");
+                    tracing::warn!(error = %e, "vsock: accept failed; retrying on the next tick");
                     DeviceMetrics::add(&self.metrics.errors, 1);
+                    let fd = self.listener.as_raw_fd();
+                    if self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+                        .is_ok()
+                    {
+                        self.listener_paused = true;
+                    }
                     return;
                 }
             };
@@ -549,6 +563,16 @@ impl VsockMuxer {
     }
 
     fn handle_timeouts(&mut self, now: Instant) {
+        if self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            match self
+                .epoll
+                .ctl(ControlOperation::Add, fd, epoll_event(fd, EventSet::IN))
+            {
+                Ok(()) => self.listener_paused = false,
+                Err(e) => tracing::warn!(error = %e, "vsock: cannot watch the listener"),
+            }
+        }
         let expired: Vec<RawFd> = self
             .handshakes
             .iter()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# vsock benchmark: the same probe guest (QEMU/TCG -M microvm, vhost-user-vsock
+# device) against our back end (cloister-vmm vhost-user --device vsock) and
+# against rust-vmm's vhost-device-vsock, in one run: throughput each way,
+# echo round-trip latency (median, p99), 32 concurrent connections, ratios.
+# Usage: scripts/bench-vsock.sh [--mib N] [--rounds N] [--connections N] [--backend cloister|peer|both]
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$here"
+. scripts/env.sh
+scripts/build-guest.sh >/dev/null
+kernel-config/build-initramfs.sh --package cloister-vsock-probe >/dev/null
+VHOST_DEVICE_VSOCK="${VHOST_DEVICE_VSOCK:-$(scripts/install-vhost-device-vsock.sh)}"
+export VHOST_DEVICE_VSOCK
+cargo build -q -p cloister-vmm -p cloister-e2e --bins
+export CLOISTER_VMM="$CARGO_TARGET_DIR/debug/cloister-vmm"
+exec "$CARGO_TARGET_DIR/debug/cloister-bench-vsock" "$@"

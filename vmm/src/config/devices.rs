@@ -1,0 +1,441 @@
+//! The virtio devices of a VM as the configuration names them: JSON
+//! objects in the config file, `key=value,...` lists on the command line.
+//! Validated here, with errors that name the field and the value; the
+//! devices themselves check what only opening them can tell (files,
+//! sockets).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::boot::layout::MAX_VIRTIO_DEVICES;
+
+/// Largest number of virtio-blk disks (each takes one of the
+/// [`MAX_VIRTIO_DEVICES`] interrupt lines).
+pub const MAX_BLOCK_DEVICES: usize = 8;
+/// virtio-blk's `VIRTIO_BLK_ID_BYTES`: the serial a `GET_ID` request returns.
+pub const MAX_BLOCK_SERIAL_BYTES: usize = 20;
+/// Guest CIDs 0-2 are the hypervisor, local and host; `u32::MAX` is
+/// `VMADDR_CID_ANY`.
+pub const MIN_GUEST_CID: u64 = 3;
+pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+/// `sizeof(sockaddr_un.sun_path)` on Linux, including the NUL.
+const SUN_PATH_BYTES: usize = 108;
+/// Guest-initiated connections to host port P go to `<uds_path>_<P>`:
+/// the longest suffix is `_4294967295`.
+const VSOCK_PORT_SUFFIX_BYTES: usize = 11;
+/// Longest `uds_path` whose port sockets still fit `sun_path`.
+pub const MAX_VSOCK_UDS_PATH_BYTES: usize = SUN_PATH_BYTES - 1 - VSOCK_PORT_SUFFIX_BYTES;
+
+/// The virtio-vsock device: hybrid vsock on a host Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// The Unix socket the host connects to (`CONNECT <port>`).
+    pub uds_path: PathBuf,
+}
+
+/// One virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (`GET_ID`).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// Where the virtio console's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioConsoleOutput {
+    Stdout,
+    File(PathBuf),
+    /// Discarded (still counted).
+    None,
+}
+
+impl FromStr for VirtioConsoleOutput {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match (s, s.strip_prefix("file:")) {
+            ("stdout", _) => Ok(Self::Stdout),
+            ("none", _) => Ok(Self::None),
+            (_, Some(path)) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
+            _ => Err(ConfigError::Invalid {
+                field: "console.output",
+                value: s.to_string(),
+                reason: "expected stdout, none or file:PATH".into(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for VirtioConsoleOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Stdout => f.write_str("stdout"),
+            Self::None => f.write_str("none"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for VirtioConsoleOutput {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VirtioConsoleOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The virtio console (hvc0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub output: VirtioConsoleOutput,
+}
+
+/// Splits a command-line device spec `key=value,key=value` into pairs;
+/// `flag` names the option in errors.
+fn key_values<'a>(
+    flag: &'static str,
+    text: &'a str,
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    text.split(',')
+        .map(|item| {
+            item.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                field: flag,
+                value: text.to_string(),
+                reason: format!("{item:?} is not key=value"),
+            })
+        })
+        .collect()
+}
+
+fn parse_bool(field: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "true" | "on" | "yes" => Ok(true),
+        "false" | "off" | "no" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            field,
+            value: value.to_string(),
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
+/// `--vsock guest_cid=3,uds_path=/run/vm.sock`
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut cid, mut path) = (None, None);
+        for (key, value) in key_values("vsock", s)? {
+            match key {
+                "guest_cid" => {
+                    cid = Some(value.parse().map_err(|e| ConfigError::Invalid {
+                        field: "vsock.guest_cid",
+                        value: value.to_string(),
+                        reason: format!("{e}"),
+                    })?)
+                }
+                "uds_path" => path = Some(PathBuf::from(value)),
+                _ => return Err(unknown_key("vsock", s, key, "guest_cid, uds_path")),
+            }
+        }
+        match (cid, path) {
+            (Some(guest_cid), Some(uds_path)) => Ok(VsockConfig {
+                guest_cid,
+                uds_path,
+            }),
+            _ => Err(ConfigError::Invalid {
+                field: "vsock",
+                value: s.to_string(),
+                reason: "needs guest_cid=CID,uds_path=PATH".into(),
+            }),
+        }
+    }
+}
+
+/// `--block path=/img.raw,read_only=true,serial=disk0`
+impl FromStr for BlockConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cfg = BlockConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            serial: None,
+        };
+        for (key, value) in key_values("block", s)? {
+            match key {
+                "path" => cfg.path = PathBuf::from(value),
+                "read_only" => cfg.read_only = parse_bool("block.read_only", value)?,
+                "serial" => cfg.serial = Some(value.to_string()),
+                _ => return Err(unknown_key("block", s, key, "path, read_only, serial")),
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn unknown_key(field: &'static str, text: &str, key: &str, known: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: text.to_string(),
+        reason: format!("unknown key {key:?}, expected {known}"),
+    }
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.guest_cid) {
+            return Err(ConfigError::Invalid {
+                field: "vsock.guest_cid",
+                value: self.guest_cid.to_string(),
+                reason: format!(
+                    "must be between {MIN_GUEST_CID} and {MAX_GUEST_CID} (0-2 are reserved, {} is VMADDR_CID_ANY)",
+                    u32::MAX
+                ),
+            });
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 || len > MAX_VSOCK_UDS_PATH_BYTES {
+            return Err(ConfigError::Invalid {
+                field: "vsock.uds_path",
+                value: self.uds_path.display().to_string(),
+                reason: format!(
+                    "is {len} bytes; must be 1 to {MAX_VSOCK_UDS_PATH_BYTES} so that it and its port sockets (<path>_<port>) fit sun_path ({SUN_PATH_BYTES} bytes)"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BlockConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "block.path",
+                value: String::new(),
+                reason: "a disk needs an image file".into(),
+            });
+        }
+        if let Some(serial) = &self.serial {
+            if serial.len() > MAX_BLOCK_SERIAL_BYTES
+                || serial.chars().any(|c| !c.is_ascii_graphic())
+            {
+                return Err(ConfigError::Invalid {
+                    field: "block.serial",
+                    value: serial.clone(),
+                    reason: format!(
+                        "must be at most {MAX_BLOCK_SERIAL_BYTES} printable ASCII characters without spaces (VIRTIO_BLK_ID_BYTES)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The virtio devices of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VirtioDevicesConfig {
+    pub rng: bool,
+    pub vsock: Option<VsockConfig>,
+    pub block: Vec<BlockConfig>,
+    pub console: Option<ConsoleConfig>,
+}
+
+impl VirtioDevicesConfig {
+    /// How many virtio-mmio slots the devices take.
+    pub fn count(&self) -> usize {
+        usize::from(self.rng)
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.console.is_some())
+            + self.block.len()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        if self.block.len() > MAX_BLOCK_DEVICES {
+            return Err(ConfigError::Invalid {
+                field: "block",
+                value: format!("{} disks", self.block.len()),
+                reason: format!("at most {MAX_BLOCK_DEVICES} are supported"),
+            });
+        }
+        for (i, disk) in self.block.iter().enumerate() {
+            disk.validate()?;
+            if self.block[..i].iter().any(|other| other.path == disk.path) {
+                return Err(ConfigError::Invalid {
+                    field: "block.path",
+                    value: disk.path.display().to_string(),
+                    reason: "is attached twice".into(),
+                });
+            }
+        }
+        if let Some(ConsoleConfig {
+            output: VirtioConsoleOutput::File(path),
+        }) = &self.console
+        {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "console.output",
+                    value: "file:".into(),
+                    reason: "needs a path".into(),
+                });
+            }
+        }
+        if self.count() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::Invalid {
+                field: "devices",
+                value: self.count().to_string(),
+                reason: format!(
+                    "at most {MAX_VIRTIO_DEVICES} virtio devices fit the interrupt lines"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_vsock(guest_cid: u64, uds_path: &str) -> VirtioDevicesConfig {
+        VirtioDevicesConfig {
+            vsock: Some(VsockConfig {
+                guest_cid,
+                uds_path: uds_path.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn disk(path: &str, serial: Option<&str>) -> BlockConfig {
+        BlockConfig {
+            path: path.into(),
+            read_only: false,
+            serial: serial.map(str::to_string),
+        }
+    }
+
+    fn with_disks(block: Vec<BlockConfig>) -> VirtioDevicesConfig {
+        VirtioDevicesConfig {
+            block,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn vsock_with_reserved_cid_is_refused() {
+        for cid in [0u64, 2, u64::from(u32::MAX), 1 << 40] {
+            let msg = with_vsock(cid, "/s").validate().unwrap_err().to_string();
+            assert!(
+                msg.starts_with(&format!("vsock.guest_cid = {cid}")),
+                "{msg}"
+            );
+        }
+        with_vsock(3, "/s").validate().unwrap();
+        with_vsock(MAX_GUEST_CID, "/s").validate().unwrap();
+    }
+
+    #[test]
+    fn vsock_with_path_too_long_for_sun_path_is_refused() {
+        let fits = format!("/{}", "a".repeat(MAX_VSOCK_UDS_PATH_BYTES - 1));
+        with_vsock(3, &fits).validate().unwrap();
+        let msg = with_vsock(3, &format!("{fits}b"))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("vsock.uds_path = /aaa"), "{msg}");
+        assert!(msg.contains("sun_path"), "{msg}");
+        assert!(with_vsock(3, "").validate().is_err());
+    }
+
+    #[test]
+    fn block_with_long_or_unprintable_serial_is_refused() {
+        for serial in [
+            "a".repeat(21),
+            "has space".to_string(),
+            "tab\tx".to_string(),
+        ] {
+            let msg = with_disks(vec![disk("/img", Some(&serial))])
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.starts_with(&format!("block.serial = {serial}")),
+                "{msg}"
+            );
+        }
+        let twenty = "a".repeat(MAX_BLOCK_SERIAL_BYTES);
+        with_disks(vec![disk("/img", Some(&twenty))])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn block_with_too_many_disks_or_duplicate_path_is_refused() {
+        let many = (0..=MAX_BLOCK_DEVICES)
+            .map(|i| disk(&format!("/d{i}"), None))
+            .collect();
+        let msg = with_disks(many).validate().unwrap_err().to_string();
+        assert!(msg.starts_with("block = 9 disks"), "{msg}");
+        let msg = with_disks(vec![disk("/a", None), disk("/a", None)])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("block.path = /a"), "{msg}");
+        let msg = with_disks(vec![disk("", None)]).validate().unwrap_err();
+        assert!(msg.to_string().starts_with("block.path"), "{msg}");
+    }
+
+    #[test]
+    fn device_flags_parse_key_value_lists() {
+        let vsock: VsockConfig = "guest_cid=42,uds_path=/run/v.sock".parse().unwrap();
+        assert_eq!(vsock.guest_cid, 42);
+        assert_eq!(vsock.uds_path, PathBuf::from("/run/v.sock"));
+        let err = "guest_cid=x,uds_path=/s"
+            .parse::<VsockConfig>()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("vsock.guest_cid = x"), "{err}");
+        assert!("guest_cid=3".parse::<VsockConfig>().is_err());
+        let block: BlockConfig = "path=/i.raw,read_only=true,serial=d0".parse().unwrap();
+        assert_eq!(
+            block,
+            BlockConfig {
+                path: "/i.raw".into(),
+                read_only: true,
+                serial: Some("d0".into())
+            }
+        );
+        let err = "path=/i,ro=1".parse::<BlockConfig>().unwrap_err();
+        assert!(err.to_string().contains("unknown key \"ro\""), "{err}");
+        let err = "path=/i,read_only=maybe"
+            .parse::<BlockConfig>()
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("block.read_only = maybe"),
+            "{err}"
+        );
+        assert_eq!(
+            "file:/x".parse::<VirtioConsoleOutput>().unwrap(),
+            VirtioConsoleOutput::File("/x".into())
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! `cloister-vmm vhost-user --device KIND --socket PATH …`: serves one
+//! device to one vhost-user front end and returns when it disconnects.
+//!
+//! ```text
+//! cloister-vmm vhost-user --device vsock --guest-cid 3 --uds /run/vm/vsock.sock --socket /run/vm/vhu-vsock.sock
+//! cloister-vmm vhost-user --device rng --socket /run/vm/vhu-rng.sock
+//! cloister-vmm vhost-user --device block --path disk.img [--read-only] [--serial ID] --socket /run/vm/vhu-blk.sock
+//! ```
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+
+use crate::devices::virtio::block::{BlockConfig, BlockDevice, BlockError};
+use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::rng::RngDevice;
+use crate::devices::virtio::vsock::{VsockDevice, VsockError};
+
+use super::{serve, VhostUserError};
+
+/// The devices that can be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    /// Hybrid vsock (`--guest-cid`, `--uds`).
+    Vsock,
+    /// Entropy from the host's getrandom.
+    Rng,
+    /// A raw disk image (`--path`, `--read-only`, `--serial`).
+    Block,
+}
+
+/// Serves one virtio device over vhost-user (QEMU's `vhost-user-vsock-device`,
+/// `vhost-user-rng`, `vhost-user-blk`) until the front end disconnects.
+#[derive(Debug, Parser)]
+#[command(name = "cloister-vmm vhost-user")]
+pub struct VhostUserArgs {
+    /// Which device to serve.
+    #[arg(long, value_enum)]
+    pub device: DeviceKind,
+    /// The vhost-user socket to listen on (a stale file is replaced).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// vsock: the guest's CID (3 or more).
+    #[arg(long)]
+    pub guest_cid: Option<u64>,
+    /// vsock: the hybrid-vsock Unix socket host programs connect to; guest
+    /// connections to host port P go to `<uds>_P`.
+    #[arg(long)]
+    pub uds: Option<PathBuf>,
+    /// block: the disk image.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// block: refuse writes.
+    #[arg(long)]
+    pub read_only: bool,
+    /// block: the serial GET_ID returns (at most 20 bytes).
+    #[arg(long)]
+    pub serial: Option<String>,
+}
+
+/// Errors of the `vhost-user` subcommand.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserCliError {
+    #[error("--device {device:?} needs {flag}")]
+    MissingFlag {
+        device: DeviceKind,
+        flag: &'static str,
+    },
+    #[error("{flag} does not apply to --device {device:?}")]
+    ForeignFlag {
+        device: DeviceKind,
+        flag: &'static str,
+    },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Serve(#[from] VhostUserError),
+}
+
+impl VhostUserArgs {
+    /// The device the flags describe; flags of another device are refused
+    /// so a typo does not go unnoticed.
+    pub fn build_device(&self) -> Result<Box<dyn VirtioDevice>, VhostUserCliError> {
+        let device = self.device;
+        let missing = |flag| VhostUserCliError::MissingFlag { device, flag };
+        let foreign = |flag| VhostUserCliError::ForeignFlag { device, flag };
+        let vsock_flags = [
+            ("--guest-cid", self.guest_cid.is_some()),
+            ("--uds", self.uds.is_some()),
+        ];
+        let block_flags = [
+            ("--path", self.path.is_some()),
+            ("--read-only", self.read_only),
+            ("--serial", self.serial.is_some()),
+        ];
+        let refuse = |flags: &[(&'static str, bool)]| match flags.iter().find(|(_, set)| *set) {
+            Some((flag, _)) => Err(foreign(flag)),
+            None => Ok(()),
+        };
+        Ok(match device {
+            DeviceKind::Vsock => {
+                refuse(&block_flags)?;
+                let cid = self.guest_cid.ok_or_else(|| missing("--guest-cid"))?;
+                let uds = self.uds.clone().ok_or_else(|| missing("--uds"))?;
+                Box::new(VsockDevice::new(cid, uds)?)
+            }
+            DeviceKind::Rng => {
+                refuse(&vsock_flags)?;
+                refuse(&block_flags)?;
+                Box::new(RngDevice::new())
+            }
+            DeviceKind::Block => {
+                refuse(&vsock_flags)?;
+                let path = self.path.clone().ok_or_else(|| missing("--path"))?;
+                Box::new(BlockDevice::new(BlockConfig {
+                    path,
+                    read_only: self.read_only,
+                    serial: self.serial.clone(),
+                })?)
+            }
+        })
+    }
+
+    pub fn run(&self) -> Result<(), VhostUserCliError> {
+        let device = self.build_device()?;
+        serve(device, &self.socket)?;
+        Ok(())
+    }
+}
+
+/// The subcommand's entry: `args` start with `vhost-user`. Exits 0 when the
+/// front end disconnected, 2 on a configuration or serving error.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args = VhostUserArgs::parse_from(args);
+    match args.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloister-vmm vhost-user: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> VhostUserArgs {
+        VhostUserArgs::try_parse_from(std::iter::once("vhost-user").chain(args.split_whitespace()))
+            .unwrap()
+    }
+
+    #[test]
+    fn vsock_args_build_a_vsock_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let args = parse(&format!(
+            "--device vsock --guest-cid 3 --uds {} --socket /s",
+            uds.display()
+        ));
+        let device = args.build_device().unwrap();
+        assert_eq!(device.device_type(), 19);
+    }
+
+    #[test]
+    fn vsock_without_uds_names_the_flag() {
+        let err = parse("--device vsock --guest-cid 3 --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "--device Vsock needs --uds");
+    }
+
+    #[test]
+    fn rng_with_a_block_flag_is_refused() {
+        let err = parse("--device rng --read-only --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "--read-only does not apply to --device Rng"
+        );
+    }
+
+    #[test]
+    fn block_with_missing_image_names_the_path() {
+        let err = parse("--device block --path /nonexistent/disk.img --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
+    }
+
+    #[test]
+    fn unknown_device_is_a_parse_error() {
+        assert!(
+            VhostUserArgs::try_parse_from(["vhost-user", "--device", "gpu", "--socket", "/s"])
+                .is_err()
+        );
+    }
+}
