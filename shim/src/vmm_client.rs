@@ -307,10 +307,14 @@ pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> 
             guest_cid: GUEST_CID,
             uds_path: paths.vsock_uds(),
         },
-        fs: vec![VmFsConfig {
-            tag: SHARED_FS_TAG.into(),
-            shared_dir: paths.shared_dir(),
-        }],
+        fs: if vm.shared_fs {
+            vec![VmFsConfig {
+                tag: SHARED_FS_TAG.into(),
+                shared_dir: paths.shared_dir(),
+            }]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -476,11 +480,16 @@ pub fn qemu_uses_kvm(accel: QemuAccel) -> bool {
     match accel {
         QemuAccel::Kvm => true,
         QemuAccel::Tcg => false,
-        QemuAccel::Auto => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
+        // On nested, paravirtualized KVM (kvm_pvm) a guest kernel runs
+        // emulated instruction by instruction and stalls; TCG boots.
+        QemuAccel::Auto => {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok()
+                && !cmdline::host_is_nested_pvm()
+        }
     }
 }
 
@@ -503,7 +512,7 @@ pub fn qemu_args(
         "memory-backend-memfd,id=mem,size={}M,share=on",
         vm.memory_mib
     );
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "-M".into(),
         // Shared memfd memory: the vhost-user backend maps guest memory.
         "microvm,acpi=off,memory-backend=mem".into(),
@@ -540,13 +549,17 @@ pub fn qemu_args(
         "-device".into(),
         // The CID comes from the back end (vhost-user GET_CONFIG).
         "vhost-user-vsock-device,chardev=vsock0".into(),
-        "-chardev".into(),
-        format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
-        "-device".into(),
-        format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
         "-device".into(),
         "virtio-rng-device".into(),
     ];
+    if vm.shared_fs {
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
+            "-device".into(),
+            format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
+        ]);
+    }
     args.into_iter().map(OsString::from).collect()
 }
 
@@ -556,6 +569,7 @@ pub struct Qemu {
     vmm: PathBuf,
     args: Vec<OsString>,
     paths: VmPaths,
+    shared_fs: bool,
     backends: Vec<SupervisedChild>,
     qemu_child: Option<SupervisedChild>,
 }
@@ -569,6 +583,7 @@ impl Qemu {
             vmm: config.vmm.path.clone(),
             args,
             paths,
+            shared_fs: vm.shared_fs,
             backends: Vec::new(),
             qemu_child: None,
         }
@@ -582,22 +597,22 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        let backends = [
-            (
-                "cloister-vmm vhost-user vsock",
-                vhost_user_vsock_args(&self.paths),
-                self.paths.vhost_user_vsock_log(),
-                self.paths.vhost_user_vsock(),
-                "vhost-user vsock socket",
-            ),
-            (
+        let mut backends = vec![(
+            "cloister-vmm vhost-user vsock",
+            vhost_user_vsock_args(&self.paths),
+            self.paths.vhost_user_vsock_log(),
+            self.paths.vhost_user_vsock(),
+            "vhost-user vsock socket",
+        )];
+        if self.shared_fs {
+            backends.push((
                 "cloister-vmm vhost-user fs",
                 vhost_user_fs_args(&self.paths),
                 self.paths.vhost_user_fs_log(),
                 self.paths.vhost_user_fs(),
                 "vhost-user fs socket",
-            ),
-        ];
+            ));
+        }
         for (name, args, log, socket, what) in backends {
             let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log)?;
             // QEMU connects to the backends' sockets at start: they must exist.
@@ -677,6 +692,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             kernel_params: "agent.log=debug".into(),
+            shared_fs: true,
         }
     }
 
@@ -752,6 +768,24 @@ mod tests {
         assert_eq!(config.vsock.unwrap().guest_cid, u64::from(GUEST_CID));
         assert_eq!(config.memory_mib, 512);
         assert!(config.rng);
+    }
+
+    #[test]
+    fn vm_without_shared_folder_has_no_fs_device() {
+        let vm = PodVm {
+            shared_fs: false,
+            ..pod_vm()
+        };
+        let json = cloister_vm_json(&RuntimeConfig::default(), &vm, &paths());
+        assert!(json.fs.is_empty());
+        let args = strings(&qemu_args(
+            &RuntimeConfig::default(),
+            &vm,
+            &paths(),
+            false,
+            false,
+        ));
+        assert!(!args.join(" ").contains("vhost-user-fs"), "{args:?}");
     }
 
     #[test]
