@@ -360,6 +360,8 @@ pub struct PodSandbox {
     pub agent: Arc<dyn AgentClient>,
     pub dir: SandboxDir,
     hypervisor: Option<Box<dyn Hypervisor>>,
+    /// Set once the VM or the agent connection is gone.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 impl PodSandbox {
@@ -374,7 +376,18 @@ impl PodSandbox {
             agent,
             dir,
             hypervisor,
+            gone: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records that the guest can no longer be reached.
+    pub fn mark_gone(&self) {
+        self.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the VM died or the agent connection ended.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Resolves when the VM is gone; never, for a sandbox without one.

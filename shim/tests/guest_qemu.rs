@@ -10,123 +10,28 @@
 //! Skips, printing why, without QEMU, the built kernel, the agent
 //! initramfs or the `cloister-vmm` binary.
 
-use std::path::{Path, PathBuf};
+mod guest_support;
+
 use std::time::Duration;
 
-use cloister_e2e::cloister_vmm::find_cloister_vmm;
-use cloister_e2e::guest_image::GuestImage;
-use cloister_e2e::qemu::{qemu_available, QEMU_BINARY};
-use cloister_guest_image::paths;
 use cloister_protocol::agent;
 use cloister_shim::agent_client::{AgentClient, AgentEndpoint};
-use cloister_shim::config::{
-    GuestSection, HypervisorKind, PodVm, QemuAccel, QemuSection, RuntimeConfig, VmmSection,
-};
 use cloister_shim::container::StdioPaths;
 use cloister_shim::io::{requested_streams, ProcessIo};
 use cloister_shim::vmm_client::{ChildExit, Hypervisor, Qemu, VmPaths};
-
-/// Boot under TCG takes seconds; a loaded 2-core machine needs more.
-const AGENT_DEADLINE: Duration = Duration::from_secs(180);
-
-struct Fixture {
-    kernel: PathBuf,
-    initramfs: PathBuf,
-    vmm: PathBuf,
-}
-
-fn fixture() -> Result<Fixture, String> {
-    if !qemu_available(Path::new(QEMU_BINARY)) {
-        return Err(format!(
-            "{QEMU_BINARY} does not run (Debian package qemu-system-x86)"
-        ));
-    }
-    let image = GuestImage::locate().map_err(|e| e.to_string())?;
-    let initramfs = paths::cache_dir().join("initramfs").join("agent.cpio");
-    if !initramfs.exists() {
-        return Err(format!(
-            "{} missing (built by scripts/build-guest.sh)",
-            initramfs.display()
-        ));
-    }
-    let vmm = find_cloister_vmm().ok_or(
-        "cloister-vmm binary not found (cargo build -p cloister-vmm, or set CLOISTER_VMM)",
-    )?;
-    Ok(Fixture {
-        kernel: image.vmlinux,
-        initramfs,
-        vmm,
-    })
-}
-
-fn fifo(dir: &Path, name: &str) -> String {
-    let path = dir.join(name);
-    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    path.display().to_string()
-}
-
-fn read_fifo(path: String) -> tokio::task::JoinHandle<String> {
-    tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::open(path).unwrap(), &mut text).unwrap();
-        text
-    })
-}
-
-fn spec(args: &[&str]) -> serde_json::Value {
-    serde_json::json!({
-        "ociVersion": "1.1.0",
-        "hostname": "in-guest",
-        "process": {
-            "args": args,
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-            "user": { "uid": 0, "gid": 0 },
-            "noNewPrivileges": true
-        },
-        "root": { "path": "rootfs" },
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"] }
-        ],
-        "linux": {
-            "namespaces": [{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }]
-        }
-    })
-}
+use guest_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_backend_boots_the_agent_and_a_container_writes_to_fifos() {
-    let fixture = match fixture() {
-        Ok(f) => f,
+    let config = match guest_config() {
+        Ok(config) => config,
         Err(reason) => {
             eprintln!("SKIP: {reason}");
             return;
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let defaults = RuntimeConfig::default();
-    let config = RuntimeConfig {
-        hypervisor: HypervisorKind::Qemu,
-        qemu: QemuSection {
-            path: PathBuf::from(QEMU_BINARY),
-            accel: QemuAccel::Tcg,
-        },
-        vmm: VmmSection { path: fixture.vmm },
-        guest: GuestSection {
-            kernel: fixture.kernel,
-            initramfs: fixture.initramfs,
-            ..defaults.guest.clone()
-        },
-        ..defaults
-    };
-    let vm = PodVm {
-        hypervisor: HypervisorKind::Qemu,
-        vcpus: 1,
-        memory_mib: 512,
-        kernel_params: String::new(),
-        shared_fs: false,
-    };
+    let vm = guest_vm();
     let paths = VmPaths {
         dir: dir.path().to_path_buf(),
     };
@@ -171,7 +76,7 @@ async fn qemu_backend_boots_the_agent_and_a_container_writes_to_fifos() {
     ]))
     .unwrap();
     let mut rootfs = agent::Rootfs::new();
-    rootfs.set_directory("/rootfs/busybox".into());
+    rootfs.set_directory(GUEST_ROOTFS.into());
     request.rootfs = Some(rootfs).into();
     request.stdio = Some(requested_streams(&stdio)).into();
     agent.create_container(request).await.unwrap();
@@ -210,13 +115,7 @@ async fn qemu_backend_boots_the_agent_and_a_container_writes_to_fifos() {
     println!("VM ended: {exit}");
     qemu.stop(Duration::from_secs(5)).await;
     for pid in pids {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| s.contains(") Z "))
-                    .unwrap_or(true),
-            "process {pid} still running"
-        );
+        assert!(process_gone(pid), "process {pid} still running");
     }
     assert_ne!(exit, ChildExit::Lost);
 }
