@@ -23,6 +23,7 @@
 //! is taken out of the epoll set (or host work would spin the loop) and put
 //! back on activation.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Mutex, PoisonError};
@@ -37,7 +38,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::devices::virtio::device::{
-    device_type, DeviceError, QueueContext, UsedNotifier, VirtioDevice,
+    device_type, DeviceError, DeviceMetrics, QueueContext, UsedNotifier, VirtioDevice,
 };
 
 /// QEMU's largest virtqueue (`VIRTQUEUE_MAX_SIZE`). Over vhost-user the
@@ -262,8 +263,8 @@ impl VhostUserDevice {
         };
         let mem = mem.memory();
         let mut guards: Vec<_> = vrings.iter().map(VringT::get_mut).collect();
-        let calls = CallFds(
-            guards
+        let calls = CallFds {
+            fds: guards
                 .iter()
                 .map(|state: &std::sync::MutexGuard<'_, VringState>| {
                     state
@@ -272,7 +273,8 @@ impl VhostUserDevice {
                         .map(std::os::fd::AsRawFd::as_raw_fd)
                 })
                 .collect(),
-        );
+            raised: Cell::new(0),
+        };
         let mut queues: Vec<&mut Queue> = guards
             .iter_mut()
             .map(|state| state.get_queue_mut())
@@ -286,17 +288,29 @@ impl VhostUserDevice {
             .device
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
-        f(device.as_mut(), &mut ctx)
+        let result = f(device.as_mut(), &mut ctx);
+        let metrics = device.metrics();
+        // Counted here as virtio-mmio counts them: by the transport.
+        DeviceMetrics::add(&metrics.interrupts, calls.raised.get());
+        if result.is_err() {
+            DeviceMetrics::add(&metrics.errors, 1);
+        }
+        result
     }
 }
 
 /// The vrings' call eventfds, valid while their vrings are locked (the
-/// protocol thread replaces them only under the lock).
-struct CallFds(Vec<Option<RawFd>>);
+/// protocol thread replaces them only under the lock), and how many
+/// interrupts went through them.
+struct CallFds {
+    fds: Vec<Option<RawFd>>,
+    raised: Cell<u64>,
+}
 
 impl UsedNotifier for CallFds {
     fn notify_used(&self, queue_index: usize) -> io::Result<()> {
-        let Some(Some(fd)) = self.0.get(queue_index) else {
+        self.raised.set(self.raised.get() + 1);
+        let Some(Some(fd)) = self.fds.get(queue_index) else {
             // No call fd: the front end polls this ring (or has not set
             // one up yet); nothing to signal.
             return Ok(());
@@ -424,6 +438,8 @@ impl VhostUserBackendMut for VhostUserDevice {
             self.with_context(vrings, |device, ctx| device.process_host_event(ctx))
         } else {
             let index = usize::from(device_event);
+            // One kick per event: the handler drained the eventfd's count.
+            DeviceMetrics::add(&self.device_mut().metrics().notifications, 1);
             self.with_context(vrings, |device, ctx| device.process_queue(index, ctx))
         };
         // An error stops the device, not the worker thread: returning it
@@ -454,7 +470,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::devices::virtio::device::{DeviceMetrics, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::device::VIRTIO_F_VERSION_1;
 
     const QUEUE_SIZE: u16 = 16;
     const FEATURE_X: u64 = 1 << 5;
@@ -751,6 +767,9 @@ mod tests {
         assert_eq!(f.used_idx(1), 2);
         f.calls[1].consume().unwrap();
         assert_eq!(f.seen.lock().unwrap().processed.last(), Some(&(1, 2)));
+        let metrics = f.backend.metrics_json();
+        assert!(metrics.contains("\"interrupts\":1"), "{metrics}");
+        assert!(metrics.contains("\"notifications\":2"), "{metrics}");
     }
 
     #[test]
