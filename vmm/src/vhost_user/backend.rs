@@ -14,6 +14,7 @@
 //! | kick on vring *i*                       | `process_queue(i, ctx)`        |
 //! | `host_event_fd()` readable              | `process_host_event(ctx)`      |
 //! | `RESET_DEVICE`, or `SET_FEATURES` again | `reset()`                      |
+//! | a vring stopped (`GET_VRING_BASE`)      | no calls until it runs again   |
 //!
 //! vhost-user has no "driver OK" message: the device is activated once
 //! every queue the front end serves ([`front_end_queues`]) has been
@@ -163,16 +164,22 @@ impl VhostUserDevice {
     /// processes every queue once (kicks may have come before). Returns
     /// whether the device is active.
     fn try_activate(&mut self, vrings: &[VringMutex]) -> bool {
-        match self.activation {
-            Activation::Active => return true,
-            Activation::Failed => return false,
-            Activation::Inactive => {}
+        if self.activation == Activation::Failed {
+            return false;
         }
         let all_started = vrings.len() == self.queue_max_sizes.len()
             && vrings.iter().all(|vring| {
                 let state = vring.get_ref();
                 state.get_queue().ready() && state.is_enabled()
             });
+        if self.activation == Activation::Active {
+            // A ring the front end stopped (GET_VRING_BASE, e.g. on a driver
+            // reset) must not be touched; the device waits, without host
+            // events, until the ring runs again or features are
+            // renegotiated (which resets it).
+            self.set_host_event_parked(!all_started);
+            return all_started;
+        }
         if !all_started {
             tracing::debug!(
                 "{}: not activated yet: vrings (ready, enabled) = {:?}",
@@ -787,6 +794,25 @@ mod tests {
         assert_eq!(f.seen.lock().unwrap().resets, 1);
         f.kick(0);
         assert_eq!(f.seen.lock().unwrap().activations, 2);
+    }
+
+    #[test]
+    fn stopped_ring_pauses_an_active_device_until_it_runs_again() {
+        let mut f = fixture(false, None);
+        f.start(0);
+        f.start(1);
+        f.kick(0);
+        let calls_before = f.seen.lock().unwrap().processed.len();
+        f.vrings[1].set_queue_ready(false);
+
+        f.kick(0);
+
+        assert_eq!(f.backend.activation(), Activation::Active);
+        assert_eq!(f.seen.lock().unwrap().processed.len(), calls_before);
+        f.start(1);
+        f.kick(0);
+        assert_eq!(f.seen.lock().unwrap().processed.len(), calls_before + 1);
+        assert_eq!(f.seen.lock().unwrap().activations, 1);
     }
 
     #[test]
