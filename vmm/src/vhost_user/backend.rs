@@ -18,8 +18,8 @@
 //!
 //! vhost-user has no "driver OK" message: the device is activated once
 //! every queue the front end serves ([`front_end_queues`]) has been
-//! started (kick fd received) and enabled. A kick
-//! that arrives before that is not lost: activation processes every queue.
+//! started (kick fd received) and enabled. A kick that arrives before that
+//! is not lost: activation processes every queue.
 //! The host event fd is level-triggered; while the device is inactive it
 //! is taken out of the epoll set (or host work would spin the loop) and put
 //! back on activation.
