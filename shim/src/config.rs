@@ -357,6 +357,7 @@ impl RuntimeConfig {
             vcpus,
             memory_mib,
             kernel_params,
+            shared_fs: true,
         })
     }
 }
@@ -369,6 +370,10 @@ pub struct PodVm {
     pub memory_mib: u32,
     /// Extra kernel parameters (config, then annotation).
     pub kernel_params: String,
+    /// Whether the VM gets the pod's shared folder (virtio-fs), where the
+    /// containers' rootfs mounts are. A VM whose containers come from its
+    /// own image or block devices does without.
+    pub shared_fs: bool,
 }
 
 /// Which file the configuration comes from, and why.
@@ -611,7 +616,8 @@ connect_timeout_secs = 10
                 hypervisor: HypervisorKind::Qemu,
                 vcpus: 2,
                 memory_mib: 512,
-                kernel_params: "quiet".into()
+                kernel_params: "quiet".into(),
+                shared_fs: true,
             }
         );
     }

@@ -25,8 +25,9 @@ use crate::service::TaskService;
 /// containerd's runtime name for us (`io.containerd.cloister.v2` →
 /// binary `containerd-shim-cloister-v2`).
 pub const RUNTIME_ID: &str = "io.containerd.cloister.v2";
-/// Where sandbox folders live on the host.
-pub const STATE_DIR: &str = "/run/cloister/sandboxes";
+/// Where sandbox folders live on the host (short: the VM's sockets are in
+/// them).
+pub const STATE_DIR: &str = "/run/cloister/pods";
 
 /// containerd-shim's options: no reaper and no subreaper — our children
 /// (the VMM, QEMU) are `tokio::process` children that tokio reaps; a

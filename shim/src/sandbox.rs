@@ -126,15 +126,37 @@ pub fn bundle_annotations(spec: &serde_json::Value) -> HashMap<String, String> {
 }
 
 /// The folder of one pod sandbox.
+///
+/// Named by a hash of namespace and pod id, as containerd names shim
+/// sockets: the VM's Unix sockets live in it, and with a 64-character CRI
+/// pod id and a namespace in the path, `vsock.sock` plus the `_<port>`
+/// suffix of guest-initiated connections would not fit `sun_path` (108
+/// bytes). The file `pod` inside names the pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxDir {
     pub path: PathBuf,
+    /// `<namespace>/<pod id>`, written to `pod`.
+    pub pod: String,
 }
+
+/// Hex characters of the folder name (96 bits of SHA-256).
+const FOLDER_NAME_HEX: usize = 24;
 
 impl SandboxDir {
     pub fn new(state_dir: &Path, namespace: &str, sandbox_id: &str) -> Self {
+        use sha2::Digest;
+        let pod = format!("{namespace}/{sandbox_id}");
+        let digest = sha2::Sha256::digest(pod.as_bytes());
+        let name: String = digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .chars()
+            .take(FOLDER_NAME_HEX)
+            .collect();
         Self {
-            path: state_dir.join(namespace).join(sandbox_id),
+            path: state_dir.join(name),
+            pod,
         }
     }
 
@@ -150,6 +172,7 @@ impl SandboxDir {
             .mode(0o700)
             .create(&self.path)
             .map_err(folder_error)?;
+        std::fs::write(self.path.join("pod"), format!("{}\n", self.pod)).map_err(folder_error)?;
         std::fs::create_dir_all(self.shared_dir()).map_err(folder_error)
     }
 
@@ -173,14 +196,7 @@ impl SandboxDir {
     /// cross into a mounted file system instead of deleting its contents.
     pub fn remove(&self) -> Result<(), SandboxError> {
         match remove_tree_without_crossing_mounts(&self.path) {
-            Ok(()) => {
-                // The namespace folder goes with its last sandbox; another
-                // pod's folder in it keeps it (and the error is expected).
-                if let Some(namespace_dir) = self.path.parent() {
-                    let _ = std::fs::remove_dir(namespace_dir);
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(SandboxError::Folder {
                 path: self.path.clone(),
@@ -344,6 +360,8 @@ pub struct PodSandbox {
     pub agent: Arc<dyn AgentClient>,
     pub dir: SandboxDir,
     hypervisor: Option<Box<dyn Hypervisor>>,
+    /// Set once the VM or the agent connection is gone.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 impl PodSandbox {
@@ -358,7 +376,18 @@ impl PodSandbox {
             agent,
             dir,
             hypervisor,
+            gone: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records that the guest can no longer be reached.
+    pub fn mark_gone(&self) {
+        self.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the VM died or the agent connection ended.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Resolves when the VM is gone; never, for a sandbox without one.
@@ -573,12 +602,13 @@ mod tests {
     fn sandbox_dir_layout_create_and_remove() {
         let state = tempfile::tempdir().unwrap();
         let dir = SandboxDir::new(state.path(), "k8s.io", "pod1");
-        assert_eq!(dir.path, state.path().join("k8s.io/pod1"));
+        assert_eq!(dir.path.parent(), Some(state.path()));
         dir.create().unwrap();
         assert_eq!(
-            dir.rootfs_target("c1"),
-            state.path().join("k8s.io/pod1/shared/c1/rootfs")
+            std::fs::read_to_string(dir.path.join("pod")).unwrap(),
+            "k8s.io/pod1\n"
         );
+        assert_eq!(dir.rootfs_target("c1"), dir.path.join("shared/c1/rootfs"));
         std::fs::create_dir_all(dir.rootfs_target("c1")).unwrap();
         std::fs::write(dir.path.join("vmm.log"), "x").unwrap();
         let neighbour = SandboxDir::new(state.path(), "k8s.io", "pod2");
@@ -587,9 +617,39 @@ mod tests {
         assert!(!dir.path.exists());
         assert!(neighbour.path.exists());
         neighbour.remove().unwrap();
-        assert!(!state.path().join("k8s.io").exists());
+        assert_eq!(state.path().read_dir().unwrap().count(), 0);
         // Removing twice is fine.
         dir.remove().unwrap();
+    }
+
+    #[test]
+    fn vm_sockets_fit_sun_path_for_cri_ids_and_long_namespaces() {
+        let cri_id = "f".repeat(64);
+        let namespace = "n".repeat(200);
+        let dir = SandboxDir::new(Path::new(crate::lifecycle::STATE_DIR), &namespace, &cri_id);
+        let paths = dir.vm_paths();
+        for socket in [
+            paths.vsock_uds(),
+            paths.vhost_user_vsock(),
+            paths.vhost_user_fs(),
+        ] {
+            let len = socket.as_os_str().len();
+            assert!(
+                len <= cloister_vmm::config::MAX_VSOCK_UDS_PATH_BYTES,
+                "{} is {len} bytes",
+                socket.display()
+            );
+        }
+        // Same pod, same folder (delete after a crash finds it); another
+        // namespace, another folder.
+        assert_eq!(
+            dir,
+            SandboxDir::new(Path::new(crate::lifecycle::STATE_DIR), &namespace, &cri_id)
+        );
+        assert_ne!(
+            dir.path,
+            SandboxDir::new(Path::new(crate::lifecycle::STATE_DIR), "k8s.io", &cri_id).path
+        );
     }
 
     #[test]

@@ -490,12 +490,10 @@ impl TaskService {
         if let Some(sandbox) = &sandbox {
             // A VM that is gone has taken the container with it.
             if let Err(e) = sandbox.agent.remove_container(&req.id, never_started).await {
-                if entry.container.init.exit().map(|e| e.status)
-                    != Some(ExitReason::SandboxGone.exit_status())
-                {
+                if !sandbox.is_gone() {
                     return Err(e.into());
                 }
-                tracing::warn!("{e}");
+                tracing::warn!(container = %req.id, "guest gone, nothing to remove: {e}");
             }
             self.unshare(sandbox, &req.id);
         }
@@ -657,6 +655,7 @@ impl TaskService {
                 },
                 exit = sandbox.vm_exit() => {
                     tracing::warn!(sandbox = %sandbox.id, "VM gone: {exit}");
+                    sandbox.mark_gone();
                     self.fail_all(ExitReason::SandboxGone).await;
                     return;
                 }
@@ -666,6 +665,7 @@ impl TaskService {
             // Deleted: the stream ended because we shut the agent down.
             return;
         }
+        sandbox.mark_gone();
         let reason = match tokio::time::timeout(VM_EXIT_GRACE, sandbox.vm_exit()).await {
             Ok(_) => ExitReason::SandboxGone,
             Err(_) => ExitReason::Unknown,

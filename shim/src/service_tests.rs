@@ -25,6 +25,8 @@ struct FakeAgent {
     streams: StdMutex<HashMap<(String, String, StreamKind), UnixStream>>,
     next_pid: AtomicU32,
     exec_specs: StdMutex<Vec<Vec<u8>>>,
+    /// The guest is gone: RemoveContainer fails as over a dead connection.
+    unreachable: AtomicBool,
 }
 
 impl FakeAgent {
@@ -75,6 +77,13 @@ impl AgentClient for FakeAgent {
         Ok(())
     }
     async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        if self.unreachable.load(Ordering::SeqCst) {
+            return Err(AgentError::Rpc {
+                method: "RemoveContainer",
+                code: None,
+                message: "channel closed".into(),
+            });
+        }
         self.log(format!("remove {id} force={force}"));
         Ok(())
     }
@@ -559,9 +568,14 @@ async fn vm_death_ends_every_process_with_137() {
     h.start("pod", "").await.unwrap();
     h.create("app", cri("container", "pod")).await.unwrap();
     h.start("app", "").await.unwrap();
+    h.create("done", cri("container", "pod")).await.unwrap();
+    h.start("done", "").await.unwrap();
+    h.agent.send_exit("done", "", 0).await;
+    assert_eq!(h.wait("done", "").await.exit_status, 0);
     assert_eq!(h.launcher.launches.load(Ordering::SeqCst), 1);
     h.take_events();
     h.launcher.vm_kill.send_replace(Some(ChildExit::Signal(9)));
+    h.agent.unreachable.store(true, Ordering::SeqCst);
     assert_eq!(h.wait("pod", "").await.exit_status, 137);
     assert_eq!(h.wait("app", "").await.exit_status, 137);
     let exits = [h.next_event().await, h.next_event().await];
@@ -572,7 +586,9 @@ async fn vm_death_ends_every_process_with_137() {
             ..
         }
     )));
-    // Delete works with the VM gone.
+    // Delete works with the VM gone, also for a container that had exited
+    // normally before.
+    assert_eq!(h.delete("done", "").await.unwrap().exit_status, 0);
     h.delete("app", "").await.unwrap();
     h.delete("pod", "").await.unwrap();
 }
@@ -721,4 +737,17 @@ async fn deleting_the_sandbox_ends_the_pods_other_containers() {
     assert_eq!(h.wait("app", "").await.exit_status, 137);
     assert_eq!(h.status("app", "").await, TaskStatus::STOPPED);
     h.delete("app", "").await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_fails_when_the_agent_fails_and_the_guest_is_not_gone() {
+    let h = Harness::new();
+    h.create("c1", serde_json::json!({})).await.unwrap();
+    h.start("c1", "").await.unwrap();
+    h.agent.send_exit("c1", "", 0).await;
+    h.wait("c1", "").await;
+    h.agent.unreachable.store(true, Ordering::SeqCst);
+    let err = h.delete("c1", "").await.unwrap_err();
+    assert_eq!(err.code(), ttrpc::Code::UNAVAILABLE);
+    assert_eq!(h.status("c1", "").await, TaskStatus::STOPPED);
 }

@@ -276,6 +276,8 @@ pub struct VmJson {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub serial: String,
+    /// virtio-rng: the agent's and containers' entropy.
+    pub rng: bool,
     pub vsock: VmVsockConfig,
     pub fs: Vec<VmFsConfig>,
 }
@@ -300,14 +302,19 @@ pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> 
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
         serial: format!("file:{}", paths.console_log().display()),
+        rng: true,
         vsock: VmVsockConfig {
             guest_cid: GUEST_CID,
             uds_path: paths.vsock_uds(),
         },
-        fs: vec![VmFsConfig {
-            tag: SHARED_FS_TAG.into(),
-            shared_dir: paths.shared_dir(),
-        }],
+        fs: if vm.shared_fs {
+            vec![VmFsConfig {
+                tag: SHARED_FS_TAG.into(),
+                shared_dir: paths.shared_dir(),
+            }]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -473,11 +480,16 @@ pub fn qemu_uses_kvm(accel: QemuAccel) -> bool {
     match accel {
         QemuAccel::Kvm => true,
         QemuAccel::Tcg => false,
-        QemuAccel::Auto => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
+        // On nested, paravirtualized KVM (kvm_pvm) a guest kernel runs
+        // emulated instruction by instruction and stalls; TCG boots.
+        QemuAccel::Auto => {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok()
+                && !cmdline::host_is_nested_pvm()
+        }
     }
 }
 
@@ -500,7 +512,7 @@ pub fn qemu_args(
         "memory-backend-memfd,id=mem,size={}M,share=on",
         vm.memory_mib
     );
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "-M".into(),
         // Shared memfd memory: the vhost-user backend maps guest memory.
         "microvm,acpi=off,memory-backend=mem".into(),
@@ -535,14 +547,19 @@ pub fn qemu_args(
             paths.vhost_user_vsock().display()
         ),
         "-device".into(),
-        format!("vhost-user-vsock-device,chardev=vsock0,guest-cid={GUEST_CID}"),
-        "-chardev".into(),
-        format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
-        "-device".into(),
-        format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
+        // The CID comes from the back end (vhost-user GET_CONFIG).
+        "vhost-user-vsock-device,chardev=vsock0".into(),
         "-device".into(),
         "virtio-rng-device".into(),
     ];
+    if vm.shared_fs {
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
+            "-device".into(),
+            format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
+        ]);
+    }
     args.into_iter().map(OsString::from).collect()
 }
 
@@ -552,6 +569,7 @@ pub struct Qemu {
     vmm: PathBuf,
     args: Vec<OsString>,
     paths: VmPaths,
+    shared_fs: bool,
     backends: Vec<SupervisedChild>,
     qemu_child: Option<SupervisedChild>,
 }
@@ -565,6 +583,7 @@ impl Qemu {
             vmm: config.vmm.path.clone(),
             args,
             paths,
+            shared_fs: vm.shared_fs,
             backends: Vec::new(),
             qemu_child: None,
         }
@@ -578,22 +597,22 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        let backends = [
-            (
-                "cloister-vmm vhost-user vsock",
-                vhost_user_vsock_args(&self.paths),
-                self.paths.vhost_user_vsock_log(),
-                self.paths.vhost_user_vsock(),
-                "vhost-user vsock socket",
-            ),
-            (
+        let mut backends = vec![(
+            "cloister-vmm vhost-user vsock",
+            vhost_user_vsock_args(&self.paths),
+            self.paths.vhost_user_vsock_log(),
+            self.paths.vhost_user_vsock(),
+            "vhost-user vsock socket",
+        )];
+        if self.shared_fs {
+            backends.push((
                 "cloister-vmm vhost-user fs",
                 vhost_user_fs_args(&self.paths),
                 self.paths.vhost_user_fs_log(),
                 self.paths.vhost_user_fs(),
                 "vhost-user fs socket",
-            ),
-        ];
+            ));
+        }
         for (name, args, log, socket, what) in backends {
             let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log)?;
             // QEMU connects to the backends' sockets at start: they must exist.
@@ -673,6 +692,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             kernel_params: "agent.log=debug".into(),
+            shared_fs: true,
         }
     }
 
@@ -719,7 +739,53 @@ mod tests {
             "/run/cloister/default/pod1/shared"
         );
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 8, "{keys:?}");
+        assert_eq!(json["rng"], true);
+        assert_eq!(keys.len(), 9, "{keys:?}");
+    }
+
+    /// The contract with `cloister-vmm --config`: its own parser and
+    /// validation accept what we write. `fs` is left out until the VMM has
+    /// a virtio-fs device; it then has to pass as well.
+    #[test]
+    fn cloister_vmm_accepts_our_vm_json_but_fs() {
+        let mut json = serde_json::to_value(cloister_vm_json(
+            &RuntimeConfig::default(),
+            &pod_vm(),
+            &paths(),
+        ))
+        .unwrap();
+        let refused =
+            cloister_vmm::config::VmConfig::from_json(&json.to_string(), Path::new("vm.json"));
+        assert!(
+            refused.is_err(),
+            "cloister-vmm now takes `fs`: drop this workaround"
+        );
+        json.as_object_mut().unwrap().remove("fs");
+        let config =
+            cloister_vmm::config::VmConfig::from_json(&json.to_string(), Path::new("vm.json"))
+                .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.vsock.unwrap().guest_cid, u64::from(GUEST_CID));
+        assert_eq!(config.memory_mib, 512);
+        assert!(config.rng);
+    }
+
+    #[test]
+    fn vm_without_shared_folder_has_no_fs_device() {
+        let vm = PodVm {
+            shared_fs: false,
+            ..pod_vm()
+        };
+        let json = cloister_vm_json(&RuntimeConfig::default(), &vm, &paths());
+        assert!(json.fs.is_empty());
+        let args = strings(&qemu_args(
+            &RuntimeConfig::default(),
+            &vm,
+            &paths(),
+            false,
+            false,
+        ));
+        assert!(!args.join(" ").contains("vhost-user-fs"), "{args:?}");
     }
 
     #[test]
@@ -753,7 +819,7 @@ mod tests {
         assert!(!append.contains("clearcpuid"), "{append}");
         assert!(append.ends_with("agent.log=debug"));
         assert!(joined.contains(
-            "-chardev socket,id=vsock0,path=/run/cloister/default/pod1/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0,guest-cid=3"
+            "-chardev socket,id=vsock0,path=/run/cloister/default/pod1/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0 "
         ), "{joined}");
         assert!(joined.contains(
             "-chardev socket,id=fs0,path=/run/cloister/default/pod1/vhost-fs.sock -device vhost-user-fs-device,chardev=fs0,tag=cloister"
@@ -774,6 +840,50 @@ mod tests {
         assert!(append.contains("clearcpuid="), "{append}");
         let bare = strings(&qemu_args(&config, &pod_vm(), &paths(), true, false));
         assert!(bare.join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    /// Every `-device NAME,key=value` we generate names a device and
+    /// properties this host's QEMU knows (`-device NAME,help`).
+    #[test]
+    fn qemu_knows_every_device_property_we_pass() {
+        let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+        if !qemu.exists() {
+            eprintln!(
+                "SKIP: {} missing (Debian package qemu-system-x86)",
+                qemu.display()
+            );
+            return;
+        }
+        let args = strings(&qemu_args(
+            &RuntimeConfig::default(),
+            &pod_vm(),
+            &paths(),
+            false,
+            false,
+        ));
+        let devices: Vec<&String> = args
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| &w[1])
+            .collect();
+        assert!(devices.len() >= 3, "{devices:?}");
+        for device in devices {
+            let mut parts = device.split(',');
+            let name = parts.next().unwrap();
+            let help = std::process::Command::new(qemu)
+                .args(["-M", "microvm", "-device", &format!("{name},help")])
+                .output()
+                .unwrap();
+            let help = String::from_utf8_lossy(&help.stdout);
+            assert!(help.contains(&format!("{name} options:")), "{name}: {help}");
+            for property in parts {
+                let key = property.split('=').next().unwrap();
+                assert!(
+                    help.contains(&format!("  {key}=")),
+                    "{name} has no property {key}: {help}"
+                );
+            }
+        }
     }
 
     #[test]

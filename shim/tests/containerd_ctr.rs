@@ -177,9 +177,12 @@ fn ctr_run_reaches_the_shim_and_a_refused_vm_leaves_nothing_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let sandbox = Path::new(cloister_shim::lifecycle::STATE_DIR)
-        .join("default")
-        .join(&id);
+    let sandbox = cloister_shim::sandbox::SandboxDir::new(
+        Path::new(cloister_shim::lifecycle::STATE_DIR),
+        "default",
+        &id,
+    )
+    .path;
     assert!(!sandbox.exists(), "{} left behind", sandbox.display());
     let containers = containerd.ctr(&["containers", "list", "-q"]);
     assert!(

@@ -216,9 +216,12 @@ async fn containerd_2_start_create_failure_shutdown_and_delete() {
     let err = client.create(ctx(), &create).await.unwrap_err();
     let text = format!("{err:?}");
     assert!(text.contains("exited during startup"), "{text}");
-    let sandbox_dir = Path::new("/run/cloister/sandboxes")
-        .join(&containerd.namespace)
-        .join(&id);
+    let sandbox_dir = cloister_shim::sandbox::SandboxDir::new(
+        Path::new(cloister_shim::lifecycle::STATE_DIR),
+        &containerd.namespace,
+        &id,
+    )
+    .path;
     assert!(
         !sandbox_dir.exists(),
         "{} left behind",

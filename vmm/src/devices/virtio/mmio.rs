@@ -214,8 +214,8 @@ pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
-    /// Signalled on each kick of queue `i`: by KVM (ioeventfd) or by
-    /// [`Self::write`] when KVM did not take the ioeventfd.
+    /// Signalled on each kick of queue `i`: by KVM (ioeventfd), or by the
+    /// register window ([`MmioWindow`]) when KVM did not take the ioeventfd.
     queue_events: Vec<EventFd>,
     interrupt: Arc<MmioInterrupt>,
     /// Signalled when the device was activated, reset or failed, so the
@@ -226,7 +226,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    shm_sel: u32,
     config_generation: u32,
     activated: bool,
     refused: u64,
@@ -276,7 +275,6 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            shm_sel: 0,
             config_generation: 0,
             activated: false,
             refused: 0,
@@ -495,7 +493,8 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify_queue(value),
             reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
             reg::STATUS => self.write_status(value),
-            reg::SHM_SEL => self.shm_sel = value,
+            // Any region the driver selects does not exist: nothing to keep.
+            reg::SHM_SEL => {}
             _ => self.refuse(format_args!(
                 "write of {value:#x} to {offset:#x}, not a writable register"
             )),
@@ -706,7 +705,6 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
-        self.shm_sel = 0;
         self.interrupt.clear();
         self.activated = false;
         self.signal_state_change();

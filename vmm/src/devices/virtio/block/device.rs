@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -201,11 +201,13 @@ impl BlockDevice {
         };
         let mut used_any = false;
         let (mut requests, mut bytes) = (0u64, 0u64);
-        loop {
+        // Each pass normally serves at least one request; the bound is for
+        // a driver that keeps moving its index without adding requests.
+        for _ in 0..MAX_REQUESTS_PER_ROUND {
             // Suppress kicks while draining; re-enabling reports whether the
             // driver added more in the meantime.
             queue.disable_notification(mem).map_err(queue_err)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while let Some(chain) = pop_chain(queue, mem)? {
                 let head = chain.head_index();
                 let (used_len, moved) = self.handle_chain(mem, chain);
                 queue.add_used(mem, head, used_len).map_err(queue_err)?;
@@ -221,6 +223,8 @@ impl BlockDevice {
                 return Ok(used_any);
             }
         }
+        self.resume.write(1).map_err(DeviceError::Io)?;
+        Ok(used_any)
     }
 
     /// Runs one request; returns the used length (bytes written into the
@@ -372,6 +376,24 @@ impl BlockDevice {
             Err(RequestError::UnsupportedType(request_type))
         }
     }
+}
+
+/// The next available chain. Unlike `pop_descriptor_chain`, an available
+/// index more than a queue size ahead (a broken or hostile driver) is an
+/// error, so the device needs a reset instead of being told "more
+/// available" forever while getting nothing.
+fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    let chain = queue
+        .iter(mem)
+        .map_err(|source| DeviceError::Queue {
+            index: REQUEST_QUEUE,
+            source,
+        })?
+        .next();
+    Ok(chain)
 }
 
 fn io_error(request: &'static str, sector: u64, len: u64, source: std::io::Error) -> RequestError {

@@ -312,7 +312,6 @@ impl VirtioDevice for VsockDevice {
         queue_index: usize,
         ctx: &mut QueueContext<'_, '_>,
     ) -> Result<(), DeviceError> {
-        DeviceMetrics::add(&self.metrics.notifications, 1);
         match queue_index {
             RX_QUEUE => {}
             TX_QUEUE => {

@@ -1,0 +1,302 @@
+//! The task service running a CRI-style pod in a real guest: everything is
+//! the shim's real code — `TaskService`, `PodSandbox`, the `Qemu` backend,
+//! the ttrpc agent client over hybrid vsock, FIFO copying, task events —
+//! except where container root file systems come from. Until the VMM has a
+//! virtio-fs device the pod cannot get the shared folder, so this test's
+//! launcher hands the agent the busybox rootfs built into the agent image
+//! instead of sharing the bundle's.
+//!
+//! Covers: the pod's sandbox container and a workload container in one VM,
+//! output and exit status through FIFOs and Wait, exec, pause/resume,
+//! stats, events in containerd's order, and a killed VM turning the pod's
+//! running processes into exits with status 137; then deletes leave no
+//! process and no sandbox folder.
+
+mod guest_support;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloister_protocol::agent;
+use cloister_shim::agent_client::AgentEndpoint;
+use cloister_shim::config::RuntimeConfig;
+use cloister_shim::events::{EventSender, TaskEvent};
+use cloister_shim::sandbox::{
+    setup_request, PodSandbox, SandboxDir, SandboxError, SandboxLauncher, CRI_CONTAINER_TYPE,
+    CRI_SANDBOX_ID,
+};
+use cloister_shim::service::TaskService;
+use cloister_shim::vmm_client::{Hypervisor, Qemu};
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim_protos::api;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::types::task::Status as TaskStatus;
+use guest_support::*;
+
+/// The real VM and agent; the rootfs from the guest image (see above).
+struct GuestLauncher {
+    config: RuntimeConfig,
+    state_dir: tempfile::TempDir,
+    vm_pids: Arc<Mutex<Vec<u32>>>,
+}
+
+#[async_trait]
+impl SandboxLauncher for GuestLauncher {
+    async fn launch(
+        &self,
+        sandbox_id: &str,
+        _spec: &serde_json::Value,
+        _config_path: Option<String>,
+    ) -> Result<PodSandbox, SandboxError> {
+        let dir = SandboxDir::new(self.state_dir.path(), "test", sandbox_id);
+        dir.create()?;
+        let mut qemu = Qemu::new(&self.config, &guest_vm(), dir.vm_paths());
+        qemu.start().await?;
+        *self.vm_pids.lock().unwrap() = qemu.pids();
+        let agent = AgentEndpoint::HybridVsock {
+            uds: qemu.vsock_uds(),
+        }
+        .connect_until(AGENT_DEADLINE)
+        .await?;
+        // No shared folder to mount: hostname only.
+        let mut setup = setup_request("pod");
+        setup.mounts.clear();
+        cloister_shim::agent_client::AgentClient::setup_sandbox(&agent, setup).await?;
+        Ok(PodSandbox::new(
+            sandbox_id,
+            Arc::new(agent),
+            dir,
+            Some(Box::new(qemu)),
+        ))
+    }
+
+    async fn share_rootfs(
+        &self,
+        _sandbox: &PodSandbox,
+        _container_id: &str,
+        _mounts: &[api::Mount],
+        _root_dir: &Path,
+    ) -> Result<agent::Rootfs, SandboxError> {
+        let mut rootfs = agent::Rootfs::new();
+        rootfs.set_directory(GUEST_ROOTFS.into());
+        Ok(rootfs)
+    }
+
+    fn unshare_rootfs(&self, _: &PodSandbox, _: &str) -> Result<(), SandboxError> {
+        Ok(())
+    }
+}
+
+fn bundle(root: &Path, id: &str, args: &[&str], annotations: serde_json::Value) -> String {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut spec = spec(args);
+    spec["annotations"] = annotations;
+    std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+    dir.display().to_string()
+}
+
+async fn wait(service: &TaskService, id: &str, exec_id: &str) -> u32 {
+    let req = api::WaitRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    };
+    tokio::time::timeout(Duration::from_secs(120), service.wait(&req))
+        .await
+        .expect("Wait did not return in 120 s")
+        .unwrap()
+        .exit_status
+}
+
+async fn status(service: &TaskService, id: &str) -> TaskStatus {
+    let req = api::StateRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    service
+        .state(&req)
+        .await
+        .unwrap()
+        .status
+        .enum_value()
+        .unwrap()
+}
+
+async fn start(service: &TaskService, id: &str, exec_id: &str) {
+    let req = api::StartRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    };
+    service.start(&req).await.unwrap();
+}
+
+async fn delete(service: &TaskService, id: &str, exec_id: &str) -> api::DeleteResponse {
+    let req = api::DeleteRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    };
+    service.delete(&req).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_in_a_guest_and_a_killed_vm_ends_it_with_137() {
+    let config = match guest_config() {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let launcher = Arc::new(GuestLauncher {
+        config,
+        state_dir: tempfile::tempdir().unwrap(),
+        vm_pids: Arc::new(Mutex::new(Vec::new())),
+    });
+    let (sender, mut events) = EventSender::channel();
+    let exit = Arc::new(ExitSignal::default());
+    let service = TaskService::new(launcher.clone(), sender, exit.clone());
+    let bundles = tempfile::tempdir().unwrap();
+    let fifos = tempfile::tempdir().unwrap();
+
+    // The pod's sandbox container boots the VM.
+    let pod_bundle = bundle(
+        bundles.path(),
+        "pod",
+        &["sleep", "1000"],
+        serde_json::json!({ CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "pod" }),
+    );
+    let started = std::time::Instant::now();
+    service
+        .create(&api::CreateTaskRequest {
+            id: "pod".into(),
+            bundle: pod_bundle,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    println!(
+        "pod sandbox created (VM booted, agent set up) in {:.1?}",
+        started.elapsed()
+    );
+    start(&service, "pod", "").await;
+
+    // A workload container of the pod: output and exit status.
+    let stdout = fifo(fifos.path(), "app-out");
+    let reader = read_fifo(stdout.clone());
+    service
+        .create(&api::CreateTaskRequest {
+            id: "app".into(),
+            bundle: bundle(
+                bundles.path(),
+                "app",
+                &["sh", "-c", "echo hello from $(uname -r); exit 3"],
+                serde_json::json!({ CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "pod" }),
+            ),
+            stdout: stdout.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    start(&service, "app", "").await;
+    assert_eq!(wait(&service, "app", "").await, 3);
+    let out = reader.await.unwrap();
+    assert!(out.starts_with("hello from "), "{out:?}");
+    let host = nix::sys::utsname::uname().unwrap();
+    assert!(!out.contains(&*host.release().to_string_lossy()), "{out:?}");
+    assert_eq!(status(&service, "app").await, TaskStatus::STOPPED);
+
+    // Exec in the running sandbox container.
+    let exec_out = fifo(fifos.path(), "exec-out");
+    let exec_reader = read_fifo(exec_out.clone());
+    let process = serde_json::json!({"args": ["sh", "-c", "echo exec in $(hostname)"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
+    service
+        .exec(&api::ExecProcessRequest {
+            id: "pod".into(),
+            exec_id: "e1".into(),
+            stdout: exec_out,
+            spec: Some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                value: serde_json::to_vec(&process).unwrap(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    start(&service, "pod", "e1").await;
+    assert_eq!(wait(&service, "pod", "e1").await, 0);
+    assert_eq!(exec_reader.await.unwrap(), "exec in in-guest\n");
+    delete(&service, "pod", "e1").await;
+
+    // Pause, resume, stats.
+    service.pause("pod").await.unwrap();
+    assert_eq!(status(&service, "pod").await, TaskStatus::PAUSED);
+    service.resume("pod").await.unwrap();
+    assert_eq!(status(&service, "pod").await, TaskStatus::RUNNING);
+    let stats = service.stats("pod").await.unwrap();
+    assert_eq!(stats.stats.type_url, "io.containerd.cgroups.v2.Metrics");
+
+    // The VM dies: the still-running sandbox container exits with 137.
+    let vm_pids = launcher.vm_pids.lock().unwrap().clone();
+    let qemu_pid = vm_pids[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(qemu_pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(wait(&service, "pod", "").await, 137);
+
+    delete(&service, "app", "").await;
+    let deleted = delete(&service, "pod", "").await;
+    assert_eq!(deleted.exit_status, 137);
+    for pid in &vm_pids {
+        assert!(process_gone(*pid), "VM process {pid} left running");
+    }
+    assert_eq!(
+        launcher.state_dir.path().read_dir().unwrap().count(),
+        0,
+        "sandbox folder left behind"
+    );
+
+    let mut topics = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let TaskEvent::Exit {
+            exit_status,
+            exec_id,
+            container_id,
+            ..
+        } = &event
+        {
+            println!("exit {container_id}/{exec_id}: {exit_status}");
+        }
+        topics.push(event.topic());
+    }
+    assert_eq!(
+        topics,
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/paused",
+            "/tasks/resumed",
+            "/tasks/exit",
+            "/tasks/delete",
+            "/tasks/delete",
+        ]
+    );
+    service.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(1), exit.wait())
+        .await
+        .expect("shim did not signal its exit after the last delete");
+}

@@ -1,0 +1,113 @@
+//! What the guest tests need: QEMU, the built kernel, the agent
+//! initramfs (agent as PID 1, busybox rootfs at `/rootfs/busybox`) and the
+//! `cloister-vmm` binary, and a runtime config for the QEMU/TCG backend.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cloister_e2e::cloister_vmm::find_cloister_vmm;
+use cloister_e2e::guest_image::GuestImage;
+use cloister_e2e::qemu::{qemu_available, QEMU_BINARY};
+use cloister_guest_image::paths;
+use cloister_shim::config::{
+    GuestSection, HypervisorKind, PodVm, QemuAccel, QemuSection, RuntimeConfig, VmmSection,
+};
+
+/// Boot under TCG takes seconds; a loaded 2-core machine needs more.
+pub const AGENT_DEADLINE: Duration = Duration::from_secs(180);
+/// Where build-agent-initramfs.sh puts the container rootfs in the image.
+pub const GUEST_ROOTFS: &str = "/rootfs/busybox";
+
+/// A runtime config for QEMU/TCG with the agent image, or why there is none.
+pub fn guest_config() -> Result<RuntimeConfig, String> {
+    if !qemu_available(Path::new(QEMU_BINARY)) {
+        return Err(format!(
+            "{QEMU_BINARY} does not run (Debian package qemu-system-x86)"
+        ));
+    }
+    let image = GuestImage::locate().map_err(|e| e.to_string())?;
+    let initramfs = paths::cache_dir().join("initramfs").join("agent.cpio");
+    if !initramfs.exists() {
+        return Err(format!(
+            "{} missing (built by scripts/build-guest.sh)",
+            initramfs.display()
+        ));
+    }
+    let vmm = find_cloister_vmm().ok_or(
+        "cloister-vmm binary not found (cargo build -p cloister-vmm, or set CLOISTER_VMM)",
+    )?;
+    let defaults = RuntimeConfig::default();
+    Ok(RuntimeConfig {
+        hypervisor: HypervisorKind::Qemu,
+        qemu: QemuSection {
+            path: PathBuf::from(QEMU_BINARY),
+            accel: QemuAccel::Tcg,
+        },
+        vmm: VmmSection { path: vmm },
+        guest: GuestSection {
+            kernel: image.vmlinux,
+            initramfs,
+            ..defaults.guest.clone()
+        },
+        ..defaults
+    })
+}
+
+/// One vCPU, 512 MiB, no shared folder (the VMM has no virtio-fs yet).
+pub fn guest_vm() -> PodVm {
+    PodVm {
+        hypervisor: HypervisorKind::Qemu,
+        vcpus: 1,
+        memory_mib: 512,
+        kernel_params: String::new(),
+        shared_fs: false,
+    }
+}
+
+pub fn fifo(dir: &Path, name: &str) -> String {
+    let path = dir.join(name);
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    path.display().to_string()
+}
+
+/// containerd's reader of an output FIFO.
+pub fn read_fifo(path: String) -> tokio::task::JoinHandle<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::open(path).unwrap(), &mut text).unwrap();
+        text
+    })
+}
+
+/// A spec running `args` in the busybox rootfs.
+pub fn spec(args: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.1.0",
+        "hostname": "in-guest",
+        "process": {
+            "args": args,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "user": { "uid": 0, "gid": 0 },
+            "noNewPrivileges": true
+        },
+        "root": { "path": "rootfs" },
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"] }
+        ],
+        "linux": {
+            "namespaces": [{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }]
+        }
+    })
+}
+
+/// Whether `pid` is gone (or a zombie about to be reaped).
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.contains(") Z "),
+        Err(_) => true,
+    }
+}
