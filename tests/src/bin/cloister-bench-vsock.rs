@@ -169,18 +169,25 @@ fn main() -> ExitCode {
             }
         }
     }
-    print_table(&options, &results);
+    print_table(&options, &backends, &results);
     ExitCode::SUCCESS
 }
 
 /// A table row: label, the figure, which way is better.
 type Row = (&'static str, fn(&ProbeFigures) -> f64, &'static str);
 
-fn print_table(options: &Options, results: &[(&str, Vec<ProbeFigures>)]) {
+fn print_table(
+    options: &Options,
+    backends: &[VsockBackend],
+    results: &[(&str, Vec<ProbeFigures>)],
+) {
+    println!("medians of {} runs", options.runs);
+    for backend in backends {
+        println!("  {:<20} {}", backend.name(), backend.binary().display());
+    }
     println!(
-        "medians of {} runs; cloister-vmm is a dev build (our crates unoptimised, dependencies -O2), \
-         vhost-device-vsock a release build (cargo install)",
-        options.runs
+        "  (a dev-profile cloister-vmm has our crates unoptimised and dependencies at -O2; \
+         cargo install builds vhost-device-vsock in release)"
     );
     println!(
         "vsock over vhost-user, QEMU/TCG microvm guest; {} MiB each way ({} KiB guest writes), {} round trips of 64 B, {} connections",
