@@ -1005,3 +1005,20 @@ fn avail_index_beyond_queue_size_returns_queue_error_instead_of_spinning() {
         "{result:?}"
     );
 }
+
+#[test]
+fn flushes_beyond_a_round_budget_yield_after_four() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = open(&image(dir.path()), false, None);
+    let mem = memory();
+    put_header(&mem, HEADER, VIRTIO_BLK_T_FLUSH, 0);
+    let chains: Vec<_> = (0..6u64)
+        .map(|i| vec![readable(HEADER, 16), writable(STATUS + i, 1)])
+        .collect();
+
+    let (used, _) = serve_rounds(&mut dev, &mem, &chains, 0);
+
+    assert_eq!(used.len(), 4);
+    assert!(resume_pending(&dev));
+    assert_eq!(dev.block_metrics().snapshot().flushes, 4);
+}
