@@ -210,4 +210,10 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 
     fn metrics(&self) -> &DeviceMetrics;
+
+    /// Counters only this kind of device has (vsock connections, block
+    /// flushes), reported next to [`Self::metrics`].
+    fn device_specific_metrics(&self) -> Option<serde_json::Value> {
+        None
+    }
 }

@@ -207,6 +207,9 @@ pub struct TransportReport {
     /// Times the device was put into DEVICE_NEEDS_RESET.
     pub needs_reset_events: u64,
     pub status: u32,
+    /// The device's own counters ([`VirtioDevice::device_specific_metrics`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_specific: Option<serde_json::Value>,
 }
 
 /// One virtio device behind the virtio-mmio register window.
@@ -339,6 +342,7 @@ impl MmioTransport {
             refused_register_accesses: self.refused,
             needs_reset_events: self.needs_reset_events,
             status: self.status,
+            device_specific: self.device.device_specific_metrics(),
         }
     }
 

@@ -561,4 +561,8 @@ impl VirtioDevice for BlockDevice {
     fn metrics(&self) -> &DeviceMetrics {
         &self.metrics
     }
+
+    fn device_specific_metrics(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.block_metrics().snapshot()).ok()
+    }
 }

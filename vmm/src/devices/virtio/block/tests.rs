@@ -308,6 +308,10 @@ fn flush_returns_ok_and_is_counted() {
     assert_eq!(used, vec![(0, 1)]);
     assert_eq!(status_at(&mem, STATUS), S_OK);
     assert_eq!(dev.block_metrics().snapshot().flushes, 1);
+    // What the VMM's metrics report carries for this disk.
+    let reported = dev.device_specific_metrics().unwrap();
+    assert_eq!(reported["flushes"], 1);
+    assert_eq!(reported["writes"], 0);
 }
 
 #[test]

@@ -353,4 +353,8 @@ impl VirtioDevice for VsockDevice {
     fn metrics(&self) -> &DeviceMetrics {
         &self.metrics
     }
+
+    fn device_specific_metrics(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.vsock_metrics()).ok()
+    }
 }
