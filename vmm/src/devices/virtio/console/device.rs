@@ -249,15 +249,7 @@ impl VirtioDevice for ConsoleDevice {
             // never has yet.
             RECEIVE_QUEUE => Ok(()),
             TRANSMIT_QUEUE => {
-                let mem = ctx.mem;
-                let queue = ctx
-                    .queues
-                    .get_mut(TRANSMIT_QUEUE)
-                    .ok_or(DeviceError::NoSuchQueue(TRANSMIT_QUEUE))?;
-                if self.transmit(mem, queue)? {
-                    ctx.signal_used_queue(TRANSMIT_QUEUE)?;
-                }
-                Ok(())
+                ctx.serve_queue(TRANSMIT_QUEUE, |mem, queue| self.transmit(mem, queue))
             }
             other => Err(DeviceError::NoSuchQueue(other)),
         }
