@@ -39,7 +39,19 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
 
 /// Parses the spec JSON of a CreateContainer request.
 pub fn parse_spec(json: &[u8]) -> Result<Spec, SpecError> {
-    serde_json::from_slice(json).map_err(SpecError::Malformed)
+    serde_json::from_slice(json).map_err(|e| {
+        // serde's message has a line and column but no field; name the
+        // field for the device rules, whose letters are easy to get wrong.
+        serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| {
+                super::device_rules::explain_malformed(
+                    "linux.resources.devices",
+                    v.pointer("/linux/resources/devices"),
+                )
+            })
+            .unwrap_or(SpecError::Malformed(e))
+    })
 }
 
 /// Parses the process JSON of an ExecProcess request.
