@@ -336,11 +336,17 @@ mod tests {
             access: ACCESS_READ,
         };
         let block_8 = DeviceRule {
+            allow: true,
             kind: Some(DeviceKind::Block),
             major: Some(8),
-            ..DeviceRule::char_device(0, None)
+            minor: None,
+            access: crate::device_filter::ACCESS_ALL,
         };
         let shapes = [
+            (
+                false,
+                crate::container::device_rules::DEFAULT_ALLOWED.to_vec(),
+            ),
             (false, vec![]),
             (true, vec![]),
             (false, vec![DeviceRule::char_device(1, Some(3))]),
@@ -377,6 +383,42 @@ mod tests {
                 panic!("{rules:?}: {e}");
             }
         }
+    }
+
+    /// The verifier walks every branch; the longest rule list a spec may
+    /// have must stay within its complexity limit.
+    #[test]
+    fn largest_rule_list_passes_the_verifier() {
+        use crate::container::device_rules::{DEFAULT_ALLOWED, MAX_RULES};
+        use crate::device_filter::{program, DeviceKind, DeviceRule, DeviceRules};
+        if let Some(reason) = probe() {
+            eprintln!("SKIP: cannot load cgroup device programs here: {reason}");
+            return;
+        }
+        let mut rules = DeviceRules::deny_all();
+        for i in 0..u32::try_from(MAX_RULES).unwrap() {
+            // Every rule conditional and deciding every access bit: the
+            // longest program, with a branch per check.
+            rules.push(DeviceRule {
+                allow: i % 2 == 0,
+                kind: [None, Some(DeviceKind::Char), Some(DeviceKind::Block)][(i % 3) as usize],
+                major: Some(i % 4096),
+                minor: (i % 5 != 0).then_some(i),
+                access: crate::device_filter::ACCESS_ALL,
+            });
+        }
+        DEFAULT_ALLOWED.into_iter().for_each(|r| rules.push(r));
+        let insns = program::generate(&rules).unwrap();
+        let started = std::time::Instant::now();
+        if let Err(e) = load_device_program(&insns) {
+            panic!("{} instructions: {e}", insns.len());
+        }
+        eprintln!(
+            "{} rules, {} instructions, verified in {:?}",
+            rules.rules.len(),
+            insns.len(),
+            started.elapsed()
+        );
     }
 
     #[test]

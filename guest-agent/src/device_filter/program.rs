@@ -1,7 +1,6 @@
 //! [`DeviceRules`] → raw eBPF instructions for `BPF_PROG_TYPE_CGROUP_DEVICE`.
 //!
-//! Shape of the generated program (registers: r1 = context on entry, r0 =
-//! verdict):
+//! Shape of the generated program (r1 = context on entry, r0 = verdict):
 //!
 //! ```text
 //!   r2 = ctx.access_type & 0xffff      device type (1 block, 2 char)
@@ -10,14 +9,21 @@
 //!   for bit in [mknod, read, write]:   one section per access bit
 //!       if !(r3 & bit) goto next_section
 //!       for rule granting/refusing bit, last rule first:
-//!           if r2 != type  goto next_rule     (each check only if the rule
-//!           if r4 != major goto next_rule      names that field)
-//!           if r5 != minor goto next_rule
+//!           w1 = (w2 ^ type) | (w4 ^ major) | (w5 ^ minor)
+//!                                      (only the fields the rule names)
+//!           if r1 != 0 goto next_rule
 //!           allow: goto next_section  |  deny: return 0
 //!       default deny: return 0
 //!   next_section: ...
 //!   return 1
 //! ```
+//!
+//! Each rule is one branch on a scratch register rather than a branch per
+//! field on r2/r4/r5: a `jne r4, major` teaches the verifier r4's value on
+//! one side, the states after each rule then differ and it walks a path per
+//! combination (a thousand rules exceeded its one-million-instruction
+//! budget). Compared through r1, which is dead at the next rule, every
+//! state there is the same and verification stays linear.
 //!
 //! Sections that can only allow are left out when the default allows. Only
 //! forward jumps, every path sets r0 before `exit`, and nothing after a
@@ -57,6 +63,12 @@ pub mod opcode {
     pub const ALU32_RSH_K: u8 = 0x74;
     /// `dst = (u32)imm`
     pub const ALU32_MOV_K: u8 = 0xb4;
+    /// `dst = (u32)src`
+    pub const ALU32_MOV_X: u8 = 0xbc;
+    /// `dst = (u32)(dst ^ imm)`
+    pub const ALU32_XOR_K: u8 = 0xa4;
+    /// `dst = (u32)(dst | src)`
+    pub const ALU32_OR_X: u8 = 0x4c;
     /// `pc += off`
     pub const JA: u8 = 0x05;
     /// `if dst != imm: pc += off`
@@ -69,8 +81,11 @@ pub mod opcode {
 
 /// Registers as the generated program uses them.
 pub mod reg {
+    /// The verdict; also scratch while comparing.
     pub const RESULT: u8 = 0;
+    /// The context on entry, then where a rule's comparison accumulates.
     pub const CTX: u8 = 1;
+    pub const MISMATCH: u8 = 1;
     pub const TYPE: u8 = 2;
     pub const ACCESS: u8 = 3;
     pub const MAJOR: u8 = 4;
@@ -196,10 +211,23 @@ pub fn generate(rules: &DeviceRules) -> Result<Vec<Insn>, ProgramError> {
             ];
             let mut conditional = false;
             for (register, value, field) in checks {
-                if let Some(value) = value {
-                    b.jump(opcode::JNE_K, register, immediate(field, value)?, next_rule);
-                    conditional = true;
+                let Some(value) = value else { continue };
+                // MISMATCH |= register ^ value, with r0 as scratch after
+                // the first field.
+                let into = if conditional {
+                    reg::RESULT
+                } else {
+                    reg::MISMATCH
+                };
+                b.push(opcode::ALU32_MOV_X, into, register, 0, 0);
+                b.push(opcode::ALU32_XOR_K, into, 0, 0, immediate(field, value)?);
+                if conditional {
+                    b.push(opcode::ALU32_OR_X, reg::MISMATCH, reg::RESULT, 0, 0);
                 }
+                conditional = true;
+            }
+            if conditional {
+                b.jump(opcode::JNE_K, reg::MISMATCH, 0, next_rule);
             }
             if rule.allow {
                 b.jump(opcode::JA, 0, 0, next_section);
@@ -255,6 +283,11 @@ mod tests {
                 opcode::ALU32_AND_K => regs[dst] = Some(u64::from(read(dst) as u32 & imm)),
                 opcode::ALU32_RSH_K => regs[dst] = Some(u64::from((read(dst) as u32) >> imm)),
                 opcode::ALU32_MOV_K => regs[dst] = Some(u64::from(imm)),
+                opcode::ALU32_MOV_X => regs[dst] = Some(u64::from(read(src) as u32)),
+                opcode::ALU32_XOR_K => regs[dst] = Some(u64::from(read(dst) as u32 ^ imm)),
+                opcode::ALU32_OR_X => {
+                    regs[dst] = Some(u64::from(read(dst) as u32 | read(src) as u32))
+                }
                 opcode::JA | opcode::JNE_K | opcode::JSET_K => {
                     assert!(insn.off >= 0, "backward jump at {pc}");
                     let imm = i64::from(insn.imm) as u64; // sign-extended, as the kernel does
@@ -305,6 +338,9 @@ mod tests {
                     opcode::ALU32_AND_K => format!("w{d} &= {imm:#x}"),
                     opcode::ALU32_RSH_K => format!("w{d} >>= {imm}"),
                     opcode::ALU32_MOV_K => format!("w{d} = {imm}"),
+                    opcode::ALU32_MOV_X => format!("w{d} = w{s}"),
+                    opcode::ALU32_XOR_K => format!("w{d} ^= {imm}"),
+                    opcode::ALU32_OR_X => format!("w{d} |= w{s}"),
                     opcode::JA => format!("goto +{off}"),
                     opcode::JNE_K => format!("if r{d} != {imm} goto +{off}"),
                     opcode::JSET_K => format!("if r{d} & {imm} goto +{off}"),
@@ -376,10 +412,16 @@ mod tests {
             "exit",
             // read: c 1:3
             "if r3 & 2 goto +1",
-            "goto +6",
-            "if r2 != 2 goto +3",
-            "if r4 != 1 goto +2",
-            "if r5 != 3 goto +1",
+            "goto +12",
+            "w1 = w2",
+            "w1 ^= 2",
+            "w0 = w4",
+            "w0 ^= 1",
+            "w1 |= w0",
+            "w0 = w5",
+            "w0 ^= 3",
+            "w1 |= w0",
+            "if r1 != 0 goto +1",
             "goto +2",
             "w0 = 0",
             "exit",
