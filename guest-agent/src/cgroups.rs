@@ -185,6 +185,14 @@ impl Cgroup {
         );
         match attached {
             Ok(()) => {
+                tracing::debug!(
+                    cgroup = %self.path.display(),
+                    rules = rules.rules.len(),
+                    default_allow = rules.default_allow,
+                    instructions = insns.len(),
+                    replaced = current.is_some(),
+                    "device program attached"
+                );
                 *current = Some(new);
                 Ok(())
             }
