@@ -600,6 +600,15 @@ mod tests {
     }
 
     #[test]
+    fn unknown_device_rule_type_returns_error_naming_field_and_letter() {
+        let json = br#"{"ociVersion": "1.1.0", "linux": {"resources": {"devices": [
+            {"allow": false, "access": "rwm"}, {"allow": true, "type": "k", "access": "r"}]}}}"#;
+        let err = parse_spec(json).unwrap_err().to_string();
+        assert!(err.contains("linux.resources.devices[1].type"), "{err}");
+        assert!(err.contains("\"k\""), "{err}");
+    }
+
+    #[test]
     fn home_comes_from_passwd_of_uid() {
         let text = "root:x:0:0:root:/root:/bin/sh\nbad line\nu:x:1000:1000::/home/u:/bin/sh\n";
         assert_eq!(home_from_passwd(text, 1000).as_deref(), Some("/home/u"));
