@@ -69,6 +69,20 @@ const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
     ("/dev/tty", 5, 0),
 ];
 
+/// A device node number: Linux has 12 bits of major and 20 of minor, and
+/// the device program compares exactly these.
+fn device_number(index: usize, name: &str, value: i64, max: u32) -> Result<u64, SpecError> {
+    u64::try_from(value)
+        .ok()
+        .filter(|v| *v <= u64::from(max))
+        .ok_or_else(|| {
+            invalid(
+                format!("linux.devices[{index}].{name}"),
+                format!("{value} is out of range (0..={max})"),
+            )
+        })
+}
+
 /// Builds the plan for a new container whose rootfs is `rootfs`.
 pub fn plan_container(spec: &Spec, rootfs: &Path) -> Result<CreatePlan, SpecError> {
     let process = spec
@@ -150,12 +164,8 @@ pub fn plan_container(spec: &Spec, rootfs: &Path) -> Result<CreatePlan, SpecErro
         devices.push(DevicePlan {
             target: resolve_in_rootfs(rootfs, &path, &field)?,
             mode: kind | device.file_mode().unwrap_or(0o666),
-            major: u64::try_from(device.major()).map_err(|_| {
-                invalid(format!("linux.devices[{i}].major"), "must not be negative")
-            })?,
-            minor: u64::try_from(device.minor()).map_err(|_| {
-                invalid(format!("linux.devices[{i}].minor"), "must not be negative")
-            })?,
+            major: device_number(i, "major", device.major(), crate::device_filter::MAX_MAJOR)?,
+            minor: device_number(i, "minor", device.minor(), crate::device_filter::MAX_MINOR)?,
             uid: device.uid().unwrap_or(0),
             gid: device.gid().unwrap_or(0),
         });
@@ -583,6 +593,21 @@ mod tests {
         let mut s = base();
         s["linux"]["devices"] = json!([{ "path": "/dev/x", "type": "a", "major": 1, "minor": 1 }]);
         assert!(error_of(s).contains("linux.devices[0].type"));
+    }
+
+    #[test]
+    fn device_number_out_of_range_returns_error_naming_field() {
+        let mut s = base();
+        s["linux"]["devices"] =
+            json!([{ "path": "/dev/x", "type": "c", "major": 4096, "minor": 1 }]);
+        let err = error_of(s);
+        assert!(
+            err.contains("linux.devices[0].major") && err.contains("4096"),
+            "{err}"
+        );
+        let mut s = base();
+        s["linux"]["devices"] = json!([{ "path": "/dev/x", "type": "c", "major": 1, "minor": -1 }]);
+        assert!(error_of(s).contains("linux.devices[0].minor"));
     }
 
     #[test]
