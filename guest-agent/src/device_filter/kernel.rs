@@ -309,6 +309,8 @@ pub fn probe() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
     use super::*;
 
     #[test]
@@ -383,6 +385,64 @@ mod tests {
                 panic!("{rules:?}: {e}");
             }
         }
+    }
+
+    /// The primitives behind both update paths (BPF_F_REPLACE, and
+    /// attach-then-detach on kernels without it) on a scratch cgroup.
+    #[test]
+    fn attach_replace_and_detach_on_a_cgroup() {
+        if let Some(reason) = probe() {
+            eprintln!("SKIP: cannot load cgroup device programs here: {reason}");
+            return;
+        }
+        let Some(root) = crate::cgroups::detect_root() else {
+            eprintln!("SKIP: no cgroup v2 hierarchy at /sys/fs/cgroup[/unified]");
+            return;
+        };
+        /// Removes the scratch cgroup even when an assertion fails.
+        struct ScratchCgroup(std::path::PathBuf);
+        impl Drop for ScratchCgroup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let dir = ScratchCgroup(root.join(format!("cloister-bpf-test-{}", std::process::id())));
+        std::fs::create_dir(&dir.0).unwrap();
+        let cgroup = std::fs::File::open(&dir.0).unwrap();
+        let allow = |verdict| {
+            load_device_program(&[
+                Insn {
+                    code: super::super::program::opcode::ALU32_MOV_K,
+                    regs: 0,
+                    off: 0,
+                    imm: verdict,
+                },
+                Insn {
+                    code: super::super::program::opcode::EXIT,
+                    regs: 0,
+                    off: 0,
+                    imm: 0,
+                },
+            ])
+            .unwrap()
+        };
+        let (first, second, third) = (allow(1), allow(0), allow(1));
+        let count = || attached_device_programs(cgroup.as_fd()).unwrap().len();
+
+        attach_device_program(cgroup.as_fd(), first.as_fd(), None).unwrap();
+        assert_eq!(count(), 1);
+        attach_device_program(cgroup.as_fd(), second.as_fd(), Some(first.as_fd())).unwrap();
+        assert_eq!(count(), 1, "replace left the old program attached");
+        // The fallback's two steps: both attached, then the old one gone.
+        attach_device_program(cgroup.as_fd(), third.as_fd(), None).unwrap();
+        assert_eq!(count(), 2);
+        detach_device_program(cgroup.as_fd(), second.as_fd()).unwrap();
+        assert_eq!(count(), 1);
+        let err = detach_device_program(cgroup.as_fd(), second.as_fd()).unwrap_err();
+        assert!(err.to_string().contains("BPF_PROG_DETACH"), "{err}");
+
+        drop(cgroup);
+        drop(dir);
     }
 
     /// The verifier walks every branch; the longest rule list a spec may
