@@ -1,17 +1,23 @@
 //! Container cgroups on the cgroup v2 hierarchy: creation with resources,
-//! freeze/thaw, kill, pids, stats, OOM counters, removal.
+//! the device program, freeze/thaw, kill, pids, stats, OOM counters,
+//! removal.
 //!
 //! Layout: `<root>/cloister/<container id>`. The spec's cgroupsPath names a
 //! host path and is ignored inside the guest.
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use cloister_protocol::agent;
 
 use crate::container::resources::CgroupWrite;
+use crate::device_filter::kernel::{self, BpfError};
+use crate::device_filter::program::{self, ProgramError};
+use crate::device_filter::DeviceRules;
 
 /// Errors managing a container's cgroup.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +38,14 @@ pub enum CgroupError {
     },
     #[error("cgroup {0} did not freeze within 2 s")]
     FreezeTimeout(String),
+    #[error("linux.resources.devices: {0}")]
+    DeviceProgram(#[from] ProgramError),
+    #[error("device rules of cgroup {path}: {source}")]
+    DeviceFilter {
+        path: String,
+        #[source]
+        source: BpfError,
+    },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
@@ -73,6 +87,9 @@ pub fn controllers(dir: &Path) -> Vec<String> {
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
+    /// The device program attached to the directory, replaced by the next
+    /// `set_device_rules`; it is freed with the cgroup.
+    device_program: Mutex<Option<OwnedFd>>,
 }
 
 impl Cgroup {
@@ -114,7 +131,10 @@ impl Cgroup {
         }
         let path = parent.join(id);
         std::fs::create_dir(&path).map_err(io_err("create cgroup", &path))?;
-        let cgroup = Cgroup { path };
+        let cgroup = Cgroup {
+            path,
+            device_program: Mutex::new(None),
+        };
         for w in writes {
             let file = cgroup.path.join(&w.file);
             if let Err(e) = std::fs::write(&file, &w.value) {
@@ -141,6 +161,49 @@ impl Cgroup {
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(&self.path)
             .map_err(io_err("open cgroup", &self.path))
+    }
+
+    /// Enforces `rules` on every process of the cgroup from now on: loads
+    /// their eBPF program and attaches it, replacing the one attached by
+    /// the last call.
+    pub fn set_device_rules(&self, rules: &DeviceRules) -> Result<(), CgroupError> {
+        let insns = program::generate(rules)?;
+        let filter_error = |source| CgroupError::DeviceFilter {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let new = kernel::load_device_program(&insns).map_err(filter_error)?;
+        let dir = self.open_dir()?;
+        let mut current = self
+            .device_program
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let attached = kernel::attach_device_program(
+            dir.as_fd(),
+            new.as_fd(),
+            current.as_ref().map(|fd| fd.as_fd()),
+        );
+        match attached {
+            Ok(()) => {
+                tracing::debug!(
+                    cgroup = %self.path.display(),
+                    rules = rules.rules.len(),
+                    default_allow = rules.default_allow,
+                    instructions = insns.len(),
+                    replaced = current.is_some(),
+                    "device program attached"
+                );
+                *current = Some(new);
+                Ok(())
+            }
+            // The new program is attached but the old one stayed: both
+            // filter (never more than either allows); track the new one.
+            Err(e @ BpfError::Detach { .. }) => {
+                *current = Some(new);
+                Err(filter_error(e))
+            }
+            Err(e) => Err(filter_error(e)),
+        }
     }
 
     /// Applies more writes (UpdateContainer).

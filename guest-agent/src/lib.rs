@@ -4,6 +4,7 @@
 
 pub mod cgroups;
 pub mod container;
+pub mod device_filter;
 pub mod init;
 pub mod io;
 pub mod network;

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
 
+use super::device_rules;
 use super::hooks::{self, HookError, HookSet};
 use super::plan::{ExecPlan, HelperPlan, NamespaceKind};
 use super::resources;
@@ -22,6 +23,7 @@ use super::spec::{self, SpecError};
 use super::state::{ContainerState, Operation, TransitionError};
 use super::sync::{check_len, decode, encode, FromHelper, ToHelper};
 use crate::cgroups::{Cgroup, CgroupError};
+use crate::device_filter::DeviceRule;
 use crate::io::{create_stdio, ProcessStdio, StdioError};
 use crate::process::{spawn_helper, ExitInfo, Reaper};
 
@@ -165,6 +167,9 @@ pub struct Container {
     pub init: Arc<ProcessHandle>,
     execs: Mutex<HashMap<String, Arc<ProcessHandle>>>,
     cgroup: Option<Cgroup>,
+    /// Allow rules for the spec's `linux.devices` nodes, kept when an
+    /// update replaces the device rules.
+    device_nodes: Vec<DeviceRule>,
     namespaces: Vec<NamespaceKind>,
     seccomp: Option<SeccompPlan>,
     rootfs: PathBuf,
@@ -527,13 +532,21 @@ impl ContainerManager {
         let hook_set = hooks::plan_hooks(oci.hooks().as_ref())?;
         let stdio_request = request.stdio.clone().unwrap_or_default();
         plan.process.terminal = stdio_request.terminal;
-        let writes = match oci.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        let linux = oci.linux().as_ref().ok_or(SpecError::Missing("linux"))?;
+        let listed_device_rules = linux
+            .resources()
+            .as_ref()
+            .and_then(|r| r.devices().as_ref())
+            .is_some_and(|d| !d.is_empty());
+        let writes = match linux.resources() {
             Some(r) => resources::validate(r)?,
             None => Vec::new(),
         };
+        let device_rules = device_rules::for_container(linux)?;
+        let device_nodes = device_rules::node_rules(linux);
         let cgroup = match &self.config.cgroup_root {
             Some(root) => Some(Cgroup::create(root, id, &writes)?),
-            None if writes.is_empty() => None,
+            None if writes.is_empty() && !listed_device_rules => None,
             None => {
                 return Err(ContainerError::NoCgroup {
                     id: id.clone(),
@@ -541,6 +554,14 @@ impl ContainerManager {
                 })
             }
         };
+        if let Some(cgroup) = &cgroup {
+            // Before the init helper is cloned into the cgroup, so no
+            // process of the container ever runs unfiltered.
+            if let Err(e) = cgroup.set_device_rules(&device_rules) {
+                let _ = cgroup.remove();
+                return Err(e.into());
+            }
+        }
         let mut result = self
             .spawn_init(id, plan, &stdio_request, cgroup.as_ref())
             .await;
@@ -575,6 +596,7 @@ impl ContainerManager {
                     init,
                     execs: Mutex::new(HashMap::new()),
                     cgroup,
+                    device_nodes,
                     namespaces,
                     seccomp,
                     rootfs,
@@ -989,11 +1011,19 @@ impl ContainerManager {
     pub fn update(&self, request: &agent::UpdateContainerRequest) -> Result<(), ContainerError> {
         let container = self.get(&request.container_id)?;
         let parsed: oci_spec::runtime::LinuxResources =
-            serde_json::from_slice(&request.resources_json).map_err(|e| SpecError::Invalid {
-                field: "resources_json".into(),
-                reason: e.to_string(),
+            serde_json::from_slice(&request.resources_json).map_err(|e| {
+                serde_json::from_slice::<serde_json::Value>(&request.resources_json)
+                    .ok()
+                    .and_then(|v| {
+                        device_rules::explain_malformed("linux.resources.devices", v.get("devices"))
+                    })
+                    .unwrap_or_else(|| SpecError::Invalid {
+                        field: "resources_json".into(),
+                        reason: e.to_string(),
+                    })
             })?;
         let writes = resources::validate(&parsed)?;
+        let new_device_rules = device_rules::for_update(&parsed, &container.device_nodes)?;
         let cgroup = container
             .cgroup
             .as_ref()
@@ -1002,6 +1032,9 @@ impl ContainerManager {
                 what: "update",
             })?;
         cgroup.update(&writes)?;
+        if let Some(rules) = new_device_rules {
+            cgroup.set_device_rules(&rules)?;
+        }
         Ok(())
     }
 

@@ -1,8 +1,10 @@
-//! Containers: OCI spec translation (`spec`, `seccomp`, `resources`), the
+//! Containers: OCI spec translation (`spec`, `seccomp`, `resources`,
+//! `device_rules`), the
 //! plan handed to the init helper (`plan`, `sync`), what the helper does
 //! (`helper`, `setup`, `syscalls`), the lifecycle (`state`), and the
 //! agent-side bookkeeping of every container (`manager`).
 
+pub mod device_rules;
 pub mod helper;
 pub mod hooks;
 pub mod manager;

@@ -1,9 +1,10 @@
 //! OCI `linux.resources` → cgroup v2 file writes.
 //!
-//! Device rules are accepted but not turned into an eBPF device filter: a
-//! container's /dev holds only the nodes its spec lists, and the guest is
-//! the pod's own throw-away kernel. Every other field we cannot honour is an
-//! error, never skipped.
+//! `devices` is checked here too, but cgroup v2 has no file for it: the
+//! rules become an eBPF program (`device_rules` → `crate::device_filter`)
+//! that `Cgroup::set_device_rules` attaches before the container's first
+//! process runs. Every other field we cannot honour is an error, never
+//! skipped.
 
 use oci_spec::runtime::LinuxResources;
 
@@ -36,6 +37,10 @@ fn unsupported(field: &str) -> SpecError {
 
 /// Checks `resources` and returns the writes that apply them.
 pub fn validate(resources: &LinuxResources) -> Result<Vec<CgroupWrite>, SpecError> {
+    super::device_rules::parse_rules(
+        "linux.resources.devices",
+        resources.devices().as_deref().unwrap_or_default(),
+    )?;
     let mut writes = Vec::new();
     if let Some(memory) = resources.memory() {
         let limit = memory.limit();

@@ -39,7 +39,19 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
 
 /// Parses the spec JSON of a CreateContainer request.
 pub fn parse_spec(json: &[u8]) -> Result<Spec, SpecError> {
-    serde_json::from_slice(json).map_err(SpecError::Malformed)
+    serde_json::from_slice(json).map_err(|e| {
+        // serde's message has a line and column but no field; name the
+        // field for the device rules, whose letters are easy to get wrong.
+        serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| {
+                super::device_rules::explain_malformed(
+                    "linux.resources.devices",
+                    v.pointer("/linux/resources/devices"),
+                )
+            })
+            .unwrap_or(SpecError::Malformed(e))
+    })
 }
 
 /// Parses the process JSON of an ExecProcess request.
@@ -56,6 +68,20 @@ const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
     ("/dev/urandom", 1, 9),
     ("/dev/tty", 5, 0),
 ];
+
+/// A device node number: Linux has 12 bits of major and 20 of minor, and
+/// the device program compares exactly these.
+fn device_number(index: usize, name: &str, value: i64, max: u32) -> Result<u64, SpecError> {
+    u64::try_from(value)
+        .ok()
+        .filter(|v| *v <= u64::from(max))
+        .ok_or_else(|| {
+            invalid(
+                format!("linux.devices[{index}].{name}"),
+                format!("{value} is out of range (0..={max})"),
+            )
+        })
+}
 
 /// Builds the plan for a new container whose rootfs is `rootfs`.
 pub fn plan_container(spec: &Spec, rootfs: &Path) -> Result<CreatePlan, SpecError> {
@@ -138,12 +164,8 @@ pub fn plan_container(spec: &Spec, rootfs: &Path) -> Result<CreatePlan, SpecErro
         devices.push(DevicePlan {
             target: resolve_in_rootfs(rootfs, &path, &field)?,
             mode: kind | device.file_mode().unwrap_or(0o666),
-            major: u64::try_from(device.major()).map_err(|_| {
-                invalid(format!("linux.devices[{i}].major"), "must not be negative")
-            })?,
-            minor: u64::try_from(device.minor()).map_err(|_| {
-                invalid(format!("linux.devices[{i}].minor"), "must not be negative")
-            })?,
+            major: device_number(i, "major", device.major(), crate::device_filter::MAX_MAJOR)?,
+            minor: device_number(i, "minor", device.minor(), crate::device_filter::MAX_MINOR)?,
             uid: device.uid().unwrap_or(0),
             gid: device.gid().unwrap_or(0),
         });
@@ -574,6 +596,21 @@ mod tests {
     }
 
     #[test]
+    fn device_number_out_of_range_returns_error_naming_field() {
+        let mut s = base();
+        s["linux"]["devices"] =
+            json!([{ "path": "/dev/x", "type": "c", "major": 4096, "minor": 1 }]);
+        let err = error_of(s);
+        assert!(
+            err.contains("linux.devices[0].major") && err.contains("4096"),
+            "{err}"
+        );
+        let mut s = base();
+        s["linux"]["devices"] = json!([{ "path": "/dev/x", "type": "c", "major": 1, "minor": -1 }]);
+        assert!(error_of(s).contains("linux.devices[0].minor"));
+    }
+
+    #[test]
     fn cgroup_v1_mount_becomes_cgroup2() {
         let mut s = base();
         s["mounts"] = json!([{ "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro", "nosuid"] }]);
@@ -585,6 +622,15 @@ mod tests {
     fn malformed_json_returns_error_naming_oci_spec_json() {
         let err = parse_spec(b"{\"ociVersion\": ").unwrap_err();
         assert!(err.to_string().starts_with("oci_spec_json"));
+    }
+
+    #[test]
+    fn unknown_device_rule_type_returns_error_naming_field_and_letter() {
+        let json = br#"{"ociVersion": "1.1.0", "linux": {"resources": {"devices": [
+            {"allow": false, "access": "rwm"}, {"allow": true, "type": "k", "access": "r"}]}}}"#;
+        let err = parse_spec(json).unwrap_err().to_string();
+        assert!(err.contains("linux.resources.devices[1].type"), "{err}");
+        assert!(err.contains("\"k\""), "{err}");
     }
 
     #[test]
