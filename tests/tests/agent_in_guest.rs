@@ -7,9 +7,9 @@
 //!
 //! One boot drives every step in order: guest details (the guest's kernel
 //! is ours, not the host's), a container printing to stdout with its exit
-//! code, a memory-limited container OOM-killed and reported (cgroup v2
-//! memory exists in the guest, not on this host), then a clean shutdown
-//! that ends QEMU.
+//! code, the spec's device rules enforced by the cgroup v2 eBPF filter, a
+//! memory-limited container OOM-killed and reported (cgroup v2 memory exists
+//! in the guest, not on this host), then a clean shutdown that ends QEMU.
 //!
 //! Skips, with the reason printed, when QEMU, the built kernel, the agent
 //! initramfs or the `cloister-vmm` binary is missing.
@@ -217,6 +217,32 @@ async fn drive(uds: &Path) {
     assert_eq!(out, format!("hello from {}\n", details.kernel_release));
     assert_eq!(wait(&client, "hello").await, 3);
     remove(&client, "hello").await;
+
+    // The cgroup v2 device filter (eBPF) holds in the guest's kernel: with
+    // deny-all rules a node the container made itself cannot be opened
+    // (without the filter the open reaches the kernel: "No such device").
+    let mut devices_spec = spec(&["sh", "-c", "mknod /dev/x c 240 0 && : < /dev/x"]);
+    devices_spec["process"]["capabilities"] = serde_json::json!({
+        "bounding": ["CAP_MKNOD"], "effective": ["CAP_MKNOD"], "permitted": ["CAP_MKNOD"]
+    });
+    devices_spec["linux"]["resources"] =
+        serde_json::json!({ "devices": [{ "allow": false, "access": "rwm" }] });
+    let mut request = create_request("devices", &devices_spec, false);
+    request.stdio.as_mut().unwrap().stderr = true;
+    client.create_container(ctx(), &request).await.unwrap();
+    let stream = hybrid_vsock_connect(uds, STDIO_PORT).await.unwrap();
+    let mut stderr = attach_stdio(stream, "devices", "", StreamKind::Stderr)
+        .await
+        .unwrap();
+    start(&client, "devices").await;
+    let mut err = String::new();
+    tokio::time::timeout(Duration::from_secs(60), stderr.read_to_string(&mut err))
+        .await
+        .expect("stderr did not reach EOF")
+        .unwrap();
+    assert!(err.contains("Operation not permitted"), "stderr: {err:?}");
+    assert_ne!(wait(&client, "devices").await, 0);
+    remove(&client, "devices").await;
 
     // A container over its cgroup v2 memory limit is OOM-killed: exit 137,
     // an OOM event, the kill in its stats.
