@@ -3,7 +3,10 @@
 # device) against our back end (cloister-vmm vhost-user --device vsock) and
 # against rust-vmm's vhost-device-vsock, in one run: throughput each way,
 # echo round-trip latency (median, p99), 32 concurrent connections, ratios.
-# Usage: scripts/bench-vsock.sh [--mib N] [--rounds N] [--connections N] [--backend cloister|peer|both]
+# Usage: scripts/bench-vsock.sh [--mib N] [--rounds N] [--connections N] [--runs N]
+#                               [--write-kib N] [--backend cloister|peer|both]
+# Ours is the dev-profile build (our crates unoptimised); set CLOISTER_VMM to
+# compare another build.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
@@ -13,5 +16,5 @@ kernel-config/build-initramfs.sh --package cloister-vsock-probe >/dev/null
 VHOST_DEVICE_VSOCK="${VHOST_DEVICE_VSOCK:-$(scripts/install-vhost-device-vsock.sh)}"
 export VHOST_DEVICE_VSOCK
 cargo build -q -p cloister-vmm -p cloister-e2e --bins
-export CLOISTER_VMM="$CARGO_TARGET_DIR/debug/cloister-vmm"
+export CLOISTER_VMM="${CLOISTER_VMM:-$CARGO_TARGET_DIR/debug/cloister-vmm}"
 exec "$CARGO_TARGET_DIR/debug/cloister-bench-vsock" "$@"

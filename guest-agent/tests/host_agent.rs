@@ -820,7 +820,9 @@ async fn memory_limited_process_is_oom_killed_and_reported() {
         )
         .await
         .unwrap();
-    let mut s = spec(&["sh", "-c", "a=$(cat /dev/zero)"]);
+    // dd touches its whole 64 MiB buffer, twice the limit (a shell variable
+    // filled from /dev/zero never grows: shells drop NUL bytes).
+    let mut s = spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
     s["linux"]["resources"] =
         serde_json::json!({ "memory": { "limit": 33554432, "swap": 33554432 } });
     let request = create_request("oom", &agent.rootfs, &s, stdio(false, false, false, false));

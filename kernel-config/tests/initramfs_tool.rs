@@ -119,7 +119,12 @@ fn packs_directory_tree_with_symlinks_in_name_order() {
     assert!(status.success());
     let entries = parse_newc(&std::fs::read(&out).unwrap()).unwrap();
     let find = |p: &str| entries.iter().find(|e| e.path == p);
-    for d in ["rootfs", "rootfs/busybox", "rootfs/busybox/bin", "rootfs/busybox/proc"] {
+    for d in [
+        "rootfs",
+        "rootfs/busybox",
+        "rootfs/busybox/bin",
+        "rootfs/busybox/proc",
+    ] {
         assert_eq!(find(d).unwrap().kind(), Some(EntryKind::Directory), "{d}");
     }
     assert_eq!(find("rootfs/busybox/bin/busybox").unwrap().data, b"box");

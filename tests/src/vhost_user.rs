@@ -177,6 +177,8 @@ impl BackendProcess {
         };
         let stderr = File::create(log).map_err(spawn_error)?;
         let child = command
+            // Plain log lines for failure messages.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -243,6 +245,10 @@ pub struct ProbePlan {
     pub echo_message_len: usize,
     /// Bytes pushed through the echo after the round trips.
     pub echo_block_len: usize,
+    /// After the echo the guest resets its vsock driver (unbind, bind) and
+    /// echoes again: the device must come back (see
+    /// [`ProbeConfig::rebind`]).
+    pub rebind: bool,
     /// Host-initiated connections open at once.
     pub connections: u32,
     pub bytes_per_connection: usize,
@@ -264,6 +270,7 @@ impl ProbePlan {
             echo_rounds: 1000,
             echo_message_len: 64,
             echo_block_len: 1 << 20,
+            rebind: false,
             connections: 32,
             bytes_per_connection: 64 * 1024,
             bulk_mib: 256,
@@ -275,6 +282,7 @@ impl ProbePlan {
     fn probe_config(&self) -> ProbeConfig {
         ProbeConfig {
             echo_port: Some(ECHO_PORT),
+            rebind: self.rebind,
             listen: Some((LISTEN_PORT, self.connections)),
             bulk: Some((BULK_PORT, self.bulk_mib)),
             write_chunk: Some(self.write_chunk),
@@ -457,6 +465,13 @@ fn drive_probe(
         plan.echo_block_len,
     )
     .map_err(step("guest→host echo"))?;
+    drop(echo);
+    if plan.rebind {
+        let mut again = accept_guest(echo_listener, Duration::from_secs(60))
+            .map_err(step("guest→host echo after the driver reset"))?;
+        echo_session(&mut again, 10, plan.echo_message_len, 64 * 1024)
+            .map_err(step("guest→host echo after the driver reset"))?;
+    }
     let started = Instant::now();
     let concurrent_bytes = concurrent_echo(
         uds,

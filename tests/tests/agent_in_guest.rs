@@ -105,7 +105,11 @@ fn spec(args: &[&str]) -> serde_json::Value {
     })
 }
 
-fn create_request(id: &str, spec: &serde_json::Value, stdout: bool) -> agent::CreateContainerRequest {
+fn create_request(
+    id: &str,
+    spec: &serde_json::Value,
+    stdout: bool,
+) -> agent::CreateContainerRequest {
     let mut request = agent::CreateContainerRequest::new();
     request.container_id = id.into();
     request.oci_spec_json = serde_json::to_vec(spec).unwrap();
@@ -145,7 +149,11 @@ async fn connect_agent(uds: &Path) -> Result<AgentServiceClient, String> {
 async fn wait(client: &AgentServiceClient, id: &str) -> u32 {
     let mut request = agent::WaitProcessRequest::new();
     request.container_id = id.into();
-    client.wait_process(ctx(), &request).await.unwrap().exit_status
+    client
+        .wait_process(ctx(), &request)
+        .await
+        .unwrap()
+        .exit_status
 }
 
 async fn start(client: &AgentServiceClient, id: &str) {
@@ -184,7 +192,10 @@ async fn drive(uds: &Path) {
     // Output and exit status of a container.
     let events_client = connect_agent(uds).await.expect("second connection");
     let mut events = events_client
-        .events(ttrpc::context::with_timeout(0), &agent::EventsRequest::new())
+        .events(
+            ttrpc::context::with_timeout(0),
+            &agent::EventsRequest::new(),
+        )
         .await
         .unwrap();
     let request = create_request(
@@ -209,7 +220,9 @@ async fn drive(uds: &Path) {
 
     // A container over its cgroup v2 memory limit is OOM-killed: exit 137,
     // an OOM event, the kill in its stats.
-    let mut oom_spec = spec(&["sh", "-c", "a=$(cat /dev/zero)"]);
+    // dd touches its whole 64 MiB buffer: twice the limit. (A shell
+    // variable filled from /dev/zero never grows: shells drop NUL bytes.)
+    let mut oom_spec = spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
     oom_spec["linux"]["resources"] =
         serde_json::json!({ "memory": { "limit": 33554432, "swap": 33554432 } });
     client
@@ -230,10 +243,7 @@ async fn drive(uds: &Path) {
     assert!(saw_oom, "no OOM event for container oom");
     let mut stats_request = agent::StatsContainerRequest::new();
     stats_request.container_id = "oom".into();
-    let stats = client
-        .stats_container(ctx(), &stats_request)
-        .await
-        .unwrap();
+    let stats = client.stats_container(ctx(), &stats_request).await.unwrap();
     assert!(stats.memory.oom_kill_events >= 1, "{stats:?}");
     assert_eq!(stats.memory.usage_limit, 33554432);
     remove(&client, "oom").await;
@@ -280,11 +290,7 @@ fn agent_as_guest_pid1_runs_containers_over_hybrid_vsock() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let mut qemu = QemuConfig::new(
-        Accel::Tcg,
-        &fixture.image.vmlinux,
-        Some(&fixture.initramfs),
-    );
+    let mut qemu = QemuConfig::new(Accel::Tcg, &fixture.image.vmlinux, Some(&fixture.initramfs));
     qemu.memory_mib = 512;
     qemu.vhost_user.push(VhostUserDevice {
         kind: VhostUserKind::Vsock,
@@ -317,7 +323,10 @@ fn agent_as_guest_pid1_runs_containers_over_hybrid_vsock() {
         eprintln!("{transcript}");
         std::panic::resume_unwind(panic);
     }
-    assert!(!run.timed_out, "QEMU did not exit after Shutdown:\n{transcript}");
+    assert!(
+        !run.timed_out,
+        "QEMU did not exit after Shutdown:\n{transcript}"
+    );
     assert!(
         run.find(KERNEL_PANIC).is_none(),
         "guest panicked:\n{transcript}"

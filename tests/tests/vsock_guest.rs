@@ -3,7 +3,9 @@
 //! device, asserted from the host:
 //!
 //! - guest→host: the guest connects to host port 5000 (`<uds>_5000`) and
-//!   echoes 1000 timed round trips and 1 MiB;
+//!   echoes 1000 timed round trips and 1 MiB; then it resets its vsock
+//!   driver (unbind, bind: the device is stopped, renegotiated and started
+//!   again, as on a reboot) and echoes once more;
 //! - host→guest: 32 connections at once (`CONNECT 1234\n` → `OK …\n`), each
 //!   echoing 64 KiB of its own data;
 //! - bulk: 256 MiB each way with matching checksums, throughput printed.
@@ -26,6 +28,7 @@ use cloister_e2e::vhost_user::{
 };
 use cloister_guest_image::cmdline::host_is_nested_pvm;
 use cloister_guest_image::paths;
+use cloister_vsock_probe::REBIND_MARKER;
 
 /// The kernel and the probe initramfs, or why the test cannot run.
 fn probe_image() -> Result<GuestImage, String> {
@@ -82,6 +85,17 @@ fn assert_probe_passed(report: &ProbeReport) {
         figures.bulk.guest_to_host_mib_s(),
         report.console.elapsed.as_secs_f64(),
     );
+    assert!(
+        report.console.find(REBIND_MARKER).is_some(),
+        "{}: the guest did not reset its vsock driver:\n{}",
+        report.backend,
+        report.transcript()
+    );
+    for line in report.backend_log.lines() {
+        if line.contains("activated") || line.contains("reset") {
+            eprintln!("  back end: {line}");
+        }
+    }
     assert_eq!(figures.concurrent_bytes, 32 * 64 * 1024);
     assert!(matches!(
         figures.bulk,
@@ -107,7 +121,8 @@ fn guest_drives_our_vsock_device_over_vhost_user_under_qemu_tcg() {
     };
     // 64 KiB guest writes: Linux sends each as one packet whose data spans
     // several descriptors.
-    let plan = ProbePlan::new(&image.vmlinux, &image.initramfs);
+    let mut plan = ProbePlan::new(&image.vmlinux, &image.initramfs);
+    plan.rebind = true;
 
     let report = run_vsock_probe(&VsockBackend::Cloister { binary }, &plan).unwrap();
 
@@ -141,6 +156,7 @@ fn guest_drives_our_vsock_device_over_virtio_mmio_in_cloister_vmm() {
         }
     };
     let mut plan = ProbePlan::new(&image.vmlinux, &image.initramfs);
+    plan.rebind = true;
     plan.timeout = Duration::from_secs(300);
 
     let report = run_vsock_probe_in_cloister_vmm(&binary, &plan).unwrap();

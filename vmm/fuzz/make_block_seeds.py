@@ -61,6 +61,10 @@ seeds = {
         0, [0], [desc(DATA + 0x100, 3 * 16, INDIRECT)],
         header(IN, 4).ljust(0x100, b"\0")
         + b"".join(chain([(DATA, 16, 0), (BUF, 512, WRITE), (STATUS, 1, WRITE)]))),
+    # The read lands on the available ring and moves its index hundreds of
+    # entries ahead: the device must fail the queue, not spin.
+    "read_into_avail_ring": seed(
+        0, [0], chain([(DATA, 16, 0), (0x100, 512, WRITE), (STATUS, 1, WRITE)]), header(IN, 0)),
     "out_of_range": seed(0, [0], chain([(DATA, 16, 0), (BUF, 1024, WRITE), (STATUS, 1, WRITE)]), header(IN, 63)),
 }
 

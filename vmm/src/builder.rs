@@ -33,6 +33,7 @@ use crate::devices::virtio::rng::RngDevice;
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::{DeviceReport, PeriodicMetrics, VmmMetrics};
+use crate::signals::watch_termination_signals;
 use crate::vstate::kvm::{HostKvmKind, KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu, VcpuNudger};
@@ -72,6 +73,10 @@ pub struct VmSpec {
     /// Print the counters as a JSON line on stderr this often while the
     /// VM runs.
     pub metrics_interval: Option<Duration>,
+    /// End the VM with [`VmExit::Terminated`] on SIGTERM, SIGINT or SIGHUP.
+    /// Only for a process that runs one VM: the caller must have blocked
+    /// those signals first ([`crate::signals::block_termination_signals`]).
+    pub stop_on_termination_signals: bool,
 }
 
 impl From<&VmConfig> for VmSpec {
@@ -88,6 +93,7 @@ impl From<&VmConfig> for VmSpec {
             cpu_template: cfg.cpu_template,
             devices: cfg.devices(),
             metrics_interval: None,
+            stop_on_termination_signals: false,
         }
     }
 }
@@ -210,6 +216,9 @@ pub fn run_vm(
 
     let metrics = Arc::new(VmmMetrics::default());
     let exit = Arc::new(ExitSignal::new().map_err(io("cannot create exit eventfd"))?);
+    if spec.stop_on_termination_signals {
+        watch_termination_signals(exit.clone()).map_err(io("cannot start the signal thread"))?;
+    }
     let io_bus = Arc::new(legacy_io_bus(&vm, serial_out, &exit, &metrics, vmm_start)?);
     let mmio_bus = Arc::new(mmio_bus);
     let virtio_thread = if virtio.is_empty() {

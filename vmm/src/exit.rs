@@ -34,6 +34,10 @@ pub enum VmExit {
     VcpuError { vcpu: u8, message: String },
     /// The VMM could not wait for an exit (reading the exit eventfd failed).
     WaitFailed(String),
+    /// The host asked the VMM to stop (SIGTERM, SIGINT or SIGHUP): the VM
+    /// is torn down like after a guest exit, so metrics are reported and
+    /// device sockets removed.
+    Terminated { signal: i32 },
 }
 
 impl VmExit {
@@ -81,6 +85,7 @@ impl std::fmt::Display for VmExit {
             VmExit::GuestCrash { vcpu } => write!(f, "vCPU {vcpu} reported a guest crash"),
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu}: {message}"),
             VmExit::WaitFailed(message) => write!(f, "cannot wait for VM exit: {message}"),
+            VmExit::Terminated { signal } => write!(f, "stopped by signal {signal}"),
         }
     }
 }

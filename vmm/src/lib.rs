@@ -13,5 +13,6 @@ pub mod cpuid;
 pub mod devices;
 pub mod exit;
 pub mod metrics;
+pub mod signals;
 pub mod vhost_user;
 pub mod vstate;

@@ -14,6 +14,8 @@ use cloister_vmm::config::{
     BlockConfig, ConsoleConfig, SerialOutput, VirtioConsoleOutput, VmConfig, VsockConfig,
 };
 use cloister_vmm::cpuid::CpuTemplate;
+use cloister_vmm::exit::VmExit;
+use cloister_vmm::signals::block_termination_signals;
 
 /// Runs one KVM microVM.
 #[derive(Debug, Parser)]
@@ -137,14 +139,17 @@ fn serial_writer(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>>
     })
 }
 
-fn run() -> anyhow::Result<bool> {
+fn run() -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let (cfg, options) = Args::parse().into_config()?;
     let serial = serial_writer(&cfg.serial)?;
     let spec = VmSpec {
         metrics_interval: options.metrics_interval,
+        stop_on_termination_signals: true,
         ..VmSpec::from(&cfg)
     };
+    // Before any thread starts, so all of them inherit the mask.
+    block_termination_signals().context("cannot block SIGTERM/SIGINT/SIGHUP")?;
     let run = run_vm(&spec, serial, start)?;
     let _ = std::io::stdout().flush();
     tracing::info!(
@@ -159,7 +164,12 @@ fn run() -> anyhow::Result<bool> {
     if !run.exit.is_clean() {
         eprintln!("cloister-vmm: {}", run.exit);
     }
-    Ok(run.exit.is_clean())
+    Ok(match run.exit {
+        _ if run.exit.is_clean() => ExitCode::SUCCESS,
+        // As a shell reports a process killed by the signal.
+        VmExit::Terminated { signal } => ExitCode::from(128 + (signal & 0x7f) as u8),
+        _ => ExitCode::from(1),
+    })
 }
 
 fn main() -> ExitCode {
@@ -178,8 +188,7 @@ fn main() -> ExitCode {
         return cloister_vmm::vhost_user::cli::main(std::env::args_os().skip(1));
     }
     match run() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(code) => code,
         Err(e) => {
             eprintln!("cloister-vmm: {e:#}");
             ExitCode::from(2)

@@ -63,6 +63,7 @@ fn run_payload_with(code: &[u8], vcpus: u8, hugepages: bool) -> (VmRun, String) 
         cpu_template: None,
         devices: Default::default(),
         metrics_interval: None,
+        stop_on_termination_signals: false,
     };
     let run = run_vm(&spec, Box::new(serial.clone()), Instant::now()).expect("VM builds and runs");
     (run, serial.text())

@@ -92,6 +92,7 @@ fn payload_reads_rng_device_registers_over_virtio_mmio() {
             ..Default::default()
         },
         metrics_interval: None,
+        stop_on_termination_signals: false,
     };
     let run = run_vm(&spec, Box::new(serial.clone()), Instant::now()).expect("VM builds and runs");
     let text = String::from_utf8_lossy(&serial.0.lock().unwrap()).into_owned();

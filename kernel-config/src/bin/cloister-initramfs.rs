@@ -119,7 +119,8 @@ fn add_tree(image: &mut Initramfs, source: &Path, target: &str) -> Result<()> {
         if kind.is_dir() {
             add_tree(image, &path, &child)?;
         } else if kind.is_symlink() {
-            let link = fs::read_link(&path).with_context(|| format!("reading {}", path.display()))?;
+            let link =
+                fs::read_link(&path).with_context(|| format!("reading {}", path.display()))?;
             let link = link
                 .to_str()
                 .with_context(|| format!("symlink {} is not UTF-8", path.display()))?;
@@ -129,7 +130,10 @@ fn add_tree(image: &mut Initramfs, source: &Path, target: &str) -> Result<()> {
         } else if kind.is_file() {
             add_file(image, &path, &child)?;
         } else {
-            bail!("{} is neither a directory, a file nor a symlink", path.display());
+            bail!(
+                "{} is neither a directory, a file nor a symlink",
+                path.display()
+            );
         }
     }
     Ok(())

@@ -25,14 +25,17 @@ pub const KEY_PREFIX: &str = "vsock_probe.";
 pub struct ProbeConfig {
     /// Echo mode: host port to connect to.
     pub echo_port: Option<u32>,
+    /// After the echo: unbind and rebind the vsock driver (a driver reset,
+    /// as on a guest reboot) and echo once more on the same port.
+    pub rebind: bool,
     /// Accept mode: port to listen on, and how many connections to serve.
     pub listen: Option<(u32, u32)>,
     /// Bulk mode: host port to connect to, and MiB in each direction.
     pub bulk: Option<(u32, u32)>,
     /// Bytes per write in bulk mode (default [`crate::BULK_CHUNK`]). Linux
     /// sends a write of more than 32 KiB as one packet spread over several
-    /// descriptors, which `vhost-device-vsock` 0.3.0 rejects; benchmarks
-    /// against it use 16 KiB.
+    /// descriptors, which `vhost-device-vsock` 0.3.0 rejects (the stream
+    /// stalls); benchmarks against it use 32 KiB.
     pub write_chunk: Option<u32>,
     /// Rng mode: bytes to read from `/dev/hwrng`.
     pub rng_bytes: Option<u32>,
@@ -46,6 +49,7 @@ impl ProbeConfig {
     /// keys of ours are ignored (a newer host may pass more).
     pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
         let mut echo_port = None;
+        let mut rebind = None;
         let mut listen_port = None;
         let mut connections = None;
         let mut bulk_port = None;
@@ -63,6 +67,7 @@ impl ProbeConfig {
             };
             let slot = match key {
                 "echo_port" => &mut echo_port,
+                "rebind" => &mut rebind,
                 "listen_port" => &mut listen_port,
                 "connections" => &mut connections,
                 "bulk_port" => &mut bulk_port,
@@ -106,6 +111,7 @@ impl ProbeConfig {
         }
         let config = Self {
             echo_port,
+            rebind: rebind.is_some_and(|r| r != 0),
             listen,
             bulk,
             write_chunk,
@@ -132,6 +138,9 @@ impl ProbeConfig {
         let mut words = Vec::new();
         if let Some(port) = self.echo_port {
             words.push(format!("{KEY_PREFIX}echo_port={port}"));
+        }
+        if self.rebind {
+            words.push(format!("{KEY_PREFIX}rebind=1"));
         }
         if let Some((port, n)) = self.listen {
             words.push(format!("{KEY_PREFIX}listen_port={port}"));
@@ -161,7 +170,7 @@ mod tests {
 
     #[test]
     fn parse_reads_all_modes_among_other_kernel_arguments() {
-        let line = "console=ttyS0 vsock_probe.echo_port=5000 quiet vsock_probe.listen_port=1234 \
+        let line = "console=ttyS0 vsock_probe.echo_port=5000 vsock_probe.rebind=1 quiet vsock_probe.listen_port=1234 \
                     vsock_probe.connections=32 vsock_probe.bulk_port=5001 vsock_probe.bulk_mib=256 \
                     vsock_probe.write_chunk=16384 vsock_probe.future=1";
         let config = ProbeConfig::parse(line).unwrap();
@@ -169,6 +178,7 @@ mod tests {
             config,
             ProbeConfig {
                 echo_port: Some(5000),
+                rebind: true,
                 listen: Some((1234, 32)),
                 bulk: Some((5001, 256)),
                 write_chunk: Some(16384),

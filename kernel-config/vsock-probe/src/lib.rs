@@ -13,6 +13,9 @@
 //!    [`BLOCK_WRITE_SEED`] at its start and syncs.
 //! 1. **echo** (`vsock_probe.echo_port=P`): connects to the host (CID 2)
 //!    port P and echoes everything until the host shuts its side down.
+//!    With `vsock_probe.rebind=1` it then unbinds and rebinds the vsock
+//!    driver (the device is reset and set up again, as on a reboot) and
+//!    echoes on a second connection to P.
 //! 2. **accept** (`vsock_probe.listen_port=L vsock_probe.connections=N`):
 //!    listens on port L, echoes on N host-initiated connections at once
 //!    (one thread each), and goes on when all N have ended.
@@ -34,6 +37,8 @@ pub use stream::{Pattern, StreamHash};
 pub const START_MARKER: &str = "vsock-probe: started";
 /// Printed when the accept mode listens (host CONNECTs can start).
 pub const LISTENING_MARKER: &str = "vsock-probe: listening";
+/// Printed once the vsock driver was unbound and bound again.
+pub const REBIND_MARKER: &str = "vsock-probe: rebind: vsock driver reset";
 /// Printed after every mode succeeded.
 pub const DONE_MARKER: &str = "vsock-probe: all modes passed";
 /// Starts the line describing the first failure.

@@ -6,6 +6,7 @@
 
 mod vsock;
 
+use std::ffi::CStr;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::thread;
 use std::time::Instant;
@@ -13,7 +14,7 @@ use std::time::Instant;
 use cloister_vsock_probe::{
     Pattern, ProbeConfig, StreamHash, BLOCK_READ_MARKER, BLOCK_WRITE_SEED, BLOCK_WRITTEN_MARKER,
     BULK_CHUNK, DONE_MARKER, FAIL_PREFIX, GUEST_PATTERN_SEED, HOST_CID, LISTENING_MARKER,
-    RNG_MARKER, START_MARKER,
+    REBIND_MARKER, RNG_MARKER, START_MARKER,
 };
 
 use vsock::{VsockListener, VsockStream};
@@ -39,14 +40,11 @@ fn run() -> Result<(), String> {
         block(read_mib, write_kib)?;
     }
     if let Some(port) = config.echo_port {
-        let started = Instant::now();
-        let stream = VsockStream::connect(HOST_CID, port)
-            .map_err(|e| format!("echo: connect to {HOST_CID}:{port}: {e}"))?;
-        let echoed = echo(stream).map_err(|e| format!("echo on port {port}: {e}"))?;
-        say(&format!(
-            "vsock-probe: echo: {echoed} bytes echoed to host port {port} in {:.3} s",
-            started.elapsed().as_secs_f64()
-        ));
+        echo_to_host(port)?;
+        if config.rebind {
+            rebind_vsock_driver()?;
+            echo_to_host(port)?;
+        }
     }
     if let Some((port, connections)) = config.listen {
         accept(port, connections)?;
@@ -55,6 +53,53 @@ fn run() -> Result<(), String> {
         let chunk = config.write_chunk.map_or(BULK_CHUNK, |c| c as usize);
         bulk(port, mib, chunk)?;
     }
+    Ok(())
+}
+
+fn echo_to_host(port: u32) -> Result<(), String> {
+    let started = Instant::now();
+    let stream = VsockStream::connect(HOST_CID, port)
+        .map_err(|e| format!("echo: connect to {HOST_CID}:{port}: {e}"))?;
+    let echoed = echo(stream).map_err(|e| format!("echo on port {port}: {e}"))?;
+    say(&format!(
+        "vsock-probe: echo: {echoed} bytes echoed to host port {port} in {:.3} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Where virtio drivers list their devices.
+const VIRTIO_DRIVERS: &str = "/sys/bus/virtio/drivers";
+
+/// The vsock driver's sysfs folder (named after the module,
+/// `vmw_vsock_virtio_transport`).
+fn vsock_driver() -> Result<std::path::PathBuf, String> {
+    std::fs::read_dir(VIRTIO_DRIVERS)
+        .map_err(|e| format!("rebind: list {VIRTIO_DRIVERS}: {e}"))?
+        .filter_map(Result::ok)
+        .find(|entry| entry.file_name().to_string_lossy().contains("vsock"))
+        .map(|entry| entry.path())
+        .ok_or_else(|| format!("rebind: no vsock driver in {VIRTIO_DRIVERS}"))
+}
+
+/// Unbinds the vsock driver from its device and binds it again: the driver
+/// resets the device and sets it up from scratch.
+fn rebind_vsock_driver() -> Result<(), String> {
+    mount_fs(c"sysfs", c"/sys", c"sysfs", "/sys/bus")?;
+    let driver = vsock_driver()?;
+    let device = std::fs::read_dir(&driver)
+        .map_err(|e| format!("rebind: list {}: {e}", driver.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("virtio"))
+        .ok_or_else(|| format!("rebind: no device bound to {}", driver.display()))?;
+    for action in ["unbind", "bind"] {
+        std::fs::write(driver.join(action), &device)
+            .map_err(|e| format!("rebind: {action} {device}: {e}"))?;
+    }
+    say(&format!(
+        "{REBIND_MARKER} ({device} unbound and bound again)"
+    ));
     Ok(())
 }
 
@@ -219,15 +264,27 @@ fn block(read_mib: u32, write_kib: u32) -> Result<(), String> {
 /// Mounts devtmpfs on /dev unless the device nodes are there already (the
 /// kernel does not mount it for an initramfs).
 fn mount_dev() -> Result<(), String> {
-    if std::path::Path::new("/dev/null").exists() {
+    mount_fs(c"devtmpfs", c"/dev", c"devtmpfs", "/dev/null")
+}
+
+fn mount_proc() -> Result<(), String> {
+    mount_fs(c"proc", c"/proc", c"proc", "/proc/self")
+}
+
+/// Mounts `fstype` on `target` unless `present` shows it is there already.
+fn mount_fs(source: &CStr, target: &CStr, fstype: &CStr, present: &str) -> Result<(), String> {
+    if std::path::Path::new(present).exists() {
         return Ok(());
     }
-    // SAFETY: mount(2) with NUL-terminated static strings and no data.
+    let target_path = target.to_string_lossy().into_owned();
+    let _ = std::fs::create_dir_all(&target_path);
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call
+    // and no data.
     let rc = unsafe {
         libc::mount(
-            c"devtmpfs".as_ptr(),
-            c"/dev".as_ptr(),
-            c"devtmpfs".as_ptr(),
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
             0,
             std::ptr::null(),
         )
@@ -236,31 +293,10 @@ fn mount_dev() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "mount devtmpfs on /dev: {}",
+            "mount {} on {target_path}: {}",
+            fstype.to_string_lossy(),
             io::Error::last_os_error()
         ))
-    }
-}
-
-fn mount_proc() -> Result<(), String> {
-    if std::path::Path::new("/proc/self").exists() {
-        return Ok(());
-    }
-    let _ = std::fs::create_dir_all("/proc");
-    // SAFETY: mount(2) with NUL-terminated static strings and no data.
-    let rc = unsafe {
-        libc::mount(
-            c"proc".as_ptr(),
-            c"/proc".as_ptr(),
-            c"proc".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(format!("mount /proc: {}", io::Error::last_os_error()))
     }
 }
 

@@ -14,15 +14,17 @@
 //! | kick on vring *i*                       | `process_queue(i, ctx)`        |
 //! | `host_event_fd()` readable              | `process_host_event(ctx)`      |
 //! | `RESET_DEVICE`, or `SET_FEATURES` again | `reset()`                      |
+//! | a vring stopped (`GET_VRING_BASE`)      | no calls until it runs again   |
 //!
 //! vhost-user has no "driver OK" message: the device is activated once
 //! every queue the front end serves ([`front_end_queues`]) has been
-//! started (kick fd received) and enabled. A kick
-//! that arrives before that is not lost: activation processes every queue.
+//! started (kick fd received) and enabled. A kick that arrives before that
+//! is not lost: activation processes every queue.
 //! The host event fd is level-triggered; while the device is inactive it
 //! is taken out of the epoll set (or host work would spin the loop) and put
 //! back on activation.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Mutex, PoisonError};
@@ -37,7 +39,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::devices::virtio::device::{
-    device_type, DeviceError, QueueContext, UsedNotifier, VirtioDevice,
+    device_type, DeviceError, DeviceMetrics, QueueContext, UsedNotifier, VirtioDevice,
 };
 
 /// QEMU's largest virtqueue (`VIRTQUEUE_MAX_SIZE`). Over vhost-user the
@@ -162,16 +164,22 @@ impl VhostUserDevice {
     /// processes every queue once (kicks may have come before). Returns
     /// whether the device is active.
     fn try_activate(&mut self, vrings: &[VringMutex]) -> bool {
-        match self.activation {
-            Activation::Active => return true,
-            Activation::Failed => return false,
-            Activation::Inactive => {}
+        if self.activation == Activation::Failed {
+            return false;
         }
         let all_started = vrings.len() == self.queue_max_sizes.len()
             && vrings.iter().all(|vring| {
                 let state = vring.get_ref();
                 state.get_queue().ready() && state.is_enabled()
             });
+        if self.activation == Activation::Active {
+            // A ring the front end stopped (GET_VRING_BASE, e.g. on a driver
+            // reset) must not be touched; the device waits, without host
+            // events, until the ring runs again or features are
+            // renegotiated (which resets it).
+            self.set_host_event_parked(!all_started);
+            return all_started;
+        }
         if !all_started {
             tracing::debug!(
                 "{}: not activated yet: vrings (ready, enabled) = {:?}",
@@ -262,8 +270,8 @@ impl VhostUserDevice {
         };
         let mem = mem.memory();
         let mut guards: Vec<_> = vrings.iter().map(VringT::get_mut).collect();
-        let calls = CallFds(
-            guards
+        let calls = CallFds {
+            fds: guards
                 .iter()
                 .map(|state: &std::sync::MutexGuard<'_, VringState>| {
                     state
@@ -272,7 +280,8 @@ impl VhostUserDevice {
                         .map(std::os::fd::AsRawFd::as_raw_fd)
                 })
                 .collect(),
-        );
+            raised: Cell::new(0),
+        };
         let mut queues: Vec<&mut Queue> = guards
             .iter_mut()
             .map(|state| state.get_queue_mut())
@@ -286,17 +295,29 @@ impl VhostUserDevice {
             .device
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
-        f(device.as_mut(), &mut ctx)
+        let result = f(device.as_mut(), &mut ctx);
+        let metrics = device.metrics();
+        // Counted here as virtio-mmio counts them: by the transport.
+        DeviceMetrics::add(&metrics.interrupts, calls.raised.get());
+        if result.is_err() {
+            DeviceMetrics::add(&metrics.errors, 1);
+        }
+        result
     }
 }
 
 /// The vrings' call eventfds, valid while their vrings are locked (the
-/// protocol thread replaces them only under the lock).
-struct CallFds(Vec<Option<RawFd>>);
+/// protocol thread replaces them only under the lock), and how many
+/// interrupts went through them.
+struct CallFds {
+    fds: Vec<Option<RawFd>>,
+    raised: Cell<u64>,
+}
 
 impl UsedNotifier for CallFds {
     fn notify_used(&self, queue_index: usize) -> io::Result<()> {
-        let Some(Some(fd)) = self.0.get(queue_index) else {
+        self.raised.set(self.raised.get() + 1);
+        let Some(Some(fd)) = self.fds.get(queue_index) else {
             // No call fd: the front end polls this ring (or has not set
             // one up yet); nothing to signal.
             return Ok(());
@@ -424,6 +445,8 @@ impl VhostUserBackendMut for VhostUserDevice {
             self.with_context(vrings, |device, ctx| device.process_host_event(ctx))
         } else {
             let index = usize::from(device_event);
+            // One kick per event: the handler drained the eventfd's count.
+            DeviceMetrics::add(&self.device_mut().metrics().notifications, 1);
             self.with_context(vrings, |device, ctx| device.process_queue(index, ctx))
         };
         // An error stops the device, not the worker thread: returning it
@@ -454,7 +477,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::devices::virtio::device::{DeviceMetrics, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::device::VIRTIO_F_VERSION_1;
 
     const QUEUE_SIZE: u16 = 16;
     const FEATURE_X: u64 = 1 << 5;
@@ -751,6 +774,9 @@ mod tests {
         assert_eq!(f.used_idx(1), 2);
         f.calls[1].consume().unwrap();
         assert_eq!(f.seen.lock().unwrap().processed.last(), Some(&(1, 2)));
+        let metrics = f.backend.metrics_json();
+        assert!(metrics.contains("\"interrupts\":1"), "{metrics}");
+        assert!(metrics.contains("\"notifications\":2"), "{metrics}");
     }
 
     #[test]
@@ -768,6 +794,25 @@ mod tests {
         assert_eq!(f.seen.lock().unwrap().resets, 1);
         f.kick(0);
         assert_eq!(f.seen.lock().unwrap().activations, 2);
+    }
+
+    #[test]
+    fn stopped_ring_pauses_an_active_device_until_it_runs_again() {
+        let mut f = fixture(false, None);
+        f.start(0);
+        f.start(1);
+        f.kick(0);
+        let calls_before = f.seen.lock().unwrap().processed.len();
+        f.vrings[1].set_queue_ready(false);
+
+        f.kick(0);
+
+        assert_eq!(f.backend.activation(), Activation::Active);
+        assert_eq!(f.seen.lock().unwrap().processed.len(), calls_before);
+        f.start(1);
+        f.kick(0);
+        assert_eq!(f.seen.lock().unwrap().processed.len(), calls_before + 1);
+        assert_eq!(f.seen.lock().unwrap().activations, 1);
     }
 
     #[test]

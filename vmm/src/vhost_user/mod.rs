@@ -114,3 +114,71 @@ fn watch_host_events(
         .attach_epoll(worker.as_raw_fd());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use vhost::vhost_user::message::{
+        VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+
+    use super::*;
+    use crate::devices::virtio::device::VIRTIO_F_VERSION_1;
+    use crate::devices::virtio::vsock::VsockDevice;
+
+    /// The protocol path QEMU takes before it starts the rings, from a real
+    /// front end (rust-vmm's) over the socket.
+    #[test]
+    fn serve_answers_a_front_end_and_returns_when_it_disconnects() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vhu.sock");
+        let device = VsockDevice::new(7, dir.path().join("v.sock")).unwrap();
+        let (done, result) = mpsc::channel();
+        let server_socket = socket.clone();
+        thread::spawn(move || {
+            let _ = done.send(serve(Box::new(device), &server_socket).map_err(|e| e.to_string()));
+        });
+        let started = Instant::now();
+        let mut frontend = loop {
+            match Frontend::connect(&socket, 8) {
+                Ok(frontend) => break frontend,
+                Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                    panic!("no vhost-user socket within 10 s: {e}")
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        };
+
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        frontend.set_features(features).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend.set_protocol_features(protocol).unwrap();
+        let queues = frontend.get_queue_num().unwrap();
+        let (_, config) = frontend
+            .get_config(0, 8, VhostUserConfigFlags::empty(), &[0; 8])
+            .unwrap();
+        drop(frontend);
+        let served = result.recv_timeout(Duration::from_secs(10));
+
+        assert_ne!(features & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(
+            features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        assert!(protocol.contains(VhostUserProtocolFeatures::CONFIG));
+        // rx and tx: QEMU keeps vsock's event queue to itself.
+        assert_eq!(queues, 2);
+        assert_eq!(config, 7u64.to_le_bytes());
+        assert_eq!(
+            served,
+            Ok(Ok(())),
+            "serve returns Ok once the front end left"
+        );
+    }
+}

@@ -70,6 +70,25 @@ pub struct QueueContext<'q, 'r> {
 }
 
 impl QueueContext<'_, '_> {
+    /// Runs `serve` on queue `index` and signals the driver when it
+    /// reports used buffers (returns `true`): the shape of every
+    /// request/response device's `process_queue`.
+    pub fn serve_queue(
+        &mut self,
+        index: usize,
+        serve: impl FnOnce(&GuestMemoryMmap, &mut Queue) -> Result<bool, DeviceError>,
+    ) -> Result<(), DeviceError> {
+        let mem = self.mem;
+        let queue = self
+            .queues
+            .get_mut(index)
+            .ok_or(DeviceError::NoSuchQueue(index))?;
+        if serve(mem, queue)? {
+            self.signal_used_queue(index)?;
+        }
+        Ok(())
+    }
+
     /// Signals the driver about queue `index` unless the driver suppressed
     /// notifications (`VIRTIO_RING_F_EVENT_IDX` / `VRING_AVAIL_F_NO_INTERRUPT`).
     pub fn signal_used_queue(&mut self, index: usize) -> Result<(), DeviceError> {
@@ -210,4 +229,10 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 
     fn metrics(&self) -> &DeviceMetrics;
+
+    /// Counters only this kind of device has (vsock connections, block
+    /// flushes), reported next to [`Self::metrics`].
+    fn device_specific_metrics(&self) -> Option<serde_json::Value> {
+        None
+    }
 }

@@ -207,7 +207,11 @@ mod tests {
 
     use super::*;
     use crate::devices::bus::BusDevice;
-    use crate::devices::virtio::device::VIRTIO_F_VERSION_1;
+    use std::sync::atomic::AtomicU64;
+
+    use crate::devices::virtio::device::{
+        device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
+    };
     use crate::devices::virtio::mmio::{reg, status};
     use crate::devices::virtio::rng::RngDevice;
 
@@ -280,5 +284,151 @@ mod tests {
         assert!(report.counters.interrupts >= 1);
         assert!(irq.read().unwrap() >= 1);
         assert!(lock(&transport).queue(0).unwrap().ready());
+    }
+
+    /// A device whose only work is host-side: it drains its eventfd and
+    /// counts, failing when told to.
+    struct HostWorkDevice {
+        host: EventFd,
+        handled: Arc<AtomicU64>,
+        fail: Arc<AtomicBool>,
+        metrics: DeviceMetrics,
+    }
+
+    impl VirtioDevice for HostWorkDevice {
+        fn device_type(&self) -> u32 {
+            device_type::VSOCK
+        }
+        fn name(&self) -> &str {
+            "host-work"
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[4]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn ack_features(&mut self, _features: u64) {}
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn activate(&mut self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn process_queue(
+            &mut self,
+            _queue_index: usize,
+            _ctx: &mut QueueContext<'_, '_>,
+        ) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn host_event_fd(&self) -> Option<RawFd> {
+            Some(std::os::fd::AsRawFd::as_raw_fd(&self.host))
+        }
+        fn process_host_event(
+            &mut self,
+            _ctx: &mut QueueContext<'_, '_>,
+        ) -> Result<(), DeviceError> {
+            let _ = self.host.read();
+            self.handled.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(DeviceError::Backend("host side broke".into()));
+            }
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn metrics(&self) -> &DeviceMetrics {
+            &self.metrics
+        }
+    }
+
+    fn wait_for(what: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !what() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    #[test]
+    fn virtio_thread_watches_host_fd_only_while_device_is_active() {
+        let host = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let handled = Arc::new(AtomicU64::new(0));
+        let fail = Arc::new(AtomicBool::new(false));
+        let device = HostWorkDevice {
+            host: host.try_clone().unwrap(),
+            handled: handled.clone(),
+            fail: fail.clone(),
+            metrics: Default::default(),
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let transport = Arc::new(Mutex::new(
+            MmioTransport::new(Box::new(device), mem, irq).unwrap(),
+        ));
+        let thread = VirtioThread::start(std::slice::from_ref(&transport)).unwrap();
+        let count = || handled.load(Ordering::SeqCst);
+
+        // Host work before the driver activated the device waits.
+        host.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(count(), 0);
+
+        wr(&transport, reg::STATUS, status::ACKNOWLEDGE);
+        wr(
+            &transport,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        wr(&transport, reg::DRIVER_FEATURES_SEL, 1);
+        wr(
+            &transport,
+            reg::DRIVER_FEATURES,
+            (VIRTIO_F_VERSION_1 >> 32) as u32,
+        );
+        let features_ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        wr(&transport, reg::STATUS, features_ok);
+        wr(&transport, reg::STATUS, features_ok | status::DRIVER_OK);
+        assert!(wait_for(|| count() == 1), "pending host work not handled");
+
+        host.write(1).unwrap();
+        assert!(wait_for(|| count() == 2));
+
+        // A failing device needs a reset and is no longer woken: the fd
+        // stays readable, yet it is not handled again (no spinning).
+        fail.store(true, Ordering::SeqCst);
+        host.write(1).unwrap();
+        assert!(wait_for(|| count() == 3));
+        host.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(count(), 3);
+        let st = lock(&transport).status();
+        assert_eq!(st & status::DEVICE_NEEDS_RESET, status::DEVICE_NEEDS_RESET);
+
+        // After a reset and a new bring-up the device works again.
+        fail.store(false, Ordering::SeqCst);
+        wr(&transport, reg::STATUS, 0);
+        wr(&transport, reg::STATUS, status::ACKNOWLEDGE);
+        wr(
+            &transport,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        wr(&transport, reg::DRIVER_FEATURES_SEL, 1);
+        wr(
+            &transport,
+            reg::DRIVER_FEATURES,
+            (VIRTIO_F_VERSION_1 >> 32) as u32,
+        );
+        wr(&transport, reg::STATUS, features_ok);
+        wr(&transport, reg::STATUS, features_ok | status::DRIVER_OK);
+        assert!(wait_for(|| count() == 4), "device not served after reset");
+        drop(thread);
     }
 }

@@ -207,6 +207,9 @@ pub struct TransportReport {
     /// Times the device was put into DEVICE_NEEDS_RESET.
     pub needs_reset_events: u64,
     pub status: u32,
+    /// The device's own counters ([`VirtioDevice::device_specific_metrics`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_specific: Option<serde_json::Value>,
 }
 
 /// One virtio device behind the virtio-mmio register window.
@@ -214,8 +217,8 @@ pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
-    /// Signalled on each kick of queue `i`: by KVM (ioeventfd) or by
-    /// [`Self::write`] when KVM did not take the ioeventfd.
+    /// Signalled on each kick of queue `i`: by KVM (ioeventfd), or by the
+    /// register window ([`MmioWindow`]) when KVM did not take the ioeventfd.
     queue_events: Vec<EventFd>,
     interrupt: Arc<MmioInterrupt>,
     /// Signalled when the device was activated, reset or failed, so the
@@ -226,7 +229,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    shm_sel: u32,
     config_generation: u32,
     activated: bool,
     refused: u64,
@@ -276,7 +278,6 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            shm_sel: 0,
             config_generation: 0,
             activated: false,
             refused: 0,
@@ -341,6 +342,7 @@ impl MmioTransport {
             refused_register_accesses: self.refused,
             needs_reset_events: self.needs_reset_events,
             status: self.status,
+            device_specific: self.device.device_specific_metrics(),
         }
     }
 
@@ -495,7 +497,8 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify_queue(value),
             reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
             reg::STATUS => self.write_status(value),
-            reg::SHM_SEL => self.shm_sel = value,
+            // Any region the driver selects does not exist: nothing to keep.
+            reg::SHM_SEL => {}
             _ => self.refuse(format_args!(
                 "write of {value:#x} to {offset:#x}, not a writable register"
             )),
@@ -706,7 +709,6 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
-        self.shm_sel = 0;
         self.interrupt.clear();
         self.activated = false;
         self.signal_state_change();

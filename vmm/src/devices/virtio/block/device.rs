@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,9 +38,16 @@ pub const CONFIG_LEN: usize = 60;
 
 /// Requests and bytes served in one round before the device yields the
 /// thread it shares with the other devices (vsock, console): a guest that
-/// queues gigabytes cannot stall the agent's connection.
+/// queues gigabytes or a storm of flushes cannot stall the agent's
+/// connection for long. FLUSH and DISCARD / WRITE_ZEROES segments count as
+/// fixed amounts of bytes.
 pub const MAX_REQUESTS_PER_ROUND: u64 = 64;
 pub const MAX_BYTES_PER_ROUND: u64 = 8 << 20;
+/// What a FLUSH counts against [`MAX_BYTES_PER_ROUND`]: an `fdatasync` can
+/// take milliseconds on a real disk, so at most four run per round.
+const FLUSH_COST: u64 = MAX_BYTES_PER_ROUND / 4;
+/// What each DISCARD / WRITE_ZEROES segment (one `fallocate`) counts.
+const SEGMENT_COST: u64 = 256 << 10;
 
 const REQUEST_QUEUE: usize = 0;
 
@@ -200,19 +207,21 @@ impl BlockDevice {
             source,
         };
         let mut used_any = false;
-        let (mut requests, mut bytes) = (0u64, 0u64);
-        loop {
+        let (mut requests, mut budget_used) = (0u64, 0u64);
+        // Each pass normally serves at least one request; the bound is for
+        // a driver that keeps moving its index without adding requests.
+        for _ in 0..MAX_REQUESTS_PER_ROUND {
             // Suppress kicks while draining; re-enabling reports whether the
             // driver added more in the meantime.
             queue.disable_notification(mem).map_err(queue_err)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while let Some(chain) = pop_chain(queue, mem)? {
                 let head = chain.head_index();
-                let (used_len, moved) = self.handle_chain(mem, chain);
+                let (used_len, cost) = self.handle_chain(mem, chain);
                 queue.add_used(mem, head, used_len).map_err(queue_err)?;
                 used_any = true;
                 requests += 1;
-                bytes += moved;
-                if requests >= MAX_REQUESTS_PER_ROUND || bytes >= MAX_BYTES_PER_ROUND {
+                budget_used += cost;
+                if requests >= MAX_REQUESTS_PER_ROUND || budget_used >= MAX_BYTES_PER_ROUND {
                     self.resume.write(1).map_err(DeviceError::Io)?;
                     return Ok(used_any);
                 }
@@ -221,27 +230,23 @@ impl BlockDevice {
                 return Ok(used_any);
             }
         }
+        self.resume.write(1).map_err(DeviceError::Io)?;
+        Ok(used_any)
     }
 
     /// Runs one request; returns the used length (bytes written into the
-    /// chain, status included) and the data bytes moved either way. Never
-    /// fails: a bad request gets a bad status.
+    /// chain, status included) and what it counts against the round's
+    /// budget. Never fails: a bad request gets a bad status.
     fn handle_chain<'m>(
         &mut self,
         mem: &'m GuestMemoryMmap,
         chain: DescriptorChain<&'m GuestMemoryMmap>,
     ) -> (u32, u64) {
         DeviceMetrics::add(&self.metrics.requests, 1);
-        let before = self.moved_bytes();
         let mut pieces = std::mem::take(&mut self.pieces);
-        let used_len = self.run_request(mem, chain, &mut pieces);
+        let done = self.run_request(mem, chain, &mut pieces);
         self.pieces = pieces;
-        (used_len, self.moved_bytes() - before)
-    }
-
-    fn moved_bytes(&self) -> u64 {
-        self.metrics.bytes_from_guest.load(Ordering::Relaxed)
-            + self.metrics.bytes_to_guest.load(Ordering::Relaxed)
+        done
     }
 
     fn run_request<'m>(
@@ -249,31 +254,30 @@ impl BlockDevice {
         mem: &'m GuestMemoryMmap,
         chain: DescriptorChain<&'m GuestMemoryMmap>,
         pieces: &mut Vec<Piece>,
-    ) -> u32 {
+    ) -> (u32, u64) {
         let request = match RequestChain::new(mem, chain, pieces) {
             Ok(request) => request,
             Err(e) => {
                 DeviceMetrics::add(&self.metrics.errors, 1);
                 tracing::debug!("virtio-blk request dropped: {e}");
-                return 0;
+                return (0, 0);
             }
         };
-        let (status, data_written) = match self.execute(&request) {
-            Ok(written) => (Status::Ok, written),
+        let (status, done) = match self.execute(&request) {
+            Ok(done) => (Status::Ok, done),
             Err(e) => {
                 DeviceMetrics::add(&self.metrics.errors, 1);
                 tracing::debug!("virtio-blk request failed: {e}");
-                (e.status(), 0)
+                (e.status(), Done::default())
             }
         };
-        let used_len = request.finish(status, data_written);
+        let used_len = request.finish(status, done.written);
         DeviceMetrics::add(&self.metrics.bytes_to_guest, u64::from(used_len));
-        used_len
+        (used_len, done.cost)
     }
 
-    /// Parses and performs the request; returns the data bytes written into
-    /// guest memory (status byte excluded).
-    fn execute(&mut self, request: &RequestChain<'_, '_>) -> Result<usize, RequestError> {
+    /// Parses and performs the request.
+    fn execute(&mut self, request: &RequestChain<'_, '_>) -> Result<Done, RequestError> {
         let limits = Limits {
             capacity_sectors: self.disk.capacity_sectors(),
             max_segments: MAX_DISCARD_SEGMENTS as usize,
@@ -287,7 +291,10 @@ impl BlockDevice {
                     .read_to_guest(sector * SECTOR_SIZE, &slices)
                     .map_err(|source| io_error(name, sector, len as u64, source))?;
                 DeviceMetrics::add(&self.block_metrics.reads, 1);
-                Ok(len)
+                Ok(Done {
+                    written: len,
+                    cost: len as u64,
+                })
             }
             Request::Out { sector, len } => {
                 self.refuse_if_read_only(name, sector)?;
@@ -297,16 +304,25 @@ impl BlockDevice {
                     .map_err(|source| io_error(name, sector, len as u64, source))?;
                 DeviceMetrics::add(&self.metrics.bytes_from_guest, len as u64);
                 DeviceMetrics::add(&self.block_metrics.writes, 1);
-                Ok(0)
+                Ok(Done {
+                    written: 0,
+                    cost: len as u64,
+                })
             }
             Request::Flush => {
                 self.disk
                     .flush()
                     .map_err(|source| io_error(name, 0, 0, source))?;
                 DeviceMetrics::add(&self.block_metrics.flushes, 1);
-                Ok(0)
+                Ok(Done {
+                    written: 0,
+                    cost: FLUSH_COST,
+                })
             }
-            Request::GetId => request.write_id(&self.serial),
+            Request::GetId => Ok(Done {
+                written: request.write_id(&self.serial)?,
+                cost: 0,
+            }),
             Request::Discard(segments) => {
                 self.refuse_unless_acked(VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_T_DISCARD)?;
                 self.refuse_segments_if_read_only(name, &segments)?;
@@ -316,7 +332,10 @@ impl BlockDevice {
                         .map_err(|source| io_error(name, s.sector, s.len(), source))?;
                 }
                 DeviceMetrics::add(&self.block_metrics.discards, 1);
-                Ok(0)
+                Ok(Done {
+                    written: 0,
+                    cost: SEGMENT_COST * segments.len() as u64,
+                })
             }
             Request::WriteZeroes(segments) => {
                 self.refuse_unless_acked(VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_WRITE_ZEROES)?;
@@ -326,7 +345,10 @@ impl BlockDevice {
                         .map_err(|source| io_error(name, s.sector, s.len(), source))?;
                 }
                 DeviceMetrics::add(&self.block_metrics.write_zeroes, 1);
-                Ok(0)
+                Ok(Done {
+                    written: 0,
+                    cost: SEGMENT_COST * segments.len() as u64,
+                })
             }
         }
     }
@@ -372,6 +394,33 @@ impl BlockDevice {
             Err(RequestError::UnsupportedType(request_type))
         }
     }
+}
+
+/// The next available chain. Unlike `pop_descriptor_chain`, an available
+/// index more than a queue size ahead (a broken or hostile driver) is an
+/// error, so the device needs a reset instead of being told "more
+/// available" forever while getting nothing.
+fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    let chain = queue
+        .iter(mem)
+        .map_err(|source| DeviceError::Queue {
+            index: REQUEST_QUEUE,
+            source,
+        })?
+        .next();
+    Ok(chain)
+}
+
+/// What a completed request did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Done {
+    /// Data bytes written into guest memory (status byte excluded).
+    written: usize,
+    /// What it counts against the round's [`MAX_BYTES_PER_ROUND`].
+    cost: u64,
 }
 
 fn io_error(request: &'static str, sector: u64, len: u64, source: std::io::Error) -> RequestError {
@@ -481,15 +530,7 @@ impl VirtioDevice for BlockDevice {
         if queue_index != REQUEST_QUEUE {
             return Err(DeviceError::NoSuchQueue(queue_index));
         }
-        let mem = ctx.mem;
-        let queue = ctx
-            .queues
-            .get_mut(REQUEST_QUEUE)
-            .ok_or(DeviceError::NoSuchQueue(REQUEST_QUEUE))?;
-        if self.serve_requests(mem, queue)? {
-            ctx.signal_used_queue(REQUEST_QUEUE)?;
-        }
-        Ok(())
+        ctx.serve_queue(REQUEST_QUEUE, |mem, queue| self.serve_requests(mem, queue))
     }
 
     fn host_event_fd(&self) -> Option<RawFd> {
@@ -511,5 +552,9 @@ impl VirtioDevice for BlockDevice {
 
     fn metrics(&self) -> &DeviceMetrics {
         &self.metrics
+    }
+
+    fn device_specific_metrics(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.block_metrics().snapshot()).ok()
     }
 }

@@ -18,7 +18,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::devices::virtio::device::{QueueContext, UsedNotifier, VirtioDevice};
+use crate::devices::virtio::device::{DeviceError, QueueContext, UsedNotifier, VirtioDevice};
 
 const MEM_SIZE: usize = 0x100_0000;
 /// Request buffers live from 1 MiB up; the mock queue's rings at 0.
@@ -308,6 +308,10 @@ fn flush_returns_ok_and_is_counted() {
     assert_eq!(used, vec![(0, 1)]);
     assert_eq!(status_at(&mem, STATUS), S_OK);
     assert_eq!(dev.block_metrics().snapshot().flushes, 1);
+    // What the VMM's metrics report carries for this disk.
+    let reported = dev.device_specific_metrics().unwrap();
+    assert_eq!(reported["flushes"], 1);
+    assert_eq!(reported["writes"], 0);
 }
 
 #[test]
@@ -979,4 +983,46 @@ fn kick_beyond_one_round_budget_yields_and_finishes_on_host_event() {
     for i in 0..3 {
         assert_eq!(status_at(&mem, HEADER + 0x100 + i), S_OK);
     }
+}
+
+#[test]
+fn avail_index_beyond_queue_size_returns_queue_error_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = open(&image(dir.path()), false, None);
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    // 1000 requests "available" in a 16-entry ring.
+    vq.avail().idx().store(1000);
+    let notifier = CountingNotifier::default();
+    let mut queues = [&mut queue];
+    let mut ctx = QueueContext {
+        mem: &mem,
+        queues: &mut queues,
+        notifier: &notifier,
+    };
+
+    let result = dev.process_queue(0, &mut ctx);
+
+    assert!(
+        matches!(result, Err(DeviceError::Queue { index: 0, .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn flushes_beyond_a_round_budget_yield_after_four() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = open(&image(dir.path()), false, None);
+    let mem = memory();
+    put_header(&mem, HEADER, VIRTIO_BLK_T_FLUSH, 0);
+    let chains: Vec<_> = (0..6u64)
+        .map(|i| vec![readable(HEADER, 16), writable(STATUS + i, 1)])
+        .collect();
+
+    let (used, _) = serve_rounds(&mut dev, &mem, &chains, 0);
+
+    assert_eq!(used.len(), 4);
+    assert!(resume_pending(&dev));
+    assert_eq!(dev.block_metrics().snapshot().flushes, 4);
 }

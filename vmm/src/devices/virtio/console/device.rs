@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::virtio::device::{
@@ -100,9 +100,12 @@ impl ConsoleDevice {
             source,
         };
         let mut used_any = false;
-        loop {
+        // Each pass normally takes at least one request; the bound is for a
+        // driver that keeps moving its index without adding any (requests
+        // left then wait for the next kick).
+        for _ in 0..CONSOLE_QUEUE_SIZE {
             queue.disable_notification(mem).map_err(queue_err)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while let Some(chain) = pop_chain(queue, mem)? {
                 let head = chain.head_index();
                 DeviceMetrics::add(&self.metrics.requests, 1);
                 match self.write_chain(mem, chain) {
@@ -158,6 +161,24 @@ impl ConsoleDevice {
         // max_nr_ports (4..8) is valid only with MULTIPORT; emerg_wr reads 0.
         config
     }
+}
+
+/// The next transmit chain. Unlike `pop_descriptor_chain`, an available
+/// index more than a queue size ahead (a broken or hostile driver) is an
+/// error, so the device needs a reset instead of being told "more
+/// available" forever while getting nothing.
+fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    let chain = queue
+        .iter(mem)
+        .map_err(|source| DeviceError::Queue {
+            index: TRANSMIT_QUEUE,
+            source,
+        })?
+        .next();
+    Ok(chain)
 }
 
 impl VirtioDevice for ConsoleDevice {
@@ -228,15 +249,7 @@ impl VirtioDevice for ConsoleDevice {
             // never has yet.
             RECEIVE_QUEUE => Ok(()),
             TRANSMIT_QUEUE => {
-                let mem = ctx.mem;
-                let queue = ctx
-                    .queues
-                    .get_mut(TRANSMIT_QUEUE)
-                    .ok_or(DeviceError::NoSuchQueue(TRANSMIT_QUEUE))?;
-                if self.transmit(mem, queue)? {
-                    ctx.signal_used_queue(TRANSMIT_QUEUE)?;
-                }
-                Ok(())
+                ctx.serve_queue(TRANSMIT_QUEUE, |mem, queue| self.transmit(mem, queue))
             }
             other => Err(DeviceError::NoSuchQueue(other)),
         }

@@ -287,3 +287,27 @@ fn file_output_appends_to_existing_content() {
 
     assert_eq!(std::fs::read(&path).unwrap(), b"earlier\nlater\n");
 }
+
+#[test]
+fn transmit_with_avail_index_beyond_queue_size_returns_queue_error_instead_of_spinning() {
+    let mut dev = ConsoleDevice::new(ConsoleOutput::Sink).unwrap();
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut rx: Queue = vq.create_queue().unwrap();
+    let mut tx: Queue = vq.create_queue().unwrap();
+    vq.avail().idx().store(1000);
+    let notifier = CountingNotifier::default();
+    let mut queues = [&mut rx, &mut tx];
+    let mut ctx = QueueContext {
+        mem: &mem,
+        queues: &mut queues,
+        notifier: &notifier,
+    };
+
+    let result = dev.process_queue(1, &mut ctx);
+
+    assert!(
+        matches!(result, Err(DeviceError::Queue { index: 1, .. })),
+        "{result:?}"
+    );
+}

@@ -190,15 +190,7 @@ impl VirtioDevice for RngDevice {
         if queue_index != REQUEST_QUEUE {
             return Err(DeviceError::NoSuchQueue(queue_index));
         }
-        let mem = ctx.mem;
-        let queue = ctx
-            .queues
-            .get_mut(REQUEST_QUEUE)
-            .ok_or(DeviceError::NoSuchQueue(REQUEST_QUEUE))?;
-        if self.serve_requests(mem, queue)? {
-            ctx.signal_used_queue(REQUEST_QUEUE)?;
-        }
-        Ok(())
+        ctx.serve_queue(REQUEST_QUEUE, |mem, queue| self.serve_requests(mem, queue))
     }
 
     fn reset(&mut self) {

@@ -312,7 +312,6 @@ impl VirtioDevice for VsockDevice {
         queue_index: usize,
         ctx: &mut QueueContext<'_, '_>,
     ) -> Result<(), DeviceError> {
-        DeviceMetrics::add(&self.metrics.notifications, 1);
         match queue_index {
             RX_QUEUE => {}
             TX_QUEUE => {
@@ -353,5 +352,9 @@ impl VirtioDevice for VsockDevice {
 
     fn metrics(&self) -> &DeviceMetrics {
         &self.metrics
+    }
+
+    fn device_specific_metrics(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.vsock_metrics()).ok()
     }
 }
