@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use cloister_protocol::agent;
 use cloister_protocol::stdio::StreamKind;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 
@@ -90,27 +90,107 @@ pub fn release_fifo(path: &Path, blocked_open_writes: bool) {
         .open(path);
 }
 
-/// containerd's stdin FIFO → the agent's stdin stream; FIFO EOF becomes a
-/// half-close, which the process reads as EOF.
-pub async fn copy_fifo_to_stream<W>(path: PathBuf, mut to: W) -> Result<u64, StdioError>
+/// containerd's stdin FIFO → the agent's stdin stream, until the FIFO's
+/// writer closes it or `close` is notified (CloseIO); either ends in a
+/// half-close, which the process reads as EOF. On `close`, what the writer
+/// already put into the FIFO is forwarded first.
+pub async fn copy_fifo_to_stream<W>(
+    path: PathBuf,
+    mut to: W,
+    close: std::sync::Arc<tokio::sync::Notify>,
+) -> Result<u64, StdioError>
 where
     W: AsyncWrite + Unpin,
 {
-    let file = open_fifo(&path, false).await?;
-    let mut from = pipe::Receiver::from_file(file).map_err(|source| StdioError::OpenFifo {
-        path: path.clone(),
-        source,
-    })?;
     let copy_error = |source| StdioError::Copy {
         kind: StreamKind::Stdin,
         path: path.clone(),
         source,
     };
-    let copied = tokio::io::copy(&mut from, &mut to)
-        .await
-        .map_err(copy_error)?;
+    let open = open_fifo(&path, false);
+    tokio::pin!(open);
+    let mut closing = false;
+    let file = tokio::select! {
+        biased;
+        file = &mut open => file?,
+        _ = close.notified() => {
+            // The open may be blocked (no writer yet) or just done: make
+            // sure it returns, then forward whatever a writer left.
+            closing = true;
+            release_fifo(&path, false);
+            open.await?
+        }
+    };
+    let mut from = pipe::Receiver::from_file(file).map_err(|source| StdioError::OpenFifo {
+        path: path.clone(),
+        source,
+    })?;
+    let mut buffer = vec![0u8; 32 * 1024];
+    let mut copied = 0u64;
+    while !closing {
+        tokio::select! {
+            biased;
+            _ = close.notified() => closing = true,
+            read = from.read(&mut buffer) => match read.map_err(copy_error)? {
+                0 => break,
+                n => {
+                    to.write_all(&buffer[..n]).await.map_err(copy_error)?;
+                    copied += n as u64;
+                }
+            },
+        }
+    }
+    if closing {
+        // read(2) directly on the non-blocking fd: tokio's try_read trusts
+        // cached readiness and would report an unpolled pipe as empty.
+        loop {
+            match nix::unistd::read(&from, &mut buffer) {
+                Ok(0) => break,
+                Ok(n) => {
+                    to.write_all(&buffer[..n]).await.map_err(copy_error)?;
+                    copied += n as u64;
+                }
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(copy_error(e.into())),
+            }
+        }
+    }
     to.shutdown().await.map_err(copy_error)?;
     Ok(copied)
+}
+
+/// The stdin copy of one process.
+#[derive(Debug)]
+pub struct StdinCopy {
+    path: PathBuf,
+    close: std::sync::Arc<tokio::sync::Notify>,
+    task: JoinHandle<Result<u64, StdioError>>,
+}
+
+impl StdinCopy {
+    /// Ends stdin after forwarding what is already in the FIFO; waits at
+    /// most `limit` for the agent to take it.
+    pub async fn close(mut self, limit: Duration) {
+        self.close.notify_one();
+        match tokio::time::timeout(limit, &mut self.task).await {
+            Ok(Ok(Ok(bytes))) => {
+                tracing::debug!(path = %self.path.display(), bytes, "stdin closed")
+            }
+            Ok(Ok(Err(e))) => tracing::warn!("{e}"),
+            Ok(Err(join)) => tracing::warn!(path = %self.path.display(), "stdin copy: {join}"),
+            Err(_) => {
+                tracing::warn!(path = %self.path.display(), "stdin not closed within {limit:?}");
+                self.task.abort();
+            }
+        }
+    }
+
+    /// Ends the copy at once (the process is gone).
+    fn abort(self) {
+        self.task.abort();
+        release_fifo(&self.path, false);
+    }
 }
 
 /// The agent's stdout/stderr stream → containerd's FIFO, until the agent
@@ -141,7 +221,7 @@ where
 /// The copy tasks of one process.
 #[derive(Debug, Default)]
 pub struct ProcessIo {
-    stdin: Option<(PathBuf, JoinHandle<Result<u64, StdioError>>)>,
+    stdin: Option<StdinCopy>,
     outputs: Vec<(PathBuf, JoinHandle<Result<u64, StdioError>>)>,
 }
 
@@ -173,8 +253,9 @@ impl ProcessIo {
                 .open_stdio(container_id, exec_id, StreamKind::Stdin)
                 .await?;
             let path = PathBuf::from(&paths.stdin);
-            let task = tokio::spawn(copy_fifo_to_stream(path.clone(), stream));
-            io.stdin = Some((path, task));
+            let close = std::sync::Arc::new(tokio::sync::Notify::new());
+            let task = tokio::spawn(copy_fifo_to_stream(path.clone(), stream, close.clone()));
+            io.stdin = Some(StdinCopy { path, close, task });
         }
         Ok(io)
     }
@@ -201,19 +282,17 @@ impl ProcessIo {
         all_done
     }
 
-    /// CloseIO: stop feeding stdin; the agent stream is dropped, which the
-    /// agent reads as EOF.
-    pub fn close_stdin(&mut self) {
-        if let Some((path, task)) = self.stdin.take() {
-            task.abort();
-            release_fifo(&path, false);
-        }
+    /// The stdin copy, for CloseIO (see [`StdinCopy::close`]).
+    pub fn take_stdin(&mut self) -> Option<StdinCopy> {
+        self.stdin.take()
     }
 
     /// Ends every copy (delete, VM gone): pending FIFO opens are released
     /// so no blocking-pool thread stays behind.
     pub fn shutdown(&mut self) {
-        self.close_stdin();
+        if let Some(stdin) = self.stdin.take() {
+            stdin.abort();
+        }
         for (path, task) in self.outputs.drain(..) {
             if !task.is_finished() {
                 task.abort();
@@ -290,7 +369,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = fifo(dir.path(), "stdin");
         let (shim_side, mut agent_side) = UnixStream::pair().unwrap();
-        let copy = tokio::spawn(copy_fifo_to_stream(path.clone(), shim_side));
+        let copy = tokio::spawn(copy_fifo_to_stream(
+            path.clone(),
+            shim_side,
+            Default::default(),
+        ));
         tokio::task::spawn_blocking(move || {
             let mut w = std::fs::OpenOptions::new().write(true).open(path).unwrap();
             std::io::Write::write_all(&mut w, b"line 1\nline 2\n").unwrap();
@@ -311,7 +394,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = fifo(dir.path(), "stdin");
         let (shim_side, _agent_side) = UnixStream::pair().unwrap();
-        let copy = tokio::spawn(copy_fifo_to_stream(path.clone(), shim_side));
+        let copy = tokio::spawn(copy_fifo_to_stream(
+            path.clone(),
+            shim_side,
+            Default::default(),
+        ));
         // Nobody opens the write end; the copy's open is blocked.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!copy.is_finished());
@@ -336,6 +423,53 @@ mod tests {
         // Open released; the copy then waits on the agent stream.
         tokio::time::sleep(Duration::from_millis(100)).await;
         copy.abort();
+    }
+
+    #[tokio::test]
+    async fn close_forwards_what_was_written_while_the_writer_stays_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "stdin");
+        let (shim_side, mut agent_side) = UnixStream::pair().unwrap();
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        let copy = StdinCopy {
+            path: path.clone(),
+            close: close.clone(),
+            task: tokio::spawn(copy_fifo_to_stream(path.clone(), shim_side, close)),
+        };
+        // containerd's writer writes and keeps the FIFO open.
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            std::io::Write::write_all(&mut w, b"typed before CloseIO").unwrap();
+            w
+        })
+        .await
+        .unwrap();
+        copy.close(Duration::from_secs(5)).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), agent_side.read_to_end(&mut got))
+            .await
+            .expect("no EOF after CloseIO")
+            .unwrap();
+        assert_eq!(got, b"typed before CloseIO");
+        drop(writer);
+    }
+
+    #[tokio::test]
+    async fn close_before_any_writer_ends_with_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "stdin");
+        let (shim_side, mut agent_side) = UnixStream::pair().unwrap();
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        let copy = StdinCopy {
+            path: path.clone(),
+            close: close.clone(),
+            task: tokio::spawn(copy_fifo_to_stream(path, shim_side, close)),
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        copy.close(Duration::from_secs(5)).await;
+        let mut got = Vec::new();
+        agent_side.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty());
     }
 
     #[tokio::test]

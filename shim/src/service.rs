@@ -39,6 +39,8 @@ use crate::sandbox::{
 
 /// How long an exit waits for the process's output to reach the FIFOs.
 const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// How long CloseIO waits for stdin already written to reach the agent.
+const STDIN_CLOSE_LIMIT: Duration = Duration::from_secs(5);
 /// After the agent connection ends, how long to wait for the VM's exit
 /// before calling the processes' fate unknown.
 const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
@@ -595,22 +597,28 @@ impl TaskService {
         Ok(())
     }
 
+    /// CloseIO: stdin ends with a half-close of its stream, after what the
+    /// client wrote reached the agent — the stream's own EOF, in order with
+    /// the data. (The agent's CloseStdin RPC would cut its copy short and
+    /// lose bytes still in flight; it is for streams never attached.)
     pub async fn close_io(&self, req: &api::CloseIORequest) -> Result<(), ServiceError> {
         if !req.stdin {
             return Ok(());
         }
-        let sandbox = self.sandbox(&req.id).await?;
-        {
+        let stdin = {
             let mut containers = self.state.containers.lock().await;
             let entry = containers
                 .get_mut(&req.id)
                 .ok_or_else(|| not_found(&req.id))?;
             entry.container.process(&req.exec_id)?;
-            if let Some(io) = entry.io.get_mut(&req.exec_id) {
-                io.close_stdin();
-            }
+            entry
+                .io
+                .get_mut(&req.exec_id)
+                .and_then(ProcessIo::take_stdin)
+        };
+        if let Some(stdin) = stdin {
+            stdin.close(STDIN_CLOSE_LIMIT).await;
         }
-        sandbox.agent.close_stdin(&req.id, &req.exec_id).await?;
         Ok(())
     }
 

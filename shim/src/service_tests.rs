@@ -685,7 +685,7 @@ async fn output_reaches_the_fifo_before_task_exit_is_published() {
 }
 
 #[tokio::test]
-async fn stdin_fifo_reaches_agent_and_close_io_is_forwarded() {
+async fn stdin_written_before_close_io_reaches_agent_then_eof() {
     let h = Harness::new();
     let fifo_dir = tempfile::tempdir().unwrap();
     let stdin = fifo_dir.path().join("stdin");
@@ -697,30 +697,34 @@ async fn stdin_fifo_reaches_agent_and_close_io_is_forwarded() {
         ..Default::default()
     };
     h.service.create(&req).await.unwrap();
+    // The client writes and keeps its end open; CloseIO ends stdin.
     let writer_path = stdin.clone();
-    tokio::task::spawn_blocking(move || {
+    let writer = tokio::task::spawn_blocking(move || {
         let mut w = std::fs::OpenOptions::new()
             .write(true)
             .open(writer_path)
             .unwrap();
         std::io::Write::write_all(&mut w, b"input").unwrap();
+        w
     })
     .await
     .unwrap();
-    let mut agent_in = h.agent.stream("c1", "", StreamKind::Stdin);
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), agent_in.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, b"input");
     let close = api::CloseIORequest {
         id: "c1".into(),
         stdin: true,
         ..Default::default()
     };
     h.service.close_io(&close).await.unwrap();
-    assert!(h.agent.calls().contains(&"close-stdin c1 \"\"".to_string()));
+    let mut agent_in = h.agent.stream("c1", "", StreamKind::Stdin);
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), agent_in.read_to_end(&mut got))
+        .await
+        .expect("no EOF on the stdin stream after CloseIO")
+        .unwrap();
+    assert_eq!(got, b"input");
+    // EOF is the stream's half-close, not the RPC that could cut it short.
+    assert!(!h.agent.calls().iter().any(|c| c.starts_with("close-stdin")));
+    drop(writer);
 }
 
 #[tokio::test]

@@ -112,13 +112,18 @@ fn fifo(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     path
 }
 
-/// containerd's reader of an output FIFO.
-fn read_fifo(path: std::path::PathBuf) -> tokio::task::JoinHandle<Vec<u8>> {
-    tokio::task::spawn_blocking(move || {
+/// containerd's reader of an output FIFO, on a plain thread: a failing
+/// test must not hang in the runtime's shutdown on a blocked open.
+fn read_fifo(path: std::path::PathBuf) -> tokio::sync::oneshot::Receiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
         let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut std::fs::File::open(path).unwrap(), &mut data).unwrap();
-        data
-    })
+        if let Ok(mut file) = std::fs::File::open(path) {
+            let _ = std::io::Read::read_to_end(&mut file, &mut data);
+        }
+        let _ = tx.send(data);
+    });
+    rx
 }
 
 #[tokio::test]
@@ -151,16 +156,14 @@ async fn fifos_carry_stdin_to_cat_and_back_with_eof_both_ways() {
     let input: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let writer_input = input.clone();
     let stdin_path = paths.stdin.clone();
-    tokio::task::spawn_blocking(move || {
+    std::thread::spawn(move || {
         let mut w = std::fs::OpenOptions::new()
             .write(true)
             .open(stdin_path)
             .unwrap();
         std::io::Write::write_all(&mut w, &writer_input).unwrap();
         // Closing the FIFO is containerd's EOF: cat must then exit.
-    })
-    .await
-    .unwrap();
+    });
     let exit = next_exit(&mut events).await;
     assert_eq!(exit.exit_status, 0, "agent log:\n{}", host.log());
     assert!(io.wait_output(Duration::from_secs(10)).await);

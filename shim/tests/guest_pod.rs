@@ -42,6 +42,17 @@ struct GuestLauncher {
     vm_pids: Arc<Mutex<Vec<u32>>>,
 }
 
+impl GuestLauncher {
+    /// The guest's console (kernel and agent log) of the running pod.
+    fn console(&self) -> String {
+        let mut text = String::new();
+        for entry in self.state_dir.path().read_dir().unwrap().flatten() {
+            text += &std::fs::read_to_string(entry.path().join("console.log")).unwrap_or_default();
+        }
+        text
+    }
+}
+
 #[async_trait]
 impl SandboxLauncher for GuestLauncher {
     async fn launch(
@@ -90,12 +101,55 @@ impl SandboxLauncher for GuestLauncher {
 }
 
 fn bundle(root: &Path, id: &str, args: &[&str], annotations: serde_json::Value) -> String {
+    bundle_with(root, id, args, annotations, |_| {})
+}
+
+fn bundle_with(
+    root: &Path,
+    id: &str,
+    args: &[&str],
+    annotations: serde_json::Value,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> String {
     let dir = root.join(id);
     std::fs::create_dir_all(&dir).unwrap();
     let mut spec = spec(args);
     spec["annotations"] = annotations;
+    edit(&mut spec);
     std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
     dir.display().to_string()
+}
+
+/// The service under test and what the test watches.
+struct GuestPod {
+    launcher: Arc<GuestLauncher>,
+    service: TaskService,
+    events: tokio::sync::mpsc::UnboundedReceiver<TaskEvent>,
+    exit: Arc<ExitSignal>,
+}
+
+fn guest_service() -> Option<GuestPod> {
+    let config = match guest_config() {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return None;
+        }
+    };
+    let launcher = Arc::new(GuestLauncher {
+        config,
+        state_dir: tempfile::tempdir().unwrap(),
+        vm_pids: Arc::new(Mutex::new(Vec::new())),
+    });
+    let (sender, events) = EventSender::channel();
+    let exit = Arc::new(ExitSignal::default());
+    let service = TaskService::new(launcher.clone(), sender, exit.clone());
+    Some(GuestPod {
+        launcher,
+        service,
+        events,
+        exit,
+    })
 }
 
 async fn wait(service: &TaskService, id: &str, exec_id: &str) -> u32 {
@@ -145,21 +199,15 @@ async fn delete(service: &TaskService, id: &str, exec_id: &str) -> api::DeleteRe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_in_a_guest_and_a_killed_vm_ends_it_with_137() {
-    let config = match guest_config() {
-        Ok(config) => config,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
+    let Some(GuestPod {
+        launcher,
+        service,
+        mut events,
+        exit,
+    }) = guest_service()
+    else {
+        return;
     };
-    let launcher = Arc::new(GuestLauncher {
-        config,
-        state_dir: tempfile::tempdir().unwrap(),
-        vm_pids: Arc::new(Mutex::new(Vec::new())),
-    });
-    let (sender, mut events) = EventSender::channel();
-    let exit = Arc::new(ExitSignal::default());
-    let service = TaskService::new(launcher.clone(), sender, exit.clone());
     let bundles = tempfile::tempdir().unwrap();
     let fifos = tempfile::tempdir().unwrap();
 
@@ -299,4 +347,156 @@ async fn a_pod_runs_in_a_guest_and_a_killed_vm_ends_it_with_137() {
     tokio::time::timeout(Duration::from_secs(1), exit.wait())
         .await
         .expect("shim did not signal its exit after the last delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_close_io_terminal_and_oom_in_a_guest() {
+    let Some(GuestPod {
+        launcher,
+        service,
+        mut events,
+        ..
+    }) = guest_service()
+    else {
+        return;
+    };
+    let bundles = tempfile::tempdir().unwrap();
+    let fifos = tempfile::tempdir().unwrap();
+
+    // stdin with the writer still open: CloseIO ends it, after what was
+    // written reached the process.
+    let stdin = fifo(fifos.path(), "cat-in");
+    let stdout = fifo(fifos.path(), "cat-out");
+    let reader = read_fifo(stdout.clone());
+    service
+        .create(&api::CreateTaskRequest {
+            id: "cat".into(),
+            bundle: bundle(
+                bundles.path(),
+                "cat",
+                &["cat"],
+                serde_json::json!({ CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "cat" }),
+            ),
+            stdin: stdin.clone(),
+            stdout,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    start(&service, "cat", "").await;
+    let mut writer = open_writer(stdin).await.unwrap();
+    std::io::Write::write_all(&mut writer, b"line one\nline two\n").unwrap();
+    service
+        .close_io(&api::CloseIORequest {
+            id: "cat".into(),
+            stdin: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    println!("stage: CloseIO sent");
+    assert_eq!(wait(&service, "cat", "").await, 0);
+    println!("stage: cat exited");
+    assert_eq!(reader.await.unwrap(), "line one\nline two\n");
+    drop(writer);
+
+    // A terminal: input echoed, the window size from ResizePty.
+    let tty_in = fifo(fifos.path(), "tty-in");
+    let tty_out = fifo(fifos.path(), "tty-out");
+    let tty_reader = read_fifo(tty_out.clone());
+    service
+        .create(&api::CreateTaskRequest {
+            id: "tty".into(),
+            bundle: bundle_with(
+                bundles.path(),
+                "tty",
+                &["sh", "-c", "read line; echo got $line; stty size"],
+                serde_json::json!({ CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "cat" }),
+                |spec| {
+                    spec["process"]["terminal"] = true.into();
+                    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+                        "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                        "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
+                    }));
+                },
+            ),
+            stdin: tty_in.clone(),
+            stdout: tty_out,
+            terminal: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    start(&service, "tty", "").await;
+    service
+        .resize_pty(&api::ResizePtyRequest {
+            id: "tty".into(),
+            width: 100,
+            height: 40,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut tty_writer = open_writer(tty_in).await.unwrap();
+    std::io::Write::write_all(&mut tty_writer, b"hi\n").unwrap();
+    println!("stage: tty input written");
+    assert_eq!(wait(&service, "tty", "").await, 0);
+    println!("stage: tty exited");
+    drop(tty_writer);
+    let screen = tty_reader.await.unwrap();
+    assert!(screen.contains("got hi\r\n"), "{screen:?}");
+    assert!(screen.contains("40 100"), "{screen:?}");
+
+    // Over its memory limit: TaskOOM, then exit 137.
+    service
+        .create(&api::CreateTaskRequest {
+            id: "oom".into(),
+            bundle: bundle_with(
+                bundles.path(),
+                "oom",
+                // A 64 MiB buffer under a 32 MiB limit.
+                &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+                serde_json::json!({ CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "cat" }),
+                |spec| {
+                    spec["linux"]["resources"] =
+                        serde_json::json!({ "memory": { "limit": 33554432, "swap": 33554432 } })
+                },
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    start(&service, "oom", "").await;
+    let waited = tokio::time::timeout(
+        Duration::from_secs(120),
+        service.wait(&api::WaitRequest {
+            id: "oom".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let Ok(Ok(waited)) = waited else {
+        panic!("no exit of oom; guest console:\n{}", launcher.console());
+    };
+    assert_eq!(waited.exit_status, 137);
+    // The agent reports the OOM kill from memory.events, around the exit.
+    let mut saw_oom = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !saw_oom {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(TaskEvent::Oom { container_id })) => saw_oom = container_id == "oom",
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    assert!(saw_oom, "no TaskOOM for container oom");
+    println!("stage: oom exited");
+
+    for id in ["oom", "tty", "cat"] {
+        delete(&service, id, "").await;
+    }
+    let vm_pids = launcher.vm_pids.lock().unwrap().clone();
+    for pid in &vm_pids {
+        assert!(process_gone(*pid), "VM process {pid} left running");
+    }
 }

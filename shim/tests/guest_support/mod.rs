@@ -72,13 +72,31 @@ pub fn fifo(dir: &Path, name: &str) -> String {
     path.display().to_string()
 }
 
-/// containerd's reader of an output FIFO.
-pub fn read_fifo(path: String) -> tokio::task::JoinHandle<String> {
-    tokio::task::spawn_blocking(move || {
+/// containerd's reader of an output FIFO. A plain thread, not the
+/// runtime's blocking pool: a test that fails while the open still waits
+/// must not hang in the runtime's shutdown.
+pub fn read_fifo(path: String) -> tokio::sync::oneshot::Receiver<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::open(path).unwrap(), &mut text).unwrap();
-        text
-    })
+        if let Ok(mut file) = std::fs::File::open(path) {
+            let _ = std::io::Read::read_to_string(&mut file, &mut text);
+        }
+        let _ = tx.send(text);
+    });
+    rx
+}
+
+/// A writer that opens containerd's stdin FIFO and keeps it open, like a
+/// client that has not finished (a plain thread, as for [`read_fifo`]).
+pub fn open_writer(path: String) -> tokio::sync::oneshot::Receiver<std::fs::File> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) {
+            let _ = tx.send(file);
+        }
+    });
+    rx
 }
 
 /// A spec running `args` in the busybox rootfs.
