@@ -10,6 +10,8 @@ packages=(
   qemu-system-x86
   # container rootfs for agent tests
   busybox-static
+  # the shim under a private containerd (1.6; brings runc), host tests' tools
+  containerd util-linux iproute2
   # attestation: OVMF with SEV metadata for launch-digest cross-checks,
   # a venv for the reference tool sev-snp-measure
   ovmf python3-venv openssl
