@@ -257,16 +257,21 @@ async fn drive(uds: &Path) {
         .unwrap();
     start(&client, "oom").await;
     assert_eq!(wait(&client, "oom").await, 137);
-    let mut saw_oom = false;
+    // The OOM event comes before the exit it caused (containerd's order:
+    // TaskOOM, then TaskExit).
+    let mut order = Vec::new();
     while let Ok(Ok(Some(event))) =
         tokio::time::timeout(Duration::from_secs(10), events.recv()).await
     {
         if event.has_oom() && event.oom().container_id == "oom" {
-            saw_oom = true;
+            order.push("oom");
+        }
+        if event.has_exited() && event.exited().container_id == "oom" {
+            order.push("exit");
             break;
         }
     }
-    assert!(saw_oom, "no OOM event for container oom");
+    assert_eq!(order, ["oom", "exit"], "events for container oom");
     let mut stats_request = agent::StatsContainerRequest::new();
     stats_request.container_id = "oom".into();
     let stats = client.stats_container(ctx(), &stats_request).await.unwrap();

@@ -176,9 +176,32 @@ pub struct Container {
     hooks: HookSet,
     /// The helper's sync socket until Start.
     start_channel: tokio::sync::Mutex<Option<UnixStream>>,
+    /// `oom_kill` count of memory.events already reported as OOM events.
+    oom_kills_reported: std::sync::atomic::AtomicU64,
 }
 
 impl Container {
+    /// Sends an OOM event if the cgroup counted kills not reported yet.
+    /// Called by the periodic watcher and before each exit event, so an
+    /// OOM kill is reported before the exit it caused (as runc's shim
+    /// orders TaskOOM and TaskExit).
+    fn report_new_oom_kills(&self, events: &broadcast::Sender<agent::Event>) {
+        let Some(cgroup) = &self.cgroup else {
+            return;
+        };
+        let kills = cgroup.oom_kills();
+        let before = self
+            .oom_kills_reported
+            .fetch_max(kills, std::sync::atomic::Ordering::AcqRel);
+        if kills > before {
+            let mut oom = agent::OomKilled::new();
+            oom.container_id = self.id.clone();
+            let mut event = agent::Event::new();
+            event.set_oom(oom);
+            let _ = events.send(event);
+        }
+    }
+
     pub fn state(&self) -> ContainerState {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -602,6 +625,7 @@ impl ContainerManager {
                     rootfs,
                     hooks: hook_set,
                     start_channel: tokio::sync::Mutex::new(Some(channel)),
+                    oom_kills_reported: std::sync::atomic::AtomicU64::new(0),
                 });
                 self.watch_exit(&container, pid, String::new(), exit_tx);
                 self.watch_oom(&container);
@@ -729,6 +753,7 @@ impl ContainerManager {
                 }
             }
             let _ = tx.send(Some(info));
+            container.report_new_oom_kills(&events);
             let mut exited = agent::ProcessExited::new();
             exited.container_id = container.id.clone();
             exited.exec_id = exec_id;
@@ -751,24 +776,12 @@ impl ContainerManager {
         let weak = Arc::downgrade(container);
         let events = self.events.clone();
         tokio::spawn(async move {
-            let mut seen = 0;
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Some(container) = weak.upgrade() else {
                     return;
                 };
-                let Some(cgroup) = &container.cgroup else {
-                    return;
-                };
-                let kills = cgroup.oom_kills();
-                if kills > seen {
-                    seen = kills;
-                    let mut oom = agent::OomKilled::new();
-                    oom.container_id = container.id.clone();
-                    let mut event = agent::Event::new();
-                    event.set_oom(oom);
-                    let _ = events.send(event);
-                }
+                container.report_new_oom_kills(&events);
                 if container.state() == ContainerState::Stopped {
                     return;
                 }
