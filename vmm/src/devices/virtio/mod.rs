@@ -9,4 +9,6 @@ pub mod device;
 pub mod event_loop;
 pub mod mmio;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod vsock;

@@ -1,12 +1,10 @@
 //! Block device tests: real image files in a temp directory, requests put
 //! through `MockSplitQueue` in real guest memory.
 
-use std::cell::Cell;
-use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -18,7 +16,8 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::devices::virtio::device::{DeviceError, QueueContext, UsedNotifier, VirtioDevice};
+use crate::devices::virtio::device::{DeviceError, QueueContext, VirtioDevice};
+use crate::devices::virtio::test_utils::{guest_memory, readable, writable, CountingNotifier};
 
 const MEM_SIZE: usize = 0x100_0000;
 /// Request buffers live from 1 MiB up; the mock queue's rings at 0.
@@ -31,31 +30,8 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
-#[derive(Default)]
-struct CountingNotifier(Cell<u32>);
-
-impl UsedNotifier for CountingNotifier {
-    fn notify_used(&self, _queue_index: usize) -> io::Result<()> {
-        self.0.set(self.0.get() + 1);
-        Ok(())
-    }
-}
-
 fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-fn readable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
-}
-
-fn writable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(
-        addr,
-        len,
-        VRING_DESC_F_WRITE as u16,
-        0,
-    ))
+    guest_memory(MEM_SIZE)
 }
 
 /// Writes a request header at `addr`.

@@ -1,48 +1,24 @@
 //! Console tests: transmit requests through `MockSplitQueue` in real guest
 //! memory, output to a real file.
 
-use std::cell::Cell;
-use std::io;
 use std::path::Path;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::devices::virtio::device::{DeviceError, QueueContext, UsedNotifier, VirtioDevice};
+use crate::devices::virtio::device::{DeviceError, QueueContext, VirtioDevice};
+use crate::devices::virtio::test_utils::{guest_memory, readable, writable, CountingNotifier};
 
 const MEM_SIZE: usize = 0x40_0000;
 /// Buffers live from 1 MiB up; the mock queue's rings at 0.
 const BUFFERS: u64 = 0x10_0000;
 
-#[derive(Default)]
-struct CountingNotifier(Cell<u32>);
-
-impl UsedNotifier for CountingNotifier {
-    fn notify_used(&self, _queue_index: usize) -> io::Result<()> {
-        self.0.set(self.0.get() + 1);
-        Ok(())
-    }
-}
-
 fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-fn readable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
-}
-
-fn writable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(
-        addr,
-        len,
-        VRING_DESC_F_WRITE as u16,
-        0,
-    ))
+    guest_memory(MEM_SIZE)
 }
 
 /// Puts `chains` into a queue, kicks queue `queue_index` with that queue

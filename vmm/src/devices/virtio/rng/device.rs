@@ -205,44 +205,20 @@ impl VirtioDevice for RngDevice {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
 
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::virtio::device::UsedNotifier;
+    use crate::devices::virtio::test_utils::{guest_memory, readable, writable, CountingNotifier};
 
     /// Buffers live from 1 MiB up; the mock queue's rings at 0.
     const BUFFERS: u64 = 0x10_0000;
     const MEM_SIZE: usize = 0x40_0000;
 
-    #[derive(Default)]
-    struct CountingNotifier(Cell<u32>);
-    impl UsedNotifier for CountingNotifier {
-        fn notify_used(&self, _queue_index: usize) -> io::Result<()> {
-            self.0.set(self.0.get() + 1);
-            Ok(())
-        }
-    }
-
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-    }
-
-    fn writable(addr: u64, len: u32) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(
-            addr,
-            len,
-            VRING_DESC_F_WRITE as u16,
-            0,
-        ))
-    }
-
-    fn readable(addr: u64, len: u32) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+        guest_memory(MEM_SIZE)
     }
 
     /// Runs the device once over `chains` (each a list of descriptors
