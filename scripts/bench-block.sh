@@ -11,7 +11,8 @@
 #    without qemu-system-x86_64, busybox (static), cpio or the guest kernel
 #    (scripts/build-guest.sh).
 #
-# Debug builds, like every other binary here.
+# Built with the bench-opt profile (optimised), as the peers (coreutils dd,
+# QEMU) are.
 # Usage: scripts/bench-block.sh [bench_block options]
 #   (--mib N, --block-kib 64,1024, --depth, --segment-kib, --rounds, --dir,
 #   --verbose); BENCH_BLOCK_HOST=0 / BENCH_BLOCK_GUEST=0 skip a part,
@@ -21,8 +22,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
 . scripts/env.sh
-cargo build -q -p cloister-vmm --example bench_block --bin cloister-vmm
-[ "${BENCH_BLOCK_HOST:-1}" = 0 ] || "$CARGO_TARGET_DIR/debug/examples/bench_block" "$@"
+cargo build -q --profile bench-opt -p cloister-vmm --example bench_block --bin cloister-vmm
+[ "${BENCH_BLOCK_HOST:-1}" = 0 ] || "$CARGO_TARGET_DIR/bench-opt/examples/bench_block" "$@"
 
 [ "${BENCH_BLOCK_GUEST:-1}" = 0 ] && exit 0
 echo
@@ -78,7 +79,7 @@ chmod +x "$work/root/init"
 (cd "$work/root" && find . | cpio -o -H newc --quiet >"$work/init.cpio")
 truncate -s "$((mib + 16))M" "$work/ours.img" "$work/peer.img"
 
-"$CARGO_TARGET_DIR/debug/cloister-vmm" vhost-user --device block --path "$work/ours.img" \
+"$CARGO_TARGET_DIR/bench-opt/cloister-vmm" vhost-user --device block --path "$work/ours.img" \
   --serial cloister-bench --socket "$work/blk.sock" >"$work/backend.log" 2>&1 &
 backend_pid=$!
 for _ in $(seq 100); do [ -S "$work/blk.sock" ] && break; sleep 0.1; done

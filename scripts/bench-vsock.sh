@@ -5,8 +5,8 @@
 # echo round-trip latency (median, p99), 32 concurrent connections, ratios.
 # Usage: scripts/bench-vsock.sh [--mib N] [--rounds N] [--connections N] [--runs N]
 #                               [--write-kib N] [--backend cloister|peer|both]
-# Ours is the dev-profile build (our crates unoptimised); set CLOISTER_VMM to
-# compare another build.
+# Ours is built with the bench-opt profile (optimised, like the peer's
+# `cargo install` release build); set CLOISTER_VMM to compare another build.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
@@ -15,6 +15,9 @@ scripts/build-guest.sh >/dev/null
 kernel-config/build-initramfs.sh --package cloister-vsock-probe >/dev/null
 VHOST_DEVICE_VSOCK="${VHOST_DEVICE_VSOCK:-$(scripts/install-vhost-device-vsock.sh)}"
 export VHOST_DEVICE_VSOCK
-cargo build -q -p cloister-vmm -p cloister-e2e --bins
-export CLOISTER_VMM="${CLOISTER_VMM:-$CARGO_TARGET_DIR/debug/cloister-vmm}"
+cargo build -q -p cloister-e2e --bins
+if [ -z "${CLOISTER_VMM:-}" ]; then
+    cargo build -q --profile bench-opt -p cloister-vmm --bin cloister-vmm
+    export CLOISTER_VMM="$CARGO_TARGET_DIR/bench-opt/cloister-vmm"
+fi
 exec "$CARGO_TARGET_DIR/debug/cloister-bench-vsock" "$@"
