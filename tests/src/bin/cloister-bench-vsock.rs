@@ -186,8 +186,8 @@ fn print_table(
         println!("  {:<20} {}", backend.name(), backend.binary().display());
     }
     println!(
-        "  (a dev-profile cloister-vmm has our crates unoptimised and dependencies at -O2; \
-         cargo install builds vhost-device-vsock in release)"
+        "  (scripts/bench-vsock.sh builds cloister-vmm with the optimised bench-opt profile; \
+         cargo install builds vhost-device-vsock in release; a .../debug/cloister-vmm is unoptimised)"
     );
     println!(
         "vsock over vhost-user, QEMU/TCG microvm guest; {} MiB each way ({} KiB guest writes), {} round trips of 64 B, {} connections",
