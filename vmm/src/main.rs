@@ -14,6 +14,7 @@ use cloister_vmm::config::{
     BlockConfig, ConsoleConfig, SerialOutput, VirtioConsoleOutput, VmConfig, VsockConfig,
 };
 use cloister_vmm::cpuid::CpuTemplate;
+use cloister_vmm::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
 use cloister_vmm::exit::VmExit;
 use cloister_vmm::signals::block_termination_signals;
 
@@ -133,9 +134,12 @@ fn serial_writer(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>>
     Ok(match serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => Box::new(
+        // The guest decides how much it prints: bounded, so it cannot fill
+        // the host's disk.
+        SerialOutput::File(path) => Box::new(BoundedLog::new(
             File::create(path).with_context(|| format!("serial = file:{}", path.display()))?,
-        ),
+            GUEST_LOG_FILE_LIMIT,
+        )),
     })
 }
 

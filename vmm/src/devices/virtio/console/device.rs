@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 
+use crate::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
 use crate::devices::virtio::device::{
     device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -37,7 +38,8 @@ const ROWS: u16 = 25;
 pub enum ConsoleOutput {
     /// The VMM's standard output.
     Stdout,
-    /// A file, created if missing and appended to.
+    /// A file, created if missing and appended to; at most
+    /// [`GUEST_LOG_FILE_LIMIT`] bytes of it come from the guest.
     File(PathBuf),
     /// Discarded (counted in the metrics only).
     Sink,
@@ -77,7 +79,7 @@ impl ConsoleDevice {
                     .append(true)
                     .open(&path)
                     .map_err(|source| ConsoleError::Open { path, source })?;
-                Box::new(file)
+                Box::new(BoundedLog::new(file, GUEST_LOG_FILE_LIMIT))
             }
             ConsoleOutput::Sink => Box::new(io::sink()),
         };
