@@ -35,7 +35,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// `VIRTIO_F_VERSION_1`: every device we offer is a modern (1.0+) device.
@@ -106,6 +106,33 @@ impl QueueContext<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// The next available chain of queue `index`. Unlike
+/// `Queue::pop_descriptor_chain`, an available index more than a queue size
+/// ahead (a broken or hostile driver) is an error, so the device goes
+/// NEEDS_RESET instead of being told "more available" forever while getting
+/// nothing.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    index: usize,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    Ok(queue
+        .iter(mem)
+        .map_err(|source| DeviceError::Queue { index, source })?
+        .next())
+}
+
+/// Reads `data.len()` bytes of a configuration space held as bytes, from
+/// `offset`; what lies outside it reads as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(rest) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) else {
+        return;
+    };
+    let n = data.len().min(rest.len());
+    data[..n].copy_from_slice(&rest[..n]);
 }
 
 /// Why a device stopped serving its queues. The transport reports it and
@@ -202,7 +229,10 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
 
     /// The driver set DRIVER_OK: its queues are configured and valid.
-    fn activate(&mut self) -> Result<(), DeviceError>;
+    /// Devices with nothing to start keep the default.
+    fn activate(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
 
     /// The driver made buffers available in queue `queue_index`.
     fn process_queue(
@@ -234,5 +264,23 @@ pub trait VirtioDevice: Send {
     /// flushes), reported next to [`Self::metrics`].
     fn device_specific_metrics(&self) -> Option<serde_json::Value> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_config_bytes_with_offset_past_the_end_reads_zeroes() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&config, 4, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
     }
 }

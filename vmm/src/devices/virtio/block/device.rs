@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -21,8 +21,8 @@ use super::request::{
     Limits, Piece, Request, RequestChain, RequestError, Segment, Status, ID_BYTES,
 };
 use crate::devices::virtio::device::{
-    device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    device_type, pop_chain, read_config_bytes, DeviceError, DeviceMetrics, QueueContext,
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Entries in the request queue.
@@ -214,7 +214,7 @@ impl BlockDevice {
             // Suppress kicks while draining; re-enabling reports whether the
             // driver added more in the meantime.
             queue.disable_notification(mem).map_err(queue_err)?;
-            while let Some(chain) = pop_chain(queue, mem)? {
+            while let Some(chain) = pop_chain(queue, mem, REQUEST_QUEUE)? {
                 let head = chain.head_index();
                 let (used_len, cost) = self.handle_chain(mem, chain);
                 queue.add_used(mem, head, used_len).map_err(queue_err)?;
@@ -396,24 +396,6 @@ impl BlockDevice {
     }
 }
 
-/// The next available chain. Unlike `pop_descriptor_chain`, an available
-/// index more than a queue size ahead (a broken or hostile driver) is an
-/// error, so the device needs a reset instead of being told "more
-/// available" forever while getting nothing.
-fn pop_chain<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
-    let chain = queue
-        .iter(mem)
-        .map_err(|source| DeviceError::Queue {
-            index: REQUEST_QUEUE,
-            source,
-        })?
-        .next();
-    Ok(chain)
-}
-
 /// What a completed request did.
 #[derive(Debug, Default, Clone, Copy)]
 struct Done {
@@ -499,15 +481,7 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
@@ -516,10 +490,6 @@ impl VirtioDevice for BlockDevice {
             "block configuration is read-only: write of {} bytes at offset {offset:#x}",
             data.len()
         )))
-    }
-
-    fn activate(&mut self) -> Result<(), DeviceError> {
-        Ok(())
     }
 
     fn process_queue(

@@ -4,12 +4,13 @@ use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
 use crate::devices::virtio::device::{
-    device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
+    device_type, pop_chain, read_config_bytes, DeviceError, DeviceMetrics, QueueContext,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Entries in each of the two queues.
@@ -107,7 +108,7 @@ impl ConsoleDevice {
         // left then wait for the next kick).
         for _ in 0..CONSOLE_QUEUE_SIZE {
             queue.disable_notification(mem).map_err(queue_err)?;
-            while let Some(chain) = pop_chain(queue, mem)? {
+            while let Some(chain) = pop_chain(queue, mem, TRANSMIT_QUEUE)? {
                 let head = chain.head_index();
                 DeviceMetrics::add(&self.metrics.requests, 1);
                 match self.write_chain(mem, chain) {
@@ -165,24 +166,6 @@ impl ConsoleDevice {
     }
 }
 
-/// The next transmit chain. Unlike `pop_descriptor_chain`, an available
-/// index more than a queue size ahead (a broken or hostile driver) is an
-/// error, so the device needs a reset instead of being told "more
-/// available" forever while getting nothing.
-fn pop_chain<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
-    let chain = queue
-        .iter(mem)
-        .map_err(|source| DeviceError::Queue {
-            index: TRANSMIT_QUEUE,
-            source,
-        })?
-        .next();
-    Ok(chain)
-}
-
 impl VirtioDevice for ConsoleDevice {
     fn device_type(&self) -> u32 {
         device_type::CONSOLE
@@ -205,16 +188,7 @@ impl VirtioDevice for ConsoleDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&config[start..start + n]);
+        read_config_bytes(&self.config(), offset, data);
     }
 
     /// Only `emerg_wr` is writable: its low byte is one character of output.
@@ -235,10 +209,6 @@ impl VirtioDevice for ConsoleDevice {
                 data.len()
             ))),
         }
-    }
-
-    fn activate(&mut self) -> Result<(), DeviceError> {
-        Ok(())
     }
 
     fn process_queue(

@@ -2,11 +2,12 @@
 
 use std::io::{self, Write};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::virtio::device::{
-    device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
+    device_type, pop_chain, DeviceError, DeviceMetrics, QueueContext, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Entries in the request queue (what Firecracker and QEMU offer).
@@ -54,14 +55,7 @@ impl RngDevice {
     ) -> Result<bool, DeviceError> {
         let mut used_any = false;
         loop {
-            let chain = queue
-                .iter(mem)
-                .map_err(|source| DeviceError::Queue {
-                    index: REQUEST_QUEUE,
-                    source,
-                })?
-                .next();
-            let Some(chain) = chain else {
+            let Some(chain) = pop_chain(queue, mem, REQUEST_QUEUE)? else {
                 return Ok(used_any);
             };
             let head = chain.head_index();
@@ -176,10 +170,6 @@ impl VirtioDevice for RngDevice {
             "rng has no configuration space: write of {} bytes at offset {offset:#x}",
             data.len()
         )))
-    }
-
-    fn activate(&mut self) -> Result<(), DeviceError> {
-        Ok(())
     }
 
     fn process_queue(

@@ -13,8 +13,8 @@ use super::muxer::VsockMuxer;
 use super::packet::{Op, PacketHeader, HDR_LEN};
 use super::{VsockError, VsockTimeouts, MAX_PKT_PAYLOAD};
 use crate::devices::virtio::device::{
-    device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    device_type, pop_chain, read_config_bytes, DeviceError, DeviceMetrics, QueueContext,
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 const RX_QUEUE: usize = 0;
@@ -44,17 +44,6 @@ fn queue_mut<'a>(queues: &'a mut [&mut Queue], index: usize) -> Result<&'a mut Q
         .get_mut(index)
         .map(|q| &mut **q)
         .ok_or(DeviceError::NoSuchQueue(index))
-}
-
-/// The next available chain. Unlike `pop_descriptor_chain`, a broken
-/// available ring (index more than a queue size ahead) is an error: the
-/// device then needs a reset instead of spinning on "more available".
-fn pop_chain<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-    index: usize,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
-    Ok(queue.iter(mem).map_err(queue_error(index))?.next())
 }
 
 impl VsockDevice {
@@ -287,24 +276,13 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) -> Result<(), DeviceError> {
         Err(DeviceError::Backend(format!(
             "vsock configuration is read-only (write at offset {offset})"
         )))
-    }
-
-    fn activate(&mut self) -> Result<(), DeviceError> {
-        Ok(())
     }
 
     fn process_queue(
