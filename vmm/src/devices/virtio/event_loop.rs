@@ -212,6 +212,7 @@ mod tests {
     use crate::devices::virtio::device::{
         device_type, DeviceError, DeviceMetrics, QueueContext, VirtioDevice, VIRTIO_F_VERSION_1,
     };
+    use crate::devices::virtio::mmio::tests::negotiate;
     use crate::devices::virtio::mmio::{reg, status};
     use crate::devices::virtio::rng::RngDevice;
 
@@ -246,20 +247,8 @@ mod tests {
         ));
         let thread = VirtioThread::start(std::slice::from_ref(&transport)).unwrap();
 
-        wr(&transport, reg::STATUS, status::ACKNOWLEDGE);
-        wr(
-            &transport,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER,
-        );
-        wr(&transport, reg::DRIVER_FEATURES_SEL, 1);
-        wr(
-            &transport,
-            reg::DRIVER_FEATURES,
-            (VIRTIO_F_VERSION_1 >> 32) as u32,
-        );
+        negotiate(&mut lock(&transport), VIRTIO_F_VERSION_1);
         let features_ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        wr(&transport, reg::STATUS, features_ok);
         wr(&transport, reg::QUEUE_NUM, 16);
         for (offset, addr) in [
             (reg::QUEUE_DESC_LOW, vq.desc_table_addr()),
@@ -380,20 +369,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(count(), 0);
 
-        wr(&transport, reg::STATUS, status::ACKNOWLEDGE);
-        wr(
-            &transport,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER,
-        );
-        wr(&transport, reg::DRIVER_FEATURES_SEL, 1);
-        wr(
-            &transport,
-            reg::DRIVER_FEATURES,
-            (VIRTIO_F_VERSION_1 >> 32) as u32,
-        );
+        negotiate(&mut lock(&transport), VIRTIO_F_VERSION_1);
         let features_ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        wr(&transport, reg::STATUS, features_ok);
         wr(&transport, reg::STATUS, features_ok | status::DRIVER_OK);
         assert!(wait_for(|| count() == 1), "pending host work not handled");
 

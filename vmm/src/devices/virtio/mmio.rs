@@ -762,4 +762,4 @@ mod window;
 pub use window::MmioWindow;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -145,7 +145,7 @@ fn write_driver_features(t: &mut MmioTransport, features: u64) {
 }
 
 /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
-fn negotiate(t: &mut MmioTransport, accept: u64) {
+pub(crate) fn negotiate(t: &mut MmioTransport, accept: u64) {
     wr(t, reg::STATUS, status::ACKNOWLEDGE);
     wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
     write_driver_features(t, accept);
