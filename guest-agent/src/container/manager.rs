@@ -301,6 +301,24 @@ async fn read_frame_timeout(
 }
 
 /// Receives the pty master the helper sends after `FromHelper::Console`.
+/// The helper's next answer. A pty master it sends first
+/// (`FromHelper::Console`) is installed as the process's terminal.
+async fn read_answer(
+    stream: &mut UnixStream,
+    id: &str,
+    stdio: &ProcessStdio,
+) -> Result<Option<FromHelper>, ContainerError> {
+    let answer = read_frame_timeout(stream, id).await?;
+    if answer != Some(FromHelper::Console) {
+        return Ok(answer);
+    }
+    let master = recv_console(stream)
+        .await
+        .map_err(io_error("receive terminal"))?;
+    stdio.set_terminal(master)?;
+    read_frame_timeout(stream, id).await
+}
+
 async fn recv_console(stream: &UnixStream) -> std::io::Result<OwnedFd> {
     use std::io::IoSliceMut;
     use std::os::fd::FromRawFd;
@@ -678,14 +696,7 @@ impl ContainerManager {
                 .write_all(&frame)
                 .await
                 .map_err(io_error("send plan to helper"))?;
-            let mut answer = read_frame_timeout(&mut channel, id).await?;
-            if answer == Some(FromHelper::Console) {
-                let master = recv_console(&channel)
-                    .await
-                    .map_err(io_error("receive terminal"))?;
-                stdio.set_terminal(master)?;
-                answer = read_frame_timeout(&mut channel, id).await?;
-            }
+            let answer = read_answer(&mut channel, id, &stdio).await?;
             match answer {
                 Some(FromHelper::Ready { root }) => {
                     tracing::debug!(container = %id, ?root, "container set up");
@@ -912,14 +923,7 @@ impl ContainerManager {
                 }
             };
             let exit = self.reaper.register(pid);
-            let mut answer = read_frame_timeout(&mut channel, id).await?;
-            if answer == Some(FromHelper::Console) {
-                let master = recv_console(&channel)
-                    .await
-                    .map_err(io_error("receive terminal"))?;
-                stdio.set_terminal(master)?;
-                answer = read_frame_timeout(&mut channel, id).await?;
-            }
+            let answer = read_answer(&mut channel, id, &stdio).await?;
             match answer {
                 None => {
                     self.pending_exit(pid, exit);
