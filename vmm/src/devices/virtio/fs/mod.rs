@@ -48,7 +48,7 @@ mod request;
 pub mod share;
 
 pub use device::{
-    CacheMode, FsConfig, FsDevice, FsError, FsMetrics, FsMetricsSnapshot, CONFIG_LEN,
+    validate_tag, CacheMode, FsConfig, FsDevice, FsError, FsMetrics, FsMetricsSnapshot, CONFIG_LEN,
     FS_QUEUE_SIZE, MAX_REQUESTS_PER_ROUND, MAX_REQUEST_QUEUES, MAX_TAG_BYTES,
 };
 
