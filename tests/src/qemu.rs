@@ -57,7 +57,14 @@ pub enum VhostUserKind {
     Vsock,
     Rng,
     Block,
+    /// virtio-fs with tag [`FS_TAG`] (QEMU keeps the tag itself; the back
+    /// end must serve one request queue, QEMU's default).
+    Fs,
 }
+
+/// The tag of the [`VhostUserKind::Fs`] share: the shim's and agent's
+/// (`SHARED_FS_TAG` in `shim/src/vmm_client.rs`).
+pub const FS_TAG: &str = "cloister";
 
 impl VhostUserKind {
     /// QEMU's device model (the virtio-bus one, not the PCI proxy) and its
@@ -71,6 +78,7 @@ impl VhostUserKind {
             // neither, so QEMU must not either.
             VhostUserKind::Rng => "vhost-user-rng,indirect_desc=off,event_idx=off",
             VhostUserKind::Block => "vhost-user-blk",
+            VhostUserKind::Fs => "vhost-user-fs-device,tag=cloister",
         }
     }
 }
@@ -334,6 +342,14 @@ mod tests {
         assert!(args[append + 1].contains("console=ttyS0"));
         // TCG needs none of the nested-KVM workarounds.
         assert!(!args[append + 1].contains("clearcpuid"));
+    }
+
+    #[test]
+    fn fs_device_carries_the_shared_tag() {
+        assert_eq!(
+            VhostUserKind::Fs.qemu_device(),
+            format!("vhost-user-fs-device,tag={FS_TAG}")
+        );
     }
 
     #[test]
