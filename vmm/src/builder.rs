@@ -460,3 +460,52 @@ fn legacy_io_bus(
     )?;
     Ok(bus)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CacheMode, FsConfig};
+
+    fn share(tag: &str, dir: &std::path::Path) -> FsConfig {
+        FsConfig {
+            tag: tag.into(),
+            shared_dir: dir.to_path_buf(),
+            read_only: false,
+            cache: CacheMode::Auto,
+            request_queues: 1,
+        }
+    }
+
+    #[test]
+    fn fs_shares_become_fs_devices_with_their_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = VirtioDevicesConfig {
+            rng: true,
+            fs: vec![share("rootfs", dir.path()), share("data", dir.path())],
+            ..Default::default()
+        };
+
+        let devices = create_virtio_devices(&config).unwrap();
+
+        let names: Vec<&str> = devices.iter().map(|d| d.name()).collect();
+        assert_eq!(names, ["rng", "fs0", "fs1"]);
+        let mut tag = [0u8; 6];
+        devices[1].read_config(0, &mut tag);
+        assert_eq!(&tag, b"rootfs");
+        assert_eq!(devices[2].device_type(), 26);
+    }
+
+    #[test]
+    fn fs_share_with_missing_directory_fails_the_build_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone");
+        let config = VirtioDevicesConfig {
+            fs: vec![share("t", &missing)],
+            ..Default::default()
+        };
+
+        let err = create_virtio_devices(&config).err().unwrap().to_string();
+
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+    }
+}
