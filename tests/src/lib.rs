@@ -10,12 +10,15 @@
 //!   probe's modes (echo, concurrent echo, bulk with checksums).
 //! - [`vhost_user`]: vhost-user back ends for QEMU (ours, the
 //!   `vhost-device-vsock` peer) and the vsock probe guest run.
+//! - [`containerd`]: a private containerd (1.6 or 2.x) and busybox root
+//!   file systems for `ctr run`.
 //! - [`agent_guest`]: the agent as PID 1 under QEMU/TCG, driven over
 //!   hybrid vsock like the shim drives it, with extra vhost-user devices.
 
 pub mod agent_guest;
 pub mod cloister_vmm;
 pub mod console;
+pub mod containerd;
 pub mod guest_image;
 pub mod hybrid_vsock;
 pub mod qemu;
