@@ -89,6 +89,23 @@ impl ContainerdBinaries {
     }
 }
 
+/// Debian's containerd (1.x) and 2.x from sid, each when present; a
+/// missing one is printed as a skip, so a test runs under what it can.
+pub fn available_containerds() -> Vec<ContainerdBinaries> {
+    let mut found = Vec::new();
+    match ContainerdBinaries::system() {
+        Some(binaries) => found.push(binaries),
+        None => eprintln!(
+            "SKIP (containerd 1.x): containerd and ctr not on PATH (Debian package containerd)"
+        ),
+    }
+    match ContainerdBinaries::containerd2() {
+        Some(binaries) => found.push(binaries),
+        None => eprintln!("SKIP (containerd 2.x): not fetched (scripts/install-containerd2.sh)"),
+    }
+    found
+}
+
 /// containerd's CRI plugin, set up for pods of the `handler` runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CriSettings {
