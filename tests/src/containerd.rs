@@ -142,6 +142,7 @@ impl CriSettings {
             format!(
                 "[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'overlayfs'\n[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = '{image}'\n\
                  [plugins.'io.containerd.cri.v1.runtime']\n  restrict_oom_score_adj = true\n  disable_apparmor = true\n\
+                 [plugins.'io.containerd.cri.v1.runtime'.containerd]\n  default_runtime_name = '{handler}'\n\
                  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}]\n  runtime_type = '{runtime_type}'\n  pod_annotations = ['io.cloister.*']\n\
                  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}.options]\n{options}\
                  [plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = ['{bin}']\n  conf_dir = '{conf}'\n"
@@ -150,7 +151,7 @@ impl CriSettings {
             let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
             format!(
                 "[{cri}]\n  sandbox_image = \"{image}\"\n  restrict_oom_score_adj = true\n  disable_apparmor = true\n\
-                 [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n\
+                 [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n  default_runtime_name = \"{handler}\"\n\
                  [{cri}.containerd.runtimes.{handler}]\n  runtime_type = \"{runtime_type}\"\n  pod_annotations = [\"io.cloister.*\"]\n\
                  [{cri}.containerd.runtimes.{handler}.options]\n{options}\
                  [{cri}.cni]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n"
