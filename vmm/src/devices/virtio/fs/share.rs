@@ -14,9 +14,10 @@
 //!   so that the guest's modes arrive exactly, and that must not leak to
 //!   the rest of the VMM process.
 
+use std::cell::Cell;
 use std::ffi::CStr;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,8 +60,14 @@ pub struct ShareFs {
     inner: PassthroughFs,
     read_only: bool,
     counters: Arc<ShareCounters>,
-    /// The calling thread already has its own umask.
-    thread_fs_private: AtomicBool,
+}
+
+thread_local! {
+    /// This thread has its own cwd/root/umask (`unshare(CLONE_FS)`). Per
+    /// thread, not per share: INIT runs on the device thread, but a reset
+    /// (which re-imports the root, setting the umask again) may come on a
+    /// vCPU thread.
+    static THREAD_FS_PRIVATE: Cell<bool> = const { Cell::new(false) };
 }
 
 fn erofs() -> io::Error {
@@ -73,7 +80,6 @@ impl ShareFs {
             inner,
             read_only,
             counters,
-            thread_fs_private: AtomicBool::new(false),
         }
     }
 
@@ -89,9 +95,9 @@ impl ShareFs {
         }
     }
 
-    /// Gives the calling thread its own cwd/root/umask, once.
+    /// Gives the calling thread its own cwd/root/umask, once per thread.
     fn make_thread_fs_private(&self) -> io::Result<()> {
-        if self.thread_fs_private.load(Ordering::Relaxed) {
+        if THREAD_FS_PRIVATE.get() {
             return Ok(());
         }
         // SAFETY: unshare(CLONE_FS) only detaches this thread's fs_struct
@@ -99,7 +105,7 @@ impl ShareFs {
         if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.thread_fs_private.store(true, Ordering::Relaxed);
+        THREAD_FS_PRIVATE.set(true);
         Ok(())
     }
 }
