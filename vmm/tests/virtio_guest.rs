@@ -1,6 +1,7 @@
 //! The real guest kernel's virtio drivers against our virtio-mmio
 //! transport and every device, in `cloister-vmm`: one boot with rng,
-//! vsock, console (also `console=hvc0`) and two disks (one read-only).
+//! vsock, console (also `console=hvc0`), two disks (one read-only) and a
+//! virtio-fs share (probed, not mounted: only `/init` could mount it).
 //!
 //! The VMM runs with `--metrics-interval 1`; the test reads the
 //! per-device counters it prints on stderr and ends as soon as every
@@ -64,6 +65,7 @@ const DEVICES: &[(&str, bool)] = &[
     ("console", true),
     ("block0", true),
     ("block1", true),
+    ("fs0", false),
 ];
 
 /// The device list of one metrics line, if the line is one.
@@ -114,6 +116,8 @@ fn linux_virtio_drivers_probe_and_use_every_device() {
             .expect("disk image");
     }
     let hvc_log = dir.path().join("hvc0.log");
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).expect("share directory");
     let mut config = CloisterVmmConfig::new(
         Path::new(env!("CARGO_BIN_EXE_cloister-vmm")),
         &image.vmlinux,
@@ -134,6 +138,8 @@ fn linux_virtio_drivers_probe_and_use_every_device() {
         .arg(format!("path={},read_only=true", read_only_disk.display()))
         .arg("--console")
         .arg(format!("file:{}", hvc_log.display()))
+        .arg("--fs")
+        .arg(format!("tag=probe,path={}", share.display()))
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
