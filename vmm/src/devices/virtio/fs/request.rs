@@ -65,7 +65,13 @@ pub fn peek(mut reader: Reader<'_>) -> Option<Peeked> {
     let bad_names = match name_layout(header.opcode) {
         None => false,
         Some((fixed, count)) => {
-            let body = (header.len as usize).saturating_sub(size_of::<InHeader>());
+            // Extensions (FUSE 7.36+: security context, supplementary
+            // group) follow the arguments; `total_extlen`, the low half of
+            // `padding`, counts them in 8-byte units.
+            let extensions = usize::from(header.padding as u16) * 8;
+            let body = (header.len as usize)
+                .saturating_sub(size_of::<InHeader>())
+                .saturating_sub(extensions);
             match body.checked_sub(fixed) {
                 // Too short for its arguments: the server says so.
                 None => false,

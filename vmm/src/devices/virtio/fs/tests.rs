@@ -594,6 +594,38 @@ fn names_with_slash_nul_or_dots_are_refused() {
     assert!(g.metrics().bad_names >= 2);
 }
 
+/// A guest that negotiated FUSE extensions appends them after the names
+/// (`total_extlen` in the header): they are not part of the name.
+#[test]
+fn name_check_leaves_out_request_extensions() {
+    let mut g = Guest::new(false);
+    fs::write(g.host("f"), b"x").unwrap();
+    g.unique += 1;
+    let args = [name("f"), vec![0xaa; 8]].concat();
+    let header = InHeader {
+        len: (size_of::<InHeader>() + args.len()) as u32,
+        opcode: Opcode::Lookup as u32,
+        unique: g.unique,
+        nodeid: ROOT,
+        padding: 1, // total_extlen: one 8-byte unit
+        ..Default::default()
+    };
+    let request = [bytes(&header), args].concat();
+    g.mem.write_slice(&request, GuestAddress(REQUEST)).unwrap();
+
+    let used = g.serve(
+        1,
+        &[vec![
+            readable(REQUEST, request.len() as u32),
+            writable(REPLY, 4096),
+        ]],
+    );
+
+    let out: OutHeader = g.mem.read_obj(GuestAddress(REPLY)).unwrap();
+    assert_eq!((out.error, out.unique), (0, g.unique), "used {used:?}");
+    assert_eq!(g.metrics().bad_names, 0);
+}
+
 /// Symlinks in the share pointing out of it, planted by the host or made
 /// by the guest: looked up, opened, read, written, chmod-ed by inode, none
 /// reaches the target.
