@@ -8,6 +8,7 @@ pub mod container;
 pub mod events;
 pub mod io;
 pub mod lifecycle;
+pub mod network;
 pub mod sandbox;
 pub mod service;
 pub mod stats;

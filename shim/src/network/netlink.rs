@@ -1,0 +1,143 @@
+//! An rtnetlink session bound to a pod's network namespace, and the link
+//! operations the plumbing needs (list, set MTU and up, delete).
+//!
+//! A netlink socket talks to the namespace it was created in, whatever
+//! thread uses it later. So [`NetlinkSession::open_in`] creates the socket
+//! on a short-lived thread inside the namespace and then drives it as an
+//! ordinary task on the caller's tokio runtime.
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec};
+
+use super::netns::{NetNs, NetnsError};
+
+/// A failed netlink request, naming what it was for.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink socket in network namespace {netns:?}")]
+    Socket {
+        netns: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("netlink: {what}")]
+    Request {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+impl NetlinkError {
+    pub(crate) fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
+        let what = what.into();
+        move |source| NetlinkError::Request { what, source }
+    }
+
+    /// The kernel's errno when the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Request {
+                source: rtnetlink::Error::NetlinkError(message),
+                ..
+            } => Some(-message.raw_code()),
+            _ => None,
+        }
+    }
+}
+
+/// A netlink route socket in one network namespace; its driver task stops
+/// when the session is dropped.
+pub struct NetlinkSession {
+    handle: Handle,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl NetlinkSession {
+    /// Opens a route socket inside `netns`; must be called within a tokio
+    /// runtime, which then drives the socket.
+    pub async fn open_in(netns: &NetNs) -> Result<Self, NetlinkError> {
+        let runtime = tokio::runtime::Handle::current();
+        let (connection, handle) = netns
+            .run_async(move || {
+                // The socket registers with the caller's reactor, from here.
+                let _entered = runtime.enter();
+                rtnetlink::new_connection().map(|(connection, handle, _)| (connection, handle))
+            })
+            .await?
+            .map_err(|source| NetlinkError::Socket {
+                netns: netns.path().to_path_buf(),
+                source,
+            })?;
+        let driver = tokio::spawn(connection);
+        Ok(Self { handle, driver })
+    }
+
+    /// The request handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Every link in the namespace.
+    pub async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("list links"))
+    }
+
+    /// Sets `index`'s MTU and brings it up.
+    pub async fn set_mtu_and_up(
+        &self,
+        index: u32,
+        name: &str,
+        mtu: u32,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("set {name} mtu {mtu} up")))
+    }
+
+    /// Deletes link `index`.
+    pub async fn delete_link(&self, index: u32, name: &str) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("delete link {name}")))
+    }
+
+    /// The index of the link called `name`, if there is one.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        Ok(self
+            .links()
+            .await?
+            .iter()
+            .find(|link| link_name(link) == Some(name))
+            .map(|link| link.header.index))
+    }
+}
+
+impl Drop for NetlinkSession {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// A link's name (`IFLA_IFNAME`).
+pub fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
+}
