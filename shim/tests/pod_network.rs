@@ -94,6 +94,15 @@ async fn network_setup_redirects_veth_and_tap_both_ways_and_teardown_removes_all
     skip_unless_root!();
     let pair = PodNetnsPair::new("setup").unwrap();
     let mac = pair.pod_mac().unwrap();
+    // IPv6 too: a global address (reported) next to the link-local one
+    // (not reported: the guest makes the same from the same MAC) and a
+    // static route through a gateway.
+    pair.pod
+        .ip(&["addr", "add", "fd99::2/64", "dev", "eth0", "nodad"])
+        .unwrap();
+    pair.pod
+        .ip(&["route", "add", "fd98::/64", "via", "fd99::1", "dev", "eth0"])
+        .unwrap();
 
     let network = setup_pod_network(&pair.pod.path()).await.unwrap();
 
@@ -107,13 +116,22 @@ async fn network_setup_redirects_veth_and_tap_both_ways_and_teardown_removes_all
     assert_eq!(interfaces.interfaces[0].mac_address, mac);
     assert_eq!(
         interfaces.interfaces[0].addresses,
-        [format!("{POD_IP}/{PREFIX_LEN}")]
+        [format!("{POD_IP}/{PREFIX_LEN}"), "fd99::2/64".into()]
     );
-    let routes = network.update_routes_request();
-    assert_eq!(routes.routes.len(), 1, "{routes:?}");
-    assert_eq!(routes.routes[0].destination, "");
-    assert_eq!(routes.routes[0].gateway, PEER_IP);
-    assert_eq!(routes.routes[0].device, "eth0");
+    let routes: Vec<(String, String, String)> = network
+        .update_routes_request()
+        .routes
+        .iter()
+        .map(|r| (r.destination.clone(), r.gateway.clone(), r.device.clone()))
+        .collect();
+    let route = |d: &str, g: &str| (d.to_string(), g.to_string(), "eth0".to_string());
+    // Not the connected subnets (proto kernel): the guest's kernel makes
+    // those from the addresses.
+    assert_eq!(
+        routes,
+        [route("", PEER_IP), route("fd98::/64", "fd99::1")],
+        "{routes:?}"
+    );
 
     // The tap: in the pod namespace, up, the veth's MTU, our fd is its queue.
     let tap = &endpoint.tap;
