@@ -492,6 +492,57 @@ async fn network_teardown_leaves_a_foreign_ingress_filter_and_its_qdisc() {
     drop(network);
 }
 
+#[tokio::test]
+async fn network_setup_shares_a_clsact_qdisc_and_teardown_keeps_it() {
+    skip_unless_root!();
+    let pair = PodNetnsPair::new("clsact").unwrap();
+    // clsact (Cilium and others): ingress and egress hooks in one qdisc;
+    // an egress filter teardown must not take away with the qdisc.
+    pair.pod
+        .tc(&["qdisc", "add", "dev", "eth0", "clsact"])
+        .unwrap();
+    pair.pod
+        .tc(&[
+            "filter",
+            "add",
+            "dev",
+            "eth0",
+            "egress",
+            "pref",
+            "7",
+            "protocol",
+            "ip",
+            "u32",
+            "match",
+            "ip",
+            "dst",
+            "192.0.2.1/32",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            "lo",
+        ])
+        .unwrap();
+
+    let network = setup_pod_network(&pair.pod.path()).await.unwrap();
+    assert_eq!(
+        redirects(&pair.pod, "eth0", REDIRECT_FILTER_PREF),
+        [("all".into(), "redirect".into(), "tap0_clst".into())]
+    );
+    let report = teardown_pod_network(&pair.pod.path()).await.unwrap();
+    assert_eq!((report.filters_removed, report.qdiscs_removed), (1, 0));
+    assert!(redirects(&pair.pod, "eth0", REDIRECT_FILTER_PREF).is_empty());
+    assert!(qdisc_kinds(&pair.pod, "eth0").contains(&"clsact".into()));
+    let egress = pair
+        .pod
+        .tc(&["-j", "filter", "show", "dev", "eth0", "egress"])
+        .unwrap();
+    assert!(egress.contains("\"pref\":7"), "{egress}");
+    drop(network);
+}
+
 #[test]
 fn network_namespace_thread_runs_inside_the_pod_namespace_only() {
     skip_unless_root!();

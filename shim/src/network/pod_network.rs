@@ -153,12 +153,12 @@ pub async fn teardown_pod_network(netns: &Path) -> Result<TeardownReport, PodNet
     for link in links.iter().filter(|l| !is_our_tap(l)) {
         let index = link.header.index;
         let name = link_name(link).unwrap_or("?");
-        if !tc::has_ingress_qdisc(&session, index)
+        let Some(qdisc) = tc::ingress_qdisc_kind(&session, index)
             .await
             .map_err(netlink_error)?
-        {
+        else {
             continue;
-        }
+        };
         let filters = tc::ingress_filters(&session, index)
             .await
             .map_err(netlink_error)?;
@@ -172,9 +172,10 @@ pub async fn teardown_pod_network(netns: &Path) -> Result<TeardownReport, PodNet
                 .map_err(netlink_error)?;
             report.filters_removed += 1;
         }
-        // Only a qdisc we emptied: a foreign (or pre-existing) one with
-        // filters of its own stays.
-        if !ours.is_empty() && filters.len() == ours.len() {
+        // Only an `ingress` qdisc (setup never makes another kind: a
+        // clsact one may hold egress filters we do not see here) that we
+        // emptied; one with filters of its own stays.
+        if qdisc == "ingress" && !ours.is_empty() && filters.len() == ours.len() {
             gone_is_fine(tc::delete_ingress_qdisc(&session, index, name).await)
                 .map_err(netlink_error)?;
             report.qdiscs_removed += 1;
@@ -335,10 +336,12 @@ async fn plumb(
         )
         .await
         .map_err(netlink_error)?;
-        // A CNI plugin may already use the veth's ingress qdisc: share it.
-        if !tc::has_ingress_qdisc(session, interface.index)
+        // A CNI plugin may already have an ingress or clsact qdisc on the
+        // veth: share it.
+        if tc::ingress_qdisc_kind(session, interface.index)
             .await
             .map_err(netlink_error)?
+            .is_none()
         {
             tc::add_ingress_qdisc(session, interface.index, &interface.name)
                 .await

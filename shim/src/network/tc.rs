@@ -4,7 +4,7 @@
 //! What [`add_redirect_filter`] installs is, in `tc` terms,
 //!
 //! ```text
-//! tc qdisc add dev FROM ingress                          # handle ffff:
+//! tc qdisc add dev FROM ingress                          # unless it has ingress or clsact
 //! tc filter add dev FROM parent ffff: protocol all pref 49494 \
 //!     u32 match u32 0 0 action mirred egress redirect dev TO
 //! ```
@@ -29,8 +29,12 @@ use super::netlink::{NetlinkError, NetlinkSession};
 /// The preference (priority) of our redirect filters: arbitrary, chosen to
 /// be distinctive (tc's own default is 49152).
 pub const REDIRECT_FILTER_PREF: u16 = 49494;
-/// `parent ffff:` — the ingress qdisc's handle.
-const INGRESS_PARENT: u32 = 0xffff_0000;
+/// `parent ffff:fff2` (TC_H_MIN_INGRESS): the ingress hook of either an
+/// `ingress` qdisc (which accepts any minor, so `tc`'s `parent ffff:` is
+/// the same place) or a `clsact` one (which needs exactly this minor).
+const INGRESS_PARENT: u32 = 0xffff_fff2;
+/// The ingress qdisc's own handle, `ffff:`.
+const INGRESS_HANDLE: u32 = 0xffff_0000;
 
 /// `protocol all` as the kernel expects it in `tcm_info`: ETH_P_ALL in
 /// network byte order.
@@ -63,11 +67,12 @@ fn ifindex_i32(ifindex: u32) -> i32 {
     i32::try_from(ifindex).unwrap_or(i32::MAX)
 }
 
-/// Whether link `ifindex` has an ingress qdisc.
-pub async fn has_ingress_qdisc(
+/// The qdisc on `ifindex`'s ingress hook, if any: `ingress`, or `clsact`
+/// (ingress and egress hooks in one, as Cilium and others use it).
+pub async fn ingress_qdisc_kind(
     session: &NetlinkSession,
     ifindex: u32,
-) -> Result<bool, NetlinkError> {
+) -> Result<Option<String>, NetlinkError> {
     let qdiscs: Vec<TcMessage> = session
         .handle()
         .qdisc()
@@ -79,12 +84,17 @@ pub async fn has_ingress_qdisc(
         .map_err(NetlinkError::request(format!(
             "list qdiscs of ifindex {ifindex}"
         )))?;
-    // The dump may cover every link: filter here.
-    Ok(qdiscs.iter().any(|q| {
-        q.header.index == ifindex_i32(ifindex)
-            && (q.header.parent == TcHandle::INGRESS
-                || q.attributes.contains(&TcAttribute::Kind("ingress".into())))
-    }))
+    // The dump may cover every link: filter here. Both kinds hang off the
+    // same parent (TC_H_INGRESS == TC_H_CLSACT).
+    Ok(qdiscs
+        .iter()
+        .filter(|q| q.header.index == ifindex_i32(ifindex) && q.header.parent == TcHandle::INGRESS)
+        .find_map(|q| {
+            q.attributes.iter().find_map(|a| match a {
+                TcAttribute::Kind(kind) => Some(kind.clone()),
+                _ => None,
+            })
+        }))
 }
 
 /// Adds the ingress qdisc (`handle ffff:`) to `ifindex`.
@@ -113,7 +123,7 @@ pub async fn delete_ingress_qdisc(
 ) -> Result<(), NetlinkError> {
     let mut request = session.handle().qdisc().del(ifindex_i32(ifindex));
     request.message_mut().header.parent = TcHandle::INGRESS;
-    request.message_mut().header.handle = TcHandle::from(INGRESS_PARENT);
+    request.message_mut().header.handle = TcHandle::from(INGRESS_HANDLE);
     request
         .execute()
         .await
