@@ -5,133 +5,64 @@
 //! starts our shim, Create reaches it, the VMM's complaint reaches the
 //! user, and nothing is left behind. Needs root and containerd.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-cloister-v2");
+use cloister_e2e::containerd::{
+    busybox_rootfs, processes_mentioning, ContainerdBinaries, PrivateContainerd,
+};
 
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-}
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-cloister-v2");
+const BUSYBOX: &str = "/bin/busybox";
 
 fn skip_reason() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("a private containerd needs root".into());
     }
-    for program in ["containerd", "ctr"] {
-        if find_on_path(program).is_none() {
-            return Some(format!("{program} not on PATH (Debian package containerd)"));
-        }
-    }
-    if !Path::new("/bin/busybox").exists() {
-        return Some("/bin/busybox missing (Debian package busybox-static)".into());
+    if !Path::new(BUSYBOX).exists() {
+        return Some(format!("{BUSYBOX} missing (Debian package busybox-static)"));
     }
     None
 }
 
-struct PrivateContainerd {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl PrivateContainerd {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let version = Command::new("containerd")
-            .arg("--version")
-            .output()
-            .unwrap();
-        let version = String::from_utf8_lossy(&version.stdout).into_owned();
-        eprintln!("private {}", version.trim());
-        let major = cloister_shim::compat::parse_containerd_version(&version)
-            .map(|(major, _)| major)
-            .unwrap_or(2);
-        // 1.x reads config version 2, 2.x version 3; NRI's socket is global.
-        let config = if major >= 2 {
-            format!(
-                "version = 3\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{d}/debug.sock\"\n[plugins.'io.containerd.internal.v1.opt']\n  path = \"{d}/opt\"\n[plugins.'io.containerd.nri.v1.nri']\n  disable = true\n"
-            )
-        } else {
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{d}/debug.sock\"\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
-            )
-        };
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let vmm = dir.path().join("vmm.sh");
-        std::fs::write(
-            &vmm,
-            "#!/bin/sh\necho 'vm.json: VMM refuses this config (test)' >&2\nexit 2\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        std::fs::write(
-            dir.path().join("cloister.toml"),
-            format!(
-                "[vmm]\npath = \"{}\"\n[agent]\nconnect_timeout_secs = 2\n",
-                vmm.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.path().join("config.toml"))
-            .env("CLOISTER_CONFIG", dir.path().join("cloister.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while !dir.path().join("containerd.sock").exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "containerd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { dir, child }
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(self.dir.path().join("containerd.sock"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PrivateContainerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn processes_mentioning(word: &str) -> Vec<String> {
+/// Debian's containerd (1.6) and 2.x from sid, each when present; a
+/// missing one is reported as a skip.
+fn each_containerd() -> Vec<ContainerdBinaries> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(word) {
-                found.push(cmdline);
-            }
-        }
+    match ContainerdBinaries::system() {
+        Some(binaries) => found.push(binaries),
+        None => eprintln!(
+            "SKIP (containerd 1.x): containerd and ctr not on PATH (Debian package containerd)"
+        ),
+    }
+    match ContainerdBinaries::containerd2() {
+        Some(binaries) => found.push(binaries),
+        None => eprintln!("SKIP (containerd 2.x): not fetched (scripts/install-containerd2.sh)"),
     }
     found
+}
+
+/// A private containerd whose shims get a runtime config naming a VMM that
+/// refuses its config.
+fn containerd_with_refusing_vmm(binaries: &ContainerdBinaries, dir: &Path) -> PrivateContainerd {
+    let vmm = dir.join("vmm.sh");
+    std::fs::write(
+        &vmm,
+        "#!/bin/sh\necho 'vm.json: VMM refuses this config (test)' >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = dir.join("cloister.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[vmm]\npath = \"{}\"\n[agent]\nconnect_timeout_secs = 2\n",
+            vmm.display()
+        ),
+    )
+    .unwrap();
+    eprintln!("private {}", binaries.describe());
+    PrivateContainerd::start(binaries, &[("CLOISTER_CONFIG", &config)]).unwrap()
 }
 
 #[test]
@@ -140,12 +71,17 @@ fn ctr_run_reaches_the_shim_and_a_refused_vm_leaves_nothing_behind() {
         eprintln!("SKIP: {reason}");
         return;
     }
-    let containerd = PrivateContainerd::start();
-    let rootfs = containerd.dir.path().join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
-    let id = format!("cloister-ctr-{}", std::process::id());
+    for binaries in each_containerd() {
+        refused_vm_leaves_nothing_behind(&binaries);
+    }
+}
+
+fn refused_vm_leaves_nothing_behind(binaries: &ContainerdBinaries) {
+    let dir = tempfile::tempdir().unwrap();
+    let containerd = containerd_with_refusing_vmm(binaries, dir.path());
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    let id = format!("cloister-ctr-{}-{}", std::process::id(), binaries.version.0);
 
     let output = containerd.ctr(&[
         "run",

@@ -56,25 +56,30 @@ pub struct QemuConfig {
 }
 
 /// The kinds of vhost-user device QEMU 7.2 offers on `microvm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VhostUserKind {
     Vsock,
     Rng,
     Block,
+    /// virtio-fs; QEMU keeps the config space (the mount tag) itself.
+    Fs {
+        tag: String,
+    },
 }
 
 impl VhostUserKind {
     /// QEMU's device model (the virtio-bus one, not the PCI proxy) and its
     /// properties.
-    pub fn qemu_device(self) -> &'static str {
+    pub fn qemu_device(&self) -> String {
         match self {
-            VhostUserKind::Vsock => "vhost-user-vsock-device",
+            VhostUserKind::Vsock => "vhost-user-vsock-device".into(),
             // QEMU 7.2's vhost-user-rng offers the guest QEMU's own ring
             // features (indirect descriptors, event index) without asking
             // the back end, and passes what the guest acked on; ours offers
             // neither, so QEMU must not either.
-            VhostUserKind::Rng => "vhost-user-rng,indirect_desc=off,event_idx=off",
-            VhostUserKind::Block => "vhost-user-blk",
+            VhostUserKind::Rng => "vhost-user-rng,indirect_desc=off,event_idx=off".into(),
+            VhostUserKind::Block => "vhost-user-blk".into(),
+            VhostUserKind::Fs { tag } => format!("vhost-user-fs-device,tag={tag}"),
         }
     }
 }

@@ -5,39 +5,22 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use cloister_e2e::cloister_vmm::find_cloister_vmm;
-use cloister_e2e::guest_image::GuestImage;
-use cloister_e2e::qemu::{qemu_available, QEMU_BINARY};
-use cloister_guest_image::paths;
+use cloister_e2e::agent_guest::AgentGuestFixture;
+use cloister_e2e::qemu::QEMU_BINARY;
 use cloister_shim::config::{
     GuestSection, HypervisorKind, PodVm, QemuAccel, QemuSection, RuntimeConfig, VmmSection,
 };
 
-/// Boot under TCG takes seconds; a loaded 2-core machine needs more.
-pub const AGENT_DEADLINE: Duration = Duration::from_secs(180);
-/// Where build-agent-initramfs.sh puts the container rootfs in the image.
-pub const GUEST_ROOTFS: &str = "/rootfs/busybox";
+pub use cloister_e2e::agent_guest::{AGENT_DEADLINE, GUEST_ROOTFS};
 
 /// A runtime config for QEMU/TCG with the agent image, or why there is none.
 pub fn guest_config() -> Result<RuntimeConfig, String> {
-    if !qemu_available(Path::new(QEMU_BINARY)) {
-        return Err(format!(
-            "{QEMU_BINARY} does not run (Debian package qemu-system-x86)"
-        ));
-    }
-    let image = GuestImage::locate().map_err(|e| e.to_string())?;
-    let initramfs = paths::cache_dir().join("initramfs").join("agent.cpio");
-    if !initramfs.exists() {
-        return Err(format!(
-            "{} missing (built by scripts/build-guest.sh)",
-            initramfs.display()
-        ));
-    }
-    let vmm = find_cloister_vmm().ok_or(
-        "cloister-vmm binary not found (cargo build -p cloister-vmm, or set CLOISTER_VMM)",
-    )?;
+    let AgentGuestFixture {
+        image,
+        initramfs,
+        vmm,
+    } = AgentGuestFixture::locate()?;
     let defaults = RuntimeConfig::default();
     Ok(RuntimeConfig {
         hypervisor: HypervisorKind::Qemu,
@@ -101,25 +84,7 @@ pub fn open_writer(path: String) -> tokio::sync::oneshot::Receiver<std::fs::File
 
 /// A spec running `args` in the busybox rootfs.
 pub fn spec(args: &[&str]) -> serde_json::Value {
-    serde_json::json!({
-        "ociVersion": "1.1.0",
-        "hostname": "in-guest",
-        "process": {
-            "args": args,
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-            "user": { "uid": 0, "gid": 0 },
-            "noNewPrivileges": true
-        },
-        "root": { "path": "rootfs" },
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"] }
-        ],
-        "linux": {
-            "namespaces": [{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }]
-        }
-    })
+    cloister_e2e::agent_guest::busybox_spec(args)
 }
 
 /// Whether `pid` is gone (or a zombie about to be reaped).
