@@ -493,6 +493,65 @@ async fn network_teardown_leaves_a_foreign_ingress_filter_and_its_qdisc() {
 }
 
 #[tokio::test]
+async fn network_teardown_cleans_what_a_crashed_setup_left_and_setup_works_again() {
+    skip_unless_root!();
+    let pair = PodNetnsPair::new("crash").unwrap();
+    // What a shim killed mid-setup could leave: a (here persistent) tap,
+    // the veth's ingress qdisc and our redirect filter, but no record.
+    pair.pod
+        .ip(&["tuntap", "add", "dev", "tap0_clst", "mode", "tap"])
+        .unwrap();
+    pair.pod
+        .tc(&["qdisc", "add", "dev", "eth0", "ingress"])
+        .unwrap();
+    let pref = REDIRECT_FILTER_PREF.to_string();
+    pair.pod
+        .tc(&[
+            "filter",
+            "add",
+            "dev",
+            "eth0",
+            "parent",
+            "ffff:",
+            "pref",
+            &pref,
+            "protocol",
+            "all",
+            "u32",
+            "match",
+            "u32",
+            "0",
+            "0",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            "tap0_clst",
+        ])
+        .unwrap();
+    // Setup refuses to adopt the leftover tap.
+    let err = setup_pod_network(&pair.pod.path()).await.unwrap_err();
+    assert!(matches!(err, PodNetworkError::TapExists { .. }), "{err:?}");
+
+    let report = teardown_pod_network(&pair.pod.path()).await.unwrap();
+    assert_eq!(
+        report,
+        TeardownReport {
+            netns_missing: false,
+            filters_removed: 1,
+            qdiscs_removed: 1,
+            taps_removed: vec!["tap0_clst".into()],
+        }
+    );
+    assert_nothing_left(&pair);
+    let network = setup_pod_network(&pair.pod.path()).await.unwrap();
+    assert_eq!(network.endpoints[0].tap.name.as_str(), "tap0_clst");
+    teardown_pod_network(&pair.pod.path()).await.unwrap();
+    assert_nothing_left(&pair);
+}
+
+#[tokio::test]
 async fn network_setup_shares_a_clsact_qdisc_and_teardown_keeps_it() {
     skip_unless_root!();
     let pair = PodNetnsPair::new("clsact").unwrap();

@@ -23,6 +23,8 @@ pub enum NetlinkError {
     },
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("netlink session for {netns:?} needs a tokio runtime to drive it")]
+    NoRuntime { netns: std::path::PathBuf },
     #[error("netlink: {what}")]
     Request {
         what: String,
@@ -57,10 +59,13 @@ pub struct NetlinkSession {
 }
 
 impl NetlinkSession {
-    /// Opens a route socket inside `netns`; must be called within a tokio
-    /// runtime, which then drives the socket.
+    /// Opens a route socket inside `netns`; the caller's tokio runtime
+    /// then drives it.
     pub async fn open_in(netns: &NetNs) -> Result<Self, NetlinkError> {
-        let runtime = tokio::runtime::Handle::current();
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| NetlinkError::NoRuntime {
+                netns: netns.path().to_path_buf(),
+            })?;
         let (connection, handle) = netns
             .run_async(move || {
                 // The socket registers with the caller's reactor, from here.
