@@ -155,6 +155,14 @@ async fn network_setup_redirects_veth_and_tap_both_ways_and_teardown_removes_all
     assert_eq!(shown["linkinfo"]["info_data"]["type"], "tap");
     assert_eq!(shown["linkinfo"]["info_data"]["pi"], false);
     assert_eq!(shown["linkinfo"]["info_data"]["vnet_hdr"], true);
+    // No address of its own: the host says nothing on the guest's link.
+    let addresses = json(&pair.pod.ip(&["-j", "addr", "show", "tap0_clst"]).unwrap());
+    assert_eq!(
+        addresses[0]["addr_info"],
+        serde_json::json!([]),
+        "{addresses}"
+    );
+    assert_eq!(shown["inet6_addr_gen_mode"], "none", "{shown}");
     let fdinfo =
         std::fs::read_to_string(format!("/proc/self/fdinfo/{}", tap.fd.as_raw_fd())).unwrap();
     assert!(fdinfo.contains("iff:\ttap0_clst"), "{fdinfo}");

@@ -7,7 +7,9 @@
 //! ordinary task on the caller's tokio runtime.
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute, LinkMessage,
+};
 use rtnetlink::{Handle, LinkUnspec};
 
 use super::netns::{NetNs, NetnsError};
@@ -97,19 +99,48 @@ impl NetlinkSession {
             .map_err(NetlinkError::request("list links"))
     }
 
-    /// Sets `index`'s MTU and brings it up.
-    pub async fn set_mtu_and_up(
-        &self,
-        index: u32,
-        name: &str,
-        mtu: u32,
-    ) -> Result<(), NetlinkError> {
-        self.handle
+    /// Prepares a fresh tap for the guest: the pod interface's MTU, no
+    /// IPv6 address of its own (`addr_gen_mode none`, so the host sends no
+    /// router solicitations or DAD probes from the tap's random MAC into the
+    /// guest's link), then up.
+    pub async fn prepare_tap(&self, index: u32, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let no_ipv6_address =
+            LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
+                In6AddrGenMode::None,
+            )])]);
+        let what = format!("set {name} mtu {mtu} addrgenmode none");
+        let configured = self
+            .handle
             .link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(mtu)
+                    .append_extra_attribute(no_ipv6_address)
+                    .build(),
+            )
             .execute()
             .await
-            .map_err(NetlinkError::request(format!("set {name} mtu {mtu} up")))
+            .map_err(NetlinkError::request(what));
+        match configured {
+            // A kernel without IPv6 has nothing to generate.
+            Err(e) if e.errno() == Some(libc::EAFNOSUPPORT) => {
+                self.handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+                    .execute()
+                    .await
+                    .map_err(NetlinkError::request(format!("set {name} mtu {mtu}")))?;
+            }
+            other => other?,
+        }
+        // Up only now: the address mode must be set before the device
+        // starts IPv6 autoconfiguration.
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("set {name} up")))
     }
 
     /// Deletes link `index`.

@@ -322,7 +322,7 @@ async fn plumb(
             name: tap_name.to_string(),
         });
         session
-            .set_mtu_and_up(tap_index, tap_name.as_str(), interface.mtu)
+            .prepare_tap(tap_index, tap_name.as_str(), interface.mtu)
             .await
             .map_err(netlink_error)?;
         tc::add_ingress_qdisc(session, tap_index, tap_name.as_str())
