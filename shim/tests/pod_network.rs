@@ -367,6 +367,93 @@ async fn network_frames_cross_the_redirect_both_ways_between_peer_and_tap() {
 }
 
 #[tokio::test]
+async fn network_setup_gives_each_pod_interface_its_own_tap_and_routes() {
+    skip_unless_root!();
+    let pair = PodNetnsPair::new("multi").unwrap();
+    // A second network attachment (Multus-style): net1 with its own subnet
+    // and a route through it.
+    pair.pod
+        .ip(&[
+            "link",
+            "add",
+            "net1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer1",
+            "netns",
+            &pair.peer.name,
+        ])
+        .unwrap();
+    pair.pod
+        .ip(&["addr", "add", "10.98.0.2/24", "dev", "net1"])
+        .unwrap();
+    pair.pod
+        .ip(&["link", "set", "net1", "mtu", "9000", "up"])
+        .unwrap();
+    pair.pod
+        .ip(&[
+            "route",
+            "add",
+            "10.97.0.0/16",
+            "via",
+            "10.98.0.1",
+            "dev",
+            "net1",
+        ])
+        .unwrap();
+
+    let network = setup_pod_network(&pair.pod.path()).await.unwrap();
+    let pairs: Vec<(&str, &str, u32)> = network
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.interface.name.as_str(),
+                e.tap.name.as_str(),
+                e.interface.mtu,
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [("eth0", "tap0_clst", POD_MTU), ("net1", "tap1_clst", 9000)]
+    );
+    let redirect = |to: &str| vec![("all".to_string(), "redirect".to_string(), to.to_string())];
+    assert_eq!(
+        redirects(&pair.pod, "net1", REDIRECT_FILTER_PREF),
+        redirect("tap1_clst")
+    );
+    assert_eq!(
+        redirects(&pair.pod, "tap1_clst", REDIRECT_FILTER_PREF),
+        redirect("net1")
+    );
+    let shown = json(&pair.pod.ip(&["-j", "link", "show", "tap1_clst"]).unwrap());
+    assert_eq!(shown[0]["mtu"].as_u64(), Some(9000));
+    let routes: Vec<(String, String)> = network
+        .update_routes_request()
+        .routes
+        .iter()
+        .map(|r| (r.destination.clone(), r.device.clone()))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("".into(), "eth0".into()),
+            ("10.97.0.0/16".into(), "net1".into())
+        ]
+    );
+
+    let report = teardown_pod_network(&pair.pod.path()).await.unwrap();
+    assert_eq!((report.filters_removed, report.qdiscs_removed), (2, 2));
+    assert_eq!(report.taps_removed.len(), 2, "{report:?}");
+    assert_nothing_left(&pair);
+    assert!(!qdisc_kinds(&pair.pod, "net1").contains(&"ingress".into()));
+    drop(network);
+}
+
+#[tokio::test]
 async fn network_setup_with_unknown_netns_names_the_path() {
     skip_unless_root!();
     let path = std::path::Path::new("/var/run/netns/clst-does-not-exist");
