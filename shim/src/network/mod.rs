@@ -10,8 +10,11 @@
 //! - [`tap`]: creating the tap (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
 //! - [`tc`]: ingress qdiscs and the u32 → mirred redirect filters.
 //! - [`pod_network`]: setup (undone on failure) and idempotent teardown.
+//! - [`pod_spec`]: which network the sandbox's OCI spec asks for.
 //!
-//! The shim calls [`setup_pod_network`] with the sandbox's netns path, hands
+//! The shim reads [`network_namespace`] from the sandbox container's spec
+//! (host network: refuse; fresh namespace: nothing to do; a path: go on),
+//! calls [`setup_pod_network`] with that path, hands
 //! each [`PodTap::fd`] to the VMM (`cloister-vmm --net fd=N,mac=M` or QEMU
 //! `-netdev tap,fd=N -device virtio-net-device,mac=M` with the veth's MAC
 //! from [`PodEndpoint::guest_mac`]), sends the agent
@@ -23,6 +26,7 @@ pub mod netlink;
 pub mod netns;
 pub mod pod_interfaces;
 pub mod pod_network;
+pub mod pod_spec;
 pub mod tap;
 pub mod tc;
 
@@ -32,4 +36,5 @@ pub use pod_network::{
     setup_pod_interfaces, setup_pod_network, teardown_pod_network, PodEndpoint, PodNetwork,
     PodNetworkError, PodTap, TeardownReport,
 };
+pub use pod_spec::{network_namespace, PodNetworkNamespace, PodSpecError};
 pub use tap::{clear_cloexec, TapError, TapName};
