@@ -104,7 +104,9 @@ async fn network_setup_redirects_veth_and_tap_both_ways_and_teardown_removes_all
         .ip(&["route", "add", "fd98::/64", "via", "fd99::1", "dev", "eth0"])
         .unwrap();
 
+    let started = Instant::now();
     let network = setup_pod_network(&pair.pod.path()).await.unwrap();
+    let setup_took = started.elapsed();
 
     // What the guest will be told.
     assert_eq!(network.endpoints.len(), 1, "{network:?}");
@@ -182,7 +184,12 @@ async fn network_setup_redirects_veth_and_tap_both_ways_and_teardown_removes_all
     );
 
     // Teardown, with the fd still open: it removes the tap itself.
+    let started = Instant::now();
     let report = teardown_pod_network(&pair.pod.path()).await.unwrap();
+    println!(
+        "one interface: setup {setup_took:?}, teardown {:?}",
+        started.elapsed()
+    );
     assert_eq!(
         report,
         TeardownReport {
