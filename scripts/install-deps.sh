@@ -12,6 +12,8 @@ packages=(
   busybox-static
   # the shim under a private containerd (1.6; brings runc), host tests' tools
   containerd util-linux iproute2
+  # CRI end-to-end tests: the k8s-cri crate's build runs protoc; CNI plugins
+  protobuf-compiler containernetworking-plugins
   # attestation: OVMF with SEV metadata for launch-digest cross-checks,
   # a venv for the reference tool sev-snp-measure
   ovmf python3-venv openssl

@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod guest_support;
+
 use cloister_e2e::containerd::{
     busybox_rootfs, processes_mentioning, ContainerdBinaries, PrivateContainerd,
 };
@@ -103,26 +105,118 @@ fn refused_vm_leaves_nothing_behind(binaries: &ContainerdBinaries) {
         containerd.log()
     );
 
-    // containerd cleans up the dead task; the shim exits after it.
+    assert_nothing_left(&containerd, &id);
+}
+
+/// containerd cleaned up the task, the shim (and any VMM) exited, and the
+/// sandbox folder and container record are gone.
+fn assert_nothing_left(containerd: &PrivateContainerd, id: &str) {
     let started = Instant::now();
-    while !processes_mentioning(&id).is_empty() {
+    while !processes_mentioning(id).is_empty() {
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(20),
             "left running: {:?}",
-            processes_mentioning(&id)
+            processes_mentioning(id)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     let sandbox = cloister_shim::sandbox::SandboxDir::new(
         Path::new(cloister_shim::lifecycle::STATE_DIR),
         "default",
-        &id,
+        id,
     )
     .path;
     assert!(!sandbox.exists(), "{} left behind", sandbox.display());
     let containers = containerd.ctr(&["containers", "list", "-q"]);
     assert!(
-        !String::from_utf8_lossy(&containers.stdout).contains(&id),
+        !String::from_utf8_lossy(&containers.stdout).contains(id),
         "container record left behind"
     );
+}
+
+/// A runtime config for the QEMU/TCG backend with the agent image, as TOML
+/// for `CLOISTER_CONFIG`.
+fn qemu_runtime_config(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let guest = guest_support::guest_config()?;
+    let qemu = std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(&guest.qemu.path))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or_else(|| format!("{} not on PATH", guest.qemu.path.display()))?;
+    let path = dir.join("cloister.toml");
+    let text = format!(
+        "hypervisor = \"qemu\"\n[vmm]\npath = \"{}\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = {}\n",
+        guest.vmm.path.display(),
+        qemu.display(),
+        guest.guest.kernel.display(),
+        guest.guest.initramfs.display(),
+        guest_support::AGENT_DEADLINE.as_secs(),
+    );
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// `ctr run` through containerd, our shim and a real microVM (QEMU/TCG
+/// here, with our vsock and virtio-fs back ends): the container's rootfs is
+/// the host folder given to `ctr`, seen in the guest over virtio-fs; its
+/// output and exit status reach `ctr`; nothing is left afterwards.
+#[test]
+fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = match qemu_runtime_config(dir.path()) {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    std::fs::write(rootfs.join("etc/motd"), "from the host rootfs\n").unwrap();
+    let host_release = nix::sys::utsname::uname().unwrap();
+    let host_release = host_release.release().to_string_lossy().into_owned();
+    for binaries in each_containerd() {
+        eprintln!("private {}", binaries.describe());
+        let containerd =
+            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let id = format!("cloister-vm-{}-{}", std::process::id(), binaries.version.0);
+        let output = containerd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SHIM,
+            "--rootfs",
+            &rootfs.display().to_string(),
+            &id,
+            "/bin/sh",
+            "-c",
+            "cat /etc/motd; echo kernel $(uname -r); echo made in the guest > /tmp/x; exit 3",
+        ]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let context = format!(
+            "stdout: {stdout}\nstderr: {stderr}\ncontainerd log:\n{}",
+            containerd.log()
+        );
+        assert_eq!(output.status.code(), Some(3), "{context}");
+        assert!(stdout.starts_with("from the host rootfs\n"), "{context}");
+        let guest_release = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("kernel "))
+            .unwrap_or_else(|| panic!("no kernel line: {context}"));
+        assert_ne!(guest_release, host_release, "ran on the host's kernel");
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("tmp/x")).unwrap_or_default(),
+            "made in the guest\n",
+            "the guest's write did not reach the host rootfs"
+        );
+        std::fs::remove_file(rootfs.join("tmp/x")).unwrap();
+        assert_nothing_left(&containerd, &id);
+    }
 }

@@ -89,6 +89,59 @@ impl ContainerdBinaries {
     }
 }
 
+/// containerd's CRI plugin, set up for pods of the `handler` runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CriSettings {
+    /// The RuntimeClass handler name (`cloister`).
+    pub handler: String,
+    /// Its `runtime_type`, e.g. `io.containerd.cloister.v2`.
+    pub runtime_type: String,
+    /// The runtime option `ConfigPath` (our runtime config), if any.
+    pub runtime_config: Option<PathBuf>,
+    /// The pod sandbox ("pause") image, which must be imported in `k8s.io`.
+    pub sandbox_image: String,
+    /// CNI network configs and plugin binaries.
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
+}
+
+impl CriSettings {
+    /// The CRI part of the config, for config version 2 (1.x) or 3 (2.x).
+    fn toml(&self, major: u32) -> String {
+        let options = self
+            .runtime_config
+            .as_ref()
+            .map(|path| format!("ConfigPath = \"{}\"\n", path.display()))
+            .unwrap_or_default();
+        let (handler, runtime_type) = (&self.handler, &self.runtime_type);
+        let (conf, bin, image) = (
+            self.cni_conf_dir.display(),
+            self.cni_bin_dir.display(),
+            &self.sandbox_image,
+        );
+        // These hosts lack CAP_SYS_RESOURCE: containerd must not lower
+        // oom_score_adj below its own.
+        if major >= 2 {
+            format!(
+                "[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'overlayfs'\n[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = '{image}'\n\
+                 [plugins.'io.containerd.cri.v1.runtime']\n  restrict_oom_score_adj = true\n  disable_apparmor = true\n\
+                 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}]\n  runtime_type = '{runtime_type}'\n  pod_annotations = ['io.cloister.*']\n\
+                 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}.options]\n{options}\
+                 [plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = ['{bin}']\n  conf_dir = '{conf}'\n"
+            )
+        } else {
+            let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+            format!(
+                "[{cri}]\n  sandbox_image = \"{image}\"\n  restrict_oom_score_adj = true\n  disable_apparmor = true\n\
+                 [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n\
+                 [{cri}.containerd.runtimes.{handler}]\n  runtime_type = \"{runtime_type}\"\n  pod_annotations = [\"io.cloister.*\"]\n\
+                 [{cri}.containerd.runtimes.{handler}.options]\n{options}\
+                 [{cri}.cni]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n"
+            )
+        }
+    }
+}
+
 /// A running private containerd, killed on drop.
 #[derive(Debug)]
 pub struct PrivateContainerd {
@@ -104,8 +157,20 @@ impl PrivateContainerd {
         binaries: &ContainerdBinaries,
         env: &[(&str, &Path)],
     ) -> Result<Self, ContainerdError> {
+        Self::start_with_cri(binaries, env, None)
+    }
+
+    /// [`Self::start`] with the CRI plugin set up as `cri` says.
+    pub fn start_with_cri(
+        binaries: &ContainerdBinaries,
+        env: &[(&str, &Path)],
+        cri: Option<&CriSettings>,
+    ) -> Result<Self, ContainerdError> {
         let dir = tempfile::tempdir().map_err(io_error("create a temporary folder"))?;
-        let config = containerd_config(dir.path(), binaries.version.0);
+        let mut config = containerd_config(dir.path(), binaries.version.0);
+        if let Some(cri) = cri {
+            config.push_str(&cri.toml(binaries.version.0));
+        }
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).map_err(io_error("write containerd's config"))?;
         let log = std::fs::File::create(dir.path().join("containerd.log"))
@@ -246,6 +311,37 @@ mod tests {
                 assert!(line.contains("\"/t/"), "{line}");
             }
         }
+    }
+
+    #[test]
+    fn cri_settings_name_the_handler_and_paths_in_both_config_versions() {
+        let cri = CriSettings {
+            handler: "cloister".into(),
+            runtime_type: "io.containerd.cloister.v2".into(),
+            runtime_config: Some("/t/cloister.toml".into()),
+            sandbox_image: "docker.io/library/pause:x".into(),
+            cni_conf_dir: "/t/cni".into(),
+            cni_bin_dir: "/usr/lib/cni".into(),
+        };
+        for major in [1, 2] {
+            let text = cri.toml(major);
+            for needle in [
+                "runtimes.cloister]",
+                "io.containerd.cloister.v2",
+                "ConfigPath = \"/t/cloister.toml\"",
+                "docker.io/library/pause:x",
+                "/t/cni",
+                "/usr/lib/cni",
+                "restrict_oom_score_adj = true",
+            ] {
+                assert!(
+                    text.contains(needle),
+                    "{major}: {needle} missing in\n{text}"
+                );
+            }
+        }
+        assert!(cri.toml(2).contains("'io.containerd.cri.v1.runtime'"));
+        assert!(cri.toml(1).contains("\"io.containerd.grpc.v1.cri\""));
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!   `vhost-device-vsock` peer) and the vsock probe guest run.
 //! - [`containerd`]: a private containerd (1.6 or 2.x) and busybox root
 //!   file systems for `ctr run`.
+//! - [`cri`]: a CRI client (kubelet's view of containerd), a confined CNI
+//!   bridge network, CRI log files.
 //! - [`oci_image`]: a container image archive from a folder, for
 //!   `ctr images import` (no registry needed).
 //! - [`agent_guest`]: the agent as PID 1 under QEMU/TCG, driven over
@@ -23,6 +25,7 @@ pub mod agent_guest;
 pub mod cloister_vmm;
 pub mod console;
 pub mod containerd;
+pub mod cri;
 pub mod guest_image;
 pub mod hybrid_vsock;
 pub mod oci_image;

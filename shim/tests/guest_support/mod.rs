@@ -2,7 +2,7 @@
 //! initramfs (agent as PID 1, busybox rootfs at `/rootfs/busybox`) and the
 //! `cloister-vmm` binary, and a runtime config for the QEMU/TCG backend.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 

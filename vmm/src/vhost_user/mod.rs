@@ -18,6 +18,8 @@
 
 mod backend;
 pub mod cli;
+#[cfg(test)]
+mod fs_frontend_tests;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
