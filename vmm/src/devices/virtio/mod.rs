@@ -8,6 +8,7 @@ pub mod console;
 pub mod device;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
