@@ -15,9 +15,9 @@ use crate::cpuid::CpuTemplate;
 
 mod devices;
 pub use devices::{
-    BlockConfig, ConsoleConfig, VirtioConsoleOutput, VirtioDevicesConfig, VsockConfig,
-    MAX_BLOCK_DEVICES, MAX_BLOCK_SERIAL_BYTES, MAX_GUEST_CID, MAX_VSOCK_UDS_PATH_BYTES,
-    MIN_GUEST_CID,
+    BlockConfig, ConsoleConfig, NetConfig, TapSource, VirtioConsoleOutput, VirtioDevicesConfig,
+    VsockConfig, MAX_BLOCK_DEVICES, MAX_BLOCK_SERIAL_BYTES, MAX_GUEST_CID,
+    MAX_VSOCK_UDS_PATH_BYTES, MIN_GUEST_CID,
 };
 
 /// Largest guest we accept: 1 TiB, far beyond a pod, well inside the
@@ -108,6 +108,9 @@ pub struct VmConfig {
     /// virtio-console (hvc0).
     #[serde(default)]
     pub console: Option<ConsoleConfig>,
+    /// virtio-net NICs, each on a tap.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 fn default_cmdline() -> String {
@@ -159,6 +162,7 @@ impl VmConfig {
             vsock: None,
             block: Vec::new(),
             console: None,
+            net: Vec::new(),
         }
     }
 
@@ -169,6 +173,7 @@ impl VmConfig {
             vsock: self.vsock.clone(),
             block: self.block.clone(),
             console: self.console.clone(),
+            net: self.net.clone(),
         }
     }
 
@@ -329,6 +334,38 @@ mod tests {
             VirtioConsoleOutput::File("/tmp/hvc0.log".into())
         );
         assert_eq!(cfg.devices().count(), 5);
+    }
+
+    #[test]
+    fn config_with_nics_parses_and_validates() {
+        let cfg = parse(
+            r#"{"kernel": "/k",
+                "net": [{"tap": "tap0", "mac": "02:00:00:00:00:01"}, {"fd": 3}]}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let devices = cfg.devices();
+        assert_eq!(devices.net.len(), 2);
+        assert_eq!(devices.net[0].source().unwrap(), TapSource::Name("tap0"));
+        assert_eq!(devices.net[1].source().unwrap(), TapSource::Fd(3));
+        assert_eq!(devices.count(), 2);
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            text.contains(r#""net":[{"tap":"tap0","mac":"02:00:00:00:00:01"},{"fd":3}]"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn config_with_bad_nic_names_the_value() {
+        let err = parse(r#"{"kernel": "/k", "net": [{"tap": "t0", "mac": "ff:ff:ff:ff:ff:ff"}]}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("ff:ff:ff:ff:ff:ff"), "{err}");
+        let err = parse(r#"{"kernel": "/k", "net": [{"tap": "t0", "queues": 2}]}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `queues`"), "{err}");
+        let cfg = parse(r#"{"kernel": "/k", "net": [{"tap": "t0", "fd": 4}]}"#).unwrap();
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("net = tap=t0,fd=4"), "{msg}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use cloister_vmm::builder::{run_vm, VmSpec};
 use cloister_vmm::config::{
-    BlockConfig, ConsoleConfig, SerialOutput, VirtioConsoleOutput, VmConfig, VsockConfig,
+    BlockConfig, ConsoleConfig, NetConfig, SerialOutput, VirtioConsoleOutput, VmConfig, VsockConfig,
 };
 use cloister_vmm::cpuid::CpuTemplate;
 use cloister_vmm::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
@@ -56,6 +56,11 @@ struct Args {
     /// repeat for more disks (replaces the config file's list).
     #[arg(long)]
     block: Vec<BlockConfig>,
+    /// Add a virtio-net NIC on a tap: tap=NAME or fd=N (an inherited tap
+    /// fd), optionally ,mac=02:xx:xx:xx:xx:xx; repeat for more NICs
+    /// (replaces the config file's list).
+    #[arg(long)]
+    net: Vec<NetConfig>,
     /// Add a virtio console (hvc0) writing to stdout, none or file:PATH.
     #[arg(long)]
     console: Option<VirtioConsoleOutput>,
@@ -112,6 +117,9 @@ impl Args {
         }
         if !self.block.is_empty() {
             cfg.block = self.block;
+        }
+        if !self.net.is_empty() {
+            cfg.net = self.net;
         }
         if let Some(output) = self.console {
             cfg.console = Some(ConsoleConfig { output });
