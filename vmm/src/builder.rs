@@ -126,10 +126,7 @@ pub enum BuildError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
     #[error("vcpus = {requested}: this host's KVM allows at most {max}")]
-    TooManyVcpus {
-        requested: u8,
-        max: usize,
-    },
+    TooManyVcpus { requested: u8, max: usize },
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
