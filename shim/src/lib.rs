@@ -6,6 +6,7 @@ pub mod compat;
 pub mod config;
 pub mod container;
 pub mod events;
+pub mod guest_spec;
 pub mod io;
 pub mod lifecycle;
 pub mod network;

@@ -25,6 +25,7 @@ use containerd_shim_protos::api::Mount;
 use crate::agent_client::{AgentClient, AgentEndpoint, AgentError};
 use crate::config::{ConfigError, ConfigSource, RuntimeConfig};
 use crate::container::ContainerKind;
+use crate::guest_spec::SharedMount;
 use crate::vmm_client::{hypervisor_for, ChildExit, Hypervisor, HypervisorError, VmPaths};
 
 /// CRI's annotations naming a container's role and pod.
@@ -320,6 +321,44 @@ pub async fn mount_rootfs(
     Ok(())
 }
 
+/// Bind-mounts the host path `source` (file or folder) at `target`,
+/// read-only when asked (a bind mount ignores `MS_RDONLY` until
+/// remounted).
+pub fn bind_share(source: &Path, target: &Path, read_only: bool) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    let meta = std::fs::metadata(source).map_err(|e| e.to_string())?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    if meta.is_dir() {
+        std::fs::create_dir_all(target).map_err(|e| e.to_string())?;
+    } else {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map_err(|e| e.to_string())?;
+    }
+    let none: Option<&str> = None;
+    mount(
+        Some(source),
+        target,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .map_err(|e| format!("bind mount: {e}"))?;
+    if read_only {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        if let Err(e) = mount(none, target, none, flags, none) {
+            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            return Err(format!("remount read-only: {e}"));
+        }
+    }
+    Ok(())
+}
+
 /// Unmounts a container's rootfs (lazily: the guest may still hold files).
 pub fn unmount_rootfs(target: &Path) -> Result<(), nix::Error> {
     loop {
@@ -440,7 +479,17 @@ pub trait SandboxLauncher: Send + Sync {
         root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError>;
 
-    /// Undoes [`SandboxLauncher::share_rootfs`].
+    /// Makes the host paths of a container's bind mounts visible in the
+    /// guest (see [`crate::guest_spec`]).
+    fn share_mounts(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[SharedMount],
+    ) -> Result<(), SandboxError>;
+
+    /// Undoes [`SandboxLauncher::share_rootfs`] and
+    /// [`SandboxLauncher::share_mounts`].
     fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError>;
 }
 
@@ -510,14 +559,37 @@ impl SandboxLauncher for VmLauncher {
         Ok(shared_rootfs(container_id))
     }
 
+    fn share_mounts(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[SharedMount],
+    ) -> Result<(), SandboxError> {
+        for mount in mounts {
+            let target = sandbox.dir.shared_dir().join(&mount.share_path);
+            bind_share(&mount.host_source, &target, mount.read_only).map_err(|reason| {
+                SandboxError::Rootfs {
+                    container_id: container_id.to_owned(),
+                    target: target.clone(),
+                    reason: format!("share {}: {reason}", mount.host_source.display()),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
-        let target = sandbox.dir.rootfs_target(container_id);
-        unmount_rootfs(&target).map_err(|e| SandboxError::Rootfs {
-            container_id: container_id.to_owned(),
-            target: target.clone(),
-            reason: format!("unmount: {e}"),
-        })?;
         let container_dir = sandbox.dir.shared_dir().join(container_id);
+        // Deepest first: the rootfs and every shared bind mount below.
+        let mut mounted = mounts_below(&container_dir);
+        mounted.sort_by_key(|path| std::cmp::Reverse(path.components().count()));
+        for target in mounted {
+            unmount_rootfs(&target).map_err(|e| SandboxError::Rootfs {
+                container_id: container_id.to_owned(),
+                target: target.clone(),
+                reason: format!("unmount: {e}"),
+            })?;
+        }
         match remove_tree_without_crossing_mounts(&container_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

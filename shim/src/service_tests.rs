@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::agent_client::AgentClient;
+use crate::guest_spec::SharedMount;
 use crate::sandbox::{SandboxDir, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID};
 use crate::vmm_client::{ChildExit, Hypervisor, HypervisorError};
 
@@ -241,6 +242,21 @@ impl SandboxLauncher for FakeLauncher {
         let mut rootfs = agent::Rootfs::new();
         rootfs.set_directory(root_dir.display().to_string());
         Ok(rootfs)
+    }
+    fn share_mounts(
+        &self,
+        _: &PodSandbox,
+        container_id: &str,
+        mounts: &[SharedMount],
+    ) -> Result<(), SandboxError> {
+        for mount in mounts {
+            self.agent.log(format!(
+                "share {container_id} {} -> {}",
+                mount.host_source.display(),
+                mount.share_path
+            ));
+        }
+        Ok(())
     }
     fn unshare_rootfs(&self, _: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
         self.agent.log(format!("unshare {container_id}"));

@@ -744,23 +744,15 @@ mod tests {
     }
 
     /// The contract with `cloister-vmm --config`: its own parser and
-    /// validation accept what we write. `fs` is left out until the VMM has
-    /// a virtio-fs device; it then has to pass as well.
+    /// validation accept what we write, the pod's shared folder included.
     #[test]
-    fn cloister_vmm_accepts_our_vm_json_but_fs() {
-        let mut json = serde_json::to_value(cloister_vm_json(
+    fn cloister_vmm_accepts_our_vm_json() {
+        let json = serde_json::to_value(cloister_vm_json(
             &RuntimeConfig::default(),
             &pod_vm(),
             &paths(),
         ))
         .unwrap();
-        let refused =
-            cloister_vmm::config::VmConfig::from_json(&json.to_string(), Path::new("vm.json"));
-        assert!(
-            refused.is_err(),
-            "cloister-vmm now takes `fs`: drop this workaround"
-        );
-        json.as_object_mut().unwrap().remove("fs");
         let config =
             cloister_vmm::config::VmConfig::from_json(&json.to_string(), Path::new("vm.json"))
                 .unwrap();
@@ -768,6 +760,8 @@ mod tests {
         assert_eq!(config.vsock.unwrap().guest_cid, u64::from(GUEST_CID));
         assert_eq!(config.memory_mib, 512);
         assert!(config.rng);
+        assert_eq!(config.fs.len(), 1);
+        assert_eq!(config.fs[0].tag, SHARED_FS_TAG);
     }
 
     #[test]

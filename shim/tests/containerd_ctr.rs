@@ -6,12 +6,11 @@
 //! user, and nothing is left behind. Needs root and containerd.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 mod guest_support;
 
 use cloister_e2e::containerd::{
-    busybox_rootfs, processes_mentioning, ContainerdBinaries, PrivateContainerd,
+    available_containerds, busybox_rootfs, ContainerdBinaries, PrivateContainerd,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-cloister-v2");
@@ -25,23 +24,6 @@ fn skip_reason() -> Option<String> {
         return Some(format!("{BUSYBOX} missing (Debian package busybox-static)"));
     }
     None
-}
-
-/// Debian's containerd (1.6) and 2.x from sid, each when present; a
-/// missing one is reported as a skip.
-fn each_containerd() -> Vec<ContainerdBinaries> {
-    let mut found = Vec::new();
-    match ContainerdBinaries::system() {
-        Some(binaries) => found.push(binaries),
-        None => eprintln!(
-            "SKIP (containerd 1.x): containerd and ctr not on PATH (Debian package containerd)"
-        ),
-    }
-    match ContainerdBinaries::containerd2() {
-        Some(binaries) => found.push(binaries),
-        None => eprintln!("SKIP (containerd 2.x): not fetched (scripts/install-containerd2.sh)"),
-    }
-    found
 }
 
 /// A private containerd whose shims get a runtime config naming a VMM that
@@ -73,7 +55,7 @@ fn ctr_run_reaches_the_shim_and_a_refused_vm_leaves_nothing_behind() {
         eprintln!("SKIP: {reason}");
         return;
     }
-    for binaries in each_containerd() {
+    for binaries in available_containerds() {
         refused_vm_leaves_nothing_behind(&binaries);
     }
 }
@@ -105,57 +87,7 @@ fn refused_vm_leaves_nothing_behind(binaries: &ContainerdBinaries) {
         containerd.log()
     );
 
-    assert_nothing_left(&containerd, &id);
-}
-
-/// containerd cleaned up the task, the shim (and any VMM) exited, and the
-/// sandbox folder and container record are gone.
-fn assert_nothing_left(containerd: &PrivateContainerd, id: &str) {
-    let started = Instant::now();
-    while !processes_mentioning(id).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "left running: {:?}",
-            processes_mentioning(id)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let sandbox = cloister_shim::sandbox::SandboxDir::new(
-        Path::new(cloister_shim::lifecycle::STATE_DIR),
-        "default",
-        id,
-    )
-    .path;
-    assert!(!sandbox.exists(), "{} left behind", sandbox.display());
-    let containers = containerd.ctr(&["containers", "list", "-q"]);
-    assert!(
-        !String::from_utf8_lossy(&containers.stdout).contains(id),
-        "container record left behind"
-    );
-}
-
-/// A runtime config for the QEMU/TCG backend with the agent image, as TOML
-/// for `CLOISTER_CONFIG`.
-fn qemu_runtime_config(dir: &Path) -> Result<std::path::PathBuf, String> {
-    let guest = guest_support::guest_config()?;
-    let qemu = std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join(&guest.qemu.path))
-                .find(|candidate| candidate.is_file())
-        })
-        .ok_or_else(|| format!("{} not on PATH", guest.qemu.path.display()))?;
-    let path = dir.join("cloister.toml");
-    let text = format!(
-        "hypervisor = \"qemu\"\n[vmm]\npath = \"{}\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = {}\n",
-        guest.vmm.path.display(),
-        qemu.display(),
-        guest.guest.kernel.display(),
-        guest.guest.initramfs.display(),
-        guest_support::AGENT_DEADLINE.as_secs(),
-    );
-    std::fs::write(&path, text).map_err(|e| e.to_string())?;
-    Ok(path)
+    guest_support::assert_nothing_left(&containerd, "default", &id);
 }
 
 /// `ctr run` through containerd, our shim and a real microVM (QEMU/TCG
@@ -169,7 +101,7 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = match qemu_runtime_config(dir.path()) {
+    let config = match guest_support::qemu_runtime_config(dir.path()) {
         Ok(config) => config,
         Err(reason) => {
             eprintln!("SKIP: {reason}");
@@ -181,7 +113,7 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
     std::fs::write(rootfs.join("etc/motd"), "from the host rootfs\n").unwrap();
     let host_release = nix::sys::utsname::uname().unwrap();
     let host_release = host_release.release().to_string_lossy().into_owned();
-    for binaries in each_containerd() {
+    for binaries in available_containerds() {
         eprintln!("private {}", binaries.describe());
         let containerd =
             PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
@@ -217,6 +149,6 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
             "the guest's write did not reach the host rootfs"
         );
         std::fs::remove_file(rootfs.join("tmp/x")).unwrap();
-        assert_nothing_left(&containerd, &id);
+        guest_support::assert_nothing_left(&containerd, "default", &id);
     }
 }

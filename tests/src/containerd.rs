@@ -89,6 +89,23 @@ impl ContainerdBinaries {
     }
 }
 
+/// Debian's containerd (1.x) and 2.x from sid, each when present; a
+/// missing one is printed as a skip, so a test runs under what it can.
+pub fn available_containerds() -> Vec<ContainerdBinaries> {
+    let mut found = Vec::new();
+    match ContainerdBinaries::system() {
+        Some(binaries) => found.push(binaries),
+        None => eprintln!(
+            "SKIP (containerd 1.x): containerd and ctr not on PATH (Debian package containerd)"
+        ),
+    }
+    match ContainerdBinaries::containerd2() {
+        Some(binaries) => found.push(binaries),
+        None => eprintln!("SKIP (containerd 2.x): not fetched (scripts/install-containerd2.sh)"),
+    }
+    found
+}
+
 /// containerd's CRI plugin, set up for pods of the `handler` runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CriSettings {
@@ -125,6 +142,7 @@ impl CriSettings {
             format!(
                 "[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'overlayfs'\n[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = '{image}'\n\
                  [plugins.'io.containerd.cri.v1.runtime']\n  restrict_oom_score_adj = true\n  disable_apparmor = true\n\
+                 [plugins.'io.containerd.cri.v1.runtime'.containerd]\n  default_runtime_name = '{handler}'\n\
                  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}]\n  runtime_type = '{runtime_type}'\n  pod_annotations = ['io.cloister.*']\n\
                  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}.options]\n{options}\
                  [plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = ['{bin}']\n  conf_dir = '{conf}'\n"
@@ -133,7 +151,7 @@ impl CriSettings {
             let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
             format!(
                 "[{cri}]\n  sandbox_image = \"{image}\"\n  restrict_oom_score_adj = true\n  disable_apparmor = true\n\
-                 [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n\
+                 [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n  default_runtime_name = \"{handler}\"\n\
                  [{cri}.containerd.runtimes.{handler}]\n  runtime_type = \"{runtime_type}\"\n  pod_annotations = [\"io.cloister.*\"]\n\
                  [{cri}.containerd.runtimes.{handler}.options]\n{options}\
                  [{cri}.cni]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n"

@@ -364,6 +364,14 @@ mod tests {
     }
 
     #[test]
+    fn fs_device_carries_its_mount_tag() {
+        let kind = VhostUserKind::Fs {
+            tag: "cloister".into(),
+        };
+        assert_eq!(kind.qemu_device(), "vhost-user-fs-device,tag=cloister");
+    }
+
+    #[test]
     fn args_with_vhost_user_device_share_guest_memory_and_attach_the_socket() {
         let mut config = QemuConfig::new(Accel::Tcg, Path::new("/k/vmlinux"), None);
         config.vhost_user.push(VhostUserDevice {

@@ -5,8 +5,10 @@
 #![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use cloister_e2e::agent_guest::AgentGuestFixture;
+use cloister_e2e::containerd::{processes_mentioning, PrivateContainerd};
 use cloister_e2e::qemu::QEMU_BINARY;
 use cloister_shim::config::{
     GuestSection, HypervisorKind, PodVm, QemuAccel, QemuSection, RuntimeConfig, VmmSection,
@@ -93,4 +95,54 @@ pub fn process_gone(pid: u32) -> bool {
         Ok(stat) => stat.contains(") Z "),
         Err(_) => true,
     }
+}
+
+/// containerd cleaned up the task, the shim (and any VMM) exited, and the
+/// sandbox folder and container record are gone.
+pub fn assert_nothing_left(containerd: &PrivateContainerd, namespace: &str, id: &str) {
+    let started = Instant::now();
+    while !processes_mentioning(id).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "left running: {:?}",
+            processes_mentioning(id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sandbox = cloister_shim::sandbox::SandboxDir::new(
+        Path::new(cloister_shim::lifecycle::STATE_DIR),
+        namespace,
+        id,
+    )
+    .path;
+    assert!(!sandbox.exists(), "{} left behind", sandbox.display());
+    let containers = containerd.ctr(&["-n", namespace, "containers", "list", "-q"]);
+    assert!(
+        !String::from_utf8_lossy(&containers.stdout).contains(id),
+        "container record left behind"
+    );
+}
+
+/// A runtime config for the QEMU/TCG backend with the agent image, as TOML
+/// for `CLOISTER_CONFIG`.
+pub fn qemu_runtime_config(dir: &Path) -> Result<PathBuf, String> {
+    let guest = guest_config()?;
+    let qemu = std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(&guest.qemu.path))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or_else(|| format!("{} not on PATH", guest.qemu.path.display()))?;
+    let path = dir.join("cloister.toml");
+    let text = format!(
+        "hypervisor = \"qemu\"\n[vmm]\npath = \"{}\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = {}\n",
+        guest.vmm.path.display(),
+        qemu.display(),
+        guest.guest.kernel.display(),
+        guest.guest.initramfs.display(),
+        AGENT_DEADLINE.as_secs(),
+    );
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    Ok(path)
 }

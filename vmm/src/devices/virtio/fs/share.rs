@@ -27,6 +27,19 @@ use fuse_backend_rs::api::filesystem::{
     SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
+
+/// FUSE options the passthrough file system handles but does not ask for
+/// itself (it leaves them to the server around it, as virtiofsd sets
+/// them): without BIG_WRITES and MAX_PAGES the guest sends every write one
+/// page at a time (18 MiB/s sequential writes under TCG here, against
+/// virtiofsd's 288); AUTO_INVAL_DATA drops the guest's cached pages of a
+/// file the host changed (cache=auto); ASYNC_READ and PARALLEL_DIROPS let
+/// the guest keep several requests in flight.
+const SERVER_OPTIONS: FsOptions = FsOptions::BIG_WRITES
+    .union(FsOptions::MAX_PAGES)
+    .union(FsOptions::ASYNC_READ)
+    .union(FsOptions::PARALLEL_DIROPS)
+    .union(FsOptions::AUTO_INVAL_DATA);
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 type Inode = u64;
@@ -104,7 +117,8 @@ impl FileSystem for ShareFs {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         self.make_thread_fs_private()?;
-        self.inner.init(capable)
+        let wanted = self.inner.init(capable)? | SERVER_OPTIONS;
+        Ok(wanted & capable)
     }
 
     fn destroy(&self) {
