@@ -8,7 +8,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use cloister_e2e::pod_netns::{
-    run, unavailable, PodNetnsPair, TestNetns, PEER_IP, POD_IP, POD_MTU, PREFIX_LEN,
+    run, unavailable, CniBridgePod, PodNetnsPair, TestNetns, CNI_GATEWAY, PEER_IP, POD_IP, POD_MTU,
+    PREFIX_LEN,
 };
 use cloister_shim::network::tc::REDIRECT_FILTER_PREF;
 use cloister_shim::network::{
@@ -457,6 +458,52 @@ async fn network_setup_gives_each_pod_interface_its_own_tap_and_routes() {
     assert_eq!(report.taps_removed.len(), 2, "{report:?}");
     assert_nothing_left(&pair);
     assert!(!qdisc_kinds(&pair.pod, "net1").contains(&"ingress".into()));
+    drop(network);
+}
+
+#[tokio::test]
+async fn network_setup_on_a_real_cni_bridge_pod_and_teardown_before_cni_del() {
+    skip_unless_root!();
+    if let Some(reason) = CniBridgePod::unavailable() {
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    let cni = CniBridgePod::new("cni").unwrap();
+    let veth = json(&cni.pod.ip(&["-j", "addr", "show", "eth0"]).unwrap());
+    let cni_mac = veth[0]["address"].as_str().unwrap().to_string();
+    let cni_ip = veth[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["family"] == "inet")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .unwrap();
+
+    let network = setup_pod_network(&cni.pod.path()).await.unwrap();
+    let interfaces = network.update_interfaces_request();
+    assert_eq!(interfaces.interfaces.len(), 1, "{interfaces:?}");
+    assert_eq!(interfaces.interfaces[0].name, "eth0");
+    assert_eq!(interfaces.interfaces[0].mac_address, cni_mac);
+    assert_eq!(interfaces.interfaces[0].addresses, [cni_ip]);
+    let routes = network.update_routes_request();
+    assert!(
+        routes
+            .routes
+            .iter()
+            .any(|r| r.destination.is_empty() && r.gateway == CNI_GATEWAY && r.device == "eth0"),
+        "{routes:?}"
+    );
+    let redirect = |to: &str| vec![("all".to_string(), "redirect".to_string(), to.to_string())];
+    assert_eq!(
+        redirects(&cni.pod, "eth0", REDIRECT_FILTER_PREF),
+        redirect("tap0_clst")
+    );
+
+    // Teardown first, then CNI DEL (in drop) finds its veth as it left it.
+    let report = teardown_pod_network(&cni.pod.path()).await.unwrap();
+    assert_eq!(report.taps_removed, ["tap0_clst"]);
+    assert!(!link_names(&cni.pod).iter().any(|l| l.ends_with("_clst")));
+    assert!(!qdisc_kinds(&cni.pod, "eth0").contains(&"ingress".into()));
     drop(network);
 }
 

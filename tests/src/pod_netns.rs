@@ -176,3 +176,113 @@ impl PodNetnsPair {
             .to_string())
     }
 }
+
+/// Where Debian's containernetworking-plugins puts the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The subnet [`CniBridgePod`] gets addresses from, and its gateway (the
+/// bridge's address in the node namespace).
+pub const CNI_SUBNET: &str = "10.77.0.0/24";
+pub const CNI_GATEWAY: &str = "10.77.0.1";
+
+/// A pod namespace set up by the real CNI `bridge` plugin (host-local
+/// IPAM), as containerd's CRI plugin would: the plugin runs inside a
+/// "node" namespace, so its bridge and the veth's host end live there and
+/// the host's own network is untouched. Drop runs CNI DEL, then removes
+/// the namespaces and the IPAM state.
+#[derive(Debug)]
+pub struct CniBridgePod {
+    pub pod: TestNetns,
+    pub node: TestNetns,
+    ipam_dir: tempfile::TempDir,
+    container_id: String,
+}
+
+impl CniBridgePod {
+    /// Why the CNI plugins cannot be used here, if they cannot.
+    pub fn unavailable() -> Option<String> {
+        let bridge = std::path::Path::new(CNI_BIN_DIR).join("bridge");
+        (!bridge.exists()).then(|| {
+            format!(
+                "{} missing (Debian package containernetworking-plugins)",
+                bridge.display()
+            )
+        })
+    }
+
+    /// Runs CNI ADD for a new pod namespace.
+    pub fn new(tag: &str) -> Result<Self, PodNetnsError> {
+        let ipam_dir = tempfile::tempdir().map_err(|e| PodNetnsError::Command {
+            command: "tempdir for host-local IPAM".into(),
+            output: e.to_string(),
+        })?;
+        let pod = TestNetns::new(&format!("{tag}-pod"))?;
+        let node = TestNetns::new(&format!("{tag}-node"))?;
+        let container_id = pod.name.clone();
+        let cni = Self {
+            pod,
+            node,
+            ipam_dir,
+            container_id,
+        };
+        cni.plugin("ADD")?;
+        Ok(cni)
+    }
+
+    fn config(&self) -> String {
+        format!(
+            r#"{{"cniVersion":"0.4.0","name":"clst-podnet","type":"bridge","bridge":"clst-br0",
+               "isGateway":true,"ipMasq":false,
+               "ipam":{{"type":"host-local","subnet":"{CNI_SUBNET}","gateway":"{CNI_GATEWAY}",
+                        "routes":[{{"dst":"0.0.0.0/0"}}],"dataDir":"{}"}}}}"#,
+            self.ipam_dir.path().display()
+        )
+    }
+
+    /// Runs the bridge plugin with `command` (ADD or DEL) in the node
+    /// namespace; returns its stdout (the CNI result for ADD).
+    fn plugin(&self, command: &str) -> Result<String, PodNetnsError> {
+        let line = format!("CNI {command} for {}", self.pod.name);
+        let failed = |output: String| PodNetnsError::Command {
+            command: line.clone(),
+            output,
+        };
+        let mut child = self
+            .node
+            .command(&format!("{CNI_BIN_DIR}/bridge"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.container_id)
+            .env("CNI_NETNS", self.pod.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_BIN_DIR)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(e.to_string()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin
+                .write_all(self.config().as_bytes())
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| failed(e.to_string()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            return Err(failed(format!(
+                "{stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(stdout)
+    }
+}
+
+impl Drop for CniBridgePod {
+    fn drop(&mut self) {
+        // As containerd does at StopPodSandbox: CNI DEL, then the
+        // namespace goes (TestNetns's own drop).
+        let _ = self.plugin("DEL");
+    }
+}

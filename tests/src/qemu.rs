@@ -9,7 +9,6 @@
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -86,7 +85,7 @@ impl VhostUserKind {
 
 /// A virtio-net device (QEMU's own, on virtio-mmio) on an open tap: QEMU
 /// inherits `fd` (`-netdev tap,fd=N`); [`QemuMicrovm::spawn`] clears its
-/// close-on-exec flag in the child only.
+/// close-on-exec flag in the child only (the shim's `inherit_in_child`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuTap {
     pub fd: RawFd,
@@ -287,24 +286,7 @@ impl QemuMicrovm {
         let mut command = Command::new(&config.binary);
         command.args(config.args());
         let tap_fds: Vec<RawFd> = config.taps.iter().map(|t| t.fd).collect();
-        if !tap_fds.is_empty() {
-            // SAFETY: the closure runs in the forked child before exec and
-            // only calls fcntl, which is async-signal-safe; it allocates
-            // nothing (the Vec was built before the fork).
-            unsafe {
-                command.pre_exec(move || {
-                    for &fd in &tap_fds {
-                        let flags = libc::fcntl(fd, libc::F_GETFD);
-                        if flags < 0
-                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                        {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
+        cloister_shim::network::inherit_in_child(&mut command, &tap_fds);
         ConsoleProcess::spawn(command)
     }
 }

@@ -10,7 +10,9 @@
 //! namespace) pings the peer and sends a known stream to a TCP listener
 //! the test runs in the peer namespace; the listener checks every byte and
 //! answers, and the container prints the answer. Afterwards teardown
-//! leaves no tap and no qdisc, and the namespaces are removed.
+//! leaves no tap and no qdisc, and the namespaces are removed. A second
+//! test does the same on a pod made by the real CNI bridge plugin, talking
+//! to the bridge's gateway address.
 //!
 //! The guest's interface is configured by the agent (the shim's path), not
 //! by a shell-script `/init`. Skips, with the reason printed,
@@ -25,7 +27,7 @@ use cloister_e2e::agent_guest::{
     busybox_spec, connect_agent, create_request, ctx, run_to_exit, shutdown, AgentGuest,
     AgentGuestFixture, AGENT_DEADLINE,
 };
-use cloister_e2e::pod_netns::{self, PodNetnsPair, PEER_IP};
+use cloister_e2e::pod_netns::{self, CniBridgePod, PodNetnsPair, TestNetns, CNI_GATEWAY, PEER_IP};
 use cloister_e2e::qemu::QemuTap;
 use cloister_shim::network::{setup_pod_network, teardown_pod_network, NetNs, PodNetwork};
 
@@ -77,7 +79,7 @@ fn serve_peer(listener: std::net::TcpListener, deadline: Duration) -> Result<Vec
 
 /// The host side, as the shim will do it: the guest's network from the
 /// pod network, then a container that uses it; returns its stdout.
-async fn drive(uds: &std::path::Path, network: &PodNetwork) -> String {
+async fn drive(uds: &std::path::Path, network: &PodNetwork, peer_ip: &str) -> String {
     let client = connect_agent(uds).await.expect("connect to the agent");
     client
         .update_interfaces(ctx(), &network.update_interfaces_request())
@@ -89,8 +91,8 @@ async fn drive(uds: &std::path::Path, network: &PodNetwork) -> String {
         .expect("UpdateRoutes");
 
     let script = format!(
-        "ip addr show eth0 && ip route && ping -c {PINGS} {PEER_IP} && \
-         seq 1 {SEQ_COUNT} | nc {PEER_IP} {PEER_PORT}"
+        "ip addr show eth0 && ip route && ping -c {PINGS} {peer_ip} && \
+         seq 1 {SEQ_COUNT} | nc {peer_ip} {PEER_PORT}"
     );
     let mut spec = busybox_spec(&["sh", "-c", &script]);
     // busybox ping opens a raw socket.
@@ -110,21 +112,17 @@ fn ping_average_ms(output: &str) -> Option<f64> {
     figures.split('/').nth(1)?.parse().ok()
 }
 
-#[test]
-fn guest_on_pod_tap_pings_and_talks_tcp_to_the_peer_through_tc_redirect() {
-    let fixture = match pod_netns::unavailable().map_or_else(AgentGuestFixture::locate, Err) {
-        Ok(f) => f,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
-    };
-    let pair = PodNetnsPair::new("guest").unwrap();
-    let names = (pair.pod.name.clone(), pair.peer.name.clone());
+/// Plumbs the pod namespace `pod`, boots a guest on it, and has the guest
+/// ping `peer_ip` and stream to a listener made in the `peer` namespace;
+/// checks everything, then tears down and checks nothing is left.
+fn exchange_through_guest(
+    fixture: AgentGuestFixture,
+    pod: &TestNetns,
+    peer: &TestNetns,
+    peer_ip: &str,
+) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let network = runtime
-        .block_on(setup_pod_network(&pair.pod.path()))
-        .unwrap();
+    let network = runtime.block_on(setup_pod_network(&pod.path())).unwrap();
     assert_eq!(network.endpoints.len(), 1, "{network:?}");
     let endpoint = &network.endpoints[0];
     let addresses: Vec<String> = endpoint
@@ -144,12 +142,13 @@ fn guest_on_pod_tap_pings_and_talks_tcp_to_the_peer_through_tc_redirect() {
     );
 
     // The peer's listener: a socket made in the peer namespace.
-    let listener = NetNs::open(&pair.peer.path())
+    let address = (peer_ip.to_string(), PEER_PORT);
+    let listener = NetNs::open(&peer.path())
         .unwrap()
-        .run(|| std::net::TcpListener::bind((PEER_IP, PEER_PORT)))
+        .run(move || std::net::TcpListener::bind(address))
         .unwrap()
         .unwrap();
-    let peer = std::thread::spawn(move || serve_peer(listener, AGENT_DEADLINE * 2));
+    let served = std::thread::spawn(move || serve_peer(listener, AGENT_DEADLINE * 2));
 
     // QEMU (in the host namespace) gets the tap's fd and the veth's MAC.
     let mut guest = AgentGuest::new(fixture).unwrap();
@@ -160,7 +159,7 @@ fn guest_on_pod_tap_pings_and_talks_tcp_to_the_peer_through_tc_redirect() {
     let output = Mutex::new(String::new());
     let (network_ref, output_ref) = (&network, &output);
     guest.run(|uds| async move {
-        let out = drive(&uds, network_ref).await;
+        let out = drive(&uds, network_ref, peer_ip).await;
         *output_ref.lock().unwrap() = out;
     });
     let output = output.into_inner().unwrap();
@@ -173,7 +172,7 @@ fn guest_on_pod_tap_pings_and_talks_tcp_to_the_peer_through_tc_redirect() {
         )),
         "{output}"
     );
-    let received = peer.join().unwrap().expect("peer exchange");
+    let received = served.join().unwrap().expect("peer exchange");
     let expected = seq_output(SEQ_COUNT);
     assert_eq!(received.len(), expected.len());
     assert!(
@@ -191,20 +190,59 @@ fn guest_on_pod_tap_pings_and_talks_tcp_to_the_peer_through_tc_redirect() {
     );
 
     // Teardown (our fd still open) removes the tap and both redirects.
-    let report = runtime
-        .block_on(teardown_pod_network(&pair.pod.path()))
-        .unwrap();
+    let report = runtime.block_on(teardown_pod_network(&pod.path())).unwrap();
     assert_eq!(report.taps_removed, ["tap0_clst"]);
     assert_eq!((report.filters_removed, report.qdiscs_removed), (1, 1));
-    let links = pair.pod.ip(&["-br", "link"]).unwrap();
+    let links = pod.ip(&["-br", "link"]).unwrap();
     assert!(!links.contains("tap0_clst"), "{links}");
-    let qdiscs = pair.pod.tc(&["qdisc", "show", "dev", "eth0"]).unwrap();
+    let qdiscs = pod.tc(&["qdisc", "show", "dev", "eth0"]).unwrap();
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
-    drop(network);
-    drop(pair);
+}
+
+fn assert_namespaces_gone(names: &[String]) {
     let namespaces = pod_netns::run("ip", &["netns", "list"]).unwrap();
     assert!(
-        !namespaces.contains(&names.0) && !namespaces.contains(&names.1),
+        names.iter().all(|n| !namespaces.contains(n.as_str())),
         "{namespaces}"
     );
+}
+
+fn fixture_or_skip_reason() -> Result<AgentGuestFixture, String> {
+    pod_netns::unavailable().map_or_else(AgentGuestFixture::locate, Err)
+}
+
+#[test]
+fn guest_on_pod_tap_pings_and_talks_tcp_to_the_peer_through_tc_redirect() {
+    let fixture = match fixture_or_skip_reason() {
+        Ok(f) => f,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let pair = PodNetnsPair::new("guest").unwrap();
+    let names = [pair.pod.name.clone(), pair.peer.name.clone()];
+    exchange_through_guest(fixture, &pair.pod, &pair.peer, PEER_IP);
+    drop(pair);
+    assert_namespaces_gone(&names);
+}
+
+#[test]
+fn guest_on_a_cni_bridge_pod_reaches_the_gateway_through_tc_redirect() {
+    let fixture = match fixture_or_skip_reason()
+        .and_then(|f| CniBridgePod::unavailable().map_or(Ok(f), Err))
+    {
+        Ok(f) => f,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    // The CNI bridge plugin's pod, as containerd's CRI plugin makes it;
+    // the "peer" is the bridge's gateway address in the node namespace.
+    let cni = CniBridgePod::new("guest-cni").unwrap();
+    let names = [cni.pod.name.clone(), cni.node.name.clone()];
+    exchange_through_guest(fixture, &cni.pod, &cni.node, CNI_GATEWAY);
+    drop(cni);
+    assert_namespaces_gone(&names);
 }

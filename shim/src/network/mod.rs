@@ -14,10 +14,11 @@
 //!
 //! The shim reads [`network_namespace`] from the sandbox container's spec
 //! (host network: refuse; fresh namespace: nothing to do; a path: go on),
-//! calls [`setup_pod_network`] with that path, hands
-//! each [`PodTap::fd`] to the VMM (`cloister-vmm --net fd=N,mac=M` or QEMU
-//! `-netdev tap,fd=N -device virtio-net-device,mac=M` with the veth's MAC
-//! from [`PodEndpoint::guest_mac`]), sends the agent
+//! calls [`setup_pod_network`] with that path, hands each [`PodTap::fd`]
+//! to the VMM it spawns ([`inherit_in_child`]; `cloister-vmm --net
+//! fd=N,mac=M` or QEMU `-netdev tap,fd=N -device
+//! virtio-net-device,mac=M`, with the veth's MAC from
+//! [`PodEndpoint::guest_mac`]), sends the agent
 //! [`PodNetwork::update_interfaces_request`] and
 //! [`PodNetwork::update_routes_request`], and calls
 //! [`teardown_pod_network`] when the sandbox goes.
@@ -37,4 +38,4 @@ pub use pod_network::{
     PodNetworkError, PodTap, TeardownReport,
 };
 pub use pod_spec::{network_namespace, PodNetworkNamespace, PodSpecError};
-pub use tap::{clear_cloexec, TapError, TapName};
+pub use tap::{clear_cloexec, inherit_in_child, TapError, TapName};

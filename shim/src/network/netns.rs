@@ -10,11 +10,15 @@
 //! sockets and devices; everything else runs on the caller's runtime.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
 use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
+
+/// `NS_GET_NSTYPE` (`_IO(0xb7, 0x3)`, linux/nsfs.h): the namespace's
+/// CLONE_NEW* type.
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
 /// Errors opening or entering a network namespace.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +37,9 @@ pub enum NetnsError {
         "network namespace {path:?} is not a namespace file (a bind mount of /proc/PID/ns/net)"
     )]
     NotNamespace { path: PathBuf },
-    #[error(
-        "network namespace {path:?}: cannot enter (not a network namespace, or no CAP_SYS_ADMIN)"
-    )]
+    #[error("network namespace {path:?} is another kind of namespace")]
+    NotNetwork { path: PathBuf },
+    #[error("network namespace {path:?}: cannot enter (no CAP_SYS_ADMIN?)")]
     Enter {
         path: PathBuf,
         #[source]
@@ -70,7 +74,8 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Opens `path` and checks that it is a namespace file.
+    /// Opens `path` and checks that it is a network namespace file (whether
+    /// we may enter it shows at the first [`Self::run`]).
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
         if !path.is_absolute() {
             return Err(NetnsError::NotAbsolute {
@@ -95,15 +100,18 @@ impl NetNs {
                 path: path.to_path_buf(),
             });
         }
-        let netns = Self {
+        // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd,
+        // which `file` keeps open across the call.
+        let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+        if kind != libc::CLONE_NEWNET {
+            return Err(NetnsError::NotNetwork {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Self {
             path: path.to_path_buf(),
             file,
-        };
-        // Entering it once proves it is a *network* namespace (setns checks
-        // the type against CLONE_NEWNET) and that we may enter it, so later
-        // steps fail only for reasons of their own.
-        netns.run(|| ())?;
-        Ok(netns)
+        })
     }
 
     /// The path it was opened from.
@@ -208,12 +216,12 @@ mod tests {
     }
 
     #[test]
-    fn open_of_another_namespace_type_cannot_be_entered_as_network() {
-        // The mount namespace file is on nsfs too, but setns(CLONE_NEWNET)
-        // refuses it (or, unprivileged, refuses any namespace).
+    fn open_of_another_namespace_type_is_not_network() {
+        // The mount namespace file is on nsfs too.
         let err = NetNs::open(Path::new("/proc/self/ns/mnt")).unwrap_err();
-        assert!(matches!(err, NetnsError::Enter { .. }), "{err:?}");
+        assert!(matches!(err, NetnsError::NotNetwork { .. }), "{err:?}");
         assert!(err.to_string().contains("/proc/self/ns/mnt"), "{err}");
+        assert!(NetNs::open(Path::new("/proc/self/ns/net")).is_ok());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! `cloister-vmm --net fd=N` and QEMU `-netdev tap,fd=N` expect).
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The clone device of the tun/tap driver.
@@ -153,6 +153,39 @@ pub fn clear_cloexec(fd: BorrowedFd<'_>) -> Result<(), TapError> {
     Ok(())
 }
 
+/// Makes a child spawned from `command` inherit `fds` at the same numbers
+/// (for `cloister-vmm --net fd=N` or QEMU `-netdev tap,fd=N`), while they
+/// stay close-on-exec in this process, so no other child gets them. Keep
+/// the fds open until `command` is spawned; once the child runs, this
+/// process may close its copies: the tap lives as long as the child holds
+/// it.
+///
+/// Plain fd numbers: nothing is done to them in this process, and in the
+/// child a number that is not open makes the spawn fail with EBADF.
+pub fn inherit_in_child(command: &mut std::process::Command, fds: &[RawFd]) {
+    use std::os::unix::process::CommandExt;
+    if fds.is_empty() {
+        // No pre_exec hook: std can then spawn without a plain fork.
+        return;
+    }
+    let raw = fds.to_vec();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it calls fcntl alone, on numbers
+    // captured before the fork, and allocates nothing. (An fd closed before
+    // the spawn makes fcntl fail with EBADF, which spawn then reports.)
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &raw {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +230,39 @@ mod tests {
         assert!(!TapName::is_ours("tapx_clst"));
         assert!(!TapName::is_ours("eth0"));
         assert!(!TapName::is_ours("tap0_kata"));
+    }
+
+    #[test]
+    fn inherit_in_child_passes_only_the_named_fds() {
+        let passed = tempfile::tempfile().unwrap();
+        let kept = tempfile::tempfile().unwrap();
+        let (passed_fd, kept_fd) = (passed.as_raw_fd(), kept.as_raw_fd());
+        let mut command = std::process::Command::new("sh");
+        command.arg("-c").arg(format!(
+            "test -e /proc/self/fd/{passed_fd} && ! test -e /proc/self/fd/{kept_fd}"
+        ));
+        inherit_in_child(&mut command, &[passed_fd]);
+        let status = command.status().unwrap();
+        assert!(
+            status.success(),
+            "fd {passed_fd} not inherited or {kept_fd} leaked"
+        );
+        // The parent's copy stays close-on-exec.
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        let flags = FdFlag::from_bits_truncate(
+            fcntl(std::os::fd::AsFd::as_fd(&passed), FcntlArg::F_GETFD).unwrap(),
+        );
+        assert!(flags.contains(FdFlag::FD_CLOEXEC));
+    }
+
+    #[test]
+    fn inherit_in_child_of_closed_fd_fails_the_spawn() {
+        // Far above any fd this process has (tests run on threads that
+        // open and close files: a just-closed number could be reused).
+        let closed = i32::MAX - 1;
+        let mut command = std::process::Command::new("true");
+        inherit_in_child(&mut command, &[closed]);
+        assert!(command.status().is_err());
     }
 
     #[test]
