@@ -737,6 +737,31 @@ mod tests {
         assert_eq!(shim_grouping("app", &a), "app");
     }
 
+    #[tokio::test]
+    async fn host_network_pod_is_refused_unless_allowed_and_fresh_netns_needs_nothing() {
+        let host = serde_json::json!({ "linux": { "namespaces": [{ "type": "pid" }] } });
+        let error = plumb_network(&RuntimeConfig::default(), &host)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SandboxError::HostNetwork));
+        assert!(error.to_string().contains("allow_host_network"), "{error}");
+        let mut allowing = RuntimeConfig::default();
+        allowing.network.allow_host_network = true;
+        assert!(plumb_network(&allowing, &host).await.unwrap().is_none());
+        let fresh = serde_json::json!({ "linux": { "namespaces": [{ "type": "network" }] } });
+        assert!(plumb_network(&RuntimeConfig::default(), &fresh)
+            .await
+            .unwrap()
+            .is_none());
+        let missing = serde_json::json!({ "linux": { "namespaces": [
+            { "type": "network", "path": "/nonexistent/netns" }
+        ] } });
+        let error = plumb_network(&RuntimeConfig::default(), &missing)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/netns"), "{error}");
+    }
+
     #[test]
     fn guest_hostname_is_the_specs_or_the_short_sandbox_id() {
         let id = "4005c68af63f131b0ff49734e096ad22";
