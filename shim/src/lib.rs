@@ -9,6 +9,7 @@ pub mod events;
 pub mod guest_spec;
 pub mod io;
 pub mod lifecycle;
+pub mod network;
 pub mod sandbox;
 pub mod service;
 pub mod stats;

@@ -17,6 +17,8 @@ use tokio::sync::Mutex;
 use crate::compat;
 use crate::container::ExitReason;
 use crate::events::{forward_to_containerd, timestamp, EventSender};
+use crate::network::{network_namespace, PodNetworkNamespace};
+use crate::sandbox::unplumb_network;
 use crate::sandbox::{
     bundle_annotations, mounts_below, shim_grouping, unmount_rootfs, SandboxDir, VmLauncher,
 };
@@ -165,6 +167,16 @@ impl Shim for CloisterShim {
         }
         if let Err(e) = dir.remove() {
             tracing::warn!("{e}");
+        }
+        // containerd runs `delete` in the bundle: the pod's taps and
+        // redirects in its network namespace go too (idempotent).
+        let spec = std::fs::read("config.json")
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+        if let Some(PodNetworkNamespace::Path(netns)) =
+            spec.and_then(|spec| network_namespace(&spec).ok())
+        {
+            unplumb_network(&netns).await;
         }
         Ok(DeleteResponse {
             exit_status: ExitReason::SandboxGone.exit_status(),

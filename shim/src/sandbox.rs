@@ -14,6 +14,7 @@
 //! container's rootfs is mounted as `shared/<container id>/rootfs`.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +24,14 @@ use cloister_protocol::agent;
 use containerd_shim_protos::api::Mount;
 
 use crate::agent_client::{AgentClient, AgentEndpoint, AgentError};
+use crate::config::VmNic;
 use crate::config::{ConfigError, ConfigSource, RuntimeConfig};
 use crate::container::ContainerKind;
 use crate::guest_spec::SharedMount;
+use crate::network::{
+    network_namespace, setup_pod_network, teardown_pod_network, PodNetwork, PodNetworkError,
+    PodNetworkNamespace, PodSpecError,
+};
 use crate::vmm_client::{hypervisor_for, ChildExit, Hypervisor, HypervisorError, VmPaths};
 
 /// CRI's annotations naming a container's role and pod.
@@ -51,6 +57,14 @@ pub enum SandboxError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "pod uses the host's network namespace, which a VM cannot join; set network.allow_host_network = true in the runtime config to run it without a network"
+    )]
+    HostNetwork,
+    #[error(transparent)]
+    NetworkSpec(#[from] PodSpecError),
+    #[error(transparent)]
+    Network(#[from] PodNetworkError),
     #[error("mount rootfs of {container_id} at {target}: {reason}")]
     Rootfs {
         container_id: String,
@@ -381,6 +395,16 @@ pub fn shared_rootfs(container_id: &str) -> agent::Rootfs {
     rootfs
 }
 
+/// The guest's host name: the spec's (CRI sets the pod's), else the first
+/// 12 characters of the sandbox id, as Docker names a container's host —
+/// a VM has no host name of its own to inherit, as a runc container does.
+pub fn guest_hostname(spec: &serde_json::Value, sandbox_id: &str) -> String {
+    match spec.get("hostname").and_then(|h| h.as_str()) {
+        Some(name) if !name.is_empty() => name.to_string(),
+        _ => sandbox_id.chars().take(12).collect(),
+    }
+}
+
 /// The SetupSandbox request: the shared folder mounted in the guest.
 pub fn setup_request(hostname: &str) -> agent::SetupSandboxRequest {
     let mut request = agent::SetupSandboxRequest::new();
@@ -399,6 +423,8 @@ pub struct PodSandbox {
     pub agent: Arc<dyn AgentClient>,
     pub dir: SandboxDir,
     hypervisor: Option<Box<dyn Hypervisor>>,
+    /// The pod's network namespace whose taps and redirects we made.
+    netns: Option<PathBuf>,
     /// Set once the VM or the agent connection is gone.
     gone: std::sync::atomic::AtomicBool,
 }
@@ -415,8 +441,16 @@ impl PodSandbox {
             agent,
             dir,
             hypervisor,
+            netns: None,
             gone: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records the network namespace plumbed for this pod, to undo on
+    /// shutdown.
+    pub fn with_network(mut self, netns: Option<PathBuf>) -> Self {
+        self.netns = netns;
+        self
     }
 
     /// Records that the guest can no longer be reached.
@@ -446,7 +480,7 @@ impl PodSandbox {
     }
 
     /// Agent shutdown, then the VMM stopped (SIGKILL after the grace
-    /// period), then the folder removed.
+    /// period), then the pod's taps and redirects removed, then the folder.
     pub async fn shut_down(&self) -> Result<(), SandboxError> {
         if let Err(e) = self.agent.shutdown().await {
             tracing::warn!(sandbox = %self.id, "agent shutdown: {e}");
@@ -454,7 +488,34 @@ impl PodSandbox {
         if let Some(hypervisor) = &self.hypervisor {
             hypervisor.stop(VMM_STOP_GRACE).await;
         }
+        if let Some(netns) = &self.netns {
+            unplumb_network(netns).await;
+        }
         self.dir.remove()
+    }
+}
+
+/// The pod's network, set up in the namespace CNI made before the VM
+/// starts: `None` for a fresh, empty namespace (`ctr run`) and for a
+/// host-network pod the config allows.
+pub async fn plumb_network(
+    config: &RuntimeConfig,
+    spec: &serde_json::Value,
+) -> Result<Option<PodNetwork>, SandboxError> {
+    match network_namespace(spec)? {
+        PodNetworkNamespace::Fresh => Ok(None),
+        PodNetworkNamespace::Host if config.network.allow_host_network => Ok(None),
+        PodNetworkNamespace::Host => Err(SandboxError::HostNetwork),
+        PodNetworkNamespace::Path(path) => Ok(Some(setup_pod_network(&path).await?)),
+    }
+}
+
+/// Removes the pod's taps and redirects (logged, not failed: the sandbox
+/// goes on being cleaned up).
+pub async fn unplumb_network(netns: &Path) {
+    match teardown_pod_network(netns).await {
+        Ok(report) => tracing::info!(netns = %netns.display(), "pod network removed: {report:?}"),
+        Err(e) => tracing::warn!(netns = %netns.display(), "pod network teardown: {e}"),
     }
 }
 
@@ -510,9 +571,26 @@ impl SandboxLauncher for VmLauncher {
         let env = std::env::var(crate::config::CONFIG_ENV).ok();
         let source = ConfigSource::resolve(options_config_path.as_deref(), env.as_deref());
         let config = RuntimeConfig::load(&source)?;
-        let vm = config.pod_vm(&bundle_annotations(spec))?;
+        let mut vm = config.pod_vm(&bundle_annotations(spec))?;
+        let network = plumb_network(&config, spec).await?;
+        let netns = network.as_ref().map(|n| n.netns.clone());
+        if let Some(network) = &network {
+            vm.nics = network
+                .endpoints
+                .iter()
+                .map(|e| VmNic {
+                    tap_fd: e.tap.fd.as_raw_fd(),
+                    mac: e.guest_mac(),
+                })
+                .collect();
+        }
         let dir = SandboxDir::new(&self.state_dir, &self.namespace, sandbox_id);
-        dir.create()?;
+        if let Err(e) = dir.create() {
+            if let Some(netns) = &netns {
+                unplumb_network(netns).await;
+            }
+            return Err(e);
+        }
         let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
         let connected = async {
             hypervisor.start().await?;
@@ -521,24 +599,33 @@ impl SandboxLauncher for VmLauncher {
             };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
             let agent = endpoint.connect_until(timeout).await?;
-            let hostname = spec
-                .get("hostname")
-                .and_then(|h| h.as_str())
-                .unwrap_or_default();
-            agent.setup_sandbox(setup_request(hostname)).await?;
+            agent
+                .setup_sandbox(setup_request(&guest_hostname(spec, sandbox_id)))
+                .await?;
+            if let Some(network) = &network {
+                agent
+                    .update_network(
+                        network.update_interfaces_request(),
+                        network.update_routes_request(),
+                    )
+                    .await?;
+            }
             Ok::<_, SandboxError>(agent)
         }
         .await;
+        // The VMM holds its own copies of the tap fds now.
+        drop(network);
         match connected {
-            Ok(agent) => Ok(PodSandbox::new(
-                sandbox_id,
-                Arc::new(agent),
-                dir,
-                Some(hypervisor),
-            )),
+            Ok(agent) => Ok(
+                PodSandbox::new(sandbox_id, Arc::new(agent), dir, Some(hypervisor))
+                    .with_network(netns),
+            ),
             Err(e) => {
                 // Nothing of a failed start stays behind.
                 hypervisor.stop(VMM_STOP_GRACE).await;
+                if let Some(netns) = &netns {
+                    unplumb_network(netns).await;
+                }
                 if let Err(cleanup) = dir.remove() {
                     tracing::warn!("{cleanup}");
                 }
@@ -648,6 +735,45 @@ mod tests {
         let err = pod_membership("app", &a).unwrap_err();
         assert!(err.to_string().contains(CRI_SANDBOX_ID), "{err}");
         assert_eq!(shim_grouping("app", &a), "app");
+    }
+
+    #[tokio::test]
+    async fn host_network_pod_is_refused_unless_allowed_and_fresh_netns_needs_nothing() {
+        let host = serde_json::json!({ "linux": { "namespaces": [{ "type": "pid" }] } });
+        let error = plumb_network(&RuntimeConfig::default(), &host)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SandboxError::HostNetwork));
+        assert!(error.to_string().contains("allow_host_network"), "{error}");
+        let mut allowing = RuntimeConfig::default();
+        allowing.network.allow_host_network = true;
+        assert!(plumb_network(&allowing, &host).await.unwrap().is_none());
+        let fresh = serde_json::json!({ "linux": { "namespaces": [{ "type": "network" }] } });
+        assert!(plumb_network(&RuntimeConfig::default(), &fresh)
+            .await
+            .unwrap()
+            .is_none());
+        let missing = serde_json::json!({ "linux": { "namespaces": [
+            { "type": "network", "path": "/nonexistent/netns" }
+        ] } });
+        let error = plumb_network(&RuntimeConfig::default(), &missing)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/netns"), "{error}");
+    }
+
+    #[test]
+    fn guest_hostname_is_the_specs_or_the_short_sandbox_id() {
+        let id = "4005c68af63f131b0ff49734e096ad22";
+        assert_eq!(
+            guest_hostname(&serde_json::json!({ "hostname": "web-0" }), id),
+            "web-0"
+        );
+        assert_eq!(guest_hostname(&serde_json::json!({}), id), "4005c68af63f");
+        assert_eq!(
+            guest_hostname(&serde_json::json!({ "hostname": "" }), "ab"),
+            "ab"
+        );
     }
 
     #[test]

@@ -66,6 +66,14 @@ impl AgentClient for FakeAgent {
         self.log("setup".into());
         Ok(())
     }
+    async fn update_network(
+        &self,
+        interfaces: agent::UpdateInterfacesRequest,
+        _: agent::UpdateRoutesRequest,
+    ) -> Result<(), AgentError> {
+        self.log(format!("network {}", interfaces.interfaces.len()));
+        Ok(())
+    }
     async fn create_container(
         &self,
         req: agent::CreateContainerRequest,

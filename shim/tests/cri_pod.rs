@@ -158,7 +158,50 @@ async fn wait_exited(client: &mut CriClient, id: &str) -> i32 {
     }
 }
 
-async fn drive_pod(containerd: &PrivateContainerd, dir: &Path, host_boot_id: &str) -> String {
+/// Runs one container to its exit; returns its exit code and log text.
+async fn run_container(
+    client: &mut CriClient,
+    dir: &Path,
+    sandbox_id: &str,
+    config: &cri::PodSandboxConfig,
+    name: &str,
+    script: &str,
+) -> (i32, String) {
+    let id = client
+        .runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox_id.into(),
+            config: Some(container_config(name, script)),
+            sandbox_config: Some(config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    client
+        .runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    let code = wait_exited(client, &id).await;
+    let log = std::fs::read_to_string(dir.join("logs").join(format!("{name}.log")))
+        .unwrap_or_else(|e| panic!("log of {name}: {e}"));
+    client
+        .runtime
+        .remove_container(cri::RemoveContainerRequest { container_id: id })
+        .await
+        .unwrap();
+    (code, cri_log_text(&log))
+}
+
+async fn drive_pod(
+    containerd: &PrivateContainerd,
+    dir: &Path,
+    host_boot_id: &str,
+    bridge: &str,
+) -> String {
     let mut client = CriClient::connect(&containerd.socket()).await.unwrap();
     let version = client
         .runtime
@@ -192,6 +235,29 @@ async fn drive_pod(containerd: &PrivateContainerd, dir: &Path, host_boot_id: &st
         .unwrap();
     let pod_ip = status.network.map(|n| n.ip).unwrap_or_default();
     assert!(!pod_ip.is_empty(), "CNI gave the pod no address");
+
+    // The guest sits on the pod's network: it has the pod's address and
+    // reaches the CNI bridge (given an address here: the config makes no
+    // gateway) through the tap and the tc redirects.
+    let gateway = format!("{}.254", pod_ip.rsplit_once('.').unwrap().0);
+    let added = std::process::Command::new("ip")
+        .args(["addr", "add", &format!("{gateway}/24"), "dev", bridge])
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let (code, out) = run_container(
+        &mut client,
+        dir,
+        &sandbox_id,
+        &config,
+        "net",
+        &format!("ip -4 -o addr show; ping -c 2 -W 10 {gateway}"),
+    )
+    .await;
+    println!("pod network from inside the guest:\n{out}");
+    assert!(out.contains(&format!("inet {pod_ip}/")), "{out}");
+    assert_eq!(code, 0, "ping {gateway} failed: {out}");
+    assert!(out.contains("2 packets received"), "{out}");
 
     // Two containers; each prints the guest's boot id: equal means one VM.
     let script = "echo boot $(cat /proc/sys/kernel/random/boot_id); echo kernel $(uname -r); \
@@ -327,7 +393,12 @@ fn run_pod_under(binaries: &ContainerdBinaries, index: usize) {
         .to_string();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(drive_pod(&containerd, dir.path(), &host_boot_id))
+        runtime.block_on(drive_pod(
+            &containerd,
+            dir.path(),
+            &host_boot_id,
+            &cni.bridge,
+        ))
     }));
     let sandbox_id = match outcome {
         Ok(id) => id,

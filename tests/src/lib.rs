@@ -8,6 +8,8 @@
 //! - [`cloister_vmm`]: boots the same image the same way in `cloister-vmm`.
 //! - [`hybrid_vsock`]: the host side of hybrid vsock and of the vsock
 //!   probe's modes (echo, concurrent echo, bulk with checksums).
+//! - [`pod_netns`]: a pod and a peer network namespace joined by a veth
+//!   pair, removed on drop, for the pod network tests.
 //! - [`vhost_user`]: vhost-user back ends for QEMU (ours, the
 //!   `vhost-device-vsock` peer) and the vsock probe guest run.
 //! - [`containerd`]: a private containerd (1.6 or 2.x) and busybox root
@@ -27,5 +29,6 @@ pub mod cri;
 pub mod guest_image;
 pub mod hybrid_vsock;
 pub mod oci_image;
+pub mod pod_netns;
 pub mod qemu;
 pub mod vhost_user;

@@ -17,7 +17,8 @@ use crate::boot::loader::{load_initrd, load_kernel, write_boot_info, LoaderError
 use crate::boot::mptable::{write_mptable, MptableError};
 use crate::boot::regs::{setup_boot_vcpu, setup_lapic_lints, setup_msrs, BootEntry, RegsError};
 use crate::config::{
-    validate_resources, ConfigError, VirtioConsoleOutput, VirtioDevicesConfig, VmConfig,
+    validate_resources, ConfigError, NetConfig, TapSource, VirtioConsoleOutput,
+    VirtioDevicesConfig, VmConfig,
 };
 use crate::cpuid::{cpuid_for_vcpu, CpuTemplate};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
@@ -30,6 +31,7 @@ use crate::devices::virtio::console::{ConsoleDevice, ConsoleError, ConsoleOutput
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::event_loop::{EventLoopError, VirtioThread};
 use crate::devices::virtio::fs::{self, FsDevice, FsError};
+use crate::devices::virtio::net::{NetDevice, NetError, Tap};
 use crate::devices::virtio::rng::RngDevice;
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::exit::{ExitSignal, VmExit};
@@ -151,6 +153,8 @@ pub enum BuildError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("raw payload of {len} bytes at {addr:#x} does not fit guest memory: {source}")]
     Payload {
         addr: u64,
@@ -421,6 +425,39 @@ fn create_virtio_devices(
             request_queues: share.request_queues,
         })?;
         devices.push(Box::new(device.with_name(format!("fs{index}"))));
+    }
+    for device in create_net_devices(&config.net)? {
+        devices.push(Box::new(device));
+    }
+    Ok(devices)
+}
+
+/// One virtio-net device per NIC, named `net0`, `net1`, ...
+fn create_net_devices(nics: &[NetConfig]) -> Result<Vec<NetDevice>, BuildError> {
+    // Inherited fds are adopted before any tap is opened by name, so an fd
+    // number can never be one of this process's own taps (adopting that
+    // would close it twice).
+    let mut taps = Vec::with_capacity(nics.len());
+    for nic in nics {
+        taps.push(match nic.source()? {
+            TapSource::Fd(fd) => Some(Tap::adopt_fd(fd)?),
+            TapSource::Name(_) => None,
+        });
+    }
+    let mut devices = Vec::with_capacity(nics.len());
+    for (index, (nic, adopted)) in nics.iter().zip(taps).enumerate() {
+        let tap = match (adopted, nic.source()?) {
+            (Some(tap), _) => tap,
+            (None, TapSource::Name(name)) => Tap::open(name)?,
+            (None, TapSource::Fd(fd)) => Tap::adopt_fd(fd)?,
+        };
+        let device = NetDevice::new(format!("net{index}"), Box::new(tap), nic.mac)?;
+        tracing::info!(
+            "net{index}: tap {} with mac {}",
+            device.backend_name(),
+            device.mac()
+        );
+        devices.push(device);
     }
     Ok(devices)
 }

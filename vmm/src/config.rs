@@ -16,9 +16,9 @@ use crate::cpuid::CpuTemplate;
 mod devices;
 pub use crate::devices::virtio::fs::CacheMode;
 pub use devices::{
-    BlockConfig, ConsoleConfig, VirtioConsoleOutput, VirtioDevicesConfig, VsockConfig,
-    MAX_BLOCK_DEVICES, MAX_BLOCK_SERIAL_BYTES, MAX_GUEST_CID, MAX_VSOCK_UDS_PATH_BYTES,
-    MIN_GUEST_CID,
+    BlockConfig, ConsoleConfig, NetConfig, TapSource, VirtioConsoleOutput, VirtioDevicesConfig,
+    VsockConfig, MAX_BLOCK_DEVICES, MAX_BLOCK_SERIAL_BYTES, MAX_GUEST_CID,
+    MAX_VSOCK_UDS_PATH_BYTES, MIN_GUEST_CID,
 };
 pub use devices::{FsConfig, MAX_FS_DEVICES};
 
@@ -113,6 +113,9 @@ pub struct VmConfig {
     /// virtio-fs shares, one device each.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// virtio-net NICs, each on a tap.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 fn default_cmdline() -> String {
@@ -165,6 +168,7 @@ impl VmConfig {
             block: Vec::new(),
             console: None,
             fs: Vec::new(),
+            net: Vec::new(),
         }
     }
 
@@ -176,6 +180,7 @@ impl VmConfig {
             block: self.block.clone(),
             console: self.console.clone(),
             fs: self.fs.clone(),
+            net: self.net.clone(),
         }
     }
 
@@ -369,6 +374,38 @@ mod tests {
         assert!(err.to_string().contains("never"), "{err}");
         let err = parse(r#"{"kernel": "/k", "fs": [{"tag": "t", "path": "/d"}]}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `path`"), "{err}");
+    }
+
+    #[test]
+    fn config_with_nics_parses_and_validates() {
+        let cfg = parse(
+            r#"{"kernel": "/k",
+                "net": [{"tap": "tap0", "mac": "02:00:00:00:00:01"}, {"fd": 3}]}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let devices = cfg.devices();
+        assert_eq!(devices.net.len(), 2);
+        assert_eq!(devices.net[0].source().unwrap(), TapSource::Name("tap0"));
+        assert_eq!(devices.net[1].source().unwrap(), TapSource::Fd(3));
+        assert_eq!(devices.count(), 2);
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            text.contains(r#""net":[{"tap":"tap0","mac":"02:00:00:00:00:01"},{"fd":3}]"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn config_with_bad_nic_names_the_value() {
+        let err = parse(r#"{"kernel": "/k", "net": [{"tap": "t0", "mac": "ff:ff:ff:ff:ff:ff"}]}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("ff:ff:ff:ff:ff:ff"), "{err}");
+        let err = parse(r#"{"kernel": "/k", "net": [{"tap": "t0", "queues": 2}]}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `queues`"), "{err}");
+        let cfg = parse(r#"{"kernel": "/k", "net": [{"tap": "t0", "fd": 4}]}"#).unwrap();
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("net = tap=t0,fd=4"), "{msg}");
     }
 
     #[test]

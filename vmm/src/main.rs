@@ -11,7 +11,8 @@ use anyhow::Context;
 use clap::Parser;
 use cloister_vmm::builder::{run_vm, VmSpec};
 use cloister_vmm::config::{
-    BlockConfig, ConsoleConfig, FsConfig, SerialOutput, VirtioConsoleOutput, VmConfig, VsockConfig,
+    BlockConfig, ConsoleConfig, FsConfig, NetConfig, SerialOutput, VirtioConsoleOutput, VmConfig,
+    VsockConfig,
 };
 use cloister_vmm::cpuid::CpuTemplate;
 use cloister_vmm::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
@@ -61,6 +62,11 @@ struct Args {
     /// repeat for more shares (replaces the config file's list).
     #[arg(long)]
     fs: Vec<FsConfig>,
+    /// Add a virtio-net NIC on a tap: tap=NAME or fd=N (an inherited tap
+    /// fd), optionally ,mac=02:xx:xx:xx:xx:xx; repeat for more NICs
+    /// (replaces the config file's list).
+    #[arg(long)]
+    net: Vec<NetConfig>,
     /// Add a virtio console (hvc0) writing to stdout, none or file:PATH.
     #[arg(long)]
     console: Option<VirtioConsoleOutput>,
@@ -120,6 +126,9 @@ impl Args {
         }
         if !self.fs.is_empty() {
             cfg.fs = self.fs;
+        }
+        if !self.net.is_empty() {
+            cfg.net = self.net;
         }
         if let Some(output) = self.console {
             cfg.console = Some(ConsoleConfig { output });

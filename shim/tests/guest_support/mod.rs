@@ -48,6 +48,7 @@ pub fn guest_vm() -> PodVm {
         memory_mib: 512,
         kernel_params: String::new(),
         shared_fs: false,
+        nics: Vec::new(),
     }
 }
 

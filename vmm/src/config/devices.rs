@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use super::ConfigError;
 use crate::boot::layout::MAX_VIRTIO_DEVICES;
 use crate::devices::virtio::fs::{validate_tag, CacheMode, MAX_REQUEST_QUEUES};
+use crate::devices::virtio::net::tap::valid_tap_name;
+use crate::devices::virtio::net::MacAddress;
 
 /// Largest number of virtio-blk disks (each takes one of the
 /// [`MAX_VIRTIO_DEVICES`] interrupt lines).
@@ -129,6 +131,115 @@ impl<'de> Deserialize<'de> for VirtioConsoleOutput {
 #[serde(deny_unknown_fields)]
 pub struct ConsoleConfig {
     pub output: VirtioConsoleOutput,
+}
+
+/// One virtio-net NIC on a tap device: opened by name (`tap`), or adopted
+/// from a file descriptor the parent process opened (in the pod's network
+/// namespace) and left open (`fd`). Exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// The guest's MAC address; a random locally administered one if
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddress>,
+}
+
+/// Where a NIC's tap comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapSource<'a> {
+    Name(&'a str),
+    Fd(i32),
+}
+
+impl fmt::Display for NetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(tap) = &self.tap {
+            parts.push(format!("tap={tap}"));
+        }
+        if let Some(fd) = self.fd {
+            parts.push(format!("fd={fd}"));
+        }
+        if let Some(mac) = self.mac {
+            parts.push(format!("mac={mac}"));
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl NetConfig {
+    /// The tap to use, or why the NIC names none or two.
+    pub fn source(&self) -> Result<TapSource<'_>, ConfigError> {
+        match (&self.tap, self.fd) {
+            (Some(name), None) => Ok(TapSource::Name(name)),
+            (None, Some(fd)) => Ok(TapSource::Fd(fd)),
+            _ => Err(ConfigError::Invalid {
+                field: "net",
+                value: self.to_string(),
+                reason: "needs exactly one of tap=NAME or fd=N".into(),
+            }),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.source()? {
+            TapSource::Name(name) if !valid_tap_name(name) => Err(ConfigError::Invalid {
+                field: "net.tap",
+                value: name.to_string(),
+                reason: "an interface name is 1 to 15 bytes without '/'".into(),
+            }),
+            TapSource::Fd(fd) if fd < 3 => Err(ConfigError::Invalid {
+                field: "net.fd",
+                value: fd.to_string(),
+                reason: "must be an inherited descriptor, 3 or more (0-2 are stdio)".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `--net tap=tap0[,mac=02:00:00:00:00:01]` or `--net fd=3[,mac=...]`
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cfg = NetConfig {
+            tap: None,
+            fd: None,
+            mac: None,
+        };
+        for (key, value) in key_values("net", s)? {
+            let invalid = |field, reason: String| ConfigError::Invalid {
+                field,
+                value: value.to_string(),
+                reason,
+            };
+            match key {
+                "tap" => cfg.tap = Some(value.to_string()),
+                "fd" => {
+                    cfg.fd = Some(
+                        value
+                            .parse()
+                            .map_err(|e| invalid("net.fd", format!("{e}")))?,
+                    )
+                }
+                "mac" => {
+                    cfg.mac = Some(
+                        value
+                            .parse()
+                            .map_err(|e| invalid("net.mac", format!("{e}")))?,
+                    )
+                }
+                _ => return Err(unknown_key("net", s, key, "tap, fd, mac")),
+            }
+        }
+        cfg.source()?;
+        Ok(cfg)
+    }
 }
 
 /// Splits a command-line device spec `key=value,key=value` into pairs;
@@ -360,6 +471,7 @@ pub struct VirtioDevicesConfig {
     pub block: Vec<BlockConfig>,
     pub console: Option<ConsoleConfig>,
     pub fs: Vec<FsConfig>,
+    pub net: Vec<NetConfig>,
 }
 
 impl VirtioDevicesConfig {
@@ -370,6 +482,7 @@ impl VirtioDevicesConfig {
             + usize::from(self.console.is_some())
             + self.block.len()
             + self.fs.len()
+            + self.net.len()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -422,6 +535,7 @@ impl VirtioDevicesConfig {
                 });
             }
         }
+        self.validate_net()?;
         if self.count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::Invalid {
                 field: "devices",
@@ -430,6 +544,37 @@ impl VirtioDevicesConfig {
                     "at most {MAX_VIRTIO_DEVICES} virtio devices fit the interrupt lines"
                 ),
             });
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevicesConfig {
+    /// Each NIC, and no tap, fd or MAC address used twice.
+    fn validate_net(&self) -> Result<(), ConfigError> {
+        for (i, nic) in self.net.iter().enumerate() {
+            nic.validate()?;
+            let earlier = &self.net[..i];
+            let twice = |field, value: String| ConfigError::Invalid {
+                field,
+                value,
+                reason: "is used by two NICs".into(),
+            };
+            if let Some(tap) = &nic.tap {
+                if earlier.iter().any(|other| other.tap.as_ref() == Some(tap)) {
+                    return Err(twice("net.tap", tap.clone()));
+                }
+            }
+            if let Some(fd) = nic.fd {
+                if earlier.iter().any(|other| other.fd == Some(fd)) {
+                    return Err(twice("net.fd", fd.to_string()));
+                }
+            }
+            if let Some(mac) = nic.mac {
+                if earlier.iter().any(|other| other.mac == Some(mac)) {
+                    return Err(twice("net.mac", mac.to_string()));
+                }
+            }
         }
         Ok(())
     }
@@ -545,6 +690,17 @@ mod tests {
         }
     }
 
+    fn nic(text: &str) -> NetConfig {
+        text.parse().unwrap()
+    }
+
+    fn with_nics(net: Vec<NetConfig>) -> VirtioDevicesConfig {
+        VirtioDevicesConfig {
+            net,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn fs_flag_parses_every_option() {
         let cfg: FsConfig = "tag=rootfs,path=/run/pod/shared,readonly,cache=none,queues=2"
@@ -629,6 +785,72 @@ mod tests {
             .collect();
         let msg = with_shares(many).validate().unwrap_err().to_string();
         assert!(msg.starts_with("fs = 9 shares"), "{msg}");
+    }
+
+    #[test]
+    fn net_flags_parse_tap_or_fd_with_optional_mac() {
+        let by_name = nic("tap=tap0,mac=02:00:00:00:00:01");
+        assert_eq!(by_name.source().unwrap(), TapSource::Name("tap0"));
+        assert_eq!(by_name.mac.unwrap().to_string(), "02:00:00:00:00:01");
+        assert_eq!(by_name.to_string(), "tap=tap0,mac=02:00:00:00:00:01");
+        let by_fd = nic("fd=5");
+        assert_eq!(by_fd.source().unwrap(), TapSource::Fd(5));
+        assert_eq!(by_fd.mac, None);
+        with_nics(vec![by_name, by_fd]).validate().unwrap();
+    }
+
+    #[test]
+    fn net_flags_with_bad_values_name_them() {
+        for (text, start) in [
+            (
+                "tap=t0,mac=01:00:00:00:00:01",
+                "net.mac = 01:00:00:00:00:01",
+            ),
+            ("tap=t0,mac=xyz", "net.mac = xyz"),
+            ("fd=three", "net.fd = three"),
+            ("tap=t0,fd=3", "net = tap=t0,fd=3"),
+            ("mac=02:00:00:00:00:01", "net = mac=02:00:00:00:00:01"),
+        ] {
+            let err = text.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(err.starts_with(start), "{text}: {err}");
+        }
+        let err = "tap=t0,queues=2".parse::<NetConfig>().unwrap_err();
+        assert!(err.to_string().contains("unknown key \"queues\""), "{err}");
+    }
+
+    #[test]
+    fn net_with_bad_tap_name_or_stdio_fd_is_refused() {
+        let long = "t".repeat(16);
+        let msg = with_nics(vec![nic(&format!("tap={long}"))])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with(&format!("net.tap = {long}")), "{msg}");
+        let msg = with_nics(vec![nic("fd=2")])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("net.fd = 2"), "{msg}");
+    }
+
+    #[test]
+    fn net_with_a_tap_fd_or_mac_used_twice_names_it() {
+        for (a, b, start) in [
+            ("tap=t0", "tap=t0", "net.tap = t0"),
+            ("fd=4", "fd=4", "net.fd = 4"),
+            (
+                "tap=t0,mac=02:00:00:00:00:07",
+                "tap=t1,mac=02:00:00:00:00:07",
+                "net.mac = 02:00:00:00:00:07",
+            ),
+        ] {
+            let msg = with_nics(vec![nic(a), nic(b)])
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(msg.starts_with(start), "{msg}");
+            assert!(msg.ends_with("is used by two NICs"), "{msg}");
+        }
     }
 
     #[test]

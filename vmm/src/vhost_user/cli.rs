@@ -6,6 +6,8 @@
 //! cloister-vmm vhost-user --device rng --socket /run/vm/vhu-rng.sock
 //! cloister-vmm vhost-user --device block --path disk.img [--read-only] [--serial ID] --socket /run/vm/vhu-blk.sock
 //! cloister-vmm vhost-user --device fs --shared-dir DIR --tag TAG [--read-only] [--cache none|auto|always] [--request-queues N] --socket /run/vm/vhu-fs.sock
+//! cloister-vmm vhost-user --device net --tap tap0 [--mac 02:00:00:00:00:01] --socket /run/vm/vhu-net.sock
+//! cloister-vmm vhost-user --device net --tap-fd 3 --socket /run/vm/vhu-net.sock
 //! ```
 //!
 //! For QEMU's `-device vhost-user-fs-device,chardev=…,tag=TAG`: QEMU keeps
@@ -13,6 +15,11 @@
 //! only names the share in logs, and `--request-queues` must equal QEMU's
 //! `num-request-queues` (default 1): the device starts once every queue it
 //! has is running.
+//!
+//! For net, QEMU keeps the configuration space (MAC, link status) to
+//! itself: the guest sees the `mac=` of QEMU's `virtio-net-device`, and
+//! `--mac` only names the address in this process's logs; give both the
+//! same value.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -23,6 +30,7 @@ use clap::{Parser, ValueEnum};
 use crate::devices::virtio::block::{BlockConfig, BlockDevice, BlockError};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::fs::{CacheMode, FsConfig, FsDevice, FsError};
+use crate::devices::virtio::net::{MacAddress, NetDevice, NetError, Tap};
 use crate::devices::virtio::rng::RngDevice;
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 
@@ -40,10 +48,13 @@ pub enum DeviceKind {
     /// virtio-fs: a host directory (`--shared-dir`, `--tag`, `--read-only`,
     /// `--cache`, `--request-queues`).
     Fs,
+    /// virtio-net on a tap (`--tap` or `--tap-fd`, `--mac`).
+    Net,
 }
 
-/// Serves one virtio device over vhost-user (QEMU's `vhost-user-vsock-device`, `vhost-user-fs-device`,
-/// `vhost-user-rng`, `vhost-user-blk`) until the front end disconnects.
+/// Serves one virtio device over vhost-user (QEMU's `vhost-user-vsock-device`,
+/// `vhost-user-fs-device`, `vhost-user-rng`, `vhost-user-blk`, `-netdev vhost-user`)
+/// until the front end disconnects.
 #[derive(Debug, Parser)]
 #[command(name = "cloister-vmm vhost-user")]
 pub struct VhostUserArgs {
@@ -82,6 +93,16 @@ pub struct VhostUserArgs {
     /// `num-request-queues`.
     #[arg(long)]
     pub request_queues: Option<u16>,
+    /// net: the tap to open (created if missing) in this process's network
+    /// namespace.
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// net: an inherited fd of a tap opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR.
+    #[arg(long)]
+    pub tap_fd: Option<i32>,
+    /// net: the guest's MAC address (random if absent).
+    #[arg(long)]
+    pub mac: Option<MacAddress>,
 }
 
 /// Errors of the `vhost-user` subcommand.
@@ -101,6 +122,10 @@ pub enum VhostUserCliError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Block(#[from] BlockError),
+    #[error("--device Net needs exactly one of --tap and --tap-fd")]
+    TapSource,
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
@@ -129,6 +154,11 @@ impl VhostUserArgs {
             ("--request-queues", self.request_queues.is_some()),
         ];
         let read_only_flag = [("--read-only", self.read_only)];
+        let net_flags = [
+            ("--tap", self.tap.is_some()),
+            ("--tap-fd", self.tap_fd.is_some()),
+            ("--mac", self.mac.is_some()),
+        ];
         let refuse = |flags: &[(&'static str, bool)]| match flags.iter().find(|(_, set)| *set) {
             Some((flag, _)) => Err(foreign(flag)),
             None => Ok(()),
@@ -138,6 +168,7 @@ impl VhostUserArgs {
                 refuse(&block_flags)?;
                 refuse(&fs_flags)?;
                 refuse(&read_only_flag)?;
+                refuse(&net_flags)?;
                 let cid = self.guest_cid.ok_or_else(|| missing("--guest-cid"))?;
                 let uds = self.uds.clone().ok_or_else(|| missing("--uds"))?;
                 Box::new(VsockDevice::new(cid, uds)?)
@@ -147,11 +178,13 @@ impl VhostUserArgs {
                 refuse(&block_flags)?;
                 refuse(&fs_flags)?;
                 refuse(&read_only_flag)?;
+                refuse(&net_flags)?;
                 Box::new(RngDevice::new())
             }
             DeviceKind::Block => {
                 refuse(&vsock_flags)?;
                 refuse(&fs_flags)?;
+                refuse(&net_flags)?;
                 let path = self.path.clone().ok_or_else(|| missing("--path"))?;
                 Box::new(BlockDevice::new(BlockConfig {
                     path,
@@ -162,6 +195,7 @@ impl VhostUserArgs {
             DeviceKind::Fs => {
                 refuse(&vsock_flags)?;
                 refuse(&block_flags)?;
+                refuse(&net_flags)?;
                 let shared_dir = self
                     .shared_dir
                     .clone()
@@ -173,6 +207,24 @@ impl VhostUserArgs {
                     request_queues: self.request_queues.unwrap_or(1),
                     ..FsConfig::new(tag, shared_dir)
                 })?)
+            }
+            DeviceKind::Net => {
+                refuse(&vsock_flags)?;
+                refuse(&block_flags)?;
+                refuse(&fs_flags)?;
+                refuse(&read_only_flag)?;
+                let tap = match (&self.tap, self.tap_fd) {
+                    (Some(name), None) => Tap::open(name)?,
+                    (None, Some(fd)) => Tap::adopt_fd(fd)?,
+                    _ => return Err(VhostUserCliError::TapSource),
+                };
+                let device = NetDevice::new("net", Box::new(tap), self.mac)?;
+                tracing::info!(
+                    "net: tap {} with mac {}",
+                    device.backend_name(),
+                    device.mac()
+                );
+                Box::new(device)
             }
         })
     }
@@ -285,6 +337,55 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("/nonexistent/share"), "{err}");
+    }
+
+    #[test]
+    fn net_needs_one_tap_source_and_refuses_foreign_flags() {
+        for args in [
+            "--device net --socket /s",
+            "--device net --tap t0 --tap-fd 3 --socket /s",
+        ] {
+            let err = parse(args).build_device().err().unwrap();
+            assert_eq!(
+                err.to_string(),
+                "--device Net needs exactly one of --tap and --tap-fd"
+            );
+        }
+        let err = parse("--device net --tap t0 --path /d --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "--path does not apply to --device Net");
+        let err = parse("--device block --path /d --mac 02:00:00:00:00:01 --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "--mac does not apply to --device Block");
+        let err = parse("--device net --tap-fd 987654 --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().starts_with("fd 987654 is not an open"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn net_with_a_multicast_mac_is_a_parse_error() {
+        let err = VhostUserArgs::try_parse_from([
+            "vhost-user",
+            "--device",
+            "net",
+            "--tap",
+            "t0",
+            "--mac",
+            "03:00:00:00:00:01",
+            "--socket",
+            "/s",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("03:00:00:00:00:01"), "{err}");
     }
 
     #[test]

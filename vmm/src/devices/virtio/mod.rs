@@ -9,6 +9,7 @@ pub mod device;
 pub mod event_loop;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
