@@ -100,8 +100,11 @@ impl CloisterShim {
         let cwd = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
         let grouping = shim_grouping(&opts.id, &annotations_in(&cwd));
         let address = find_or_spawn(opts, &grouping, vec![(compat::TASK_API_V2_ENV, "1")]).await?;
-        write_str_to_file("address", &address).await?;
-        Ok(compat::v2_address(&address))
+        // containerd 1.x reconnects after its own restart through this file,
+        // speaking the task API v2: it must name the v2 socket.
+        let v2 = compat::v2_address(&address);
+        write_str_to_file("address", &v2).await?;
+        Ok(v2)
     }
 
     async fn serve_task_api_v2(&self, service: &TaskService) -> Result<(), String> {

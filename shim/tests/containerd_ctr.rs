@@ -320,3 +320,82 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
         guest_support::assert_nothing_left(&containerd, "default", &doomed);
     }
 }
+
+/// containerd crashes and restarts while a microVM task runs: the shim and
+/// its VM keep running, the new containerd finds them again (the task is
+/// still RUNNING, exec works), and they can be stopped and deleted as usual.
+#[test]
+fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = match guest_support::qemu_runtime_config(dir.path()) {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    let rootfs = rootfs.display().to_string();
+    for binaries in available_containerds() {
+        eprintln!("private {}", binaries.describe());
+        let mut containerd =
+            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let id = format!(
+            "cloister-restart-{}-{}",
+            std::process::id(),
+            binaries.version.0
+        );
+        ctr_ok(
+            &containerd,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                SHIM,
+                "--rootfs",
+                &rootfs,
+                &id,
+                "sleep",
+                "3600",
+            ],
+        );
+        assert_eq!(task_status(&containerd, &id), "RUNNING");
+
+        containerd.crash_and_restart().unwrap();
+        assert_eq!(
+            task_status(&containerd, &id),
+            "RUNNING",
+            "after the restart; containerd log:\n{}",
+            containerd.log()
+        );
+        let exec = containerd.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            &id,
+            "echo",
+            "still here",
+        ]);
+        assert_eq!(String::from_utf8_lossy(&exec.stdout), "still here\n");
+        assert!(exec.status.success());
+
+        ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", &id]);
+        let started = Instant::now();
+        while task_status(&containerd, &id) != "STOPPED" {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "kill did not stop the task"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ctr_ok(&containerd, &["task", "delete", &id]);
+        ctr_ok(&containerd, &["containers", "delete", &id]);
+        guest_support::assert_nothing_left(&containerd, "default", &id);
+    }
+}

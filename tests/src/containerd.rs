@@ -166,6 +166,7 @@ pub struct PrivateContainerd {
     dir: tempfile::TempDir,
     child: Child,
     binaries: ContainerdBinaries,
+    env: Vec<(String, PathBuf)>,
 }
 
 impl PrivateContainerd {
@@ -191,39 +192,45 @@ impl PrivateContainerd {
         }
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).map_err(io_error("write containerd's config"))?;
-        let log = std::fs::File::create(dir.path().join("containerd.log"))
-            .map_err(io_error("create containerd.log"))?;
-        let mut command = Command::new(&binaries.containerd);
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command
-            .spawn()
-            .map_err(io_error(format!("start {}", binaries.containerd.display())))?;
+        let env: Vec<(String, PathBuf)> = env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_path_buf()))
+            .collect();
+        let child = spawn_containerd(binaries, dir.path(), &env)?;
         let containerd = Self {
             dir,
             child,
             binaries: binaries.clone(),
+            env,
         };
-        let socket = containerd.socket();
+        containerd.wait_for_socket()?;
+        Ok(containerd)
+    }
+
+    /// Kills containerd (SIGKILL, as a crash) and starts it again on the
+    /// same folders: running tasks' shims must survive and be found again.
+    pub fn crash_and_restart(&mut self) -> Result<(), ContainerdError> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.socket());
+        self.child = spawn_containerd(&self.binaries, self.dir.path(), &self.env)?;
+        self.wait_for_socket()
+    }
+
+    fn wait_for_socket(&self) -> Result<(), ContainerdError> {
+        let socket = self.socket();
         let started = Instant::now();
         while !socket.exists() {
             if started.elapsed() > START_DEADLINE {
                 return Err(ContainerdError::NotStarted {
                     socket,
                     waited: START_DEADLINE,
-                    log: containerd.log(),
+                    log: self.log(),
                 });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(containerd)
+        Ok(())
     }
 
     /// The folder holding everything of this containerd.
@@ -264,6 +271,32 @@ impl Drop for PrivateContainerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// containerd on the config in `dir`, its log appended to `containerd.log`.
+fn spawn_containerd(
+    binaries: &ContainerdBinaries,
+    dir: &Path,
+    env: &[(String, PathBuf)],
+) -> Result<Child, ContainerdError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .map_err(io_error("open containerd.log"))?;
+    let mut command = Command::new(&binaries.containerd);
+    command
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+        .spawn()
+        .map_err(io_error(format!("start {}", binaries.containerd.display())))
 }
 
 /// containerd's config with every path under `dir`: 1.x reads config
