@@ -13,7 +13,7 @@ cd "$here"
 . scripts/env.sh
 scripts/build-guest.sh >/dev/null
 kernel-config/build-initramfs.sh --package cloister-vsock-probe >/dev/null
-VHOST_DEVICE_VSOCK="${VHOST_DEVICE_VSOCK:-$(scripts/install-vhost-device-vsock.sh)}"
+VHOST_DEVICE_VSOCK="${VHOST_DEVICE_VSOCK:-$(scripts/install-peer-tool.sh vhost-device-vsock)}"
 export VHOST_DEVICE_VSOCK
 cargo build -q -p cloister-e2e --bins
 if [ -z "${CLOISTER_VMM:-}" ]; then

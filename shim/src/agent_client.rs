@@ -95,6 +95,13 @@ impl AgentError {
 #[async_trait]
 pub trait AgentClient: Send + Sync {
     async fn setup_sandbox(&self, req: agent::SetupSandboxRequest) -> Result<(), AgentError>;
+    /// Gives the guest the pod's interfaces (matched by MAC), then its
+    /// routes.
+    async fn update_network(
+        &self,
+        interfaces: agent::UpdateInterfacesRequest,
+        routes: agent::UpdateRoutesRequest,
+    ) -> Result<(), AgentError>;
     /// Returns the init process's pid in the guest.
     async fn create_container(&self, req: agent::CreateContainerRequest)
         -> Result<u32, AgentError>;
@@ -350,6 +357,22 @@ impl AgentClient for TtrpcAgentClient {
             .await
             .map(drop)
             .map_err(|e| AgentError::rpc("SetupSandbox", e))
+    }
+
+    async fn update_network(
+        &self,
+        interfaces: agent::UpdateInterfacesRequest,
+        routes: agent::UpdateRoutesRequest,
+    ) -> Result<(), AgentError> {
+        self.client
+            .update_interfaces(ctx(), &interfaces)
+            .await
+            .map_err(|e| AgentError::rpc("UpdateInterfaces", e))?;
+        self.client
+            .update_routes(ctx(), &routes)
+            .await
+            .map(drop)
+            .map_err(|e| AgentError::rpc("UpdateRoutes", e))
     }
 
     async fn create_container(

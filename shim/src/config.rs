@@ -189,6 +189,16 @@ impl Default for AgentSection {
     }
 }
 
+/// `[network]`: which pod networks the shim accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Host-network pods share the node's network namespace, which a VM
+    /// cannot join: such a pod's guest gets no network at all. Refused
+    /// unless this is set.
+    pub allow_host_network: bool,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -200,6 +210,7 @@ pub struct RuntimeConfig {
     pub resources: ResourcesSection,
     pub annotations: AnnotationsSection,
     pub agent: AgentSection,
+    pub network: NetworkSection,
 }
 
 /// Annotations that may appear in `annotations.allowed`.
@@ -358,8 +369,17 @@ impl RuntimeConfig {
             memory_mib,
             kernel_params,
             shared_fs: true,
+            nics: Vec::new(),
         })
     }
+}
+
+/// A NIC of the pod's VM: a tap the shim opened in the pod's network
+/// namespace (the fd is inherited by the VMM) and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNic {
+    pub tap_fd: i32,
+    pub mac: String,
 }
 
 /// The size and kind of one pod's microVM.
@@ -374,6 +394,8 @@ pub struct PodVm {
     /// containers' rootfs mounts are. A VM whose containers come from its
     /// own image or block devices does without.
     pub shared_fs: bool,
+    /// The pod's network interfaces, filled in by the sandbox launcher.
+    pub nics: Vec<VmNic>,
 }
 
 /// Which file the configuration comes from, and why.
@@ -618,6 +640,7 @@ connect_timeout_secs = 10
                 memory_mib: 512,
                 kernel_params: "quiet".into(),
                 shared_fs: true,
+                nics: Vec::new(),
             }
         );
     }

@@ -17,6 +17,8 @@ use tokio::sync::Mutex;
 use crate::compat;
 use crate::container::ExitReason;
 use crate::events::{forward_to_containerd, timestamp, EventSender};
+use crate::network::{network_namespace, PodNetworkNamespace};
+use crate::sandbox::unplumb_network;
 use crate::sandbox::{
     bundle_annotations, mounts_below, shim_grouping, unmount_rootfs, SandboxDir, VmLauncher,
 };
@@ -58,6 +60,30 @@ pub struct CloisterShim {
     v2_server: Mutex<Option<ttrpc::r#async::Server>>,
 }
 
+/// Whether a shim serves on the Unix socket `address` (`unix://PATH`).
+fn shim_listening(address: &str) -> bool {
+    let path = address.trim_start_matches("unix://");
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+/// The address of the pod's shim: the running one of `grouping` (further
+/// containers of a pod, when containerd 1.x runs `start` per container),
+/// else a newly spawned one. containerd-shim's `spawn` always starts a new
+/// server, which would take the pod's socket away from the shim that runs
+/// the pod's VM.
+async fn find_or_spawn(
+    opts: StartOpts,
+    grouping: &str,
+    vars: Vec<(&str, &str)>,
+) -> Result<String, Error> {
+    let address = opts.socket_address(grouping);
+    if shim_listening(&address) {
+        tracing::info!("container {} joins the shim of pod {grouping}", opts.id);
+        return Ok(address);
+    }
+    spawn(opts, grouping, vars).await
+}
+
 impl CloisterShim {
     /// `start` for containerd 1.6/1.7: spawn (or find) the pod's shim with
     /// the v2 alias and print the alias's bare address.
@@ -73,7 +99,7 @@ impl CloisterShim {
         };
         let cwd = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
         let grouping = shim_grouping(&opts.id, &annotations_in(&cwd));
-        let address = spawn(opts, &grouping, vec![(compat::TASK_API_V2_ENV, "1")]).await?;
+        let address = find_or_spawn(opts, &grouping, vec![(compat::TASK_API_V2_ENV, "1")]).await?;
         write_str_to_file("address", &address).await?;
         Ok(compat::v2_address(&address))
     }
@@ -122,7 +148,7 @@ impl Shim for CloisterShim {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let cwd = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
         let grouping = shim_grouping(&opts.id, &annotations_in(&cwd));
-        let address = spawn(opts, &grouping, Vec::new()).await?;
+        let address = find_or_spawn(opts, &grouping, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
         Ok(address)
     }
@@ -141,6 +167,16 @@ impl Shim for CloisterShim {
         }
         if let Err(e) = dir.remove() {
             tracing::warn!("{e}");
+        }
+        // containerd runs `delete` in the bundle: the pod's taps and
+        // redirects in its network namespace go too (idempotent).
+        let spec = std::fs::read("config.json")
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+        if let Some(PodNetworkNamespace::Path(netns)) =
+            spec.and_then(|spec| network_namespace(&spec).ok())
+        {
+            unplumb_network(&netns).await;
         }
         Ok(DeleteResponse {
             exit_status: ExitReason::SandboxGone.exit_status(),

@@ -14,6 +14,7 @@
 //! container's rootfs is mounted as `shared/<container id>/rootfs`.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +24,14 @@ use cloister_protocol::agent;
 use containerd_shim_protos::api::Mount;
 
 use crate::agent_client::{AgentClient, AgentEndpoint, AgentError};
+use crate::config::VmNic;
 use crate::config::{ConfigError, ConfigSource, RuntimeConfig};
 use crate::container::ContainerKind;
+use crate::guest_spec::SharedMount;
+use crate::network::{
+    network_namespace, setup_pod_network, teardown_pod_network, PodNetwork, PodNetworkError,
+    PodNetworkNamespace, PodSpecError,
+};
 use crate::vmm_client::{hypervisor_for, ChildExit, Hypervisor, HypervisorError, VmPaths};
 
 /// CRI's annotations naming a container's role and pod.
@@ -50,6 +57,14 @@ pub enum SandboxError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "pod uses the host's network namespace, which a VM cannot join; set network.allow_host_network = true in the runtime config to run it without a network"
+    )]
+    HostNetwork,
+    #[error(transparent)]
+    NetworkSpec(#[from] PodSpecError),
+    #[error(transparent)]
+    Network(#[from] PodNetworkError),
     #[error("mount rootfs of {container_id} at {target}: {reason}")]
     Rootfs {
         container_id: String,
@@ -320,6 +335,44 @@ pub async fn mount_rootfs(
     Ok(())
 }
 
+/// Bind-mounts the host path `source` (file or folder) at `target`,
+/// read-only when asked (a bind mount ignores `MS_RDONLY` until
+/// remounted).
+pub fn bind_share(source: &Path, target: &Path, read_only: bool) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    let meta = std::fs::metadata(source).map_err(|e| e.to_string())?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    if meta.is_dir() {
+        std::fs::create_dir_all(target).map_err(|e| e.to_string())?;
+    } else {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map_err(|e| e.to_string())?;
+    }
+    let none: Option<&str> = None;
+    mount(
+        Some(source),
+        target,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .map_err(|e| format!("bind mount: {e}"))?;
+    if read_only {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        if let Err(e) = mount(none, target, none, flags, none) {
+            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            return Err(format!("remount read-only: {e}"));
+        }
+    }
+    Ok(())
+}
+
 /// Unmounts a container's rootfs (lazily: the guest may still hold files).
 pub fn unmount_rootfs(target: &Path) -> Result<(), nix::Error> {
     loop {
@@ -360,6 +413,8 @@ pub struct PodSandbox {
     pub agent: Arc<dyn AgentClient>,
     pub dir: SandboxDir,
     hypervisor: Option<Box<dyn Hypervisor>>,
+    /// The pod's network namespace whose taps and redirects we made.
+    netns: Option<PathBuf>,
     /// Set once the VM or the agent connection is gone.
     gone: std::sync::atomic::AtomicBool,
 }
@@ -376,8 +431,16 @@ impl PodSandbox {
             agent,
             dir,
             hypervisor,
+            netns: None,
             gone: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records the network namespace plumbed for this pod, to undo on
+    /// shutdown.
+    pub fn with_network(mut self, netns: Option<PathBuf>) -> Self {
+        self.netns = netns;
+        self
     }
 
     /// Records that the guest can no longer be reached.
@@ -407,7 +470,7 @@ impl PodSandbox {
     }
 
     /// Agent shutdown, then the VMM stopped (SIGKILL after the grace
-    /// period), then the folder removed.
+    /// period), then the pod's taps and redirects removed, then the folder.
     pub async fn shut_down(&self) -> Result<(), SandboxError> {
         if let Err(e) = self.agent.shutdown().await {
             tracing::warn!(sandbox = %self.id, "agent shutdown: {e}");
@@ -415,7 +478,34 @@ impl PodSandbox {
         if let Some(hypervisor) = &self.hypervisor {
             hypervisor.stop(VMM_STOP_GRACE).await;
         }
+        if let Some(netns) = &self.netns {
+            unplumb_network(netns).await;
+        }
         self.dir.remove()
+    }
+}
+
+/// The pod's network, set up in the namespace CNI made before the VM
+/// starts: `None` for a fresh, empty namespace (`ctr run`) and for a
+/// host-network pod the config allows.
+pub async fn plumb_network(
+    config: &RuntimeConfig,
+    spec: &serde_json::Value,
+) -> Result<Option<PodNetwork>, SandboxError> {
+    match network_namespace(spec)? {
+        PodNetworkNamespace::Fresh => Ok(None),
+        PodNetworkNamespace::Host if config.network.allow_host_network => Ok(None),
+        PodNetworkNamespace::Host => Err(SandboxError::HostNetwork),
+        PodNetworkNamespace::Path(path) => Ok(Some(setup_pod_network(&path).await?)),
+    }
+}
+
+/// Removes the pod's taps and redirects (logged, not failed: the sandbox
+/// goes on being cleaned up).
+pub async fn unplumb_network(netns: &Path) {
+    match teardown_pod_network(netns).await {
+        Ok(report) => tracing::info!(netns = %netns.display(), "pod network removed: {report:?}"),
+        Err(e) => tracing::warn!(netns = %netns.display(), "pod network teardown: {e}"),
     }
 }
 
@@ -440,7 +530,17 @@ pub trait SandboxLauncher: Send + Sync {
         root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError>;
 
-    /// Undoes [`SandboxLauncher::share_rootfs`].
+    /// Makes the host paths of a container's bind mounts visible in the
+    /// guest (see [`crate::guest_spec`]).
+    fn share_mounts(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[SharedMount],
+    ) -> Result<(), SandboxError>;
+
+    /// Undoes [`SandboxLauncher::share_rootfs`] and
+    /// [`SandboxLauncher::share_mounts`].
     fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError>;
 }
 
@@ -461,9 +561,26 @@ impl SandboxLauncher for VmLauncher {
         let env = std::env::var(crate::config::CONFIG_ENV).ok();
         let source = ConfigSource::resolve(options_config_path.as_deref(), env.as_deref());
         let config = RuntimeConfig::load(&source)?;
-        let vm = config.pod_vm(&bundle_annotations(spec))?;
+        let mut vm = config.pod_vm(&bundle_annotations(spec))?;
+        let network = plumb_network(&config, spec).await?;
+        let netns = network.as_ref().map(|n| n.netns.clone());
+        if let Some(network) = &network {
+            vm.nics = network
+                .endpoints
+                .iter()
+                .map(|e| VmNic {
+                    tap_fd: e.tap.fd.as_raw_fd(),
+                    mac: e.guest_mac(),
+                })
+                .collect();
+        }
         let dir = SandboxDir::new(&self.state_dir, &self.namespace, sandbox_id);
-        dir.create()?;
+        if let Err(e) = dir.create() {
+            if let Some(netns) = &netns {
+                unplumb_network(netns).await;
+            }
+            return Err(e);
+        }
         let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
         let connected = async {
             hypervisor.start().await?;
@@ -477,19 +594,30 @@ impl SandboxLauncher for VmLauncher {
                 .and_then(|h| h.as_str())
                 .unwrap_or_default();
             agent.setup_sandbox(setup_request(hostname)).await?;
+            if let Some(network) = &network {
+                agent
+                    .update_network(
+                        network.update_interfaces_request(),
+                        network.update_routes_request(),
+                    )
+                    .await?;
+            }
             Ok::<_, SandboxError>(agent)
         }
         .await;
+        // The VMM holds its own copies of the tap fds now.
+        drop(network);
         match connected {
-            Ok(agent) => Ok(PodSandbox::new(
-                sandbox_id,
-                Arc::new(agent),
-                dir,
-                Some(hypervisor),
-            )),
+            Ok(agent) => Ok(
+                PodSandbox::new(sandbox_id, Arc::new(agent), dir, Some(hypervisor))
+                    .with_network(netns),
+            ),
             Err(e) => {
                 // Nothing of a failed start stays behind.
                 hypervisor.stop(VMM_STOP_GRACE).await;
+                if let Some(netns) = &netns {
+                    unplumb_network(netns).await;
+                }
                 if let Err(cleanup) = dir.remove() {
                     tracing::warn!("{cleanup}");
                 }
@@ -510,14 +638,37 @@ impl SandboxLauncher for VmLauncher {
         Ok(shared_rootfs(container_id))
     }
 
+    fn share_mounts(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[SharedMount],
+    ) -> Result<(), SandboxError> {
+        for mount in mounts {
+            let target = sandbox.dir.shared_dir().join(&mount.share_path);
+            bind_share(&mount.host_source, &target, mount.read_only).map_err(|reason| {
+                SandboxError::Rootfs {
+                    container_id: container_id.to_owned(),
+                    target: target.clone(),
+                    reason: format!("share {}: {reason}", mount.host_source.display()),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
-        let target = sandbox.dir.rootfs_target(container_id);
-        unmount_rootfs(&target).map_err(|e| SandboxError::Rootfs {
-            container_id: container_id.to_owned(),
-            target: target.clone(),
-            reason: format!("unmount: {e}"),
-        })?;
         let container_dir = sandbox.dir.shared_dir().join(container_id);
+        // Deepest first: the rootfs and every shared bind mount below.
+        let mut mounted = mounts_below(&container_dir);
+        mounted.sort_by_key(|path| std::cmp::Reverse(path.components().count()));
+        for target in mounted {
+            unmount_rootfs(&target).map_err(|e| SandboxError::Rootfs {
+                container_id: container_id.to_owned(),
+                target: target.clone(),
+                reason: format!("unmount: {e}"),
+            })?;
+        }
         match remove_tree_without_crossing_mounts(&container_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -282,15 +282,25 @@ impl TaskService {
         stdio: &StdioPaths,
     ) -> Result<(u32, ProcessIo), ServiceError> {
         let launcher = &self.state.launcher;
+        let (guest_spec, shared_mounts) =
+            crate::guest_spec::for_guest(spec, &req.id).map_err(|e| ServiceError::Bundle {
+                path: bundle.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let rootfs = launcher
             .share_rootfs(sandbox, &req.id, &req.rootfs, &spec_root(bundle, spec))
             .await?;
+        if let Err(e) = launcher.share_mounts(sandbox, &req.id, &shared_mounts) {
+            self.unshare(sandbox, &req.id);
+            return Err(e.into());
+        }
         let mut request = agent::CreateContainerRequest::new();
         request.container_id = req.id.clone();
-        request.oci_spec_json = serde_json::to_vec(spec).map_err(|e| ServiceError::Bundle {
-            path: bundle.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        request.oci_spec_json =
+            serde_json::to_vec(&guest_spec).map_err(|e| ServiceError::Bundle {
+                path: bundle.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         request.rootfs = Some(rootfs).into();
         request.stdio = Some(requested_streams(stdio)).into();
         let pid = match sandbox.agent.create_container(request).await {

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::agent_client::AgentClient;
+use crate::guest_spec::SharedMount;
 use crate::sandbox::{SandboxDir, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID};
 use crate::vmm_client::{ChildExit, Hypervisor, HypervisorError};
 
@@ -63,6 +64,14 @@ impl FakeAgent {
 impl AgentClient for FakeAgent {
     async fn setup_sandbox(&self, _: agent::SetupSandboxRequest) -> Result<(), AgentError> {
         self.log("setup".into());
+        Ok(())
+    }
+    async fn update_network(
+        &self,
+        interfaces: agent::UpdateInterfacesRequest,
+        _: agent::UpdateRoutesRequest,
+    ) -> Result<(), AgentError> {
+        self.log(format!("network {}", interfaces.interfaces.len()));
         Ok(())
     }
     async fn create_container(
@@ -241,6 +250,21 @@ impl SandboxLauncher for FakeLauncher {
         let mut rootfs = agent::Rootfs::new();
         rootfs.set_directory(root_dir.display().to_string());
         Ok(rootfs)
+    }
+    fn share_mounts(
+        &self,
+        _: &PodSandbox,
+        container_id: &str,
+        mounts: &[SharedMount],
+    ) -> Result<(), SandboxError> {
+        for mount in mounts {
+            self.agent.log(format!(
+                "share {container_id} {} -> {}",
+                mount.host_source.display(),
+                mount.share_path
+            ));
+        }
+        Ok(())
     }
     fn unshare_rootfs(&self, _: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
         self.agent.log(format!("unshare {container_id}"));

@@ -91,12 +91,15 @@ pub struct SupervisedChild {
 }
 
 impl SupervisedChild {
-    /// Spawns `program args` with stdout and stderr into `log`.
+    /// Spawns `program args` with stdout and stderr into `log`; the fds in
+    /// `inherit` stay open in the child (the shim's own copies stay
+    /// close-on-exec, so no other child gets them).
     pub fn spawn(
         name: &str,
         program: &Path,
         args: &[OsString],
         log: &Path,
+        inherit: &[i32],
     ) -> Result<Self, HypervisorError> {
         let file_error = |source| HypervisorError::File {
             path: log.to_path_buf(),
@@ -112,12 +115,19 @@ impl SupervisedChild {
             .stderr(err)
             // If the shim dies, the VM must not outlive it unwatched.
             .kill_on_drop(false);
-        // SAFETY: prctl with integer arguments between fork and exec
-        // touches no memory of the parent.
+        let inherit = inherit.to_vec();
+        // SAFETY: prctl and fcntl with integer arguments between fork and
+        // exec touch no memory of the parent (`inherit` was copied before
+        // the fork and is only read).
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -266,8 +276,16 @@ pub struct VmFsConfig {
     pub shared_dir: PathBuf,
 }
 
+/// One `net` entry of `vm.json`: a tap inherited as an fd, and the guest's
+/// MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmNetConfig {
+    pub fd: i32,
+    pub mac: String,
+}
+
 /// What `cloister-vmm --config` reads: the fields of the VMM's `VmConfig`
-/// plus the vsock device and the virtio-fs shares.
+/// plus the vsock device, the virtio-fs shares and the NICs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmJson {
     pub kernel: PathBuf,
@@ -280,6 +298,7 @@ pub struct VmJson {
     pub rng: bool,
     pub vsock: VmVsockConfig,
     pub fs: Vec<VmFsConfig>,
+    pub net: Vec<VmNetConfig>,
 }
 
 fn join_cmdline(base: String, extra: &str) -> String {
@@ -315,13 +334,27 @@ pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> 
         } else {
             Vec::new()
         },
+        net: vm
+            .nics
+            .iter()
+            .map(|nic| VmNetConfig {
+                fd: nic.tap_fd,
+                mac: nic.mac.clone(),
+            })
+            .collect(),
     }
+}
+
+/// The tap fds the VMM process must inherit.
+fn nic_fds(vm: &PodVm) -> Vec<i32> {
+    vm.nics.iter().map(|nic| nic.tap_fd).collect()
 }
 
 /// The default backend.
 pub struct CloisterVmm {
     binary: PathBuf,
     vm_json: VmJson,
+    inherited_fds: Vec<i32>,
     paths: VmPaths,
     child: Option<SupervisedChild>,
 }
@@ -331,6 +364,7 @@ impl CloisterVmm {
         Self {
             binary: config.vmm.path.clone(),
             vm_json: cloister_vm_json(config, vm, &paths),
+            inherited_fds: nic_fds(vm),
             paths,
             child: None,
         }
@@ -358,6 +392,7 @@ impl Hypervisor for CloisterVmm {
             &self.binary,
             &self.args(),
             &self.paths.vmm_log(),
+            &self.inherited_fds,
         )?;
         // The vsock socket appears once the VMM built its devices; a VMM
         // that refuses its config exits first.
@@ -560,6 +595,14 @@ pub fn qemu_args(
             format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
         ]);
     }
+    for (index, nic) in vm.nics.iter().enumerate() {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net{index},fd={}", nic.tap_fd),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net{index},mac={}", nic.mac),
+        ]);
+    }
     args.into_iter().map(OsString::from).collect()
 }
 
@@ -570,6 +613,7 @@ pub struct Qemu {
     args: Vec<OsString>,
     paths: VmPaths,
     shared_fs: bool,
+    inherited_fds: Vec<i32>,
     backends: Vec<SupervisedChild>,
     qemu_child: Option<SupervisedChild>,
 }
@@ -584,6 +628,7 @@ impl Qemu {
             args,
             paths,
             shared_fs: vm.shared_fs,
+            inherited_fds: nic_fds(vm),
             backends: Vec::new(),
             qemu_child: None,
         }
@@ -614,13 +659,19 @@ impl Hypervisor for Qemu {
             ));
         }
         for (name, args, log, socket, what) in backends {
-            let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log)?;
+            let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log, &[])?;
             // QEMU connects to the backends' sockets at start: they must exist.
             let ready = wait_for_socket(&backend, &socket, what).await;
             self.backends.push(backend);
             ready?;
         }
-        let qemu = SupervisedChild::spawn("qemu", &self.qemu, &self.args, &self.paths.qemu_log())?;
+        let qemu = SupervisedChild::spawn(
+            "qemu",
+            &self.qemu,
+            &self.args,
+            &self.paths.qemu_log(),
+            &self.inherited_fds,
+        )?;
         self.qemu_child = Some(qemu);
         Ok(())
     }
@@ -685,6 +736,7 @@ pub fn hypervisor_for(config: &RuntimeConfig, vm: &PodVm, paths: VmPaths) -> Box
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::VmNic;
 
     fn pod_vm() -> PodVm {
         PodVm {
@@ -693,6 +745,7 @@ mod tests {
             memory_mib: 512,
             kernel_params: "agent.log=debug".into(),
             shared_fs: true,
+            nics: Vec::new(),
         }
     }
 
@@ -740,27 +793,20 @@ mod tests {
         );
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
         assert_eq!(json["rng"], true);
-        assert_eq!(keys.len(), 9, "{keys:?}");
+        assert_eq!(keys.len(), 10, "{keys:?}");
+        assert_eq!(json["net"], serde_json::json!([]));
     }
 
     /// The contract with `cloister-vmm --config`: its own parser and
-    /// validation accept what we write. `fs` is left out until the VMM has
-    /// a virtio-fs device; it then has to pass as well.
+    /// validation accept what we write, the pod's shared folder included.
     #[test]
-    fn cloister_vmm_accepts_our_vm_json_but_fs() {
-        let mut json = serde_json::to_value(cloister_vm_json(
+    fn cloister_vmm_accepts_our_vm_json() {
+        let json = serde_json::to_value(cloister_vm_json(
             &RuntimeConfig::default(),
             &pod_vm(),
             &paths(),
         ))
         .unwrap();
-        let refused =
-            cloister_vmm::config::VmConfig::from_json(&json.to_string(), Path::new("vm.json"));
-        assert!(
-            refused.is_err(),
-            "cloister-vmm now takes `fs`: drop this workaround"
-        );
-        json.as_object_mut().unwrap().remove("fs");
         let config =
             cloister_vmm::config::VmConfig::from_json(&json.to_string(), Path::new("vm.json"))
                 .unwrap();
@@ -768,6 +814,54 @@ mod tests {
         assert_eq!(config.vsock.unwrap().guest_cid, u64::from(GUEST_CID));
         assert_eq!(config.memory_mib, 512);
         assert!(config.rng);
+        assert_eq!(config.fs.len(), 1);
+        assert_eq!(config.fs[0].tag, SHARED_FS_TAG);
+    }
+
+    #[test]
+    fn pod_nics_become_vm_json_entries_and_qemu_tap_netdevs() {
+        let vm = PodVm {
+            nics: vec![
+                VmNic {
+                    tap_fd: 7,
+                    mac: "0a:58:0a:00:00:05".into(),
+                },
+                VmNic {
+                    tap_fd: 9,
+                    mac: "0a:58:0a:00:01:05".into(),
+                },
+            ],
+            ..pod_vm()
+        };
+        let json = serde_json::to_value(cloister_vm_json(&RuntimeConfig::default(), &vm, &paths()))
+            .unwrap();
+        assert_eq!(
+            json["net"],
+            serde_json::json!([
+                { "fd": 7, "mac": "0a:58:0a:00:00:05" },
+                { "fd": 9, "mac": "0a:58:0a:00:01:05" }
+            ])
+        );
+        // cloister-vmm's own parser takes the entries.
+        let config =
+            cloister_vmm::config::VmConfig::from_json(&json.to_string(), Path::new("vm.json"))
+                .unwrap();
+        assert_eq!(config.net.len(), 2);
+        assert_eq!(config.net[1].fd, Some(9));
+        let args = strings(&qemu_args(
+            &RuntimeConfig::default(),
+            &vm,
+            &paths(),
+            false,
+            false,
+        ))
+        .join(" ");
+        assert!(
+            args.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=0a:58:0a:00:00:05"),
+            "{args}"
+        );
+        assert!(args.contains("-netdev tap,id=net1,fd=9"), "{args}");
+        assert_eq!(nic_fds(&vm), [7, 9]);
     }
 
     #[test]
@@ -927,6 +1021,7 @@ mod tests {
             Path::new("/bin/sh"),
             &["-c".into(), "echo out; echo err >&2; exit 7".into()],
             &log,
+            &[],
         )
         .unwrap();
         assert_eq!(child.wait().await, ChildExit::Code(7));
@@ -945,6 +1040,7 @@ mod tests {
                 "trap '' TERM; while :; do sleep 0.05; done".into(),
             ],
             &dir.path().join("log"),
+            &[],
         )
         .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -957,6 +1053,7 @@ mod tests {
             Path::new("/bin/sleep"),
             &["100".into()],
             &dir.path().join("log2"),
+            &[],
         )
         .unwrap();
         assert_eq!(

@@ -5,133 +5,48 @@
 //! starts our shim, Create reaches it, the VMM's complaint reaches the
 //! user, and nothing is left behind. Needs root and containerd.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+
+mod guest_support;
+
+use cloister_e2e::containerd::{
+    available_containerds, busybox_rootfs, ContainerdBinaries, PrivateContainerd,
+};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-cloister-v2");
-
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-}
+const BUSYBOX: &str = "/bin/busybox";
 
 fn skip_reason() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("a private containerd needs root".into());
     }
-    for program in ["containerd", "ctr"] {
-        if find_on_path(program).is_none() {
-            return Some(format!("{program} not on PATH (Debian package containerd)"));
-        }
-    }
-    if !Path::new("/bin/busybox").exists() {
-        return Some("/bin/busybox missing (Debian package busybox-static)".into());
+    if !Path::new(BUSYBOX).exists() {
+        return Some(format!("{BUSYBOX} missing (Debian package busybox-static)"));
     }
     None
 }
 
-struct PrivateContainerd {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl PrivateContainerd {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let version = Command::new("containerd")
-            .arg("--version")
-            .output()
-            .unwrap();
-        let version = String::from_utf8_lossy(&version.stdout).into_owned();
-        eprintln!("private {}", version.trim());
-        let major = cloister_shim::compat::parse_containerd_version(&version)
-            .map(|(major, _)| major)
-            .unwrap_or(2);
-        // 1.x reads config version 2, 2.x version 3; NRI's socket is global.
-        let config = if major >= 2 {
-            format!(
-                "version = 3\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{d}/debug.sock\"\n[plugins.'io.containerd.internal.v1.opt']\n  path = \"{d}/opt\"\n[plugins.'io.containerd.nri.v1.nri']\n  disable = true\n"
-            )
-        } else {
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{d}/debug.sock\"\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
-            )
-        };
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let vmm = dir.path().join("vmm.sh");
-        std::fs::write(
-            &vmm,
-            "#!/bin/sh\necho 'vm.json: VMM refuses this config (test)' >&2\nexit 2\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        std::fs::write(
-            dir.path().join("cloister.toml"),
-            format!(
-                "[vmm]\npath = \"{}\"\n[agent]\nconnect_timeout_secs = 2\n",
-                vmm.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.path().join("config.toml"))
-            .env("CLOISTER_CONFIG", dir.path().join("cloister.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while !dir.path().join("containerd.sock").exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "containerd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { dir, child }
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(self.dir.path().join("containerd.sock"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PrivateContainerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn processes_mentioning(word: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(word) {
-                found.push(cmdline);
-            }
-        }
-    }
-    found
+/// A private containerd whose shims get a runtime config naming a VMM that
+/// refuses its config.
+fn containerd_with_refusing_vmm(binaries: &ContainerdBinaries, dir: &Path) -> PrivateContainerd {
+    let vmm = dir.join("vmm.sh");
+    std::fs::write(
+        &vmm,
+        "#!/bin/sh\necho 'vm.json: VMM refuses this config (test)' >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = dir.join("cloister.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[vmm]\npath = \"{}\"\n[agent]\nconnect_timeout_secs = 2\n",
+            vmm.display()
+        ),
+    )
+    .unwrap();
+    eprintln!("private {}", binaries.describe());
+    PrivateContainerd::start(binaries, &[("CLOISTER_CONFIG", &config)]).unwrap()
 }
 
 #[test]
@@ -140,12 +55,17 @@ fn ctr_run_reaches_the_shim_and_a_refused_vm_leaves_nothing_behind() {
         eprintln!("SKIP: {reason}");
         return;
     }
-    let containerd = PrivateContainerd::start();
-    let rootfs = containerd.dir.path().join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
-    let id = format!("cloister-ctr-{}", std::process::id());
+    for binaries in available_containerds() {
+        refused_vm_leaves_nothing_behind(&binaries);
+    }
+}
+
+fn refused_vm_leaves_nothing_behind(binaries: &ContainerdBinaries) {
+    let dir = tempfile::tempdir().unwrap();
+    let containerd = containerd_with_refusing_vmm(binaries, dir.path());
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    let id = format!("cloister-ctr-{}-{}", std::process::id(), binaries.version.0);
 
     let output = containerd.ctr(&[
         "run",
@@ -167,26 +87,68 @@ fn ctr_run_reaches_the_shim_and_a_refused_vm_leaves_nothing_behind() {
         containerd.log()
     );
 
-    // containerd cleans up the dead task; the shim exits after it.
-    let started = Instant::now();
-    while !processes_mentioning(&id).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "left running: {:?}",
-            processes_mentioning(&id)
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    guest_support::assert_nothing_left(&containerd, "default", &id);
+}
+
+/// `ctr run` through containerd, our shim and a real microVM (QEMU/TCG
+/// here, with our vsock and virtio-fs back ends): the container's rootfs is
+/// the host folder given to `ctr`, seen in the guest over virtio-fs; its
+/// output and exit status reach `ctr`; nothing is left afterwards.
+#[test]
+fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIP: {reason}");
+        return;
     }
-    let sandbox = cloister_shim::sandbox::SandboxDir::new(
-        Path::new(cloister_shim::lifecycle::STATE_DIR),
-        "default",
-        &id,
-    )
-    .path;
-    assert!(!sandbox.exists(), "{} left behind", sandbox.display());
-    let containers = containerd.ctr(&["containers", "list", "-q"]);
-    assert!(
-        !String::from_utf8_lossy(&containers.stdout).contains(&id),
-        "container record left behind"
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = match guest_support::qemu_runtime_config(dir.path()) {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    std::fs::write(rootfs.join("etc/motd"), "from the host rootfs\n").unwrap();
+    let host_release = nix::sys::utsname::uname().unwrap();
+    let host_release = host_release.release().to_string_lossy().into_owned();
+    for binaries in available_containerds() {
+        eprintln!("private {}", binaries.describe());
+        let containerd =
+            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let id = format!("cloister-vm-{}-{}", std::process::id(), binaries.version.0);
+        let output = containerd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SHIM,
+            "--rootfs",
+            &rootfs.display().to_string(),
+            &id,
+            "/bin/sh",
+            "-c",
+            "cat /etc/motd; echo kernel $(uname -r); echo made in the guest > /tmp/x; exit 3",
+        ]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let context = format!(
+            "stdout: {stdout}\nstderr: {stderr}\ncontainerd log:\n{}",
+            containerd.log()
+        );
+        assert_eq!(output.status.code(), Some(3), "{context}");
+        assert!(stdout.starts_with("from the host rootfs\n"), "{context}");
+        let guest_release = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("kernel "))
+            .unwrap_or_else(|| panic!("no kernel line: {context}"));
+        assert_ne!(guest_release, host_release, "ran on the host's kernel");
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("tmp/x")).unwrap_or_default(),
+            "made in the guest\n",
+            "the guest's write did not reach the host rootfs"
+        );
+        std::fs::remove_file(rootfs.join("tmp/x")).unwrap();
+        guest_support::assert_nothing_left(&containerd, "default", &id);
+    }
 }

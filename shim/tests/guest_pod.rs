@@ -23,6 +23,7 @@ use cloister_protocol::agent;
 use cloister_shim::agent_client::AgentEndpoint;
 use cloister_shim::config::RuntimeConfig;
 use cloister_shim::events::{EventSender, TaskEvent};
+use cloister_shim::guest_spec::SharedMount;
 use cloister_shim::sandbox::{
     setup_request, PodSandbox, SandboxDir, SandboxError, SandboxLauncher, CRI_CONTAINER_TYPE,
     CRI_SANDBOX_ID,
@@ -93,6 +94,23 @@ impl SandboxLauncher for GuestLauncher {
         let mut rootfs = agent::Rootfs::new();
         rootfs.set_directory(GUEST_ROOTFS.into());
         Ok(rootfs)
+    }
+
+    /// Without a shared folder there is nowhere to put a bind mount.
+    fn share_mounts(
+        &self,
+        sandbox: &PodSandbox,
+        container_id: &str,
+        mounts: &[SharedMount],
+    ) -> Result<(), SandboxError> {
+        match mounts.first() {
+            None => Ok(()),
+            Some(mount) => Err(SandboxError::Rootfs {
+                container_id: container_id.into(),
+                target: sandbox.dir.shared_dir().join(&mount.share_path),
+                reason: "the guest test launcher has no shared folder".into(),
+            }),
+        }
     }
 
     fn unshare_rootfs(&self, _: &PodSandbox, _: &str) -> Result<(), SandboxError> {

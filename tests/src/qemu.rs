@@ -8,6 +8,7 @@
 //! turns that into QEMU exiting with status 0.
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -47,32 +48,49 @@ pub struct QemuConfig {
     pub shared_memory: bool,
     /// Devices served by vhost-user back ends (on virtio-mmio).
     pub vhost_user: Vec<VhostUserDevice>,
+    /// virtio-net devices on tap fds QEMU inherits.
+    pub taps: Vec<QemuTap>,
     /// Appended as given (devices, `-global`s, ...).
     pub extra_args: Vec<String>,
 }
 
 /// The kinds of vhost-user device QEMU 7.2 offers on `microvm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VhostUserKind {
     Vsock,
     Rng,
     Block,
+    /// virtio-fs; QEMU keeps the config space (the mount tag) itself.
+    Fs {
+        tag: String,
+    },
 }
 
 impl VhostUserKind {
     /// QEMU's device model (the virtio-bus one, not the PCI proxy) and its
     /// properties.
-    pub fn qemu_device(self) -> &'static str {
+    pub fn qemu_device(&self) -> String {
         match self {
-            VhostUserKind::Vsock => "vhost-user-vsock-device",
+            VhostUserKind::Vsock => "vhost-user-vsock-device".into(),
             // QEMU 7.2's vhost-user-rng offers the guest QEMU's own ring
             // features (indirect descriptors, event index) without asking
             // the back end, and passes what the guest acked on; ours offers
             // neither, so QEMU must not either.
-            VhostUserKind::Rng => "vhost-user-rng,indirect_desc=off,event_idx=off",
-            VhostUserKind::Block => "vhost-user-blk",
+            VhostUserKind::Rng => "vhost-user-rng,indirect_desc=off,event_idx=off".into(),
+            VhostUserKind::Block => "vhost-user-blk".into(),
+            VhostUserKind::Fs { tag } => format!("vhost-user-fs-device,tag={tag}"),
         }
     }
+}
+
+/// A virtio-net device (QEMU's own, on virtio-mmio) on an open tap: QEMU
+/// inherits `fd` (`-netdev tap,fd=N`); [`QemuMicrovm::spawn`] clears its
+/// close-on-exec flag in the child only (the shim's `inherit_in_child`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuTap {
+    pub fd: RawFd,
+    /// The guest's MAC address (`aa:bb:cc:dd:ee:ff`).
+    pub mac: String,
 }
 
 /// A device whose back end listens on a vhost-user socket.
@@ -107,6 +125,7 @@ impl QemuConfig {
             vcpus: 1,
             shared_memory: false,
             vhost_user: Vec::new(),
+            taps: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -171,6 +190,12 @@ impl QemuConfig {
             args.push(chardev);
             args.push("-device".into());
             args.push(format!("{},chardev=vhu{i}", device.kind.qemu_device()).into());
+        }
+        for (i, tap) in self.taps.iter().enumerate() {
+            args.push("-netdev".into());
+            args.push(format!("tap,id=net{i},fd={}", tap.fd).into());
+            args.push("-device".into());
+            args.push(format!("virtio-net-device,netdev=net{i},mac={}", tap.mac).into());
         }
         args.extend(self.extra_args.iter().map(OsString::from));
         args
@@ -260,6 +285,8 @@ impl QemuMicrovm {
     pub fn spawn(config: &QemuConfig) -> Result<ConsoleProcess, ConsoleError> {
         let mut command = Command::new(&config.binary);
         command.args(config.args());
+        let tap_fds: Vec<RawFd> = config.taps.iter().map(|t| t.fd).collect();
+        cloister_shim::network::inherit_in_child(&mut command, &tap_fds);
         ConsoleProcess::spawn(command)
     }
 }
@@ -337,6 +364,14 @@ mod tests {
     }
 
     #[test]
+    fn fs_device_carries_its_mount_tag() {
+        let kind = VhostUserKind::Fs {
+            tag: "cloister".into(),
+        };
+        assert_eq!(kind.qemu_device(), "vhost-user-fs-device,tag=cloister");
+    }
+
+    #[test]
     fn args_with_vhost_user_device_share_guest_memory_and_attach_the_socket() {
         let mut config = QemuConfig::new(Accel::Tcg, Path::new("/k/vmlinux"), None);
         config.vhost_user.push(VhostUserDevice {
@@ -354,6 +389,26 @@ mod tests {
         assert!(joined.ends_with(
             " -chardev socket,id=vhu0,path=/run/v.sock -device vhost-user-vsock-device,chardev=vhu0"
         ));
+    }
+
+    #[test]
+    fn args_with_tap_attach_virtio_net_on_the_inherited_fd_with_the_mac() {
+        let mut config = QemuConfig::new(Accel::Tcg, Path::new("/k/vmlinux"), None);
+        config.taps.push(QemuTap {
+            fd: 9,
+            mac: "02:00:00:00:00:01".into(),
+        });
+        let joined = config
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.ends_with(
+            " -netdev tap,id=net0,fd=9 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
+        ));
+        // QEMU's own device: no shared memory needed.
+        assert!(joined.starts_with("-M microvm,acpi=off "));
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl VsockBackend {
 }
 
 /// `$VHOST_DEVICE_VSOCK`, else `<cache>/tools/bin/vhost-device-vsock`
-/// (where `scripts/install-vhost-device-vsock.sh` puts it), else the one on
+/// (where `scripts/install-peer-tool.sh vhost-device-vsock` puts it), else the one on
 /// `PATH`; `None` when none runs.
 pub fn find_vhost_device_vsock() -> Option<PathBuf> {
     let candidates = [

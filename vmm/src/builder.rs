@@ -30,6 +30,7 @@ use crate::devices::virtio::block::{self, BlockDevice, BlockError};
 use crate::devices::virtio::console::{ConsoleDevice, ConsoleError, ConsoleOutput};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::event_loop::{EventLoopError, VirtioThread};
+use crate::devices::virtio::fs::{self, FsDevice, FsError};
 use crate::devices::virtio::net::{NetDevice, NetError, Tap};
 use crate::devices::virtio::rng::RngDevice;
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
@@ -150,6 +151,8 @@ pub enum BuildError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error(transparent)]
     Net(#[from] NetError),
     #[error("raw payload of {len} bytes at {addr:#x} does not fit guest memory: {source}")]
@@ -412,6 +415,16 @@ fn create_virtio_devices(
             serial: disk.serial.clone(),
         })?;
         devices.push(Box::new(device.with_name(format!("block{index}"))));
+    }
+    for (index, share) in config.fs.iter().enumerate() {
+        let device = FsDevice::new(fs::FsConfig {
+            tag: share.tag.clone(),
+            shared_dir: share.shared_dir.clone(),
+            read_only: share.read_only,
+            cache: share.cache,
+            request_queues: share.request_queues,
+        })?;
+        devices.push(Box::new(device.with_name(format!("fs{index}"))));
     }
     for device in create_net_devices(&config.net)? {
         devices.push(Box::new(device));

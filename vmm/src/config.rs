@@ -14,11 +14,13 @@ use crate::boot::mptable::MAX_MPTABLE_CPUS;
 use crate::cpuid::CpuTemplate;
 
 mod devices;
+pub use crate::devices::virtio::fs::CacheMode;
 pub use devices::{
     BlockConfig, ConsoleConfig, NetConfig, TapSource, VirtioConsoleOutput, VirtioDevicesConfig,
     VsockConfig, MAX_BLOCK_DEVICES, MAX_BLOCK_SERIAL_BYTES, MAX_GUEST_CID,
     MAX_VSOCK_UDS_PATH_BYTES, MIN_GUEST_CID,
 };
+pub use devices::{FsConfig, MAX_FS_DEVICES};
 
 /// Largest guest we accept: 1 TiB, far beyond a pod, well inside the
 /// address space.
@@ -108,6 +110,9 @@ pub struct VmConfig {
     /// virtio-console (hvc0).
     #[serde(default)]
     pub console: Option<ConsoleConfig>,
+    /// virtio-fs shares, one device each.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// virtio-net NICs, each on a tap.
     #[serde(default)]
     pub net: Vec<NetConfig>,
@@ -162,6 +167,7 @@ impl VmConfig {
             vsock: None,
             block: Vec::new(),
             console: None,
+            fs: Vec::new(),
             net: Vec::new(),
         }
     }
@@ -173,6 +179,7 @@ impl VmConfig {
             vsock: self.vsock.clone(),
             block: self.block.clone(),
             console: self.console.clone(),
+            fs: self.fs.clone(),
             net: self.net.clone(),
         }
     }
@@ -334,6 +341,39 @@ mod tests {
             VirtioConsoleOutput::File("/tmp/hvc0.log".into())
         );
         assert_eq!(cfg.devices().count(), 5);
+    }
+
+    /// The shape `containerd-shim-cloister-v2` writes into vm.json
+    /// (`shim/src/vmm_client.rs`, `VmFsConfig`).
+    #[test]
+    fn config_with_fs_shares_as_the_shim_writes_them_parses() {
+        let cfg = parse(
+            r#"{"kernel": "/k", "fs": [{"tag": "cloister", "shared_dir": "/run/cloister/p/shared"},
+                {"tag": "ro", "shared_dir": "/srv", "read_only": true, "cache": "none", "request_queues": 2}]}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let fs = cfg.devices().fs;
+        assert_eq!(fs.len(), 2);
+        assert_eq!(fs[0].tag, "cloister");
+        assert_eq!(fs[0].shared_dir, PathBuf::from("/run/cloister/p/shared"));
+        assert_eq!(
+            (fs[0].read_only, fs[0].cache, fs[0].request_queues),
+            (false, CacheMode::Auto, 1)
+        );
+        assert_eq!(
+            (fs[1].read_only, fs[1].cache, fs[1].request_queues),
+            (true, CacheMode::None, 2)
+        );
+        assert_eq!(cfg.devices().count(), 2);
+
+        let err = parse(
+            r#"{"kernel": "/k", "fs": [{"tag": "t", "shared_dir": "/d", "cache": "never"}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("never"), "{err}");
+        let err = parse(r#"{"kernel": "/k", "fs": [{"tag": "t", "path": "/d"}]}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `path`"), "{err}");
     }
 
     #[test]

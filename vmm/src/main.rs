@@ -11,7 +11,8 @@ use anyhow::Context;
 use clap::Parser;
 use cloister_vmm::builder::{run_vm, VmSpec};
 use cloister_vmm::config::{
-    BlockConfig, ConsoleConfig, NetConfig, SerialOutput, VirtioConsoleOutput, VmConfig, VsockConfig,
+    BlockConfig, ConsoleConfig, FsConfig, NetConfig, SerialOutput, VirtioConsoleOutput, VmConfig,
+    VsockConfig,
 };
 use cloister_vmm::cpuid::CpuTemplate;
 use cloister_vmm::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
@@ -56,6 +57,11 @@ struct Args {
     /// repeat for more disks (replaces the config file's list).
     #[arg(long)]
     block: Vec<BlockConfig>,
+    /// Share a host directory over virtio-fs:
+    /// tag=TAG,path=DIR[,readonly][,cache=none|auto|always][,queues=N];
+    /// repeat for more shares (replaces the config file's list).
+    #[arg(long)]
+    fs: Vec<FsConfig>,
     /// Add a virtio-net NIC on a tap: tap=NAME or fd=N (an inherited tap
     /// fd), optionally ,mac=02:xx:xx:xx:xx:xx; repeat for more NICs
     /// (replaces the config file's list).
@@ -117,6 +123,9 @@ impl Args {
         }
         if !self.block.is_empty() {
             cfg.block = self.block;
+        }
+        if !self.fs.is_empty() {
+            cfg.fs = self.fs;
         }
         if !self.net.is_empty() {
             cfg.net = self.net;

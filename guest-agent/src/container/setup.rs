@@ -128,6 +128,18 @@ pub fn apply_rootfs(plan: &CreatePlan, sys: &mut dyn Syscalls) -> Result<RootSwi
     };
     at("chdir to", "/", sys.chdir(Path::new("/")))?;
 
+    // Before masked and read-only paths, as runc does: CRI's specs list
+    // /proc/sys among the read-only paths and set sysctls
+    // (net.ipv4.ip_unprivileged_port_start) at the same time.
+    for (key, value) in &plan.sysctls {
+        let file = PathBuf::from("/proc/sys").join(key);
+        at(
+            "write sysctl",
+            key.replace('/', "."),
+            sys.write_file(&file, value),
+        )?;
+    }
+
     for path in &plan.masked_paths {
         let target = Path::new(path);
         match sys.is_dir(target) {
@@ -158,14 +170,6 @@ pub fn apply_rootfs(plan: &CreatePlan, sys: &mut dyn Syscalls) -> Result<RootSwi
             "remount read-only",
             path,
             sys.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None),
-        )?;
-    }
-    for (key, value) in &plan.sysctls {
-        let file = PathBuf::from("/proc/sys").join(key);
-        at(
-            "write sysctl",
-            key.replace('/', "."),
-            sys.write_file(&file, value),
         )?;
     }
     if let Some(hostname) = &plan.hostname {
@@ -418,11 +422,12 @@ mod tests {
                 "pivot_root",
                 "umount .",
                 "chdir /",
+                // Sysctls while /proc/sys is still writable.
+                "write /proc/sys/net/ipv4/ip_forward 1",
                 "mount /dev/null /proc/kcore - 0x1000 -",
                 "mount tmpfs /proc/acpi tmpfs 0x1 -",
                 "mount /proc/sys /proc/sys - 0x5000 -",
                 "mount - /proc/sys - 0x1021 -",
-                "write /proc/sys/net/ipv4/ip_forward 1",
                 "hostname box",
                 "mount - / - 0x1021 -",
             ]

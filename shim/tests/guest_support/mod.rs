@@ -2,42 +2,27 @@
 //! initramfs (agent as PID 1, busybox rootfs at `/rootfs/busybox`) and the
 //! `cloister-vmm` binary, and a runtime config for the QEMU/TCG backend.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use cloister_e2e::cloister_vmm::find_cloister_vmm;
-use cloister_e2e::guest_image::GuestImage;
-use cloister_e2e::qemu::{qemu_available, QEMU_BINARY};
-use cloister_guest_image::paths;
+use cloister_e2e::agent_guest::AgentGuestFixture;
+use cloister_e2e::containerd::{processes_mentioning, PrivateContainerd};
+use cloister_e2e::qemu::QEMU_BINARY;
 use cloister_shim::config::{
     GuestSection, HypervisorKind, PodVm, QemuAccel, QemuSection, RuntimeConfig, VmmSection,
 };
 
-/// Boot under TCG takes seconds; a loaded 2-core machine needs more.
-pub const AGENT_DEADLINE: Duration = Duration::from_secs(180);
-/// Where build-agent-initramfs.sh puts the container rootfs in the image.
-pub const GUEST_ROOTFS: &str = "/rootfs/busybox";
+pub use cloister_e2e::agent_guest::{AGENT_DEADLINE, GUEST_ROOTFS};
 
 /// A runtime config for QEMU/TCG with the agent image, or why there is none.
 pub fn guest_config() -> Result<RuntimeConfig, String> {
-    if !qemu_available(Path::new(QEMU_BINARY)) {
-        return Err(format!(
-            "{QEMU_BINARY} does not run (Debian package qemu-system-x86)"
-        ));
-    }
-    let image = GuestImage::locate().map_err(|e| e.to_string())?;
-    let initramfs = paths::cache_dir().join("initramfs").join("agent.cpio");
-    if !initramfs.exists() {
-        return Err(format!(
-            "{} missing (built by scripts/build-guest.sh)",
-            initramfs.display()
-        ));
-    }
-    let vmm = find_cloister_vmm().ok_or(
-        "cloister-vmm binary not found (cargo build -p cloister-vmm, or set CLOISTER_VMM)",
-    )?;
+    let AgentGuestFixture {
+        image,
+        initramfs,
+        vmm,
+    } = AgentGuestFixture::locate()?;
     let defaults = RuntimeConfig::default();
     Ok(RuntimeConfig {
         hypervisor: HypervisorKind::Qemu,
@@ -63,6 +48,7 @@ pub fn guest_vm() -> PodVm {
         memory_mib: 512,
         kernel_params: String::new(),
         shared_fs: false,
+        nics: Vec::new(),
     }
 }
 
@@ -101,25 +87,7 @@ pub fn open_writer(path: String) -> tokio::sync::oneshot::Receiver<std::fs::File
 
 /// A spec running `args` in the busybox rootfs.
 pub fn spec(args: &[&str]) -> serde_json::Value {
-    serde_json::json!({
-        "ociVersion": "1.1.0",
-        "hostname": "in-guest",
-        "process": {
-            "args": args,
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-            "user": { "uid": 0, "gid": 0 },
-            "noNewPrivileges": true
-        },
-        "root": { "path": "rootfs" },
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"] }
-        ],
-        "linux": {
-            "namespaces": [{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }]
-        }
-    })
+    cloister_e2e::agent_guest::busybox_spec(args)
 }
 
 /// Whether `pid` is gone (or a zombie about to be reaped).
@@ -128,4 +96,54 @@ pub fn process_gone(pid: u32) -> bool {
         Ok(stat) => stat.contains(") Z "),
         Err(_) => true,
     }
+}
+
+/// containerd cleaned up the task, the shim (and any VMM) exited, and the
+/// sandbox folder and container record are gone.
+pub fn assert_nothing_left(containerd: &PrivateContainerd, namespace: &str, id: &str) {
+    let started = Instant::now();
+    while !processes_mentioning(id).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "left running: {:?}",
+            processes_mentioning(id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sandbox = cloister_shim::sandbox::SandboxDir::new(
+        Path::new(cloister_shim::lifecycle::STATE_DIR),
+        namespace,
+        id,
+    )
+    .path;
+    assert!(!sandbox.exists(), "{} left behind", sandbox.display());
+    let containers = containerd.ctr(&["-n", namespace, "containers", "list", "-q"]);
+    assert!(
+        !String::from_utf8_lossy(&containers.stdout).contains(id),
+        "container record left behind"
+    );
+}
+
+/// A runtime config for the QEMU/TCG backend with the agent image, as TOML
+/// for `CLOISTER_CONFIG`.
+pub fn qemu_runtime_config(dir: &Path) -> Result<PathBuf, String> {
+    let guest = guest_config()?;
+    let qemu = std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(&guest.qemu.path))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or_else(|| format!("{} not on PATH", guest.qemu.path.display()))?;
+    let path = dir.join("cloister.toml");
+    let text = format!(
+        "hypervisor = \"qemu\"\n[vmm]\npath = \"{}\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = {}\n",
+        guest.vmm.path.display(),
+        qemu.display(),
+        guest.guest.kernel.display(),
+        guest.guest.initramfs.display(),
+        AGENT_DEADLINE.as_secs(),
+    );
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    Ok(path)
 }

@@ -84,7 +84,8 @@ fn backend(name: &str) -> Result<VsockBackend, String> {
         _ => find_vhost_device_vsock()
             .map(|binary| VsockBackend::Peer { binary })
             .ok_or_else(|| {
-                "vhost-device-vsock not found (scripts/install-vhost-device-vsock.sh)".to_string()
+                "vhost-device-vsock not found (scripts/install-peer-tool.sh vhost-device-vsock)"
+                    .to_string()
             }),
     }
 }

@@ -12,12 +12,15 @@ use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 use crate::boot::layout::MAX_VIRTIO_DEVICES;
+use crate::devices::virtio::fs::{validate_tag, CacheMode, MAX_REQUEST_QUEUES};
 use crate::devices::virtio::net::tap::valid_tap_name;
 use crate::devices::virtio::net::MacAddress;
 
 /// Largest number of virtio-blk disks (each takes one of the
 /// [`MAX_VIRTIO_DEVICES`] interrupt lines).
 pub const MAX_BLOCK_DEVICES: usize = 8;
+/// Largest number of virtio-fs shares (each takes an interrupt line).
+pub const MAX_FS_DEVICES: usize = 8;
 /// virtio-blk's `VIRTIO_BLK_ID_BYTES`: the serial a `GET_ID` request returns.
 pub const MAX_BLOCK_SERIAL_BYTES: usize = 20;
 /// Guest CIDs 0-2 are the hypervisor, local and host; `u32::MAX` is
@@ -51,6 +54,28 @@ pub struct BlockConfig {
     /// What the guest reads as the disk's serial (`GET_ID`).
     #[serde(default)]
     pub serial: Option<String>,
+}
+
+/// One virtio-fs share: a host directory the guest mounts by its tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// What the guest mounts: `mount -t virtiofs TAG DIR` (1-36 bytes).
+    pub tag: String,
+    /// The host directory; it must exist when the VM starts.
+    pub shared_dir: PathBuf,
+    /// Every change from the guest is refused (EROFS).
+    #[serde(default)]
+    pub read_only: bool,
+    /// none, auto or always.
+    #[serde(default)]
+    pub cache: CacheMode,
+    #[serde(default = "default_request_queues")]
+    pub request_queues: u16,
+}
+
+fn default_request_queues() -> u16 {
+    1
 }
 
 /// Where the virtio console's output goes.
@@ -299,6 +324,85 @@ impl FromStr for BlockConfig {
     }
 }
 
+/// `--fs tag=T,path=DIR[,readonly][,cache=none|auto|always][,queues=N]`
+/// (`shared_dir=`, `read_only=BOOL` and `request_queues=` are accepted
+/// too, as in the JSON config).
+impl FromStr for FsConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cfg = FsConfig {
+            tag: String::new(),
+            shared_dir: PathBuf::new(),
+            read_only: false,
+            cache: CacheMode::default(),
+            request_queues: default_request_queues(),
+        };
+        const KNOWN: &str = "tag, path, readonly, cache, queues";
+        for item in s.split(',') {
+            let (key, value) = match item.split_once('=') {
+                Some(pair) => pair,
+                None if item == "readonly" || item == "read_only" => {
+                    cfg.read_only = true;
+                    continue;
+                }
+                None => {
+                    return Err(ConfigError::Invalid {
+                        field: "fs",
+                        value: s.to_string(),
+                        reason: format!("{item:?} is neither key=value nor readonly"),
+                    })
+                }
+            };
+            match key {
+                "tag" => cfg.tag = value.to_string(),
+                "path" | "shared_dir" => cfg.shared_dir = PathBuf::from(value),
+                "readonly" | "read_only" => cfg.read_only = parse_bool("fs.read_only", value)?,
+                "cache" => {
+                    cfg.cache = value.parse().map_err(|reason| ConfigError::Invalid {
+                        field: "fs.cache",
+                        value: value.to_string(),
+                        reason,
+                    })?
+                }
+                "queues" | "request_queues" => {
+                    cfg.request_queues = value.parse().map_err(|e| ConfigError::Invalid {
+                        field: "fs.request_queues",
+                        value: value.to_string(),
+                        reason: format!("{e}"),
+                    })?
+                }
+                _ => return Err(unknown_key("fs", s, key, KNOWN)),
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+impl FsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_tag(&self.tag).map_err(|e| ConfigError::Invalid {
+            field: "fs.tag",
+            value: self.tag.clone(),
+            reason: e.to_string(),
+        })?;
+        if self.shared_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "fs.shared_dir",
+                value: String::new(),
+                reason: format!("share {:?} needs a host directory", self.tag),
+            });
+        }
+        if self.request_queues == 0 || self.request_queues > MAX_REQUEST_QUEUES {
+            return Err(ConfigError::Invalid {
+                field: "fs.request_queues",
+                value: self.request_queues.to_string(),
+                reason: format!("must be between 1 and {MAX_REQUEST_QUEUES}"),
+            });
+        }
+        Ok(())
+    }
+}
+
 fn unknown_key(field: &'static str, text: &str, key: &str, known: &str) -> ConfigError {
     ConfigError::Invalid {
         field,
@@ -366,6 +470,7 @@ pub struct VirtioDevicesConfig {
     pub vsock: Option<VsockConfig>,
     pub block: Vec<BlockConfig>,
     pub console: Option<ConsoleConfig>,
+    pub fs: Vec<FsConfig>,
     pub net: Vec<NetConfig>,
 }
 
@@ -376,6 +481,7 @@ impl VirtioDevicesConfig {
             + usize::from(self.vsock.is_some())
             + usize::from(self.console.is_some())
             + self.block.len()
+            + self.fs.len()
             + self.net.len()
     }
 
@@ -397,6 +503,23 @@ impl VirtioDevicesConfig {
                     field: "block.path",
                     value: disk.path.display().to_string(),
                     reason: "is attached twice".into(),
+                });
+            }
+        }
+        if self.fs.len() > MAX_FS_DEVICES {
+            return Err(ConfigError::Invalid {
+                field: "fs",
+                value: format!("{} shares", self.fs.len()),
+                reason: format!("at most {MAX_FS_DEVICES} are supported"),
+            });
+        }
+        for (i, share) in self.fs.iter().enumerate() {
+            share.validate()?;
+            if self.fs[..i].iter().any(|other| other.tag == share.tag) {
+                return Err(ConfigError::Invalid {
+                    field: "fs.tag",
+                    value: share.tag.clone(),
+                    reason: "is used by two shares; tags must be unique".into(),
                 });
             }
         }
@@ -550,6 +673,23 @@ mod tests {
         assert!(msg.to_string().starts_with("block.path"), "{msg}");
     }
 
+    fn share(tag: &str, dir: &str) -> FsConfig {
+        FsConfig {
+            tag: tag.into(),
+            shared_dir: dir.into(),
+            read_only: false,
+            cache: CacheMode::Auto,
+            request_queues: 1,
+        }
+    }
+
+    fn with_shares(fs: Vec<FsConfig>) -> VirtioDevicesConfig {
+        VirtioDevicesConfig {
+            fs,
+            ..Default::default()
+        }
+    }
+
     fn nic(text: &str) -> NetConfig {
         text.parse().unwrap()
     }
@@ -559,6 +699,92 @@ mod tests {
             net,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn fs_flag_parses_every_option() {
+        let cfg: FsConfig = "tag=rootfs,path=/run/pod/shared,readonly,cache=none,queues=2"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            cfg,
+            FsConfig {
+                tag: "rootfs".into(),
+                shared_dir: "/run/pod/shared".into(),
+                read_only: true,
+                cache: CacheMode::None,
+                request_queues: 2,
+            }
+        );
+        let cfg: FsConfig = "tag=t,shared_dir=/d,read_only=false,request_queues=1"
+            .parse()
+            .unwrap();
+        assert_eq!(cfg, share("t", "/d"));
+        assert_eq!(
+            "tag=t,path=/d".parse::<FsConfig>().unwrap().cache,
+            CacheMode::Auto
+        );
+    }
+
+    #[test]
+    fn fs_flag_with_bad_value_names_it() {
+        let err = "tag=t,path=/d,cache=sometimes"
+            .parse::<FsConfig>()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("fs.cache = sometimes"), "{err}");
+        let err = "tag=t,path=/d,queues=many".parse::<FsConfig>().unwrap_err();
+        assert!(
+            err.to_string().starts_with("fs.request_queues = many"),
+            "{err}"
+        );
+        let err = "tag=t,path=/d,dax".parse::<FsConfig>().unwrap_err();
+        assert!(err.to_string().contains("\"dax\""), "{err}");
+        let err = "tag=t,ro=1".parse::<FsConfig>().unwrap_err();
+        assert!(err.to_string().contains("unknown key \"ro\""), "{err}");
+    }
+
+    #[test]
+    fn fs_with_bad_tag_queues_or_duplicate_tag_is_refused() {
+        let long = "x".repeat(37);
+        for (tag, want) in [
+            ("", "fs.tag = "),
+            (long.as_str(), "37 bytes"),
+            ("a\0b", "NUL"),
+        ] {
+            let msg = with_shares(vec![share(tag, "/d")])
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(want), "{msg}");
+        }
+        let mut queues = share("t", "/d");
+        queues.request_queues = 9;
+        let msg = with_shares(vec![queues])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("fs.request_queues = 9"), "{msg}");
+        let msg = with_shares(vec![share("t", "")])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("fs.shared_dir"), "{msg}");
+        let msg = with_shares(vec![share("a", "/1"), share("b", "/2"), share("a", "/3")])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("fs.tag = a: is used by two shares"),
+            "{msg}"
+        );
+        with_shares(vec![share("a", "/1"), share("b", "/1")])
+            .validate()
+            .unwrap();
+        let many = (0..=MAX_FS_DEVICES)
+            .map(|i| share(&format!("t{i}"), "/d"))
+            .collect();
+        let msg = with_shares(many).validate().unwrap_err().to_string();
+        assert!(msg.starts_with("fs = 9 shares"), "{msg}");
     }
 
     #[test]

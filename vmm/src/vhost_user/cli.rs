@@ -5,9 +5,16 @@
 //! cloister-vmm vhost-user --device vsock --guest-cid 3 --uds /run/vm/vsock.sock --socket /run/vm/vhu-vsock.sock
 //! cloister-vmm vhost-user --device rng --socket /run/vm/vhu-rng.sock
 //! cloister-vmm vhost-user --device block --path disk.img [--read-only] [--serial ID] --socket /run/vm/vhu-blk.sock
+//! cloister-vmm vhost-user --device fs --shared-dir DIR --tag TAG [--read-only] [--cache none|auto|always] [--request-queues N] --socket /run/vm/vhu-fs.sock
 //! cloister-vmm vhost-user --device net --tap tap0 [--mac 02:00:00:00:00:01] --socket /run/vm/vhu-net.sock
 //! cloister-vmm vhost-user --device net --tap-fd 3 --socket /run/vm/vhu-net.sock
 //! ```
+//!
+//! For QEMU's `-device vhost-user-fs-device,chardev=…,tag=TAG`: QEMU keeps
+//! the tag and queue count in its own configuration space, so `--tag` here
+//! only names the share in logs, and `--request-queues` must equal QEMU's
+//! `num-request-queues` (default 1): the device starts once every queue it
+//! has is running.
 //!
 //! For net, QEMU keeps the configuration space (MAC, link status) to
 //! itself: the guest sees the `mac=` of QEMU's `virtio-net-device`, and
@@ -22,6 +29,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::devices::virtio::block::{BlockConfig, BlockDevice, BlockError};
 use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::fs::{CacheMode, FsConfig, FsDevice, FsError};
 use crate::devices::virtio::net::{MacAddress, NetDevice, NetError, Tap};
 use crate::devices::virtio::rng::RngDevice;
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
@@ -37,13 +45,16 @@ pub enum DeviceKind {
     Rng,
     /// A raw disk image (`--path`, `--read-only`, `--serial`).
     Block,
+    /// virtio-fs: a host directory (`--shared-dir`, `--tag`, `--read-only`,
+    /// `--cache`, `--request-queues`).
+    Fs,
     /// virtio-net on a tap (`--tap` or `--tap-fd`, `--mac`).
     Net,
 }
 
 /// Serves one virtio device over vhost-user (QEMU's `vhost-user-vsock-device`,
-/// `vhost-user-rng`, `vhost-user-blk`, `-netdev vhost-user`) until the front end
-/// disconnects.
+/// `vhost-user-fs-device`, `vhost-user-rng`, `vhost-user-blk`, `-netdev vhost-user`)
+/// until the front end disconnects.
 #[derive(Debug, Parser)]
 #[command(name = "cloister-vmm vhost-user")]
 pub struct VhostUserArgs {
@@ -63,12 +74,25 @@ pub struct VhostUserArgs {
     /// block: the disk image.
     #[arg(long)]
     pub path: Option<PathBuf>,
-    /// block: refuse writes.
+    /// block, fs: refuse writes.
     #[arg(long)]
     pub read_only: bool,
     /// block: the serial GET_ID returns (at most 20 bytes).
     #[arg(long)]
     pub serial: Option<String>,
+    /// fs: the directory to share.
+    #[arg(long)]
+    pub shared_dir: Option<PathBuf>,
+    /// fs: the share's tag (1-36 bytes; QEMU's `tag=` is what the guest sees).
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// fs: how much the guest may cache.
+    #[arg(long, value_enum)]
+    pub cache: Option<CacheMode>,
+    /// fs: request queues besides the hiprio queue; QEMU's
+    /// `num-request-queues`.
+    #[arg(long)]
+    pub request_queues: Option<u16>,
     /// net: the tap to open (created if missing) in this process's network
     /// namespace.
     #[arg(long)]
@@ -103,6 +127,8 @@ pub enum VhostUserCliError {
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
     Serve(#[from] VhostUserError),
 }
 
@@ -119,9 +145,15 @@ impl VhostUserArgs {
         ];
         let block_flags = [
             ("--path", self.path.is_some()),
-            ("--read-only", self.read_only),
             ("--serial", self.serial.is_some()),
         ];
+        let fs_flags = [
+            ("--shared-dir", self.shared_dir.is_some()),
+            ("--tag", self.tag.is_some()),
+            ("--cache", self.cache.is_some()),
+            ("--request-queues", self.request_queues.is_some()),
+        ];
+        let read_only_flag = [("--read-only", self.read_only)];
         let net_flags = [
             ("--tap", self.tap.is_some()),
             ("--tap-fd", self.tap_fd.is_some()),
@@ -134,6 +166,8 @@ impl VhostUserArgs {
         Ok(match device {
             DeviceKind::Vsock => {
                 refuse(&block_flags)?;
+                refuse(&fs_flags)?;
+                refuse(&read_only_flag)?;
                 refuse(&net_flags)?;
                 let cid = self.guest_cid.ok_or_else(|| missing("--guest-cid"))?;
                 let uds = self.uds.clone().ok_or_else(|| missing("--uds"))?;
@@ -142,11 +176,14 @@ impl VhostUserArgs {
             DeviceKind::Rng => {
                 refuse(&vsock_flags)?;
                 refuse(&block_flags)?;
+                refuse(&fs_flags)?;
+                refuse(&read_only_flag)?;
                 refuse(&net_flags)?;
                 Box::new(RngDevice::new())
             }
             DeviceKind::Block => {
                 refuse(&vsock_flags)?;
+                refuse(&fs_flags)?;
                 refuse(&net_flags)?;
                 let path = self.path.clone().ok_or_else(|| missing("--path"))?;
                 Box::new(BlockDevice::new(BlockConfig {
@@ -155,9 +192,27 @@ impl VhostUserArgs {
                     serial: self.serial.clone(),
                 })?)
             }
+            DeviceKind::Fs => {
+                refuse(&vsock_flags)?;
+                refuse(&block_flags)?;
+                refuse(&net_flags)?;
+                let shared_dir = self
+                    .shared_dir
+                    .clone()
+                    .ok_or_else(|| missing("--shared-dir"))?;
+                let tag = self.tag.clone().ok_or_else(|| missing("--tag"))?;
+                Box::new(FsDevice::new(FsConfig {
+                    read_only: self.read_only,
+                    cache: self.cache.unwrap_or_default(),
+                    request_queues: self.request_queues.unwrap_or(1),
+                    ..FsConfig::new(tag, shared_dir)
+                })?)
+            }
             DeviceKind::Net => {
                 refuse(&vsock_flags)?;
                 refuse(&block_flags)?;
+                refuse(&fs_flags)?;
+                refuse(&read_only_flag)?;
                 let tap = match (&self.tap, self.tap_fd) {
                     (Some(name), None) => Tap::open(name)?,
                     (None, Some(fd)) => Tap::adopt_fd(fd)?,
@@ -243,6 +298,45 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
+    }
+
+    #[test]
+    fn fs_args_build_an_fs_device_with_hiprio_and_request_queues() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = parse(&format!(
+            "--device fs --shared-dir {} --tag rootfs --read-only --cache none --request-queues 2 --socket /s",
+            dir.path().display()
+        ));
+        let device = args.build_device().unwrap();
+        assert_eq!(device.device_type(), 26);
+        assert_eq!(device.queue_max_sizes().len(), 3);
+        let mut tag = [0u8; 6];
+        device.read_config(0, &mut tag);
+        assert_eq!(&tag, b"rootfs");
+    }
+
+    #[test]
+    fn fs_without_tag_or_with_a_block_flag_names_the_flag() {
+        let err = parse("--device fs --shared-dir /tmp --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "--device Fs needs --tag");
+        let err = parse("--device fs --shared-dir /tmp --tag t --serial x --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "--serial does not apply to --device Fs");
+        let err = parse("--device block --path /x --tag t --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "--tag does not apply to --device Block");
+        let err = parse("--device fs --shared-dir /nonexistent/share --tag t --socket /s")
+            .build_device()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/share"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,8 @@
 
 mod backend;
 pub mod cli;
+#[cfg(test)]
+mod fs_frontend_tests;
 mod relay;
 
 use std::os::fd::AsRawFd;

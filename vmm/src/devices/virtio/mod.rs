@@ -7,6 +7,7 @@ pub mod block;
 pub mod console;
 pub mod device;
 pub mod event_loop;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
