@@ -301,32 +301,61 @@ pub fn check_tun(device: &Path) -> Check {
     }
 }
 
-/// tc with the mirred action redirects the pod's veth to the tap.
-pub fn check_tc(tc_found: bool, mirred_available: bool) -> Check {
+/// The traffic-control pieces pod networking uses (through netlink; the
+/// `tc` program is not needed): the ingress qdisc, the u32 classifier and
+/// the mirred action.
+pub const TC_MODULES: [&str; 3] = ["sch_ingress", "cls_u32", "act_mirred"];
+
+/// `missing`: the [`TC_MODULES`] neither loaded, built in nor installed;
+/// `unknown`: those this host gives no way to tell (a kernel without
+/// module lists, whose built-in modules may not show in /sys/module).
+pub fn check_tc(missing: &[&str], unknown: &[&str]) -> Check {
     const NAME: &str = "tc";
-    match (tc_found, mirred_available) {
-        (true, true) => Check::ok(NAME, "tc and act_mirred available"),
-        (false, _) => Check::warn(NAME, "tc not found on PATH", "apt-get install iproute2"),
-        (true, false) => Check::warn(
+    let options =
+        "kernel options CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_U32, CONFIG_NET_ACT_MIRRED";
+    if !missing.is_empty() {
+        return Check::warn(
             NAME,
-            "act_mirred neither loaded nor installed as a module",
-            "modprobe act_mirred (kernel option CONFIG_NET_ACT_MIRRED)",
-        ),
+            format!(
+                "{} neither loaded nor installed as a module: pods with a network cannot start",
+                missing.join(", ")
+            ),
+            format!("modprobe {} ({options})", missing.join(" ")),
+        );
     }
+    if !unknown.is_empty() {
+        return Check::warn(
+            NAME,
+            format!(
+                "cannot tell whether {} are built in (no module list for this kernel)",
+                unknown.join(", ")
+            ),
+            format!("pods with a network fail at setup without them ({options})"),
+        );
+    }
+    Check::ok(NAME, "sch_ingress, cls_u32 and act_mirred available")
 }
 
-/// Whether act_mirred is loaded, built in, or available as a module.
-pub fn mirred_available(modules_root: &Path, release: &str) -> bool {
-    if Path::new("/sys/module/act_mirred").exists() {
-        return true;
+/// Whether the kernel module `name` is loaded, built in or installed;
+/// `None` when the kernel has no module lists to look in.
+pub fn module_available(modules_root: &Path, release: &str, name: &str) -> Option<bool> {
+    if Path::new("/sys/module").join(name).exists() {
+        return Some(true);
     }
     let dir = modules_root.join(release);
-    let listed = |file: &str| {
-        std::fs::read_to_string(dir.join(file))
-            .map(|text| text.contains("act_mirred"))
-            .unwrap_or(false)
-    };
-    listed("modules.builtin") || listed("modules.dep")
+    let list = |file: &str| std::fs::read_to_string(dir.join(file)).ok();
+    let lists: Vec<String> = ["modules.builtin", "modules.dep"]
+        .into_iter()
+        .filter_map(list)
+        .collect();
+    if lists.is_empty() {
+        return None;
+    }
+    Some(
+        lists
+            .iter()
+            .any(|text| text.contains(&format!("/{name}.ko"))),
+    )
 }
 
 fn find_on_path(program: &str) -> Option<PathBuf> {
@@ -393,10 +422,15 @@ pub fn run_checks() -> Vec<Check> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    checks.push(check_tc(
-        find_on_path("tc").is_some(),
-        mirred_available(Path::new("/lib/modules"), &release),
-    ));
+    let (mut missing, mut unknown) = (Vec::new(), Vec::new());
+    for module in TC_MODULES {
+        match module_available(Path::new("/lib/modules"), &release, module) {
+            Some(true) => {}
+            Some(false) => missing.push(module),
+            None => unknown.push(module),
+        }
+    }
+    checks.push(check_tc(&missing, &unknown));
     checks
 }
 
@@ -518,13 +552,17 @@ mod tests {
             check_tun(Path::new("/nonexistent/tun")).outcome,
             Outcome::Warn
         );
-        assert_eq!(check_tc(true, true).outcome, Outcome::Ok);
-        assert!(check_tc(false, true).fix.unwrap().contains("iproute2"));
-        assert!(check_tc(true, false).fix.unwrap().contains("act_mirred"));
+        assert_eq!(check_tc(&[], &[]).outcome, Outcome::Ok);
+        let missing = check_tc(&["cls_u32", "act_mirred"], &[]);
+        assert_eq!(missing.outcome, Outcome::Warn);
+        assert!(missing.fix.unwrap().contains("modprobe cls_u32 act_mirred"));
+        let unknown = check_tc(&[], &["cls_u32"]);
+        assert_eq!(unknown.outcome, Outcome::Warn);
+        assert!(unknown.detail.contains("cannot tell whether cls_u32"));
     }
 
     #[test]
-    fn mirred_found_in_module_lists() {
+    fn modules_found_in_module_lists() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("6.1.0")).unwrap();
         std::fs::write(
@@ -532,7 +570,15 @@ mod tests {
             "kernel/net/sched/act_mirred.ko: \n",
         )
         .unwrap();
-        assert!(mirred_available(dir.path(), "6.1.0"));
+        assert_eq!(
+            module_available(dir.path(), "6.1.0", "act_mirred"),
+            Some(true)
+        );
+        assert_eq!(
+            module_available(dir.path(), "6.1.0", "cls_u32"),
+            Some(false)
+        );
+        assert_eq!(module_available(dir.path(), "6.9.9", "cls_u32"), None);
     }
 
     #[test]

@@ -395,6 +395,16 @@ pub fn shared_rootfs(container_id: &str) -> agent::Rootfs {
     rootfs
 }
 
+/// The guest's host name: the spec's (CRI sets the pod's), else the first
+/// 12 characters of the sandbox id, as Docker names a container's host —
+/// a VM has no host name of its own to inherit, as a runc container does.
+pub fn guest_hostname(spec: &serde_json::Value, sandbox_id: &str) -> String {
+    match spec.get("hostname").and_then(|h| h.as_str()) {
+        Some(name) if !name.is_empty() => name.to_string(),
+        _ => sandbox_id.chars().take(12).collect(),
+    }
+}
+
 /// The SetupSandbox request: the shared folder mounted in the guest.
 pub fn setup_request(hostname: &str) -> agent::SetupSandboxRequest {
     let mut request = agent::SetupSandboxRequest::new();
@@ -589,11 +599,9 @@ impl SandboxLauncher for VmLauncher {
             };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
             let agent = endpoint.connect_until(timeout).await?;
-            let hostname = spec
-                .get("hostname")
-                .and_then(|h| h.as_str())
-                .unwrap_or_default();
-            agent.setup_sandbox(setup_request(hostname)).await?;
+            agent
+                .setup_sandbox(setup_request(&guest_hostname(spec, sandbox_id)))
+                .await?;
             if let Some(network) = &network {
                 agent
                     .update_network(
@@ -727,6 +735,45 @@ mod tests {
         let err = pod_membership("app", &a).unwrap_err();
         assert!(err.to_string().contains(CRI_SANDBOX_ID), "{err}");
         assert_eq!(shim_grouping("app", &a), "app");
+    }
+
+    #[tokio::test]
+    async fn host_network_pod_is_refused_unless_allowed_and_fresh_netns_needs_nothing() {
+        let host = serde_json::json!({ "linux": { "namespaces": [{ "type": "pid" }] } });
+        let error = plumb_network(&RuntimeConfig::default(), &host)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SandboxError::HostNetwork));
+        assert!(error.to_string().contains("allow_host_network"), "{error}");
+        let mut allowing = RuntimeConfig::default();
+        allowing.network.allow_host_network = true;
+        assert!(plumb_network(&allowing, &host).await.unwrap().is_none());
+        let fresh = serde_json::json!({ "linux": { "namespaces": [{ "type": "network" }] } });
+        assert!(plumb_network(&RuntimeConfig::default(), &fresh)
+            .await
+            .unwrap()
+            .is_none());
+        let missing = serde_json::json!({ "linux": { "namespaces": [
+            { "type": "network", "path": "/nonexistent/netns" }
+        ] } });
+        let error = plumb_network(&RuntimeConfig::default(), &missing)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/netns"), "{error}");
+    }
+
+    #[test]
+    fn guest_hostname_is_the_specs_or_the_short_sandbox_id() {
+        let id = "4005c68af63f131b0ff49734e096ad22";
+        assert_eq!(
+            guest_hostname(&serde_json::json!({ "hostname": "web-0" }), id),
+            "web-0"
+        );
+        assert_eq!(guest_hostname(&serde_json::json!({}), id), "4005c68af63f");
+        assert_eq!(
+            guest_hostname(&serde_json::json!({ "hostname": "" }), "ab"),
+            "ab"
+        );
     }
 
     #[test]

@@ -80,7 +80,10 @@ impl ServiceError {
                 ContainerError::WrongState { .. } => Code::FAILED_PRECONDITION,
             },
             ServiceError::Agent(e) => e.code().unwrap_or(Code::UNAVAILABLE),
-            ServiceError::Sandbox(SandboxError::Config(_)) => Code::INVALID_ARGUMENT,
+            ServiceError::Sandbox(SandboxError::Config(_) | SandboxError::NetworkSpec(_)) => {
+                Code::INVALID_ARGUMENT
+            }
+            ServiceError::Sandbox(SandboxError::HostNetwork) => Code::FAILED_PRECONDITION,
             ServiceError::Sandbox(SandboxError::ForeignSandbox { .. })
             | ServiceError::NoSandbox(_) => Code::FAILED_PRECONDITION,
             ServiceError::Sandbox(_) | ServiceError::Stdio(_) => Code::INTERNAL,

@@ -115,23 +115,17 @@ impl SupervisedChild {
             .stderr(err)
             // If the shim dies, the VM must not outlive it unwatched.
             .kill_on_drop(false);
-        let inherit = inherit.to_vec();
-        // SAFETY: prctl and fcntl with integer arguments between fork and
-        // exec touch no memory of the parent (`inherit` was copied before
-        // the fork and is only read).
+        // SAFETY: prctl with integer arguments between fork and exec
+        // touches no memory of the parent.
         unsafe {
-            command.pre_exec(move || {
+            command.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
-                }
-                for &fd in &inherit {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
                 }
                 Ok(())
             });
         }
+        crate::network::tap::inherit_in_child(command.as_std_mut(), inherit);
         let mut child = command.spawn().map_err(|source| HypervisorError::Spawn {
             program: program.to_path_buf(),
             source,

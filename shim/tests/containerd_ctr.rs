@@ -6,6 +6,7 @@
 //! user, and nothing is left behind. Needs root and containerd.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 mod guest_support;
 
@@ -150,5 +151,172 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
         );
         std::fs::remove_file(rootfs.join("tmp/x")).unwrap();
         guest_support::assert_nothing_left(&containerd, "default", &id);
+    }
+}
+
+/// Runs `ctr args…`, panicking with its stderr and containerd's log when it
+/// fails; returns its stdout.
+fn ctr_ok(containerd: &PrivateContainerd, args: &[&str]) -> String {
+    let output = containerd.ctr(args);
+    assert!(
+        output.status.success(),
+        "ctr {}: {}\ncontainerd log:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr),
+        containerd.log()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The task's status column in `ctr task ls`.
+fn task_status(containerd: &PrivateContainerd, id: &str) -> String {
+    ctr_ok(containerd, &["task", "ls"])
+        .lines()
+        .find(|line| line.starts_with(id))
+        .and_then(|line| line.split_whitespace().nth(2))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The task API through containerd on a running microVM: exec with output
+/// and exit status, pause and resume, metrics, processes, kill, then the
+/// VMM dying under a second task turns into its exit; nothing left.
+#[test]
+fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = match guest_support::qemu_runtime_config(dir.path()) {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    let rootfs = rootfs.display().to_string();
+    for binaries in available_containerds() {
+        eprintln!("private {}", binaries.describe());
+        let containerd =
+            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let id = format!(
+            "cloister-task-{}-{}",
+            std::process::id(),
+            binaries.version.0
+        );
+        ctr_ok(
+            &containerd,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                SHIM,
+                "--rootfs",
+                &rootfs,
+                &id,
+                "sleep",
+                "3600",
+            ],
+        );
+        assert_eq!(task_status(&containerd, &id), "RUNNING");
+
+        let exec = containerd.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            &id,
+            "sh",
+            "-c",
+            "echo exec in $(uname -r); exit 4",
+        ]);
+        let out = String::from_utf8_lossy(&exec.stdout);
+        assert!(out.starts_with("exec in 6."), "exec output: {out}");
+        assert_eq!(exec.status.code(), Some(4), "exec status");
+
+        ctr_ok(&containerd, &["task", "pause", &id]);
+        assert_eq!(task_status(&containerd, &id), "PAUSED");
+        ctr_ok(&containerd, &["task", "resume", &id]);
+        assert_eq!(task_status(&containerd, &id), "RUNNING");
+
+        let metrics = ctr_ok(&containerd, &["task", "metrics", &id]);
+        assert!(
+            metrics.contains("memory.usage_in_bytes") || metrics.contains("memory.usage"),
+            "{metrics}"
+        );
+        let ps = ctr_ok(&containerd, &["task", "ps", &id]);
+        assert!(ps.lines().count() >= 2, "task ps: {ps}");
+
+        ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", &id]);
+        let started = Instant::now();
+        while task_status(&containerd, &id) != "STOPPED" {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "kill did not stop the task"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ctr_ok(&containerd, &["task", "delete", &id]);
+        ctr_ok(&containerd, &["containers", "delete", &id]);
+        guest_support::assert_nothing_left(&containerd, "default", &id);
+
+        // The VM dies under a running task: `ctr run` (attached) sees the
+        // task exit with 137, as runc's shim reports a killed container,
+        // instead of hanging.
+        let doomed = format!("{id}-vm");
+        let mut attached = containerd
+            .ctr_command(&[
+                "run",
+                "--rm",
+                "--runtime",
+                SHIM,
+                "--rootfs",
+                &rootfs,
+                &doomed,
+                "sleep",
+                "3600",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while task_status(&containerd, &doomed) != "RUNNING" {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "task never ran"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // This pod's QEMU: its command line names the pod's sandbox folder.
+        let sandbox = cloister_shim::sandbox::SandboxDir::new(
+            Path::new(cloister_shim::lifecycle::STATE_DIR),
+            "default",
+            &doomed,
+        )
+        .path;
+        let pattern = format!("qemu-system.*{}", sandbox.display());
+        let killed = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "no QEMU of {} found", sandbox.display());
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = attached.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = attached.kill();
+                panic!("ctr run outlived the VM by 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(status.code(), Some(137), "ctr run after its VM died");
+        guest_support::assert_nothing_left(&containerd, "default", &doomed);
     }
 }

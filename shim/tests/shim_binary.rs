@@ -97,6 +97,9 @@ impl FakeContainerd {
             "ociVersion": "1.1.0",
             "process": {"args": ["true"], "cwd": "/"},
             "root": {"path": "rootfs"},
+            // A network namespace of its own, as `ctr run` gives (no
+            // namespace entry would mean the host's network: refused).
+            "linux": {"namespaces": [{"type": "network"}]},
             "annotations": annotations,
         });
         std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
