@@ -97,6 +97,9 @@ pub struct NetGuestPlan {
     pub guest_sends: GuestSends,
     /// What the host answers; the guest prints its SHA-256.
     pub host_answer: Vec<u8>,
+    /// QEMU's `mrg_rxbuf`: off makes the (legacy virtio-mmio) driver use
+    /// the 10-byte header.
+    pub mergeable_rx: bool,
 }
 
 /// What the host saw of the TCP exchange.
@@ -358,7 +361,10 @@ fn run_in_netns(fixture: &NetGuestFixture, plan: &NetGuestPlan) -> Result<NetGue
     run(Command::new("ip").args(["link", "set", TAP, "up"]))?;
 
     let mut qemu = QemuConfig::new(Accel::Tcg, &fixture.vmlinux, Some(&initrd));
-    let device = format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}");
+    let mut device = format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}");
+    if !plan.mergeable_rx {
+        device.push_str(",mrg_rxbuf=off");
+    }
     let mut backend = None;
     match &plan.backend {
         NicBackend::Cloister { vmm } => {

@@ -48,6 +48,7 @@ fn one_run(
         pings: 5,
         guest_sends: GuestSends::ZeroMib(mib),
         host_answer: b"ok\n".to_vec(),
+        mergeable_rx: true,
     };
     let outcome = run_in_fresh_netns(fixture, &plan)?;
     let tcp = outcome
