@@ -20,6 +20,8 @@
 //!   `ctr images import` (no registry needed).
 //! - [`agent_guest`]: the agent as PID 1 under QEMU/TCG, driven over
 //!   hybrid vsock like the shim drives it, with extra vhost-user devices.
+//! - [`net_guest`]: a busybox guest on a tap in a private network
+//!   namespace, on our vhost-user virtio-net or QEMU's own.
 
 pub mod agent_guest;
 pub mod cloister_vmm;
@@ -28,6 +30,7 @@ pub mod containerd;
 pub mod cri;
 pub mod guest_image;
 pub mod hybrid_vsock;
+pub mod net_guest;
 pub mod oci_image;
 pub mod pod_netns;
 pub mod qemu;

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use cloister_vmm::boot::layout::VIRTIO_MMIO_START;
 use cloister_vmm::builder::{run_vm, BootSource, VmSpec};
-use cloister_vmm::config::VirtioDevicesConfig;
+use cloister_vmm::config::{NetConfig, VirtioDevicesConfig};
 use cloister_vmm::exit::VmExit;
 use cloister_vmm::vstate::kvm::KvmContext;
 
@@ -108,4 +108,93 @@ fn payload_reads_rng_device_registers_over_virtio_mmio() {
     let json = run.metrics_json();
     assert_eq!(json["devices"][0]["name"], "rng");
     assert!(json["mmio_exits"].as_u64().unwrap() >= 6);
+}
+
+/// The same payload against a virtio-net device (id 1) on a tap: one made
+/// by name and, for the second VM, one adopted from an inherited fd, both
+/// in a network namespace of the test's own. Needs root for the taps.
+#[test]
+fn payload_reads_net_device_registers_on_a_tap_by_name_or_fd() {
+    if let Err(e) = KvmContext::open() {
+        eprintln!("SKIP: KVM test needs a usable /dev/kvm: {e}");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: a tap needs root");
+        return;
+    }
+    std::thread::spawn(|| {
+        // SAFETY: unshare of this thread's network namespace only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "SKIP: unshare(CLONE_NEWNET): {}",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        let by_name: NetConfig = "tap=clpayload0,mac=02:00:00:00:00:07".parse().unwrap();
+        let by_fd: NetConfig = format!("fd={}", open_tap("clpayload1")).parse().unwrap();
+        for nic in [by_name, by_fd] {
+            let serial = SerialCapture::default();
+            let spec = VmSpec {
+                boot: BootSource::RawLongMode {
+                    code: READ_VIRTIO_REGISTERS.to_vec(),
+                    load_addr: LOAD_ADDR,
+                },
+                vcpus: 1,
+                memory_mib: 32,
+                hugepages: false,
+                cpu_template: None,
+                devices: VirtioDevicesConfig {
+                    net: vec![nic.clone()],
+                    ..Default::default()
+                },
+                metrics_interval: None,
+                stop_on_termination_signals: false,
+            };
+            let run = run_vm(&spec, Box::new(serial.clone()), Instant::now())
+                .unwrap_or_else(|e| panic!("VM with {nic} builds and runs: {e}"));
+            let text = String::from_utf8_lossy(&serial.0.lock().unwrap()).into_owned();
+            assert_eq!(text, "virt21CLST1\n", "{nic}");
+            assert_eq!(run.exit, VmExit::Reset);
+            let net = &run.devices[0];
+            assert_eq!((net.name.as_str(), net.irq), ("net0", 5));
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Opens the tap `name` as a parent process would before handing the fd to
+/// cloister-vmm; the fd is left open for the VM to adopt.
+fn open_tap(name: &str) -> i32 {
+    use std::os::fd::IntoRawFd;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
+    let ret = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::TUNSETIFF,
+            &mut req,
+        )
+    };
+    assert_eq!(ret, 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
+    file.into_raw_fd()
 }

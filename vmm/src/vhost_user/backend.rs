@@ -89,6 +89,8 @@ pub struct VhostUserDevice {
     /// Maximum sizes of the queues the front end serves.
     queue_max_sizes: Vec<u16>,
     offered_features: u64,
+    /// The device's virtio id (`device_type`).
+    device_type: u32,
     host_event_fd: Option<RawFd>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     activation: Activation,
@@ -105,6 +107,7 @@ impl VhostUserDevice {
             name: device.name().to_string(),
             queue_max_sizes: front_end_queues(device.as_ref()).to_vec(),
             offered_features: device.features(),
+            device_type: device.device_type(),
             host_event_fd: device.host_event_fd(),
             device: Mutex::new(device),
             mem: None,
@@ -374,9 +377,14 @@ impl VhostUserBackendMut for VhostUserDevice {
         // CONFIG: QEMU reads vsock's guest CID and block's geometry through
         // GET_CONFIG. MQ: lets the front end ask for the queue count.
         // RESET_DEVICE: a driver reset reaches the device as one message.
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::RESET_DEVICE
+        let features = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::RESET_DEVICE;
+        // QEMU keeps virtio-net's configuration space (MAC, status) itself
+        // and warns about a net back end that offers CONFIG.
+        if self.device_type == device_type::NET {
+            features
+        } else {
+            features | VhostUserProtocolFeatures::CONFIG
+        }
     }
 
     fn reset_device(&mut self) {

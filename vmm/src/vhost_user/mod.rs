@@ -20,10 +20,14 @@ mod backend;
 pub mod cli;
 #[cfg(test)]
 mod fs_frontend_tests;
+mod relay;
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -31,7 +35,7 @@ use vmm_sys_util::epoll::EventSet;
 
 pub use backend::{Activation, VhostUserDevice};
 
-use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::device::{device_type, VirtioDevice};
 
 /// Errors serving a device over vhost-user.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,12 @@ pub enum VhostUserError {
         device: String,
         source: std::io::Error,
     },
+    #[error("cannot relay vhost-user messages for {device} on {socket}: {source}")]
+    Relay {
+        device: String,
+        socket: PathBuf,
+        source: std::io::Error,
+    },
     #[error("vhost-user back end for {device} on {socket} failed: {reason}")]
     Serve {
         device: String,
@@ -59,6 +69,8 @@ pub enum VhostUserError {
 /// there is replaced) to one front end, until it disconnects.
 pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> Result<(), VhostUserError> {
     let name = device.name().to_string();
+    // See `relay` for why net goes through one.
+    let relayed = device.device_type() == device_type::NET;
     let backend = Arc::new(Mutex::new(VhostUserDevice::new(device)));
     let mut daemon = VhostUserDaemon::new(
         format!("vhost-user-{name}"),
@@ -74,19 +86,76 @@ pub fn serve(device: Box<dyn VirtioDevice>, socket: &Path) -> Result<(), VhostUs
         source,
     })?;
     tracing::info!("{name}: serving vhost-user on {}", socket.display());
+    let relay_error = |source| VhostUserError::Relay {
+        device: name.clone(),
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let (backend_socket, relay) = if relayed {
+        let backend_socket = relay_backend_socket(socket);
+        let relay = start_relay(socket, backend_socket.clone()).map_err(relay_error)?;
+        (backend_socket, Some(relay))
+    } else {
+        (socket.to_path_buf(), None)
+    };
     daemon
-        .serve(socket)
+        .serve(&backend_socket)
         .map_err(|reason| VhostUserError::Serve {
             device: name.clone(),
             socket: socket.to_path_buf(),
             reason,
         })?;
+    if let Some(relay) = relay {
+        relay
+            .join()
+            .map_err(|_| std::io::Error::other("relay thread panicked"))
+            .and_then(|result| result)
+            .map_err(relay_error)?;
+    }
     let metrics = backend
         .lock()
         .map(|backend| backend.metrics_json())
         .unwrap_or_default();
     tracing::info!("{name}: front end disconnected; metrics {metrics}");
     Ok(())
+}
+
+/// Where the back end listens when a relay sits in front of it: beside
+/// the public socket.
+fn relay_backend_socket(socket: &Path) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(".backend");
+    PathBuf::from(path)
+}
+
+/// Listens on `socket` (replacing a stale file) and, on a thread, accepts
+/// the front end, connects to the back end at `backend_socket` once it
+/// listens, and relays until either side leaves. The back end's socket
+/// file is removed once connected.
+fn start_relay(
+    socket: &Path,
+    backend_socket: PathBuf,
+) -> std::io::Result<thread::JoinHandle<std::io::Result<()>>> {
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(socket)?;
+    thread::Builder::new()
+        .name("vhost-user-relay".into())
+        .spawn(move || {
+            let (front, _) = listener.accept()?;
+            let started = Instant::now();
+            let back = loop {
+                match UnixStream::connect(&backend_socket) {
+                    Ok(back) => break back,
+                    Err(e) if started.elapsed() > Duration::from_secs(10) => return Err(e),
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            };
+            let _ = std::fs::remove_file(&backend_socket);
+            relay::relay(front, back)
+        })
 }
 
 /// Registers the device's host event fd with the (single) vring worker.

@@ -16,7 +16,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::metrics::{NetMetrics, NetMetricsSnapshot};
-use super::{MacAddress, NetBackend, NetError, MAX_BUFFER_LEN, NET_HDR_LEN, NET_QUEUE_SIZE};
+use super::{
+    MacAddress, NetBackend, NetError, LEGACY_NET_HDR_LEN, MAX_BUFFER_LEN, NET_HDR_LEN,
+    NET_QUEUE_SIZE,
+};
 use crate::devices::virtio::device::{
     device_type, pop_chain, read_config_bytes, DeviceError, DeviceMetrics, QueueContext,
     VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -110,20 +113,21 @@ enum RxBufferError {
     Chain(virtio_queue::Error),
     #[error("chain has a device-readable descriptor")]
     NotWritable,
-    #[error("chain has {0} writable bytes, less than the 12-byte header")]
+    #[error("chain has {0} writable bytes, less than the header")]
     TooShort(usize),
 }
 
-/// A device-writable chain of at least the header's size.
+/// A device-writable chain of at least `hdr_len` bytes.
 fn rx_writer<'m>(
     mem: &'m GuestMemoryMmap,
     chain: DescriptorChain<&'m GuestMemoryMmap>,
+    hdr_len: usize,
 ) -> Result<Writer<'m>, RxBufferError> {
     if chain.clone().any(|d| !d.is_write_only()) {
         return Err(RxBufferError::NotWritable);
     }
     let writer = chain.writer(mem).map_err(RxBufferError::Chain)?;
-    if writer.available_bytes() < NET_HDR_LEN {
+    if writer.available_bytes() < hdr_len {
         return Err(RxBufferError::TooShort(writer.available_bytes()));
     }
     Ok(writer)
@@ -216,6 +220,28 @@ impl NetDevice {
         self.acked_features & bit(feature) != 0
     }
 
+    /// The header length the driver uses: 12 bytes for a modern driver or
+    /// with mergeable buffers, 10 for a legacy driver without them (QEMU's
+    /// `microvm` offers legacy virtio-mmio unless told otherwise). The tap
+    /// always carries 12.
+    fn guest_hdr_len(&self) -> usize {
+        if self.acked_features & VIRTIO_F_VERSION_1 != 0 || self.acked(VIRTIO_NET_F_MRG_RXBUF) {
+            NET_HDR_LEN
+        } else {
+            LEGACY_NET_HDR_LEN
+        }
+    }
+
+    /// Turns the `len`-byte frame from the backend in `rx_frame` into the
+    /// guest's layout; returns its new length.
+    fn narrow_rx_header(&mut self, len: usize) -> usize {
+        let hdr_len = self.guest_hdr_len();
+        if hdr_len < NET_HDR_LEN {
+            self.rx_frame.copy_within(NET_HDR_LEN..len, hdr_len);
+        }
+        len - (NET_HDR_LEN - hdr_len)
+    }
+
     /// Puts the backend into the rx epoll set or takes it out.
     fn set_backend_polled(&mut self, polled: bool) -> io::Result<()> {
         if polled == self.backend_polled {
@@ -305,7 +331,7 @@ impl NetDevice {
                     break;
                 }
                 None => match self.read_backend_frame()? {
-                    Some(len) => len,
+                    Some(len) => self.narrow_rx_header(len),
                     None => break,
                 },
             };
@@ -338,6 +364,7 @@ impl NetDevice {
         len: usize,
     ) -> Result<(Delivery, bool), DeviceError> {
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let hdr_len = self.guest_hdr_len();
         let mut used = false;
         let mut chains: Vec<(u16, Writer<'_>)> = Vec::new();
         let mut room = 0usize;
@@ -358,7 +385,7 @@ impl NetDevice {
                 return Ok((Delivery::NoBuffers { seen }, used));
             };
             let head = chain.head_index();
-            let writer = match rx_writer(mem, chain) {
+            let writer = match rx_writer(mem, chain, hdr_len) {
                 Ok(writer) => writer,
                 Err(e) => {
                     tracing::debug!("{}: rx buffer {head} returned unused: {e}", self.name);
@@ -394,7 +421,9 @@ impl NetDevice {
         }
         // At most a queue's worth of chains (<= 1024).
         let buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-        self.rx_frame[NUM_BUFFERS_OFFSET..NET_HDR_LEN].copy_from_slice(&buffers.to_le_bytes());
+        if hdr_len == NET_HDR_LEN {
+            self.rx_frame[NUM_BUFFERS_OFFSET..NET_HDR_LEN].copy_from_slice(&buffers.to_le_bytes());
+        }
         let mut offset = 0;
         for (head, mut writer) in chains {
             let n = writer.available_bytes().min(len - offset);
@@ -411,7 +440,7 @@ impl NetDevice {
                 .map_err(queue_error(RX_QUEUE))?;
             offset += n;
         }
-        let frame_bytes = (len - NET_HDR_LEN) as u64;
+        let frame_bytes = (len - hdr_len) as u64;
         NetMetrics::inc(&self.net_metrics.rx_frames);
         NetMetrics::add(&self.net_metrics.rx_bytes, frame_bytes);
         DeviceMetrics::add(&self.metrics.requests, 1);
@@ -471,17 +500,25 @@ impl NetDevice {
             Err(e) => return dropped(&net.tx_dropped_bad_chain, &e),
         };
         let len = reader.available_bytes();
-        if len < NET_HDR_LEN {
+        let hdr_len = self.guest_hdr_len();
+        if len < hdr_len {
             return dropped(&net.tx_dropped_bad_header, &format!("{len}-byte chain"));
         }
-        if len > MAX_BUFFER_LEN {
+        // What goes to the tap: with its 12-byte header.
+        let tap_len = len - hdr_len + NET_HDR_LEN;
+        if tap_len > MAX_BUFFER_LEN {
             return dropped(&net.tx_dropped_oversize, &format!("{len}-byte chain"));
         }
         if let Err(e) = reader.read_exact(&mut self.tx_frame[..len]) {
             return dropped(&net.tx_dropped_bad_chain, &e);
         }
+        if hdr_len < NET_HDR_LEN {
+            // A legacy header: num_buffers (unused on tx) goes in as 0.
+            self.tx_frame.copy_within(hdr_len..len, NET_HDR_LEN);
+            self.tx_frame[hdr_len..NET_HDR_LEN].fill(0);
+        }
         let written = loop {
-            match self.backend.write_frame(&self.tx_frame[..len]) {
+            match self.backend.write_frame(&self.tx_frame[..tap_len]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => break other,
             }
@@ -489,7 +526,7 @@ impl NetDevice {
         match written {
             Ok(_) => {
                 NetMetrics::inc(&net.tx_frames);
-                NetMetrics::add(&net.tx_bytes, (len - NET_HDR_LEN) as u64);
+                NetMetrics::add(&net.tx_bytes, (len - hdr_len) as u64);
                 DeviceMetrics::add(&self.metrics.requests, 1);
                 DeviceMetrics::add(&self.metrics.bytes_from_guest, len as u64);
             }

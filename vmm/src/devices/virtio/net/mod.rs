@@ -5,8 +5,9 @@
 //! Two queues: `rx` (0, device → driver frames) and `tx` (1, driver →
 //! device frames); no control queue, no multiqueue. Every frame in either
 //! direction starts with the 12-byte `virtio_net_hdr_v1` (all fields
-//! little-endian; we only offer `VIRTIO_F_VERSION_1`, so it is always 12
-//! bytes):
+//! little-endian; 12 bytes for a modern driver or with `MRG_RXBUF`, 10
+//! bytes without `num_buffers` for a legacy driver without it, as QEMU's
+//! legacy virtio-mmio hands out):
 //!
 //! ```text
 //!  offset size field
@@ -24,7 +25,8 @@
 //! writes exactly this header in front of each Ethernet frame (on a
 //! little-endian host), so the device moves frames between the queues and
 //! the tap unchanged; on rx it only fills in `num_buffers`, which the tap
-//! leaves alone.
+//! leaves alone. A legacy 10-byte header is widened to 12 on tx and
+//! narrowed on rx.
 //!
 //! Configuration space: `mac` (6 bytes), `status` (u16, bit 0 LINK_UP),
 //! `max_virtqueue_pairs` (u16, 1).
@@ -80,8 +82,12 @@ pub use mac::MacAddress;
 pub use metrics::{NetMetrics, NetMetricsSnapshot};
 pub use tap::{NetBackend, Tap};
 
-/// `sizeof(struct virtio_net_hdr_v1)`: the header in front of every frame.
+/// `sizeof(struct virtio_net_hdr_v1)`: the header in front of every frame
+/// on the tap, and in the guest's buffers unless the driver is legacy.
 pub const NET_HDR_LEN: usize = 12;
+/// `sizeof(struct virtio_net_hdr)`: a legacy driver's header without
+/// mergeable buffers (no `num_buffers`).
+pub const LEGACY_NET_HDR_LEN: usize = 10;
 /// Largest Ethernet frame (without the virtio header) either way: a 64 KiB
 /// GSO frame plus its 14-byte Ethernet header, what Firecracker and the
 /// Linux driver's "big packets" assume.
