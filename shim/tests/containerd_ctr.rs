@@ -97,27 +97,15 @@ fn refused_vm_leaves_nothing_behind(binaries: &ContainerdBinaries) {
 /// output and exit status reach `ctr`; nothing is left afterwards.
 #[test]
 fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("SKIP: {reason}");
+    let Some(setup) = MicrovmSetup::prepare() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let config = match guest_support::qemu_runtime_config(dir.path()) {
-        Ok(config) => config,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
     };
-    let rootfs = dir.path().join("rootfs");
-    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    let rootfs = setup.rootfs.clone();
     std::fs::write(rootfs.join("etc/motd"), "from the host rootfs\n").unwrap();
     let host_release = nix::sys::utsname::uname().unwrap();
     let host_release = host_release.release().to_string_lossy().into_owned();
     for binaries in available_containerds() {
-        eprintln!("private {}", binaries.describe());
-        let containerd =
-            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let containerd = setup.start(&binaries);
         let id = format!("cloister-vm-{}-{}", std::process::id(), binaries.version.0);
         let output = containerd.ctr(&[
             "run",
@@ -168,6 +156,59 @@ fn ctr_ok(containerd: &PrivateContainerd, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// What every microVM test through containerd needs: the QEMU/TCG runtime
+/// config and a busybox rootfs folder.
+struct MicrovmSetup {
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    rootfs: std::path::PathBuf,
+}
+
+impl MicrovmSetup {
+    /// `None` (with the reason printed) where the host lacks a piece.
+    fn prepare() -> Option<Self> {
+        let reason = match skip_reason() {
+            Some(reason) => reason,
+            None => {
+                let dir = tempfile::tempdir().unwrap();
+                match guest_support::qemu_runtime_config(dir.path()) {
+                    Ok(config) => {
+                        let rootfs = dir.path().join("rootfs");
+                        busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+                        return Some(Self {
+                            _dir: dir,
+                            config,
+                            rootfs,
+                        });
+                    }
+                    Err(reason) => reason,
+                }
+            }
+        };
+        eprintln!("SKIP: {reason}");
+        None
+    }
+
+    /// A private containerd whose shims get this runtime config.
+    fn start(&self, binaries: &ContainerdBinaries) -> PrivateContainerd {
+        eprintln!("private {}", binaries.describe());
+        PrivateContainerd::start(binaries, &[("CLOISTER_CONFIG", self.config.as_path())]).unwrap()
+    }
+}
+
+/// Waits up to 60 s for the task to reach `status` in `ctr task ls`.
+fn wait_for_status(containerd: &PrivateContainerd, id: &str, status: &str, what: &str) {
+    let started = Instant::now();
+    while task_status(containerd, id) != status {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{id} not {status} {what}: {}",
+            task_status(containerd, id)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The task's status column in `ctr task ls`.
 fn task_status(containerd: &PrivateContainerd, id: &str) -> String {
     ctr_ok(containerd, &["task", "ls"])
@@ -183,25 +224,13 @@ fn task_status(containerd: &PrivateContainerd, id: &str) -> String {
 /// VMM dying under a second task turns into its exit; nothing left.
 #[test]
 fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("SKIP: {reason}");
+    let Some(setup) = MicrovmSetup::prepare() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let config = match guest_support::qemu_runtime_config(dir.path()) {
-        Ok(config) => config,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
     };
-    let rootfs = dir.path().join("rootfs");
-    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    let rootfs = setup.rootfs.clone();
     let rootfs = rootfs.display().to_string();
     for binaries in available_containerds() {
-        eprintln!("private {}", binaries.describe());
-        let containerd =
-            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let containerd = setup.start(&binaries);
         let id = format!(
             "cloister-task-{}-{}",
             std::process::id(),
@@ -251,14 +280,7 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
         assert!(ps.lines().count() >= 2, "task ps: {ps}");
 
         ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", &id]);
-        let started = Instant::now();
-        while task_status(&containerd, &id) != "STOPPED" {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "kill did not stop the task"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_status(&containerd, &id, "STOPPED", "after kill");
         ctr_ok(&containerd, &["task", "delete", &id]);
         ctr_ok(&containerd, &["containers", "delete", &id]);
         guest_support::assert_nothing_left(&containerd, "default", &id);
@@ -284,14 +306,7 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while task_status(&containerd, &doomed) != "RUNNING" {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "task never ran"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_status(&containerd, &doomed, "RUNNING", "after ctr run");
         // This pod's QEMU: its command line names the pod's sandbox folder.
         let sandbox = cloister_shim::sandbox::SandboxDir::new(
             Path::new(cloister_shim::lifecycle::STATE_DIR),
@@ -326,25 +341,13 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
 /// still RUNNING, exec works), and they can be stopped and deleted as usual.
 #[test]
 fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("SKIP: {reason}");
+    let Some(setup) = MicrovmSetup::prepare() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let config = match guest_support::qemu_runtime_config(dir.path()) {
-        Ok(config) => config,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
     };
-    let rootfs = dir.path().join("rootfs");
-    busybox_rootfs(Path::new(BUSYBOX), &rootfs).unwrap();
+    let rootfs = setup.rootfs.clone();
     let rootfs = rootfs.display().to_string();
     for binaries in available_containerds() {
-        eprintln!("private {}", binaries.describe());
-        let mut containerd =
-            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let mut containerd = setup.start(&binaries);
         let id = format!(
             "cloister-restart-{}-{}",
             std::process::id(),
@@ -386,14 +389,7 @@ fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
         assert!(exec.status.success());
 
         ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", &id]);
-        let started = Instant::now();
-        while task_status(&containerd, &id) != "STOPPED" {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "kill did not stop the task"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_status(&containerd, &id, "STOPPED", "after kill");
         ctr_ok(&containerd, &["task", "delete", &id]);
         ctr_ok(&containerd, &["containers", "delete", &id]);
         guest_support::assert_nothing_left(&containerd, "default", &id);

@@ -158,15 +158,14 @@ async fn wait_exited(client: &mut CriClient, id: &str) -> i32 {
     }
 }
 
-/// Runs one container to its exit; returns its exit code and log text.
-async fn run_container(
+/// Creates and starts container `name` of the pod; returns its id.
+async fn create_and_start(
     client: &mut CriClient,
-    dir: &Path,
     sandbox_id: &str,
     config: &cri::PodSandboxConfig,
     name: &str,
     script: &str,
-) -> (i32, String) {
+) -> String {
     let id = client
         .runtime
         .create_container(cri::CreateContainerRequest {
@@ -185,6 +184,12 @@ async fn run_container(
         })
         .await
         .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
+}
+
+/// Waits for container `name` (`id`) to exit and removes it; returns its
+/// exit code and the text of its CRI log.
+async fn finish(client: &mut CriClient, dir: &Path, name: &str, id: String) -> (i32, String) {
     let code = wait_exited(client, &id).await;
     let log = std::fs::read_to_string(dir.join("logs").join(format!("{name}.log")))
         .unwrap_or_else(|e| panic!("log of {name}: {e}"));
@@ -245,15 +250,9 @@ async fn drive_pod(
         .output()
         .unwrap();
     assert!(added.status.success(), "{added:?}");
-    let (code, out) = run_container(
-        &mut client,
-        dir,
-        &sandbox_id,
-        &config,
-        "net",
-        &format!("ip -4 -o addr show; ping -c 2 -W 10 {gateway}"),
-    )
-    .await;
+    let script = format!("ip -4 -o addr show; ping -c 2 -W 10 {gateway}");
+    let id = create_and_start(&mut client, &sandbox_id, &config, "net", &script).await;
+    let (code, out) = finish(&mut client, dir, "net", id).await;
     println!("pod network from inside the guest:\n{out}");
     assert!(out.contains(&format!("inet {pod_ip}/")), "{out}");
     assert_eq!(code, 0, "ping {gateway} failed: {out}");
@@ -264,40 +263,23 @@ async fn drive_pod(
                   echo last line without newline | tr -d '\\n'";
     let mut ids = Vec::new();
     for name in ["first", "second"] {
-        let id = client
-            .runtime
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: sandbox_id.clone(),
-                config: Some(container_config(name, script)),
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
-            .into_inner()
-            .container_id;
-        client
-            .runtime
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
-        ids.push((name, id));
+        ids.push((
+            name,
+            create_and_start(&mut client, &sandbox_id, &config, name, script).await,
+        ));
     }
     let mut boot_ids = Vec::new();
-    for (name, id) in &ids {
-        assert_eq!(wait_exited(&mut client, id).await, 0, "{name} failed");
-        let log = std::fs::read_to_string(dir.join("logs").join(format!("{name}.log")))
-            .unwrap_or_else(|e| panic!("log of {name}: {e}"));
-        let text = cri_log_text(&log);
+    for (name, id) in ids {
+        let (code, text) = finish(&mut client, dir, name, id).await;
+        assert_eq!(code, 0, "{name} failed: {text}");
         let boot_id = text
             .lines()
             .find_map(|l| l.strip_prefix("boot "))
-            .unwrap_or_else(|| panic!("{name} printed no boot id: {log}"))
+            .unwrap_or_else(|| panic!("{name} printed no boot id: {text}"))
             .to_string();
         assert!(
             text.ends_with("last line without newline"),
-            "{name}'s log lost its last line: {log:?}"
+            "{name}'s log lost its last line: {text:?}"
         );
         boot_ids.push(boot_id);
     }
@@ -307,15 +289,6 @@ async fn drive_pod(
     );
     assert_ne!(boot_ids[0], host_boot_id, "the containers ran on the host");
 
-    for (_, id) in &ids {
-        client
-            .runtime
-            .remove_container(cri::RemoveContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap();
-    }
     client
         .runtime
         .stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -365,10 +338,7 @@ fn run_pod_under(binaries: &ContainerdBinaries, index: usize) {
         .parent()
         .unwrap()
         .to_path_buf();
-    let path = std::env::join_paths(std::iter::once(shim_dir).chain(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    )))
-    .unwrap();
+    let path = cloister_e2e::runtime::path_with([shim_dir]).unwrap();
     let containerd =
         PrivateContainerd::start_with_cri(binaries, &[("PATH", Path::new(&path))], Some(&settings))
             .unwrap();

@@ -14,6 +14,8 @@
 //!   `vhost-device-vsock` peer) and the vsock probe guest run.
 //! - [`containerd`]: a private containerd (1.6 or 2.x) and busybox root
 //!   file systems for `ctr run`.
+//! - [`runtime`]: our shim and runtime config as the demo and benchmarks
+//!   hand them to containerd.
 //! - [`cri`]: a CRI client (kubelet's view of containerd), a confined CNI
 //!   bridge network, CRI log files.
 //! - [`oci_image`]: a container image archive from a folder, for
@@ -34,4 +36,5 @@ pub mod net_guest;
 pub mod oci_image;
 pub mod pod_netns;
 pub mod qemu;
+pub mod runtime;
 pub mod vhost_user;

@@ -16,18 +16,17 @@
 //! runc, runsc, cloister. Ratios are cloister / peer (lower is better for
 //! both figures). Run as root: `scripts/bench-pod.sh [--runs N]`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cloister_e2e::agent_guest::AgentGuestFixture;
 use cloister_e2e::containerd::{busybox_rootfs, ContainerdBinaries, PrivateContainerd};
 use cloister_e2e::oci_image::{write_image_archive, ImageSpec};
-use cloister_guest_image::cmdline::host_is_nested_pvm;
+use cloister_e2e::runtime::{path_with, shim_dir, HostRuntimeConfig};
 
 const IMAGE: &str = "docker.io/library/busybox:cloister-bench";
 const BUSYBOX: &str = "/bin/busybox";
-const SHIM_BINARY: &str = "containerd-shim-cloister-v2";
 const RUNSC: &str = "/usr/bin/runsc";
 /// How long an idle pod settles before its memory is read.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -36,13 +35,6 @@ const SETTLE: Duration = Duration::from_secs(3);
 struct Runtime {
     name: &'static str,
     args: Vec<String>,
-}
-
-fn on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -187,14 +179,7 @@ fn run(runs: usize) -> Result<(), String> {
         return Err("run as root".into());
     }
     let fixture = AgentGuestFixture::locate()?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let shim_dir = exe
-        .parent()
-        .filter(|dir| dir.join(SHIM_BINARY).is_file())
-        .ok_or(
-            "containerd-shim-cloister-v2 is not beside this binary (cargo build -p cloister-shim)",
-        )?
-        .to_path_buf();
+    let shim_dir = shim_dir()?;
     let binaries = ContainerdBinaries::containerd2()
         .or_else(ContainerdBinaries::system)
         .ok_or("no containerd (apt-get install containerd)")?;
@@ -204,27 +189,9 @@ fn run(runs: usize) -> Result<(), String> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let nested = host_is_nested_pvm();
-    let qemu = on_path("qemu-system-x86_64").ok_or("qemu-system-x86_64 not on PATH")?;
-    let hypervisor = if nested {
-        format!(
-            "hypervisor = \"qemu\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n",
-            qemu.display()
-        )
-    } else {
-        "hypervisor = \"cloister\"\n".to_string()
-    };
-    let config = dir.path().join("cloister.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{hypervisor}[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 256\n[agent]\nconnect_timeout_secs = 180\n",
-            fixture.vmm.display(),
-            fixture.image.vmlinux.display(),
-            fixture.initramfs.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
+    let config = HostRuntimeConfig::for_this_host(&fixture, 256)?;
+    let config_path = dir.path().join("cloister.toml");
+    std::fs::write(&config_path, &config.toml).map_err(|e| e.to_string())?;
     let rootfs = dir.path().join("rootfs");
     busybox_rootfs(Path::new(BUSYBOX), &rootfs).map_err(|e| e.to_string())?;
     let archive = dir.path().join("busybox.tar");
@@ -236,14 +203,11 @@ fn run(runs: usize) -> Result<(), String> {
     write_image_archive(&rootfs, &spec, &archive).map_err(|e| e.to_string())?;
     // containerd finds both shims (ours, and its runc shim beside it) on
     // its PATH.
-    let path = std::env::join_paths([shim_dir, containerd_dir].into_iter().chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))
-    .map_err(|e| e.to_string())?;
+    let path = path_with([shim_dir, containerd_dir])?;
     let containerd = PrivateContainerd::start(
         &binaries,
         &[
-            ("CLOISTER_CONFIG", config.as_path()),
+            ("CLOISTER_CONFIG", config_path.as_path()),
             ("PATH", Path::new(&path)),
         ],
     )
@@ -295,11 +259,7 @@ fn run(runs: usize) -> Result<(), String> {
     println!(
         "{} (private), busybox image built here, {runs} runs each; cloister on {}",
         binaries.describe(),
-        if nested {
-            "QEMU/TCG (this host's KVM is nested kvm_pvm)"
-        } else {
-            "cloister-vmm/KVM"
-        }
+        config.hypervisor
     );
     let mut results = Vec::new();
     for runtime in &runtimes {

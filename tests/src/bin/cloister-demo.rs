@@ -11,16 +11,15 @@
 //! emulated and crawls) it is QEMU/TCG with our vsock and virtio-fs
 //! back ends, and the demo says so.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::time::Instant;
 
 use cloister_e2e::agent_guest::AgentGuestFixture;
 use cloister_e2e::containerd::{busybox_rootfs, ContainerdBinaries, PrivateContainerd};
 use cloister_e2e::oci_image::{write_image_archive, ImageSpec};
-use cloister_guest_image::cmdline::host_is_nested_pvm;
+use cloister_e2e::runtime::{path_with, shim_dir, HostRuntimeConfig, SHIM_BINARY};
 
-const SHIM_BINARY: &str = "containerd-shim-cloister-v2";
 const RUNTIME: &str = "io.containerd.cloister.v2";
 const IMAGE: &str = "docker.io/library/busybox:cloister-demo";
 const BUSYBOX: &str = "/bin/busybox";
@@ -28,55 +27,12 @@ const SCRIPT: &str = "echo \"Hello from a container in a cloister microVM\"; \
     echo \"guest kernel: $(uname -r)  host name: $(hostname)\"; \
     echo \"cpus: $(grep -c ^processor /proc/cpuinfo)  memory: $(grep MemTotal /proc/meminfo)\"";
 
-fn on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-}
-
-/// The runtime config: which hypervisor, the guest image, our VMM.
-fn runtime_config(fixture: &AgentGuestFixture) -> Result<(String, String), String> {
-    let common = format!(
-        "[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = 180\n",
-        fixture.vmm.display(),
-        fixture.image.vmlinux.display(),
-        fixture.initramfs.display()
-    );
-    if !host_is_nested_pvm() {
-        return Ok((
-            "cloister-vmm on KVM".into(),
-            format!("hypervisor = \"cloister\"\n{common}"),
-        ));
-    }
-    let qemu = on_path("qemu-system-x86_64").ok_or("qemu-system-x86_64 not on PATH")?;
-    Ok((
-        "QEMU/TCG with cloister's vsock and virtio-fs back ends (this host's KVM is nested \
-         kvm_pvm, which cannot run a Linux guest at speed)"
-            .into(),
-        format!(
-            "hypervisor = \"qemu\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n{common}",
-            qemu.display()
-        ),
-    ))
-}
-
 fn run() -> Result<i32, String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("run as root: containerd and the shim mount file systems".into());
     }
     let fixture = AgentGuestFixture::locate()?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let shim_dir = exe
-        .parent()
-        .filter(|dir| dir.join(SHIM_BINARY).is_file())
-        .ok_or_else(|| {
-            format!(
-                "{SHIM_BINARY} is not beside {}: cargo build -p cloister-shim",
-                exe.display()
-            )
-        })?
-        .to_path_buf();
+    let shim_dir = shim_dir()?;
     if !Path::new(BUSYBOX).exists() {
         return Err(format!(
             "{BUSYBOX} missing (apt-get install busybox-static)"
@@ -87,9 +43,10 @@ fn run() -> Result<i32, String> {
         .ok_or("no containerd (apt-get install containerd, or scripts/install-containerd2.sh)")?;
 
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (hypervisor, config) = runtime_config(&fixture)?;
+    let config = HostRuntimeConfig::for_this_host(&fixture, 512)?;
+    let hypervisor = config.hypervisor;
     let config_path = dir.path().join("cloister.toml");
-    std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+    std::fs::write(&config_path, config.toml).map_err(|e| e.to_string())?;
     let rootfs = dir.path().join("rootfs");
     busybox_rootfs(Path::new(BUSYBOX), &rootfs).map_err(|e| e.to_string())?;
     let archive = dir.path().join("busybox.tar");
@@ -101,10 +58,7 @@ fn run() -> Result<i32, String> {
     write_image_archive(&rootfs, &spec, &archive).map_err(|e| e.to_string())?;
 
     // containerd finds `containerd-shim-cloister-v2` on its own PATH.
-    let path = std::env::join_paths(std::iter::once(shim_dir.clone()).chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))
-    .map_err(|e| e.to_string())?;
+    let path = path_with([shim_dir.clone()])?;
     let containerd = PrivateContainerd::start(
         &binaries,
         &[
