@@ -189,11 +189,38 @@ impl MicrovmSetup {
         None
     }
 
+    /// `ctr run -d` of a sleeping task on the busybox rootfs, RUNNING.
+    fn run_sleeping(&self, containerd: &PrivateContainerd, id: &str) {
+        let rootfs = self.rootfs.display().to_string();
+        let args = [
+            "run",
+            "-d",
+            "--runtime",
+            SHIM,
+            "--rootfs",
+            &rootfs,
+            id,
+            "sleep",
+            "3600",
+        ];
+        ctr_ok(containerd, &args);
+        assert_eq!(task_status(containerd, id), "RUNNING");
+    }
+
     /// A private containerd whose shims get this runtime config.
     fn start(&self, binaries: &ContainerdBinaries) -> PrivateContainerd {
         eprintln!("private {}", binaries.describe());
         PrivateContainerd::start(binaries, &[("CLOISTER_CONFIG", self.config.as_path())]).unwrap()
     }
+}
+
+/// SIGKILL, wait for STOPPED, delete task and container; nothing left.
+fn kill_and_delete(containerd: &PrivateContainerd, id: &str) {
+    ctr_ok(containerd, &["task", "kill", "-s", "SIGKILL", id]);
+    wait_for_status(containerd, id, "STOPPED", "after kill");
+    ctr_ok(containerd, &["task", "delete", id]);
+    ctr_ok(containerd, &["containers", "delete", id]);
+    guest_support::assert_nothing_left(containerd, "default", id);
 }
 
 /// Waits up to 60 s for the task to reach `status` in `ctr task ls`.
@@ -227,8 +254,6 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
     let Some(setup) = MicrovmSetup::prepare() else {
         return;
     };
-    let rootfs = setup.rootfs.clone();
-    let rootfs = rootfs.display().to_string();
     for binaries in available_containerds() {
         let containerd = setup.start(&binaries);
         let id = format!(
@@ -236,21 +261,7 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
             std::process::id(),
             binaries.version.0
         );
-        ctr_ok(
-            &containerd,
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                SHIM,
-                "--rootfs",
-                &rootfs,
-                &id,
-                "sleep",
-                "3600",
-            ],
-        );
-        assert_eq!(task_status(&containerd, &id), "RUNNING");
+        setup.run_sleeping(&containerd, &id);
 
         let exec = containerd.ctr(&[
             "task",
@@ -279,16 +290,13 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
         let ps = ctr_ok(&containerd, &["task", "ps", &id]);
         assert!(ps.lines().count() >= 2, "task ps: {ps}");
 
-        ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", &id]);
-        wait_for_status(&containerd, &id, "STOPPED", "after kill");
-        ctr_ok(&containerd, &["task", "delete", &id]);
-        ctr_ok(&containerd, &["containers", "delete", &id]);
-        guest_support::assert_nothing_left(&containerd, "default", &id);
+        kill_and_delete(&containerd, &id);
 
         // The VM dies under a running task: `ctr run` (attached) sees the
         // task exit with 137, as runc's shim reports a killed container,
         // instead of hanging.
         let doomed = format!("{id}-vm");
+        let rootfs = setup.rootfs.display().to_string();
         let mut attached = containerd
             .ctr_command(&[
                 "run",
@@ -344,8 +352,6 @@ fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
     let Some(setup) = MicrovmSetup::prepare() else {
         return;
     };
-    let rootfs = setup.rootfs.clone();
-    let rootfs = rootfs.display().to_string();
     for binaries in available_containerds() {
         let mut containerd = setup.start(&binaries);
         let id = format!(
@@ -353,21 +359,7 @@ fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
             std::process::id(),
             binaries.version.0
         );
-        ctr_ok(
-            &containerd,
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                SHIM,
-                "--rootfs",
-                &rootfs,
-                &id,
-                "sleep",
-                "3600",
-            ],
-        );
-        assert_eq!(task_status(&containerd, &id), "RUNNING");
+        setup.run_sleeping(&containerd, &id);
 
         containerd.crash_and_restart().unwrap();
         assert_eq!(
@@ -388,10 +380,6 @@ fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
         assert_eq!(String::from_utf8_lossy(&exec.stdout), "still here\n");
         assert!(exec.status.success());
 
-        ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", &id]);
-        wait_for_status(&containerd, &id, "STOPPED", "after kill");
-        ctr_ok(&containerd, &["task", "delete", &id]);
-        ctr_ok(&containerd, &["containers", "delete", &id]);
-        guest_support::assert_nothing_left(&containerd, "default", &id);
+        kill_and_delete(&containerd, &id);
     }
 }

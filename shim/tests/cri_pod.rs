@@ -76,6 +76,18 @@ impl Drop for BridgeGuard {
     }
 }
 
+/// What kubelet asks for a pod without hostNetwork or
+/// shareProcessNamespace: the pod's network and IPC, a PID namespace per
+/// container.
+fn kubelet_namespaces() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        network: cri::NamespaceMode::Pod as i32,
+        pid: cri::NamespaceMode::Container as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
 fn pod_config(dir: &Path, name: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
@@ -88,12 +100,7 @@ fn pod_config(dir: &Path, name: &str) -> cri::PodSandboxConfig {
         log_directory: dir.join("logs").display().to_string(),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(kubelet_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -114,15 +121,9 @@ fn container_config(name: &str, script: &str) -> cri::ContainerConfig {
         }),
         command: vec!["sh".into(), "-c".into(), script.into()],
         log_path: format!("{name}.log"),
-        // What kubelet sets for a pod without shareProcessNamespace.
         linux: Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(kubelet_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
