@@ -87,7 +87,7 @@ pub enum ContainerError {
     },
     #[error(transparent)]
     Hook(#[from] HookError),
-    #[error("tty size rows={rows} columns={columns} is out of range (1..=65535)")]
+    #[error("tty size rows={rows} columns={columns} is out of range (0..=65535)")]
     TtySize { rows: u32, columns: u32 },
 }
 
@@ -1108,12 +1108,8 @@ impl ContainerManager {
                 columns: request.columns,
             });
         };
-        if rows == 0 || columns == 0 {
-            return Err(ContainerError::TtySize {
-                rows: request.rows,
-                columns: request.columns,
-            });
-        }
+        // 0 is the kernel's "unknown" (what a client without a terminal,
+        // e.g. `ctr run -t` under a pipe, sends); runc accepts it too.
         container
             .process(&request.exec_id)?
             .stdio
