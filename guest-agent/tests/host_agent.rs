@@ -530,7 +530,11 @@ async fn tty_carries_output_and_resize() {
     assert_eq!(wait(&agent, "tty", "").await.unwrap(), 0);
     resize.rows = 70_000;
     let err = agent.client.resize_tty(ctx(), &resize).await.unwrap_err();
-    assert!(error_text(&err).contains("rows=70000"), "{}", error_text(&err));
+    assert!(
+        error_text(&err).contains("rows=70000"),
+        "{}",
+        error_text(&err)
+    );
     remove(&agent, "tty", false).await.unwrap();
 }
 
