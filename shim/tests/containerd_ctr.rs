@@ -383,3 +383,39 @@ fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
         kill_and_delete(&containerd, &id);
     }
 }
+
+/// `ctr run -t`: the container's stdio is a terminal in the guest, its
+/// output reaches ctr's terminal (util-linux `script` gives ctr one), and
+/// the exit status comes back.
+#[test]
+fn ctr_run_with_tty_gives_the_container_a_terminal() {
+    let Some(setup) = MicrovmSetup::prepare() else {
+        return;
+    };
+    if cloister_e2e::runtime::find_on_path("script").is_none() {
+        eprintln!("SKIP: script not on PATH (Debian package util-linux)");
+        return;
+    }
+    for binaries in available_containerds() {
+        let containerd = setup.start(&binaries);
+        let id = format!("cloister-tty-{}-{}", std::process::id(), binaries.version.0);
+        let ctr = format!(
+            "{} --address {} run -t --rm --runtime {SHIM} --rootfs {} {id} sh -c 'tty; echo tty-done; exit 5'",
+            binaries.ctr.display(),
+            containerd.socket().display(),
+            setup.rootfs.display()
+        );
+        let output = std::process::Command::new("script")
+            .args(["-qec", &ctr, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert!(out.contains("/dev/pts/"), "not a terminal: {out:?}");
+        // ONLCR in the guest terminal, then again in script's.
+        assert!(out.contains("tty-done\r"), "{out:?}");
+        assert!(!out.contains("resize pty"), "{out:?}");
+        assert_eq!(output.status.code(), Some(5), "{out:?}");
+        guest_support::assert_nothing_left(&containerd, "default", &id);
+    }
+}
