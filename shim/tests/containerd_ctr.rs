@@ -92,9 +92,11 @@ fn refused_vm_leaves_nothing_behind(binaries: &ContainerdBinaries) {
 }
 
 /// `ctr run` through containerd, our shim and a real microVM (QEMU/TCG
-/// here, with our vsock and virtio-fs back ends): the container's rootfs is
-/// the host folder given to `ctr`, seen in the guest over virtio-fs; its
-/// output and exit status reach `ctr`; nothing is left afterwards.
+/// here, with our vsock and virtio-fs back ends; and in `cloister-vmm`, the
+/// default backend, where the host's KVM can run a Linux guest): the
+/// container's rootfs is the host folder given to `ctr`, seen in the guest
+/// over virtio-fs; its output and exit status reach `ctr`; nothing is left
+/// afterwards.
 #[test]
 fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
     let Some(setup) = MicrovmSetup::prepare() else {
@@ -104,9 +106,23 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
     std::fs::write(rootfs.join("etc/motd"), "from the host rootfs\n").unwrap();
     let host_release = nix::sys::utsname::uname().unwrap();
     let host_release = host_release.release().to_string_lossy().into_owned();
-    for binaries in available_containerds() {
-        let containerd = setup.start(&binaries);
-        let id = format!("cloister-vm-{}-{}", std::process::id(), binaries.version.0);
+    let mut configs = vec![("qemu", setup.config.clone())];
+    match guest_support::cloister_vmm_runtime_config(setup.rootfs.parent().unwrap()) {
+        Ok(config) => configs.push(("cloister-vmm", config)),
+        Err(reason) => eprintln!("SKIP: {reason}"),
+    }
+    for (binaries, (backend, config)) in available_containerds()
+        .into_iter()
+        .flat_map(|b| configs.clone().into_iter().map(move |c| (b.clone(), c)))
+    {
+        eprintln!("private {} with the {backend} backend", binaries.describe());
+        let containerd =
+            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", config.as_path())]).unwrap();
+        let id = format!(
+            "cloister-vm-{}-{}-{backend}",
+            std::process::id(),
+            binaries.version.0
+        );
         let output = containerd.ctr(&[
             "run",
             "--rm",

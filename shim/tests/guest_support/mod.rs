@@ -124,6 +124,29 @@ pub fn assert_nothing_left(containerd: &PrivateContainerd, namespace: &str, id: 
     );
 }
 
+/// A runtime config for the default backend, `cloister-vmm`, with the agent
+/// image, as TOML for `CLOISTER_CONFIG`; `Err` says why this host cannot
+/// run a Linux guest in it (no KVM, or nested `kvm_pvm`).
+pub fn cloister_vmm_runtime_config(dir: &Path) -> Result<PathBuf, String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("cloister-vmm pods need /dev/kvm".into());
+    }
+    if cloister_guest_image::cmdline::host_is_nested_pvm() {
+        return Err("cloister-vmm pods: this host's KVM is nested kvm_pvm, where a guest's user mode cannot make system calls (the QEMU/TCG runs cover the pod path)".into());
+    }
+    let guest = guest_config()?;
+    let path = dir.join("cloister-vmm.toml");
+    let text = format!(
+        "hypervisor = \"cloister\"\n[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = {}\n",
+        guest.vmm.path.display(),
+        guest.guest.kernel.display(),
+        guest.guest.initramfs.display(),
+        AGENT_DEADLINE.as_secs(),
+    );
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
 /// A runtime config for the QEMU/TCG backend with the agent image, as TOML
 /// for `CLOISTER_CONFIG`.
 pub fn qemu_runtime_config(dir: &Path) -> Result<PathBuf, String> {
