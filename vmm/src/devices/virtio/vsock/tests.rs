@@ -1158,6 +1158,9 @@ fn pattern(start: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// How long the one-MiB stream test may take.
+const STREAM_DEADLINE: Duration = Duration::from_secs(60);
+
 #[test]
 fn guest_and_host_stream_one_mib_each_way_within_credit() {
     const TOTAL: usize = 1 << 20;
@@ -1170,8 +1173,9 @@ fn guest_and_host_stream_one_mib_each_way_within_credit() {
     h.send(req, &[]);
     let response = h.take_received().remove(0).0;
     let (host, _) = listener.accept().unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    // As long as the guest loop below may run: a loaded 2-core CI machine
+    // can leave the reader without data for many seconds.
+    host.set_read_timeout(Some(STREAM_DEADLINE)).unwrap();
     let mut host_reader = host.try_clone().unwrap();
     let mut host_writer = host;
     let writer = std::thread::spawn(move || {
@@ -1193,7 +1197,7 @@ fn guest_and_host_stream_one_mib_each_way_within_credit() {
     let (mut peer_buf_alloc, mut peer_fwd_cnt) = (response.buf_alloc, response.fwd_cnt);
     let (mut fwd_cnt, mut last_announced) = (0u32, 0u32);
     let start = Instant::now();
-    while (sent < TOTAL || received.len() < TOTAL) && start.elapsed() < Duration::from_secs(20) {
+    while (sent < TOTAL || received.len() < TOTAL) && start.elapsed() < STREAM_DEADLINE {
         let credit = peer_buf_alloc - (sent as u32).wrapping_sub(peer_fwd_cnt);
         if sent < TOTAL && credit > 0 {
             let n = (credit as usize).min(MAX_CHUNK).min(TOTAL - sent);
