@@ -201,6 +201,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Both modes serve virtio-fs (a descriptor per inode the guest holds)
+    // and vsock (a socket per connection).
+    match cloister_vmm::limits::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!("open file limit {limit}"),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
     // `cloister-vmm vhost-user …` serves one device to QEMU instead.
     if std::env::args_os()
         .nth(1)
