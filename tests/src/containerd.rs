@@ -267,10 +267,40 @@ impl PrivateContainerd {
 }
 
 impl Drop for PrivateContainerd {
+    /// Kills containerd and any shim it started that is still running (a
+    /// test that failed half-way did not delete its tasks): shims outlive
+    /// containerd by design, and each one's VM dies with it (PDEATHSIG).
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let socket = self.socket().display().to_string();
+        for pid in pids_mentioning(&format!("-address {socket}")) {
+            if let Ok(pid) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) with integer arguments; no memory involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
+}
+
+/// Pids of running processes whose command line contains `word`.
+fn pids_mentioning(word: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(word)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// containerd on the config in `dir`, its log appended to `containerd.log`.
@@ -315,14 +345,10 @@ fn containerd_config(dir: &Path, major: u32) -> String {
 
 /// The command lines of running processes that contain `word`.
 pub fn processes_mentioning(word: &str) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+    pids_mentioning(word)
+        .into_iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
         .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(word))
         .collect()
 }
 
