@@ -30,6 +30,7 @@
 mod capabilities;
 mod decide;
 mod hardening;
+mod load;
 mod mounts;
 mod namespaces;
 mod spec_reader;
@@ -40,6 +41,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use decide::{decide, Decision};
+pub use load::{load_spec, spec_annotations, InspectError};
 use spec_reader::SpecReader;
 
 /// How bad a finding is: `high` findings fail `cloister inspect`.
