@@ -266,3 +266,109 @@ fn finding_ids_round_trip() {
     }
     assert_eq!(FindingId::parse("hostPID"), None);
 }
+
+/// The table: each spec, the hardened one with one thing a pod
+/// author might ask for, gives exactly the findings of that thing.
+#[test]
+fn table_of_risky_specs_each_gives_its_finding() {
+    type Edit = fn(&mut Value);
+    let table: [(&str, Edit, &[(&str, &str)]); 10] = [
+        (
+            "privileged",
+            |s| {
+                s["process"]["capabilities"]["bounding"] =
+                    json!(["CAP_SYS_ADMIN", "CAP_SYS_MODULE"]);
+                s["linux"]["maskedPaths"] = json!([]);
+                s["linux"]["resources"]["devices"] = json!([{"allow": true, "access": "rwm"}]);
+            },
+            &[
+                ("privileged", "linux.resources.devices"),
+                ("privileged", "process.capabilities.bounding"),
+                ("added-capabilities", "process.capabilities"),
+            ],
+        ),
+        (
+            "capabilities.add SYS_ADMIN",
+            |s| {
+                s["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN"]);
+            },
+            &[
+                ("privileged", "process.capabilities.effective"),
+                ("added-capabilities", "process.capabilities"),
+            ],
+        ),
+        (
+            "capabilities.add NET_ADMIN",
+            |s| {
+                s["process"]["capabilities"]["permitted"] = json!(["CAP_NET_ADMIN"]);
+            },
+            &[("added-capabilities", "process.capabilities")],
+        ),
+        (
+            "hostPID",
+            |s| {
+                s["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]);
+            },
+            &[("host-namespace", "linux.namespaces")],
+        ),
+        (
+            "hostNetwork",
+            |s| {
+                s["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                                              {"type": "network", "path": "/proc/1/ns/net"}]);
+            },
+            &[("host-namespace", "linux.namespaces")],
+        ),
+        (
+            "hostPath /",
+            |s| {
+                s["mounts"] = json!([{"destination": "/host", "type": "bind", "source": "/", "options": ["rbind", "rw"]}]);
+            },
+            &[("host-path-mount", "mounts[0].source")],
+        ),
+        (
+            "runAsUser 0",
+            |s| {
+                s["process"]["user"]["uid"] = json!(0);
+            },
+            &[("runs-as-root", "process.user.uid")],
+        ),
+        (
+            "readOnlyRootFilesystem false",
+            |s| {
+                s["root"]["readonly"] = json!(false);
+            },
+            &[("writable-rootfs", "root.readonly")],
+        ),
+        (
+            "seccompProfile Unconfined",
+            |s| {
+                s["linux"].as_object_mut().unwrap().remove("seccomp");
+            },
+            &[("no-seccomp", "linux.seccomp")],
+        ),
+        (
+            "allowPrivilegeEscalation true, no limits",
+            |s| {
+                s["process"]["noNewPrivileges"] = json!(false);
+                s["linux"]["resources"] = json!({});
+            },
+            &[
+                ("no-new-privileges-off", "process.noNewPrivileges"),
+                ("no-memory-limit", "linux.resources.memory.limit"),
+                ("no-cpu-limit", "linux.resources.cpu.quota"),
+            ],
+        ),
+    ];
+    for (name, edit, expected) in table {
+        let mut spec = hardened();
+        edit(&mut spec);
+        let report = inspect(spec);
+        let found: Vec<(&str, &str)> = report
+            .findings
+            .iter()
+            .map(|f| (f.id.as_str(), f.field.as_str()))
+            .collect();
+        assert_eq!(found, expected, "{name}:\n{report}");
+    }
+}
