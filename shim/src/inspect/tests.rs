@@ -272,7 +272,9 @@ fn finding_ids_round_trip() {
 #[test]
 fn table_of_risky_specs_each_gives_its_finding() {
     type Edit = fn(&mut Value);
-    let table: [(&str, Edit, &[(&str, &str)]); 10] = [
+    /// (finding id, field) pairs, in report order.
+    type Expected = &'static [(&'static str, &'static str)];
+    let table: [(&str, Edit, Expected); 10] = [
         (
             "privileged",
             |s| {
