@@ -199,6 +199,40 @@ pub struct NetworkSection {
     pub allow_host_network: bool,
 }
 
+/// What the shim does with a container's least-privilege findings at create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InspectionMode {
+    /// No inspection.
+    Off,
+    /// An event and an audit record per container with findings.
+    #[default]
+    Warn,
+    /// Create fails on findings listed in `refuse_on`; others warn.
+    Refuse,
+}
+
+/// `[inspection]`: least-privilege checks of each container's OCI spec
+/// (see [`crate::inspect`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InspectionSection {
+    pub mode: InspectionMode,
+    /// Finding ids that refuse a container in `refuse` mode; an unknown id
+    /// fails the config naming it.
+    pub refuse_on: Vec<crate::inspect::FindingId>,
+}
+
+impl Default for InspectionSection {
+    fn default() -> Self {
+        use crate::inspect::FindingId;
+        Self {
+            mode: InspectionMode::Warn,
+            refuse_on: vec![FindingId::Privileged, FindingId::HostNamespace],
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -211,6 +245,7 @@ pub struct RuntimeConfig {
     pub annotations: AnnotationsSection,
     pub agent: AgentSection,
     pub network: NetworkSection,
+    pub inspection: InspectionSection,
 }
 
 /// Annotations that may appear in `annotations.allowed`.
@@ -574,6 +609,37 @@ connect_timeout_secs = 10
     fn shipped_example_is_the_defaults() {
         let example = include_str!("../deploy/config.toml");
         assert_eq!(parse(example).unwrap(), RuntimeConfig::default());
+    }
+
+    #[test]
+    fn inspection_section_parses_mode_and_refuse_list() {
+        use crate::inspect::FindingId;
+        let config = parse(
+            "[inspection]\nmode = \"refuse\"\nrefuse_on = [\"privileged\", \"host-path-mount\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.inspection.mode, InspectionMode::Refuse);
+        assert_eq!(
+            config.inspection.refuse_on,
+            [FindingId::Privileged, FindingId::HostPathMount]
+        );
+        let defaults = parse("").unwrap().inspection;
+        assert_eq!(defaults.mode, InspectionMode::Warn);
+        assert_eq!(
+            defaults.refuse_on,
+            [FindingId::Privileged, FindingId::HostNamespace]
+        );
+    }
+
+    #[test]
+    fn inspection_unknown_finding_id_or_mode_is_rejected_naming_it() {
+        let err = parse("[inspection]\nrefuse_on = [\"privileged\", \"hostpid\"]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown finding id \"hostpid\""),
+            "{err}"
+        );
+        let err = parse("[inspection]\nmode = \"block\"\n").unwrap_err();
+        assert!(err.to_string().contains("block"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod container;
 pub mod events;
 pub mod guest_spec;
+pub mod inspect;
 pub mod io;
 pub mod lifecycle;
 pub mod network;
