@@ -24,8 +24,8 @@ use cloister_protocol::agent;
 use containerd_shim_protos::api::Mount;
 
 use crate::agent_client::{AgentClient, AgentEndpoint, AgentError};
-use crate::config::VmNic;
 use crate::config::{ConfigError, ConfigSource, RuntimeConfig};
+use crate::config::{InspectionSection, VmNic};
 use crate::container::ContainerKind;
 use crate::guest_spec::SharedMount;
 use crate::network::{
@@ -425,6 +425,8 @@ pub struct PodSandbox {
     hypervisor: Option<Box<dyn Hypervisor>>,
     /// The pod's network namespace whose taps and redirects we made.
     netns: Option<PathBuf>,
+    /// How each container's spec is checked against least privilege.
+    pub inspection: InspectionSection,
     /// Set once the VM or the agent connection is gone.
     gone: std::sync::atomic::AtomicBool,
 }
@@ -442,6 +444,7 @@ impl PodSandbox {
             dir,
             hypervisor,
             netns: None,
+            inspection: InspectionSection::default(),
             gone: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -450,6 +453,12 @@ impl PodSandbox {
     /// shutdown.
     pub fn with_network(mut self, netns: Option<PathBuf>) -> Self {
         self.netns = netns;
+        self
+    }
+
+    /// Records the runtime config's `[inspection]` for this pod.
+    pub fn with_inspection(mut self, inspection: InspectionSection) -> Self {
+        self.inspection = inspection;
         self
     }
 
@@ -618,7 +627,8 @@ impl SandboxLauncher for VmLauncher {
         match connected {
             Ok(agent) => Ok(
                 PodSandbox::new(sandbox_id, Arc::new(agent), dir, Some(hypervisor))
-                    .with_network(netns),
+                    .with_network(netns)
+                    .with_inspection(config.inspection.clone()),
             ),
             Err(e) => {
                 // Nothing of a failed start stays behind.

@@ -62,6 +62,8 @@ pub enum ServiceError {
     Unsupported(&'static str),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("pod sandbox is not running in this shim (container {0})")]
     NoSandbox(String),
 }
@@ -91,6 +93,7 @@ impl ServiceError {
                 Code::INVALID_ARGUMENT
             }
             ServiceError::Unsupported(_) => Code::UNIMPLEMENTED,
+            ServiceError::PermissionDenied(_) => Code::PERMISSION_DENIED,
         }
     }
 
@@ -284,6 +287,7 @@ impl TaskService {
         spec: &serde_json::Value,
         stdio: &StdioPaths,
     ) -> Result<(u32, ProcessIo), ServiceError> {
+        check_least_privilege(sandbox, &req.id, spec)?;
         let launcher = &self.state.launcher;
         let (guest_spec, shared_mounts) =
             crate::guest_spec::for_guest(spec, &req.id).map_err(|e| ServiceError::Bundle {
@@ -914,6 +918,40 @@ impl containerd_shim_protos::shim_async::Task for TaskService {
     async fn shutdown(&self, _: &Ctx, _: api::ShutdownRequest) -> TtrpcResult<Empty> {
         TaskService::shutdown(self).await;
         Ok(Empty::new())
+    }
+}
+
+/// The pod's `[inspection]` applied to a container's spec: findings are
+/// logged (warn) or fail the create listing the ones the config refuses.
+fn check_least_privilege(
+    sandbox: &PodSandbox,
+    container_id: &str,
+    spec: &serde_json::Value,
+) -> Result<(), ServiceError> {
+    use crate::inspect::{decide, inspect_spec, spec_annotations, Decision};
+    let report = inspect_spec(spec, &spec_annotations(spec));
+    let list = |findings: &[crate::inspect::Finding]| {
+        findings
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    match decide(&report, &sandbox.inspection) {
+        Decision::Allow => Ok(()),
+        Decision::Warn(findings) => {
+            tracing::warn!(
+                container = container_id,
+                "spec exceeds least privilege ({} findings): {}",
+                findings.len(),
+                list(&findings)
+            );
+            Ok(())
+        }
+        Decision::Refuse(findings) => Err(ServiceError::PermissionDenied(format!(
+            "container {container_id} refused by [inspection] (mode = \"refuse\"): {}",
+            list(&findings)
+        ))),
     }
 }
 

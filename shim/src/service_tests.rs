@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::agent_client::AgentClient;
+use crate::config::{InspectionMode, InspectionSection};
 use crate::guest_spec::SharedMount;
 use crate::sandbox::{SandboxDir, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID};
 use crate::vmm_client::{ChildExit, Hypervisor, HypervisorError};
@@ -211,6 +212,7 @@ struct FakeLauncher {
     vm_kill: watch::Sender<Option<ChildExit>>,
     vm_stopped: Arc<AtomicBool>,
     launches: AtomicU32,
+    inspection: InspectionSection,
 }
 
 #[async_trait]
@@ -232,12 +234,10 @@ impl SandboxLauncher for FakeLauncher {
             kill: self.vm_kill.clone(),
             stopped: self.vm_stopped.clone(),
         };
-        Ok(PodSandbox::new(
-            sandbox_id,
-            self.agent.clone(),
-            dir,
-            Some(Box::new(vm)),
-        ))
+        Ok(
+            PodSandbox::new(sandbox_id, self.agent.clone(), dir, Some(Box::new(vm)))
+                .with_inspection(self.inspection.clone()),
+        )
     }
     async fn share_rootfs(
         &self,
@@ -283,6 +283,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_inspection(InspectionSection::default())
+    }
+
+    fn with_inspection(inspection: InspectionSection) -> Self {
         let agent = Arc::new(FakeAgent::default());
         let (vm_kill, _) = watch::channel(None);
         let launcher = Arc::new(FakeLauncher {
@@ -291,6 +295,7 @@ impl Harness {
             vm_kill,
             vm_stopped: Arc::new(AtomicBool::new(false)),
             launches: AtomicU32::new(0),
+            inspection,
         });
         let (sender, events) = EventSender::channel();
         let exit = Arc::new(ExitSignal::default());
@@ -440,6 +445,27 @@ async fn container_lifecycle_publishes_events_in_order_and_stops_the_vm() {
     tokio::time::timeout(Duration::from_secs(1), h.exit.wait())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn inspection_in_refuse_mode_refuses_a_host_namespace_spec_before_the_agent_sees_it() {
+    let refusing = InspectionSection {
+        mode: InspectionMode::Refuse,
+        ..InspectionSection::default()
+    };
+    let h = Harness::with_inspection(refusing);
+    // The harness's spec has no namespaces: every one is the host's.
+    let err = h.create("c1", serde_json::json!({})).await.unwrap_err();
+    assert_eq!(err.code(), ttrpc::Code::PERMISSION_DENIED);
+    assert!(err.to_string().contains("host-namespace"), "{err}");
+    assert!(
+        !h.agent.calls().iter().any(|c| c.starts_with("create")),
+        "{:?}",
+        h.agent.calls()
+    );
+    // Warn (the default) lets the same spec through.
+    let h = Harness::new();
+    h.create("c1", serde_json::json!({})).await.unwrap();
 }
 
 #[tokio::test]
