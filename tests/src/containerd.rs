@@ -283,8 +283,9 @@ impl Drop for PrivateContainerd {
     }
 }
 
-/// Pids of running processes whose command line contains `word`.
-fn pids_mentioning(word: &str) -> Vec<u32> {
+/// Pids of running processes whose command line (arguments joined by
+/// spaces) contains `word`.
+pub fn pids_mentioning(word: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -4,11 +4,11 @@
 //! Linux guest; QEMU/TCG with our back ends on nested `kvm_pvm`).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cloister_guest_image::cmdline::host_is_nested_pvm;
 
-use crate::agent_guest::AgentGuestFixture;
+use crate::agent_guest::{AgentGuestFixture, AGENT_DEADLINE};
 
 /// The shim's binary name (runtime `io.containerd.cloister.v2`).
 pub const SHIM_BINARY: &str = "containerd-shim-cloister-v2";
@@ -51,18 +51,43 @@ pub struct HostRuntimeConfig {
     pub toml: String,
 }
 
+/// The runtime config for `cloister-vmm` (the default backend) with the
+/// fixture's guest image, as TOML for `CLOISTER_CONFIG`.
+pub fn cloister_vmm_toml(fixture: &AgentGuestFixture, memory_mib: u32) -> String {
+    format!(
+        "hypervisor = \"cloister\"\n{}",
+        common_toml(fixture, memory_mib)
+    )
+}
+
+/// The runtime config for QEMU (`qemu`, an absolute path) on TCG with our
+/// vhost-user back ends and the fixture's guest image.
+pub fn qemu_tcg_toml(fixture: &AgentGuestFixture, memory_mib: u32, qemu: &Path) -> String {
+    format!(
+        "hypervisor = \"qemu\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n{}",
+        qemu.display(),
+        common_toml(fixture, memory_mib)
+    )
+}
+
+/// What every backend's config holds: our VMM, the guest image, the VM
+/// size, and an agent deadline a loaded TCG host meets.
+fn common_toml(fixture: &AgentGuestFixture, memory_mib: u32) -> String {
+    format!(
+        "[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = {memory_mib}\n[agent]\nconnect_timeout_secs = {}\n",
+        fixture.vmm.display(),
+        fixture.image.vmlinux.display(),
+        fixture.initramfs.display(),
+        AGENT_DEADLINE.as_secs()
+    )
+}
+
 impl HostRuntimeConfig {
     pub fn for_this_host(fixture: &AgentGuestFixture, memory_mib: u32) -> Result<Self, String> {
-        let common = format!(
-            "[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = {memory_mib}\n[agent]\nconnect_timeout_secs = 180\n",
-            fixture.vmm.display(),
-            fixture.image.vmlinux.display(),
-            fixture.initramfs.display()
-        );
         if !host_is_nested_pvm() {
             return Ok(Self {
                 hypervisor: "cloister-vmm on KVM".into(),
-                toml: format!("hypervisor = \"cloister\"\n{common}"),
+                toml: cloister_vmm_toml(fixture, memory_mib),
             });
         }
         let qemu = find_on_path("qemu-system-x86_64").ok_or("qemu-system-x86_64 not on PATH")?;
@@ -70,10 +95,7 @@ impl HostRuntimeConfig {
             hypervisor: "QEMU/TCG with cloister's vsock and virtio-fs back ends (this host's KVM \
                          is nested kvm_pvm, which cannot run a Linux guest at speed)"
                 .into(),
-            toml: format!(
-                "hypervisor = \"qemu\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n{common}",
-                qemu.display()
-            ),
+            toml: qemu_tcg_toml(fixture, memory_mib, &qemu),
         })
     }
 }

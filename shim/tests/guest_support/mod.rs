@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use cloister_e2e::agent_guest::AgentGuestFixture;
 use cloister_e2e::containerd::{processes_mentioning, PrivateContainerd};
 use cloister_e2e::qemu::QEMU_BINARY;
+use cloister_e2e::runtime;
 use cloister_shim::config::{
     GuestSection, HypervisorKind, PodVm, QemuAccel, QemuSection, RuntimeConfig, VmmSection,
 };
@@ -134,39 +135,20 @@ pub fn cloister_vmm_runtime_config(dir: &Path) -> Result<PathBuf, String> {
     if cloister_guest_image::cmdline::host_is_nested_pvm() {
         return Err("cloister-vmm pods: this host's KVM is nested kvm_pvm, where a guest's user mode cannot make system calls (the QEMU/TCG runs cover the pod path)".into());
     }
-    let guest = guest_config()?;
+    let fixture = AgentGuestFixture::locate()?;
     let path = dir.join("cloister-vmm.toml");
-    let text = format!(
-        "hypervisor = \"cloister\"\n[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = {}\n",
-        guest.vmm.path.display(),
-        guest.guest.kernel.display(),
-        guest.guest.initramfs.display(),
-        AGENT_DEADLINE.as_secs(),
-    );
-    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    std::fs::write(&path, runtime::cloister_vmm_toml(&fixture, 512)).map_err(|e| e.to_string())?;
     Ok(path)
 }
 
 /// A runtime config for the QEMU/TCG backend with the agent image, as TOML
 /// for `CLOISTER_CONFIG`.
 pub fn qemu_runtime_config(dir: &Path) -> Result<PathBuf, String> {
-    let guest = guest_config()?;
-    let qemu = std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join(&guest.qemu.path))
-                .find(|candidate| candidate.is_file())
-        })
-        .ok_or_else(|| format!("{} not on PATH", guest.qemu.path.display()))?;
+    let fixture = AgentGuestFixture::locate()?;
+    let qemu =
+        runtime::find_on_path(QEMU_BINARY).ok_or_else(|| format!("{QEMU_BINARY} not on PATH"))?;
     let path = dir.join("cloister.toml");
-    let text = format!(
-        "hypervisor = \"qemu\"\n[vmm]\npath = \"{}\"\n[qemu]\npath = \"{}\"\naccel = \"tcg\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\n[agent]\nconnect_timeout_secs = {}\n",
-        guest.vmm.path.display(),
-        qemu.display(),
-        guest.guest.kernel.display(),
-        guest.guest.initramfs.display(),
-        AGENT_DEADLINE.as_secs(),
-    );
-    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    std::fs::write(&path, runtime::qemu_tcg_toml(&fixture, 512, &qemu))
+        .map_err(|e| e.to_string())?;
     Ok(path)
 }

@@ -21,7 +21,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cloister_e2e::agent_guest::AgentGuestFixture;
-use cloister_e2e::containerd::{busybox_rootfs, ContainerdBinaries, PrivateContainerd};
+use cloister_e2e::containerd::{
+    busybox_rootfs, pids_mentioning, ContainerdBinaries, PrivateContainerd,
+};
 use cloister_e2e::oci_image::{write_image_archive, ImageSpec};
 use cloister_e2e::runtime::{path_with, shim_dir, HostRuntimeConfig};
 
@@ -78,18 +80,11 @@ fn parents() -> Vec<(u32, u32)> {
 
 /// The pid of the shim serving container `id`, and every descendant.
 fn pod_processes(id: &str) -> Vec<u32> {
-    let needle = format!("-id {id} ");
-    let shim = std::fs::read_dir("/proc").ok().and_then(|entries| {
-        entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .find(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| format!("{} ", String::from_utf8_lossy(&c).replace('\0', " ")))
-                    .is_ok_and(|c| c.contains(&needle) && c.contains("containerd-shim"))
-            })
-    });
-    let Some(shim) = shim else {
+    // containerd starts a shim with `-id ID -address SOCKET`.
+    let Some(shim) = pids_mentioning(&format!("-id {id} -address"))
+        .into_iter()
+        .next()
+    else {
         return Vec::new();
     };
     let table = parents();
