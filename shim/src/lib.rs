@@ -15,3 +15,4 @@ pub mod sandbox;
 pub mod service;
 pub mod stats;
 pub mod vmm_client;
+pub mod vmm_jail;

@@ -210,6 +210,14 @@ impl SandboxDir {
     /// Removes the folder. Mounts below it must be gone: removal refuses to
     /// cross into a mounted file system instead of deleting its contents.
     pub fn remove(&self) -> Result<(), SandboxError> {
+        // A jailed VMM's shared folder is a bind onto itself: undone first
+        // (refused while container mounts remain below it).
+        crate::vmm_jail::remove_shared_mount(&self.shared_dir()).map_err(|e| {
+            SandboxError::Folder {
+                path: self.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
         match remove_tree_without_crossing_mounts(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -581,6 +589,11 @@ impl SandboxLauncher for VmLauncher {
         let source = ConfigSource::resolve(options_config_path.as_deref(), env.as_deref());
         let config = RuntimeConfig::load(&source)?;
         let mut vm = config.pod_vm(&bundle_annotations(spec))?;
+        // A jailed VMM joins the pod's cgroup.
+        vm.cgroups_path = spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(|p| p.as_str())
+            .map(str::to_owned);
         let network = plumb_network(&config, spec).await?;
         let netns = network.as_ref().map(|n| n.netns.clone());
         if let Some(network) = &network {

@@ -31,7 +31,10 @@ pub fn guest_config() -> Result<RuntimeConfig, String> {
             path: PathBuf::from(QEMU_BINARY),
             accel: QemuAccel::Tcg,
         },
-        vmm: VmmSection { path: vmm },
+        vmm: VmmSection {
+            path: vmm,
+            ..Default::default()
+        },
         guest: GuestSection {
             kernel: image.vmlinux,
             initramfs,
@@ -50,6 +53,7 @@ pub fn guest_vm() -> PodVm {
         kernel_params: String::new(),
         shared_fs: false,
         nics: Vec::new(),
+        cgroups_path: None,
     }
 }
 
