@@ -205,3 +205,35 @@ pub fn die_with_supervisor() -> Result<(), JailError> {
     }
     Ok(())
 }
+
+extern "C" fn exit_on_signal(signal: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe and takes an integer.
+    unsafe { libc::_exit(128 + signal) };
+}
+
+/// For a jailed process without a signal thread (the vhost-user server):
+/// SIGTERM, SIGINT and SIGHUP end it. As PID 1 of its namespace it gets
+/// only the signals it has a handler for, and they arrive blocked from the
+/// fork.
+pub fn exit_on_termination_signals() -> Result<(), JailError> {
+    let set = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installs a handler that only calls _exit.
+        let previous = unsafe {
+            libc::signal(
+                signal,
+                exit_on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+        if previous == libc::SIG_ERR {
+            return Err(JailError::Step {
+                step: "install termination handler",
+                value: signal.to_string(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    Ok(())
+}

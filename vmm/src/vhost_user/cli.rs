@@ -298,6 +298,13 @@ impl VhostUserArgs {
                 if let Some(fd) = nics.first().and_then(|n| n.fd) {
                     self.tap_fd = Some(fd);
                 }
+                crate::jail::process::exit_on_termination_signals()?;
+                tracing::info!(
+                    "jailed in {} as {}:{}",
+                    jail.root.display(),
+                    jail.uid,
+                    jail.gid
+                );
                 self.jailed = true;
                 Ok(None)
             }

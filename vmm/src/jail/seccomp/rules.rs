@@ -82,6 +82,7 @@ const VSOCK: &[i64] = &[
     SYS_sendmsg,
     SYS_shutdown,
     SYS_fcntl,
+    SYS_timerfd_create,
     SYS_timerfd_settime,
     SYS_timerfd_gettime,
     SYS_unlink,
@@ -158,6 +159,8 @@ const FS: &[i64] = &[
     SYS_removexattr,
     SYS_lremovexattr,
     SYS_fchdir,
+    SYS_dup,
+    SYS_readlink,
     SYS_copy_file_range,
     SYS_name_to_handle_at,
     SYS_open_by_handle_at,
@@ -255,9 +258,10 @@ pub fn virtio(devices: DeviceKinds) -> Vec<i64> {
     with_devices(list, devices)
 }
 
-/// A vhost-user server after it listens: rust-vmm's daemon (accepting the
-/// front end, its messages with fds, mapping guest memory from them) and
-/// the device's own calls.
+/// A vhost-user server from the moment it creates its socket: rust-vmm's
+/// daemon (listening, accepting the front end, its messages with fds,
+/// mapping guest memory from them, its worker threads with their signal
+/// handler) and the device's own calls.
 pub fn vhost_user(devices: DeviceKinds) -> Vec<i64> {
     let mut list = BASE.to_vec();
     list.extend_from_slice(EVENT_LOOP);
@@ -285,6 +289,14 @@ pub fn vhost_user(devices: DeviceKinds) -> Vec<i64> {
         SYS_ftruncate,
         SYS_dup,
         SYS_poll,
+        SYS_socket,
+        SYS_bind,
+        SYS_listen,
+        // The net relay connects to the back end's own socket.
+        SYS_connect,
+        SYS_rt_sigaction,
+        SYS_read,
+        SYS_madvise,
     ]);
     with_devices(list, devices)
 }
