@@ -912,6 +912,65 @@ mod tests {
     /// The contract with `cloister-vmm --config`: its own parser and
     /// validation accept what we write, the pod's shared folder included.
     #[test]
+    fn cloister_vmm_accepts_our_vm_json_with_a_jail_and_its_flags() {
+        let jail = VmJailConfig {
+            root: "/run/cloister/default/pod1/jail".into(),
+            uid: 64000,
+            gid: 64000,
+            cgroups: vec!["/sys/fs/cgroup/memory/default/pod1".into()],
+        };
+        let mut vm_json = cloister_vm_json(&RuntimeConfig::default(), &pod_vm(), &paths());
+        vm_json.jail = Some(jail.clone());
+        let text = serde_json::to_string(&vm_json).unwrap();
+        let config =
+            cloister_vmm::config::VmConfig::from_json(&text, Path::new("vm.json")).unwrap();
+        config.validate().unwrap();
+        let parsed = config.jail.unwrap();
+        assert_eq!(parsed.root, jail.root);
+        assert_eq!((parsed.uid, parsed.gid), (64000, 64000));
+        assert_eq!(parsed.cgroups, jail.cgroups);
+        assert_eq!(
+            strings(&jail.args()).join(" "),
+            "--jail-root /run/cloister/default/pod1/jail --jail-uid 64000 --jail-gid 64000 --jail-cgroup /sys/fs/cgroup/memory/default/pod1"
+        );
+    }
+
+    #[test]
+    fn prepared_jail_has_an_owned_sockets_folder_and_a_shared_mount_undone_at_removal() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIP: preparing a jail needs root (chown, mount)");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let dir = crate::sandbox::SandboxDir::new(state.path(), "default", "jail-test");
+        dir.create().unwrap();
+        let paths = dir.vm_paths();
+
+        let prepared = prepare_jail(&VmmSection::default(), &pod_vm(), &paths).unwrap();
+
+        use std::os::unix::fs::MetadataExt;
+        let sockets = std::fs::metadata(paths.sockets_dir()).unwrap();
+        assert_eq!((sockets.uid(), sockets.gid()), (64000, 64000));
+        assert_eq!(sockets.mode() & 0o777, 0o700);
+        let jail = prepared.jail.unwrap();
+        assert_eq!(jail.root, paths.jail_root());
+        assert!(jail.cgroups.is_empty());
+        let mounts = crate::sandbox::mounts_below(&dir.path);
+        assert_eq!(mounts, [paths.shared_dir()]);
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let shared_line = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(paths.shared_dir().to_str().unwrap()))
+            .unwrap();
+        assert!(shared_line.contains(" shared:"), "{shared_line}");
+        // Idempotent, and the sandbox's removal undoes it.
+        make_shared_mount(&paths.shared_dir()).unwrap();
+        dir.remove().unwrap();
+        assert!(!dir.path.exists());
+        assert!(crate::sandbox::mounts_below(state.path()).is_empty());
+    }
+
+    #[test]
     fn cloister_vmm_accepts_our_vm_json() {
         let json = serde_json::to_value(cloister_vm_json(
             &RuntimeConfig::default(),

@@ -209,6 +209,71 @@ fn jail_that_cannot_be_built_is_an_error_naming_the_step() {
     );
 }
 
+/// cgroup folders for a test: the v2 one, or the v1 `memory` and `pids`
+/// hierarchies (and the hybrid `unified` one) that exist here.
+fn test_cgroups(name: &str) -> Vec<PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.join(name)];
+    }
+    ["memory", "pids", "unified"]
+        .iter()
+        .map(|h| root.join(h))
+        .filter(|h| h.join("cgroup.procs").exists())
+        .map(|h| h.join(name))
+        .collect()
+}
+
+#[test]
+fn jailed_vmm_joins_every_given_cgroup() {
+    if !can_jail() {
+        return;
+    }
+    let cgroups = test_cgroups(&format!("cloister-jail-test-{}", std::process::id()));
+    if cgroups.is_empty() {
+        eprintln!("SKIP: no cgroup hierarchy under /sys/fs/cgroup");
+        return;
+    }
+    for cgroup in &cgroups {
+        std::fs::create_dir_all(cgroup).unwrap();
+    }
+    let fixture = JailFixture::new(HALT_FOREVER);
+    let mut command = fixture.command();
+    for cgroup in &cgroups {
+        command.arg("--jail-cgroup").arg(cgroup);
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    // The supervisor and the jailed VMM are both in each cgroup.
+    let started = Instant::now();
+    let in_all = || {
+        cgroups.iter().all(|c| {
+            std::fs::read_to_string(c.join("cgroup.procs"))
+                .map(|procs| {
+                    procs.lines().count() == 2 && procs.lines().any(|l| l == pid.to_string())
+                })
+                .unwrap_or(false)
+        })
+    };
+    while !in_all() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let joined = in_all();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    for cgroup in &cgroups {
+        std::fs::remove_dir(cgroup).unwrap();
+    }
+    let (_, stderr) = text(&output);
+    assert!(joined, "not in every cgroup of {cgroups:?}: {stderr}");
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+}
+
 #[cfg(feature = "jail-selftest")]
 mod selftest {
     use std::os::unix::process::ExitStatusExt;
