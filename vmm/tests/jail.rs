@@ -209,6 +209,59 @@ fn jail_that_cannot_be_built_is_an_error_naming_the_step() {
     );
 }
 
+#[test]
+fn jailed_vmm_opens_its_tap_in_the_given_netns_and_runs_in_a_fresh_one() {
+    if !can_jail() {
+        return;
+    }
+    let tap = format!("cljail{}", std::process::id() % 100_000);
+    let fixture = JailFixture::new(HALT_FOREVER);
+    let mut child = fixture
+        .command()
+        .args(["--netns", "/proc/self/ns/net"])
+        .arg("--net")
+        .arg(format!("tap={tap}"))
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = Instant::now();
+    let tap_dir = PathBuf::from("/sys/class/net").join(&tap);
+    let vmm_pid = loop {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        if let Some(vmm) = children.ok().and_then(|c| c.trim().parse::<u32>().ok()) {
+            if tap_dir.exists() {
+                break Some(vmm);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let namespaces = vmm_pid.map(|vmm| {
+        let link = |pid: String| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        (link("self".into()), link(vmm.to_string()))
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+
+    let (_, stderr) = text(&output);
+    let (host_ns, vmm_ns) =
+        namespaces.unwrap_or_else(|| panic!("tap {tap} never appeared: {stderr}"));
+    assert_ne!(
+        host_ns, vmm_ns,
+        "the VMM runs in the host's network namespace"
+    );
+    assert!(stderr.contains(&format!("net0: tap {tap}")), "{stderr}");
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    assert!(!tap_dir.exists(), "tap {tap} outlived the VMM");
+}
+
 /// cgroup folders for a test: the v2 one, or the v1 `memory` and `pids`
 /// hierarchies (and the hybrid `unified` one) that exist here.
 fn test_cgroups(name: &str) -> Vec<PathBuf> {

@@ -254,15 +254,9 @@ impl VhostUserArgs {
         }
     }
 
-    /// Enters the jail the flags ask for, rewriting the paths to their
-    /// places in it; `Some(code)` in the supervisor once the server ended.
-    pub fn enter_jail(&mut self) -> Result<Option<ExitCode>, VhostUserCliError> {
-        let Some(jail) = self.jail.jail()? else {
-            if self.jail.no_jail {
-                eprintln!("{NO_JAIL_WARNING}");
-            }
-            return Ok(None);
-        };
+    /// What the jail's root holds for this server; rewrites the paths to
+    /// their places in it.
+    fn jail_plan(&mut self) -> Result<JailPlan, JailError> {
         let mut plan = JailPlan {
             devices: vec![URANDOM_NODE],
             serves_fs: self.device == DeviceKind::Fs,
@@ -279,6 +273,19 @@ impl VhostUserArgs {
         if let Some(dir) = &self.shared_dir {
             self.shared_dir = Some(plan.folder(dir, "/share/0", self.read_only));
         }
+        Ok(plan)
+    }
+
+    /// Enters the jail the flags ask for, rewriting the paths to their
+    /// places in it; `Some(code)` in the supervisor once the server ended.
+    pub fn enter_jail(&mut self) -> Result<Option<ExitCode>, VhostUserCliError> {
+        let Some(jail) = self.jail.jail()? else {
+            if self.jail.no_jail {
+                eprintln!("{NO_JAIL_WARNING}");
+            }
+            return Ok(None);
+        };
+        let plan = self.jail_plan()?;
         let tap = self.tap.take();
         let mut nics = Vec::new();
         let entered = crate::jail::enter(&jail, &plan, || {
@@ -480,6 +487,57 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("03:00:00:00:00:01"), "{err}");
+    }
+
+    #[test]
+    fn jailed_fs_server_paths_move_into_the_jail() {
+        let mut args = parse(
+            "--device fs --shared-dir /srv/share --tag t --read-only --socket /run/p/sockets/fs.sock \
+             --jail-root /run/p/jail --jail-uid 64000 --jail-gid 64000",
+        );
+        assert_eq!(args.jail.jail().unwrap().unwrap().uid, 64000);
+
+        let plan = args.jail_plan().unwrap();
+
+        assert_eq!(args.socket, PathBuf::from("/sock/vhost-user/fs.sock"));
+        assert_eq!(args.shared_dir, Some(PathBuf::from("/share/0")));
+        assert!(plan.serves_fs && plan.writes_guest_files);
+        assert_eq!(plan.devices, [URANDOM_NODE]);
+        let binds: Vec<(&str, &str, bool)> = plan
+            .binds
+            .iter()
+            .map(|b| {
+                (
+                    b.source.to_str().unwrap(),
+                    b.target.to_str().unwrap(),
+                    b.read_only,
+                )
+            })
+            .collect();
+        assert_eq!(
+            binds,
+            [
+                ("/run/p/sockets", "/sock/vhost-user", false),
+                ("/srv/share", "/share/0", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn jailed_vsock_server_gets_both_socket_folders() {
+        let mut args = parse(
+            "--device vsock --guest-cid 3 --uds /run/p/sockets/vsock.sock --socket /run/p/sockets/vhost-vsock.sock \
+             --jail-root /run/p/jail --jail-uid 1 --jail-gid 1",
+        );
+
+        let plan = args.jail_plan().unwrap();
+
+        assert_eq!(args.uds, Some(PathBuf::from("/sock/vsock/vsock.sock")));
+        assert_eq!(
+            args.socket,
+            PathBuf::from("/sock/vhost-user/vhost-vsock.sock")
+        );
+        assert!(!plan.serves_fs && !plan.writes_guest_files);
     }
 
     #[test]
