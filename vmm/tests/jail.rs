@@ -216,7 +216,7 @@ fn jailed_vmm_opens_its_tap_in_the_given_netns_and_runs_in_a_fresh_one() {
     }
     let tap = format!("cljail{}", std::process::id() % 100_000);
     let fixture = JailFixture::new(HALT_FOREVER);
-    let mut child = fixture
+    let child = fixture
         .command()
         .args(["--netns", "/proc/self/ns/net"])
         .arg("--net")
