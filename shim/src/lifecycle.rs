@@ -208,7 +208,8 @@ impl Shim for CloisterShim {
             namespace: self.namespace.clone(),
             state_dir: PathBuf::from(STATE_DIR),
         });
-        let service = TaskService::new(launcher, sender, self.exit.clone());
+        let audit = crate::audit::AuditLog::new(&self.namespace);
+        let service = TaskService::with_audit(launcher, sender, self.exit.clone(), audit);
         if std::env::var_os(compat::TASK_API_V2_ENV).is_some() {
             if let Err(e) = self.serve_task_api_v2(&service).await {
                 tracing::error!("task API v2 for containerd 1.x: {e}");

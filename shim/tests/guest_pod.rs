@@ -56,11 +56,19 @@ impl GuestLauncher {
 
 #[async_trait]
 impl SandboxLauncher for GuestLauncher {
+    /// The test's config, its audit trail in the test's folder.
+    fn load_config(&self, _: Option<&str>) -> Result<RuntimeConfig, SandboxError> {
+        let mut config = self.config.clone();
+        config.audit.path = self.state_dir.path().join("audit.jsonl");
+        Ok(config)
+    }
+
     async fn launch(
         &self,
         sandbox_id: &str,
         _spec: &serde_json::Value,
-        _config_path: Option<String>,
+        _config: &RuntimeConfig,
+        _audit: &cloister_shim::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError> {
         let dir = SandboxDir::new(self.state_dir.path(), "test", sandbox_id);
         dir.create()?;
