@@ -41,6 +41,8 @@ struct GuestLauncher {
     config: RuntimeConfig,
     state_dir: tempfile::TempDir,
     vm_pids: Arc<Mutex<Vec<u32>>>,
+    /// Holds the audit file (beside, not in, the sandbox folders).
+    audit_dir: tempfile::TempDir,
 }
 
 impl GuestLauncher {
@@ -59,7 +61,7 @@ impl SandboxLauncher for GuestLauncher {
     /// The test's config, its audit trail in the test's folder.
     fn load_config(&self, _: Option<&str>) -> Result<RuntimeConfig, SandboxError> {
         let mut config = self.config.clone();
-        config.audit.path = self.state_dir.path().join("audit.jsonl");
+        config.audit.path = self.audit_dir.path().join("audit.jsonl");
         Ok(config)
     }
 
@@ -166,6 +168,7 @@ fn guest_service() -> Option<GuestPod> {
         config,
         state_dir: tempfile::tempdir().unwrap(),
         vm_pids: Arc::new(Mutex::new(Vec::new())),
+        audit_dir: tempfile::tempdir().unwrap(),
     });
     let (sender, events) = EventSender::channel();
     let exit = Arc::new(ExitSignal::default());

@@ -79,7 +79,10 @@ impl FakeContainerd {
         server.start().await.unwrap();
         std::fs::write(
             dir.path().join("config.toml"),
-            "[vmm]\npath = \"/bin/false\"\n[agent]\nconnect_timeout_secs = 1\n",
+            format!(
+                "[vmm]\npath = \"/bin/false\"\n[agent]\nconnect_timeout_secs = 1\n[audit]\npath = \"{}\"\n",
+                dir.path().join("audit.jsonl").display()
+            ),
         )
         .unwrap();
         Self {
