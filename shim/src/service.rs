@@ -174,6 +174,7 @@ impl TaskService {
         exit: Arc<ExitSignal>,
         audit: AuditLog,
     ) -> Self {
+        audit.publish_security_events(events.clone());
         Self {
             state: Arc::new(State {
                 launcher,

@@ -405,20 +405,28 @@ impl Harness {
             .unwrap()
     }
 
-    /// Events published so far.
+    /// Task events published so far (security events, which carry audit
+    /// records, are checked on their own).
     fn take_events(&mut self) -> Vec<TaskEvent> {
         let mut out = Vec::new();
         while let Ok(event) = self.events.try_recv() {
-            out.push(event);
+            if !matches!(event, TaskEvent::Security { .. }) {
+                out.push(event);
+            }
         }
         out
     }
 
     async fn next_event(&mut self) -> TaskEvent {
-        tokio::time::timeout(Duration::from_secs(10), self.events.recv())
-            .await
-            .expect("no event")
-            .unwrap()
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+                .await
+                .expect("no event")
+                .unwrap();
+            if !matches!(event, TaskEvent::Security { .. }) {
+                return event;
+            }
+        }
     }
 }
 
@@ -1311,4 +1319,19 @@ async fn a_lost_agent_connection_is_a_security_record_and_a_deleted_pod_is_not()
         .filter(|op| op != "inspection-finding")
         .collect();
     assert!(ops.is_empty(), "{ops:?}");
+}
+
+#[tokio::test]
+async fn security_records_are_also_published_to_containerd_in_order() {
+    let mut h = Harness::new();
+    h.create("c1", serde_json::json!({})).await.unwrap();
+    let mut published = Vec::new();
+    while let Ok(event) = h.events.try_recv() {
+        if let TaskEvent::Security { record_json } = event {
+            published.push(serde_json::from_str::<AuditRecord>(&record_json).unwrap());
+        }
+    }
+    let recorded = h.records_of(RecordKind::Security);
+    assert!(!recorded.is_empty());
+    assert_eq!(published, recorded);
 }

@@ -342,7 +342,13 @@ async fn a_pod_runs_in_a_guest_and_a_killed_vm_ends_it_with_137() {
     );
 
     let mut topics = Vec::new();
+    let mut security = Vec::new();
     while let Ok(event) = events.try_recv() {
+        if let TaskEvent::Security { record_json } = &event {
+            let record: serde_json::Value = serde_json::from_str(record_json).unwrap();
+            security.push(record["operation"].as_str().unwrap_or_default().to_owned());
+            continue;
+        }
         if let TaskEvent::Exit {
             exit_status,
             exec_id,
@@ -372,6 +378,14 @@ async fn a_pod_runs_in_a_guest_and_a_killed_vm_ends_it_with_137() {
             "/tasks/delete",
         ]
     );
+    // Security audit records went to containerd as events too: the exec
+    // and the VM's death among them.
+    for operation in ["inspection-finding", "exec", "vm-exited"] {
+        assert!(
+            security.iter().any(|op| op == operation),
+            "{operation} not in {security:?}"
+        );
+    }
     service.shutdown().await;
     tokio::time::timeout(Duration::from_secs(1), exit.wait())
         .await

@@ -223,6 +223,8 @@ struct Inner {
     /// Held while a record gets its `seq` and is written, so the file's
     /// order is the order of `seq`.
     sink: Mutex<(u64, Sink)>,
+    /// Where security records are also published as containerd events.
+    events: std::sync::OnceLock<crate::events::EventSender>,
 }
 
 /// The shim's audit trail: cheap to clone, shared by the task service,
@@ -258,6 +260,7 @@ impl AuditLog {
                 shim_pid: std::process::id(),
                 shim_uid: nix::unistd::geteuid().as_raw(),
                 sink: Mutex::new((0, Sink::Pending(Vec::new()))),
+                events: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -281,6 +284,12 @@ impl AuditLog {
                 writer.append(&record.to_line());
             }
         }
+    }
+
+    /// Publishes every later security record to containerd too (topic
+    /// `/cloister/security`); the first sender set stays.
+    pub fn publish_security_events(&self, events: crate::events::EventSender) {
+        let _ = self.inner.events.set(events);
     }
 
     /// Whether [`AuditLog::configure`] was called.
@@ -325,6 +334,7 @@ impl AuditLog {
         let (seq, sink) = &mut *guard;
         *seq += 1;
         record.seq = *seq;
+        let is_security = record.kind == RecordKind::Security;
         let line = record.to_line();
         let line = line.trim_end();
         match record.decision {
@@ -342,6 +352,14 @@ impl AuditLog {
             }
             Sink::File(writer) => writer.append(&record.to_line()),
             Sink::LogOnly => {}
+        }
+        if is_security {
+            if let Some(events) = self.inner.events.get() {
+                // Sent under the lock: events keep the records' order.
+                events.send(crate::events::TaskEvent::Security {
+                    record_json: line.to_owned(),
+                });
+            }
         }
     }
 
