@@ -1335,3 +1335,30 @@ async fn security_records_are_also_published_to_containerd_in_order() {
     assert!(!recorded.is_empty());
     assert_eq!(published, recorded);
 }
+
+#[tokio::test]
+async fn an_unwritable_audit_file_does_not_stop_the_shim() {
+    let mut h = Harness::new();
+    // A file where the audit folder should be: no record can be written.
+    std::fs::write(h.launcher.state_dir.path().join("audit"), "").unwrap();
+    h.create("c1", serde_json::json!({})).await.unwrap();
+    let c = ctx("default");
+    let start = api::StartRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    task_api(&h.service).start(&c, start).await.unwrap();
+    h.agent.send_exit("c1", "", 0).await;
+    assert_eq!(h.wait("c1", "").await.exit_status, 0);
+    h.delete("c1", "").await.unwrap();
+    assert_eq!(
+        topics(&h.take_events()),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+    assert!(h.audit_records().is_empty());
+}

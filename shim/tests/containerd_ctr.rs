@@ -189,7 +189,8 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
                 "Create allowed",
                 "Start allowed",
                 "Delete allowed",
-                "Shutdown allowed"
+                "Shutdown allowed",
+                "ShimDelete allowed"
             ],
             "audit trail of {id}"
         );
@@ -237,9 +238,19 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
 
 /// The task API calls a test drives through `ctr`; containerd's own
 /// polling (State, Wait, Connect) is left out of the comparisons.
-const TASK_OPERATIONS: [&str; 11] = [
-    "Create", "Start", "Exec", "Kill", "Delete", "Pause", "Resume", "Stats", "Pids", "Update",
+const TASK_OPERATIONS: [&str; 12] = [
+    "Create",
+    "Start",
+    "Exec",
+    "Kill",
+    "Delete",
+    "Pause",
+    "Resume",
+    "Stats",
+    "Pids",
+    "Update",
     "Shutdown",
+    "ShimDelete",
 ];
 
 /// Runs `ctr args…`, panicking with its stderr and containerd's log when it
@@ -410,6 +421,7 @@ fn ctr_task_exec_pause_metrics_kill_and_a_killed_vm_through_containerd() {
                 "Kill allowed",
                 "Delete allowed",
                 "Shutdown allowed",
+                "ShimDelete allowed",
             ],
             "audit trail of {id}"
         );

@@ -21,9 +21,12 @@
 //! of calls before that are held in memory and written first, in order.
 //! `enabled = false` keeps records in the shim's log only.
 //!
-//! Not recorded: the agent health checks while connecting, the shim's
-//! `start`/`delete` subcommands (they are short processes containerd runs;
-//! their effects show up as the serving shim's records).
+//! The shim binary's `delete` subcommand, which containerd runs after each
+//! task's shim is done (and after a shim died), leaves a `task` record
+//! `ShimDelete` in the file the environment's config names (`delete` does
+//! not get the RuntimeClass's options). Not recorded: the agent health
+//! checks while connecting, and the `start` subcommand (a short process
+//! that finds or spawns the serving shim).
 
 pub mod agent;
 pub mod filter;

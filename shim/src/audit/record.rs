@@ -133,7 +133,8 @@ pub struct AuditRecord {
     pub exec_id: String,
     /// Task API method (`Create`), agent RPC (`CreateContainer`) or
     /// security event (`exec`, `inspection-finding`, `vm-exited`,
-    /// `agent-lost`, `guest-panic`, `policy-denied`, `attestation-failed`).
+    /// `agent-lost`, `guest-panic`, `policy-denied`, `attestation-failed`);
+    /// `ShimDelete` for the shim binary's `delete` subcommand.
     pub operation: String,
     pub caller: Caller,
     pub decision: Decision,
