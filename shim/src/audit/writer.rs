@@ -3,10 +3,13 @@
 //! Several pod shims share one file. With `O_APPEND` the kernel moves to
 //! the end and writes under the inode's lock, so whole lines from
 //! different processes never interleave as long as each line goes out in
-//! one `write`. A short write (disk full) could still cut a line: the next
-//! line written then starts with a newline, so the cut line stays a single
-//! malformed line that `cloister audit` reports, instead of swallowing the
-//! next record.
+//! one `write`. A short write (disk full) could still cut a line: this
+//! writer's next line then starts with a newline, so the cut line stays a
+//! single malformed line that `cloister audit` reports. Another shim's
+//! record may still land right behind the cut; `cloister audit` recovers
+//! it from the record start inside the line. (Checking the file's last
+//! byte at open would race with appends in flight: the size grows page by
+//! page while a write is copied in.)
 //!
 //! A file that cannot be opened or written never stops the shim: the
 //! failure is logged at error level (the first one, then every 100th, and
@@ -83,12 +86,7 @@ impl AuditWriter {
     fn try_append(&mut self, line: &str) -> std::io::Result<()> {
         let file = match &mut self.file {
             Some(file) => file,
-            None => {
-                let file = open_append(&self.path)?;
-                // Another shim may have been cut short at the end.
-                self.torn = self.torn || !ends_with_newline(&file);
-                self.file.insert(file)
-            }
+            None => self.file.insert(open_append(&self.path)?),
         };
         let mut bytes = Vec::with_capacity(line.len() + 1);
         if self.torn {
@@ -117,23 +115,6 @@ impl AuditWriter {
     }
 }
 
-/// Whether the file is empty or its last byte is a newline.
-fn ends_with_newline(file: &File) -> bool {
-    use std::os::unix::fs::FileExt;
-    let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return true;
-    };
-    if len == 0 {
-        return true;
-    }
-    let mut last = [0u8; 1];
-    // Not readable (a write-only open) or a device: assume a clean end.
-    match file.read_at(&mut last, len - 1) {
-        Ok(1) => last[0] == b'\n',
-        _ => true,
-    }
-}
-
 /// Opens `path` for appending, making its folder (0750) and the file
 /// (0640) when missing: audit records name commands and pods, so they are
 /// not for every user of the node.
@@ -146,7 +127,6 @@ pub fn open_append(path: &Path) -> std::io::Result<File> {
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
     }
     OpenOptions::new()
-        .read(true)
         .append(true)
         .create(true)
         .mode(0o640)
