@@ -235,6 +235,7 @@ impl TaskService {
                 if let Ok(mut pod) = self.state.pod.lock() {
                     pod.clone_from(&membership.sandbox_id);
                 }
+                self.state.audit.set_pod_of_held(&membership.sandbox_id);
                 self.start_sandbox(&req.id, &spec, req).await?
             }
             ContainerKind::Workload => {

@@ -1095,10 +1095,8 @@ async fn every_task_api_call_leaves_exactly_one_record_in_order() {
         ]
     );
     assert!(tasks.iter().all(|r| r.caller.namespace == "k8s.io"));
-    assert!(tasks.iter().all(|r| r.container == "c1"));
-    // The pod is known from its sandbox container's Create on.
-    assert_eq!(tasks[0].pod, "");
-    assert!(tasks[1..].iter().all(|r| r.pod == "c1"));
+    // The pod is named even in the Connect before its sandbox's Create.
+    assert!(tasks.iter().all(|r| r.pod == "c1" && r.container == "c1"));
     assert!(
         tasks[13].reason.contains("not supported"),
         "{:?}",

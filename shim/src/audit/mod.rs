@@ -295,6 +295,16 @@ impl AuditLog {
         let _ = self.inner.events.set(events);
     }
 
+    /// Names the pod in the records still held that were made before the
+    /// shim knew it (containerd's first Connect): one shim serves one pod.
+    pub fn set_pod_of_held(&self, pod: &str) {
+        if let Sink::Pending(held) = &mut self.lock().1 {
+            for record in held.iter_mut().filter(|r| r.pod.is_empty()) {
+                record.pod = pod.to_owned();
+            }
+        }
+    }
+
     /// Whether [`AuditLog::configure`] was called.
     pub fn is_configured(&self) -> bool {
         !matches!(self.lock().1, Sink::Pending(_))
@@ -518,13 +528,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::new("k8s.io");
+        let unknown_pod = Subject {
+            pod: String::new(),
+            ..subject("a")
+        };
         log.task(
             None,
-            subject("a"),
+            unknown_pod,
             "Connect",
             Ok(()),
             serde_json::Value::Null,
         );
+        log.set_pod_of_held("pod");
         assert!(!path.exists());
         log.configure(&AuditSection {
             enabled: true,
@@ -554,6 +569,7 @@ mod tests {
             .map(|r| (r.operation.as_str(), r.seq))
             .collect();
         assert_eq!(ops, [("Connect", 1), ("Create", 2), ("StartContainer", 3)]);
+        assert_eq!(records[0].pod, "pod");
         assert_eq!(records[0].caller.namespace, "k8s.io");
         assert_eq!(records[0].caller.via, CallerVia::Containerd);
         assert_eq!(records[0].caller.shim_pid, std::process::id());
