@@ -7,6 +7,13 @@
 //! (137 when the VM is gone, 255 when the shim cannot tell), so Wait always
 //! returns.
 //!
+//! Audit: every task API call leaves exactly one record, written in one
+//! place ([`TaskService::audited`], which every `Task` method ends in) when
+//! the call returns; agent requests are recorded by the audited agent
+//! client the launcher hands the pod, security events where they happen
+//! (see [`crate::audit`]). The pod's `[inspection]` and `[audit]` are read
+//! before its VM is launched, so a refused sandbox never boots one.
+//!
 //! Locking: one async mutex over the container table, held across the
 //! agent call of a state change (create, start, pause, resume, delete), so
 //! an exit that races a Start is recorded after the Start and containerd
@@ -1024,12 +1031,10 @@ impl containerd_shim_protos::shim_async::Task for TaskService {
     async fn state(&self, ctx: &Ctx, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
         let call = TaskCall::new("State", &req.id, &req.exec_id);
         let result = TaskService::state(self, &req).await;
-        self.audited(
-            ctx,
-            call,
-            result,
-            |r| serde_json::json!({ "status": format!("{:?}", r.status) }),
-        )
+        self.audited(ctx, call, result, |r| {
+            let status = r.status.enum_value().map(|s| format!("{s:?}"));
+            serde_json::json!({ "status": status.unwrap_or_default() })
+        })
     }
 
     async fn create(

@@ -1103,6 +1103,7 @@ async fn every_task_api_call_leaves_exactly_one_record_in_order() {
         tasks[13]
     );
     assert_eq!(tasks[1].details["pid"], 100);
+    assert_eq!(tasks[2].details["status"], "CREATED");
     assert_eq!(tasks[4].details["args"], serde_json::json!(["id", "-u"]));
     assert_eq!(tasks[14].details["signal"], 9);
     assert_eq!(tasks[15].details["exit_status"], 137);
