@@ -11,6 +11,9 @@
 //! byte at open would race with appends in flight: the size grows page by
 //! page while a write is copied in.)
 //!
+//! A file renamed away (logrotate without `copytruncate`) is noticed at the
+//! next record, which starts a new file at the path.
+//!
 //! A file that cannot be opened or written never stops the shim: the
 //! failure is logged at error level (the first one, then every 100th, and
 //! when writing works again, with the count of records lost), and the
@@ -84,6 +87,16 @@ impl AuditWriter {
     }
 
     fn try_append(&mut self, line: &str) -> std::io::Result<()> {
+        if self
+            .file
+            .as_ref()
+            .is_some_and(|file| !self.is_current(file))
+        {
+            // Rotated away (logrotate's rename-and-create): the next
+            // record starts the new file.
+            self.file = None;
+            self.torn = false;
+        }
         let file = match &mut self.file {
             Some(file) => file,
             None => self.file.insert(open_append(&self.path)?),
@@ -111,6 +124,17 @@ impl AuditWriter {
                 self.file = None;
                 Err(e)
             }
+        }
+    }
+}
+
+impl AuditWriter {
+    /// Whether `file` is still the one at the path (one `stat` per record).
+    fn is_current(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), file.metadata()) {
+            (Ok(at_path), Ok(open)) => at_path.dev() == open.dev() && at_path.ino() == open.ino(),
+            _ => false,
         }
     }
 }
@@ -154,6 +178,23 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777 & !0o022, 0o640 & !0o022);
         assert_eq!(writer.lost(), 0);
+    }
+
+    #[test]
+    fn a_rotated_file_is_followed_by_a_new_one_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let mut writer = AuditWriter::new(&path);
+        writer.append("{\"n\":1}\n");
+        std::fs::rename(&path, &rotated).unwrap();
+        writer.append("{\"n\":2}\n");
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "{\"n\":1}\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":2}\n");
+        // Truncated in place (copytruncate): appends go on at the new end.
+        std::fs::write(&path, "").unwrap();
+        writer.append("{\"n\":3}\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":3}\n");
     }
 
     #[test]
