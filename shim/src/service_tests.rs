@@ -1151,7 +1151,8 @@ async fn an_agent_denial_is_recorded_with_the_agents_message_verbatim() {
     let c = ctx("default");
     h.create("c1", serde_json::json!({})).await.unwrap();
     h.start("c1", "").await.unwrap();
-    let message = "policy: ExecProcessRequest denied by rule `exec_commands` (args [\"sh\"])";
+    // The agent policy's wording (guest-agent/src/policy): it names the rule.
+    let message = "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest: exec of [\"sh\"] is not allowed";
     *h.agent.deny_exec.lock().unwrap() = Some(message.into());
     task_api(&h.service)
         .exec(&c, exec_request("c1", "e1", r#"["sh"]"#))
@@ -1163,7 +1164,11 @@ async fn an_agent_denial_is_recorded_with_the_agents_message_verbatim() {
         ..Default::default()
     };
     let err = task_api(&h.service).start(&c, start).await.unwrap_err();
-    assert!(err.to_string().contains("exec_commands"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("data.agent_policy.ExecProcessRequest"),
+        "{err}"
+    );
 
     let records = h.audit_records();
     let find = |kind: RecordKind, op: &str| {

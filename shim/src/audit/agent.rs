@@ -36,6 +36,11 @@ pub fn audited_agent(
 
 /// The reason of a failed request: a denial's message exactly as the agent
 /// sent it, anything else as the error reads.
+///
+/// A stdio stream has no status code: the agent refuses it with a message
+/// (`AttachReply::Refused`). Its policy's refusals read
+/// `<Request> denied …` (`ReadStreamRequest denied by policy rule …`), and
+/// those count as denials.
 pub fn refusal(error: &AgentError) -> (Decision, String) {
     match error {
         AgentError::Rpc {
@@ -43,7 +48,72 @@ pub fn refusal(error: &AgentError) -> (Decision, String) {
             message,
             ..
         } if *code == ttrpc::Code::PERMISSION_DENIED => (Decision::Denied, message.clone()),
+        AgentError::Stdio { reason, .. } => match reason.strip_prefix(STDIO_REFUSED) {
+            Some(message) if is_policy_denial(message) => (Decision::Denied, message.to_owned()),
+            _ => (Decision::Failed, error.to_string()),
+        },
         other => (Decision::Failed, other.to_string()),
+    }
+}
+
+/// How [`crate::agent_client::attach_stdio`] words a refused stream.
+const STDIO_REFUSED: &str = "refused: ";
+
+/// `<Something>Request denied…`: the agent policy's wording of a denial.
+fn is_policy_denial(message: &str) -> bool {
+    message
+        .split_once(' ')
+        .is_some_and(|(request, rest)| request.ends_with("Request") && rest.starts_with("denied"))
+}
+
+/// Records one agent request made without the wrapper (the launcher's
+/// requests on the concrete client before it is wrapped, e.g. SetPolicy):
+/// the same `agent` record, and `policy-denied` on a denial.
+pub fn record_agent_request<T>(
+    log: &AuditLog,
+    pod: &str,
+    operation: &str,
+    result: &Result<T, AgentError>,
+) {
+    let subject = Subject {
+        pod: pod.to_owned(),
+        ..Subject::default()
+    };
+    record(log, subject, operation, result, serde_json::Value::Null);
+}
+
+/// The `agent` record of one request, and `policy-denied` on a denial.
+fn record<T>(
+    log: &AuditLog,
+    subject: Subject,
+    operation: &str,
+    result: &Result<T, AgentError>,
+    details: serde_json::Value,
+) {
+    let outcome = match result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(refusal(e)),
+    };
+    let denial = match &outcome {
+        Err((Decision::Denied, reason)) => Some(reason.clone()),
+        _ => None,
+    };
+    let (pod, container, exec_id) = (
+        subject.pod.clone(),
+        subject.container.clone(),
+        subject.exec_id.clone(),
+    );
+    log.agent_request(subject, operation, outcome, details);
+    if let Some(reason) = denial {
+        log.security(
+            &pod,
+            AuditEvent::PolicyDenied {
+                container,
+                exec_id,
+                request: operation.to_owned(),
+                reason,
+            },
+        );
     }
 }
 
@@ -61,26 +131,7 @@ impl AuditedAgent {
             container: container.to_owned(),
             exec_id: exec_id.to_owned(),
         };
-        let outcome = match result {
-            Ok(_) => Ok(()),
-            Err(e) => Err(refusal(e)),
-        };
-        let denial = match &outcome {
-            Err((Decision::Denied, reason)) => Some(reason.clone()),
-            _ => None,
-        };
-        self.log.agent_request(subject, operation, outcome, details);
-        if let Some(reason) = denial {
-            self.log.security(
-                &self.pod,
-                AuditEvent::PolicyDenied {
-                    container: container.to_owned(),
-                    exec_id: exec_id.to_owned(),
-                    request: operation.to_owned(),
-                    reason,
-                },
-            );
-        }
+        record(&self.log, subject, operation, result, details);
     }
 }
 
@@ -255,5 +306,86 @@ impl AgentClient for AuditedAgent {
         let details = serde_json::json!({ "stream": kind.to_string() });
         self.note("OpenStdio", container_id, exec_id, &result, details);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_denials_keep_the_agents_message_and_other_errors_fail() {
+        let denied = AgentError::Rpc {
+            method: "ExecProcess",
+            code: Some(ttrpc::Code::PERMISSION_DENIED),
+            message:
+                "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest"
+                    .into(),
+        };
+        assert_eq!(
+            refusal(&denied),
+            (
+                Decision::Denied,
+                "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest"
+                    .into()
+            )
+        );
+        let stream = |reason: &str| AgentError::Stdio {
+            container_id: "c".into(),
+            exec_id: String::new(),
+            kind: StreamKind::Stdout,
+            reason: reason.into(),
+        };
+        let (decision, reason) = refusal(&stream(
+            "refused: ReadStreamRequest denied by policy rule data.agent_policy.ReadStreamRequest",
+        ));
+        assert_eq!(decision, Decision::Denied);
+        assert!(reason.starts_with("ReadStreamRequest denied"), "{reason}");
+        let (decision, reason) = refusal(&stream("refused: no such process"));
+        assert_eq!(decision, Decision::Failed);
+        assert!(reason.contains("no such process"), "{reason}");
+        let lost = AgentError::Rpc {
+            method: "StartContainer",
+            code: None,
+            message: "channel closed".into(),
+        };
+        assert_eq!(refusal(&lost).0, Decision::Failed);
+        let not_found = AgentError::Rpc {
+            method: "StartContainer",
+            code: Some(ttrpc::Code::NOT_FOUND),
+            message: "container c not found".into(),
+        };
+        assert_eq!(refusal(&not_found).0, Decision::Failed);
+    }
+
+    #[test]
+    fn a_request_outside_the_wrapper_is_recorded_the_same_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::new("default");
+        log.configure(&crate::audit::AuditSection {
+            enabled: true,
+            path: path.clone(),
+        });
+        let denied: Result<(), AgentError> = Err(AgentError::Rpc {
+            method: "SetPolicy",
+            code: Some(ttrpc::Code::PERMISSION_DENIED),
+            message:
+                "SetPolicyRequest denied: the policy was installed from init-data and is locked"
+                    .into(),
+        });
+        record_agent_request(&log, "pod", "SetPolicy", &denied);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let records: Vec<crate::audit::AuditRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            (records[0].operation.as_str(), records[0].decision),
+            ("SetPolicy", Decision::Denied)
+        );
+        assert_eq!(records[1].operation, "policy-denied");
+        assert!(records[1].reason.ends_with("is locked"));
     }
 }
