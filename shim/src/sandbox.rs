@@ -52,6 +52,8 @@ pub enum SandboxError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    PodPolicy(#[from] crate::pod_policy::PodPolicyError),
     #[error("sandbox folder {path}: {source}")]
     Folder {
         path: PathBuf,
@@ -608,6 +610,10 @@ impl SandboxLauncher for VmLauncher {
             };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
             let agent = endpoint.connect_until(timeout).await?;
+            let annotations = bundle_annotations(spec);
+            if let Some(policy) = crate::pod_policy::policy_from_annotations(&annotations)? {
+                agent.set_policy(policy).await?;
+            }
             agent
                 .setup_sandbox(setup_request(&guest_hostname(spec, sandbox_id)))
                 .await?;
