@@ -439,13 +439,12 @@ async fn every_rpc_is_decided_by_its_own_rule() {
     let stdin = agent.attach("x", "", StreamKind::Stdin).await;
 
     for (rule, message) in &results {
-        assert!(
-            message.starts_with(&format!(
-                "{rule} denied: policy rule data.agent_policy.{rule} "
-            )) || message.starts_with(&format!(
-                "{rule} denied by policy rule data.agent_policy.{rule}"
-            )),
-            "{rule}: {message}"
+        assert_eq!(
+            message,
+            &format!(
+                "{rule} denied: policy rule data.agent_policy.{rule} is undefined for this \
+                 input (the policy lacks the rule or its default)"
+            )
         );
     }
     assert_eq!(results.len(), 21);
