@@ -95,10 +95,7 @@ fn denial<T: std::fmt::Debug>(result: Result<T, AgentError>) -> String {
 }
 
 async fn run_to_output(client: &TtrpcAgentClient, id: &str) -> String {
-    let mut out = client
-        .open_stdio(id, "", StreamKind::Stdout)
-        .await
-        .unwrap();
+    let mut out = client.open_stdio(id, "", StreamKind::Stdout).await.unwrap();
     client.start_container(id).await.unwrap();
     let mut text = String::new();
     out.read_to_string(&mut text).await.unwrap();
@@ -191,11 +188,13 @@ async fn pod_policy_allows_listed_exec_only_and_cannot_be_replaced() {
     );
     client.create_container(own).await.unwrap();
 
-    let listed = client.exec_process(exec_request("app", "ls", &["ls", "/"])).await;
-    let other = client.exec_process(exec_request("app", "sh", &["sh"])).await;
-    let replaced = client
-        .set_policy(base64_roundtrip(policy_gen::RULES))
+    let listed = client
+        .exec_process(exec_request("app", "ls", &["ls", "/"]))
         .await;
+    let other = client
+        .exec_process(exec_request("app", "sh", &["sh"]))
+        .await;
+    let replaced = client.set_policy(base64_roundtrip(policy_gen::RULES)).await;
 
     // The listed command passes the policy (the agent may still refuse an
     // exec into a container it has not started, for another reason).

@@ -58,6 +58,10 @@ enum PolicyCommand {
         /// Print base64, the value of the io.cloister.policy annotation.
         #[arg(long)]
         base64: bool,
+        /// The pod sandbox (pause) container's command, as words or a JSON
+        /// array: containerd's sandbox_image decides it.
+        #[arg(long, value_name = "COMMAND", default_value = "/pause")]
+        pause_command: String,
     },
 }
 
@@ -87,6 +91,7 @@ fn main() -> std::process::ExitCode {
                     deny_stdio_read,
                     deny_stdin,
                     base64,
+                    pause_command,
                 },
         } => {
             let options = cloister_shim::policy_gen::GenerateOptions {
@@ -97,6 +102,7 @@ fn main() -> std::process::ExitCode {
                 allow_env,
                 allow_stdio_read: !deny_stdio_read,
                 allow_stdin: !deny_stdin,
+                pause_command: cloister_shim::policy_gen::parse_exec_command(&pause_command),
             };
             policy_generate(&files, &options, base64)
         }

@@ -229,13 +229,17 @@ fn kubernetes_container(
     })
 }
 
-/// The CRI sandbox (pause) container every pod starts with.
-pub fn pause_container() -> AllowedContainer {
+/// The command of the Kubernetes pause image.
+pub const PAUSE_COMMAND: &str = "/pause";
+
+/// The CRI sandbox (pause) container every pod starts with, running
+/// `command`.
+pub fn pause_container(command: &[String]) -> AllowedContainer {
     AllowedContainer {
         name: "pause".into(),
         sandbox: true,
         images: Vec::new(),
-        args: Some(vec!["/pause".into()]),
+        args: Some(command.to_vec()),
         env: Vec::new(),
         env_extra_names: vec!["^PATH$".into()],
         mounts: Vec::new(),

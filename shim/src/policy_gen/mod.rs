@@ -57,6 +57,9 @@ pub struct GenerateOptions {
     pub allow_env: Vec<String>,
     pub allow_stdio_read: bool,
     pub allow_stdin: bool,
+    /// The process.args of the CRI sandbox container (containerd's
+    /// `sandbox_image`, not the manifest's choice).
+    pub pause_command: Vec<String>,
 }
 
 impl Default for GenerateOptions {
@@ -66,6 +69,7 @@ impl Default for GenerateOptions {
             allow_env: Vec::new(),
             allow_stdio_read: true,
             allow_stdin: true,
+            pause_command: vec![manifest::PAUSE_COMMAND.to_owned()],
         }
     }
 }
@@ -127,7 +131,8 @@ pub fn generate(sources: &Sources, options: &GenerateOptions) -> Result<Generate
         allow_stdin: options.allow_stdin,
     };
     if !sources.kubernetes.is_empty() {
-        data.containers.push(manifest::pause_container());
+        data.containers
+            .push(manifest::pause_container(&options.pause_command));
     }
     let mut warnings = Vec::new();
     for d in derived {
