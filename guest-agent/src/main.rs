@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use cloister_agent::container::manager::{ContainerManager, ManagerConfig};
+use cloister_agent::policy::AgentPolicy;
 use cloister_agent::process::{Reaper, HELPER_ARG};
 use cloister_agent::server::AgentServer;
 use cloister_protocol::ports::{AGENT_VSOCK_PORT, STDIO_VSOCK_PORT};
@@ -161,10 +162,12 @@ async fn serve(
         reaper,
     );
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    let policy = Arc::new(AgentPolicy::built_in().context("built-in agent policy")?);
     let service = Arc::new(AgentServer {
         manager: manager.clone(),
         is_guest_init: is_pid1,
         shutdown: shutdown.clone(),
+        policy: policy.clone(),
     });
 
     match stdio_listen {
@@ -174,6 +177,7 @@ async fn serve(
                 .with_context(|| format!("bind stdio socket {}", path.display()))?;
             tokio::spawn(cloister_agent::stdio_listener::serve_unix(
                 manager.clone(),
+                policy.clone(),
                 listener,
             ));
         }
@@ -185,6 +189,7 @@ async fn serve(
             .with_context(|| format!("bind stdio vsock port {port}"))?;
             tokio::spawn(cloister_agent::stdio_listener::serve_vsock(
                 manager.clone(),
+                policy.clone(),
                 listener,
             ));
         }

@@ -1,6 +1,7 @@
-//! The `AgentService` ttrpc server: validates each request, calls the
-//! container manager, and maps errors to ttrpc status codes whose message
-//! names the bad field or value.
+//! The `AgentService` ttrpc server: puts each request to the agent policy
+//! (PERMISSION_DENIED naming the rule when it says no), validates it, calls
+//! the container manager, and maps errors to ttrpc status codes whose
+//! message names the bad field or value.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
 use crate::container::manager::{ContainerError, ContainerManager};
+use crate::policy::{AgentPolicy, PolicyDenial, PolicyRequest, SetPolicyError};
 
 /// What the server needs besides the containers.
 pub struct AgentServer {
@@ -19,10 +21,18 @@ pub struct AgentServer {
     pub is_guest_init: bool,
     /// Notified by Shutdown.
     pub shutdown: Arc<tokio::sync::Notify>,
+    /// Decides every request before it runs (shared with the stdio
+    /// listener; the attestation flow installs init-data's policy here).
+    pub policy: Arc<AgentPolicy>,
 }
 
 fn status(code: Code, message: impl ToString) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, message.to_string()))
+}
+
+fn policy_status(denial: PolicyDenial) -> TtrpcError {
+    tracing::warn!(%denial, "policy denied a request");
+    status(Code::PERMISSION_DENIED, denial)
 }
 
 fn to_status(err: ContainerError) -> TtrpcError {
@@ -68,6 +78,11 @@ fn network_status(err: crate::network::NetworkError) -> TtrpcError {
 }
 
 impl AgentServer {
+    /// The policy's decision on one request.
+    fn allow<R: PolicyRequest>(&self, request: &R) -> ttrpc::Result<()> {
+        self.policy.check(request).map_err(policy_status)
+    }
+
     /// Sandbox-wide changes (hostname, mounts, network) are only made by
     /// the guest's PID 1, never by a host test agent.
     fn require_guest(&self, rpc: &str) -> ttrpc::Result<()> {
@@ -90,6 +105,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::SetupSandboxRequest,
     ) -> ttrpc::Result<agent::SetupSandboxResponse> {
+        self.allow(&request)?;
         self.require_guest("SetupSandbox")?;
         crate::init::setup_sandbox(&request, &self.manager)
             .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
@@ -101,6 +117,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::CreateContainerResponse> {
+        self.allow(&request)?;
         let pid = self.manager.create(request).await.map_err(to_status)?;
         let mut response = agent::CreateContainerResponse::new();
         response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);
@@ -112,6 +129,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::StartContainerRequest,
     ) -> ttrpc::Result<agent::StartContainerResponse> {
+        self.allow(&request)?;
         self.manager
             .start(&request.container_id)
             .await
@@ -124,6 +142,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::RemoveContainerRequest,
     ) -> ttrpc::Result<agent::RemoveContainerResponse> {
+        self.allow(&request)?;
         self.manager
             .remove(&request.container_id, request.force)
             .await
@@ -136,6 +155,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ExecProcessResponse> {
+        self.allow(&request)?;
         let pid = self.manager.exec(request).await.map_err(to_status)?;
         let mut response = agent::ExecProcessResponse::new();
         response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);
@@ -147,6 +167,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::SignalProcessRequest,
     ) -> ttrpc::Result<agent::SignalProcessResponse> {
+        self.allow(&request)?;
         self.manager.signal(&request).map_err(to_status)?;
         Ok(agent::SignalProcessResponse::new())
     }
@@ -156,6 +177,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        self.allow(&request)?;
         let info = self
             .manager
             .wait(&request.container_id, &request.exec_id)
@@ -172,6 +194,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::PauseContainerRequest,
     ) -> ttrpc::Result<agent::PauseResumeResponse> {
+        self.allow(&request)?;
         self.manager
             .set_paused(&request.container_id, true)
             .await
@@ -184,6 +207,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::ResumeContainerRequest,
     ) -> ttrpc::Result<agent::PauseResumeResponse> {
+        self.allow(&request)?;
         self.manager
             .set_paused(&request.container_id, false)
             .await
@@ -196,6 +220,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::UpdateContainerRequest,
     ) -> ttrpc::Result<agent::UpdateContainerResponse> {
+        self.allow(&request)?;
         self.manager.update(&request).map_err(to_status)?;
         Ok(agent::UpdateContainerResponse::new())
     }
@@ -205,6 +230,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::ListProcessesRequest,
     ) -> ttrpc::Result<agent::ListProcessesResponse> {
+        self.allow(&request)?;
         let mut response = agent::ListProcessesResponse::new();
         response.processes = self
             .manager
@@ -218,6 +244,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::StatsContainerRequest,
     ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        self.allow(&request)?;
         self.manager.stats(&request.container_id).map_err(to_status)
     }
 
@@ -226,6 +253,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::ResizeTtyRequest,
     ) -> ttrpc::Result<agent::ResizeTtyResponse> {
+        self.allow(&request)?;
         self.manager.resize(&request).map_err(to_status)?;
         Ok(agent::ResizeTtyResponse::new())
     }
@@ -235,6 +263,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::CloseStdinRequest,
     ) -> ttrpc::Result<agent::CloseStdinResponse> {
+        self.allow(&request)?;
         self.manager
             .close_stdin(&request.container_id, &request.exec_id)
             .map_err(to_status)?;
@@ -244,9 +273,10 @@ impl AgentService for AgentServer {
     async fn events(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::EventsRequest,
+        request: agent::EventsRequest,
         sender: ttrpc::r#async::ServerStreamSender<agent::Event>,
     ) -> ttrpc::Result<()> {
+        self.allow(&request)?;
         let mut events = self.manager.subscribe();
         loop {
             match events.recv().await {
@@ -265,6 +295,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::UpdateInterfacesRequest,
     ) -> ttrpc::Result<agent::UpdateInterfacesResponse> {
+        self.allow(&request)?;
         self.require_guest("UpdateInterfaces")?;
         crate::network::update_interfaces(&request.interfaces).map_err(network_status)?;
         Ok(agent::UpdateInterfacesResponse::new())
@@ -275,6 +306,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::UpdateRoutesRequest,
     ) -> ttrpc::Result<agent::UpdateRoutesResponse> {
+        self.allow(&request)?;
         self.require_guest("UpdateRoutes")?;
         crate::network::update_routes(&request.routes).map_err(network_status)?;
         Ok(agent::UpdateRoutesResponse::new())
@@ -283,8 +315,9 @@ impl AgentService for AgentServer {
     async fn guest_details(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::GuestDetailsRequest,
+        request: agent::GuestDetailsRequest,
     ) -> ttrpc::Result<agent::GuestDetailsResponse> {
+        self.allow(&request)?;
         let mut response = agent::GuestDetailsResponse::new();
         response.agent_version = env!("CARGO_PKG_VERSION").to_owned();
         response.kernel_release = nix::sys::utsname::uname()
@@ -306,8 +339,9 @@ impl AgentService for AgentServer {
     async fn health_check(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::HealthCheckRequest,
+        request: agent::HealthCheckRequest,
     ) -> ttrpc::Result<agent::HealthCheckResponse> {
+        self.allow(&request)?;
         let mut response = agent::HealthCheckResponse::new();
         response.serving = true;
         Ok(response)
@@ -316,8 +350,9 @@ impl AgentService for AgentServer {
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::ShutdownRequest,
+        request: agent::ShutdownRequest,
     ) -> ttrpc::Result<agent::ShutdownResponse> {
+        self.allow(&request)?;
         for id in self.manager.ids() {
             if let Err(e) = self.manager.remove(&id, true).await {
                 tracing::warn!(container = %id, error = %e, "remove during shutdown failed");
@@ -325,5 +360,20 @@ impl AgentService for AgentServer {
         }
         self.shutdown.notify_one();
         Ok(agent::ShutdownResponse::new())
+    }
+
+    async fn set_policy(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::SetPolicyRequest,
+    ) -> ttrpc::Result<agent::SetPolicyResponse> {
+        match self.policy.set_from_host(&request) {
+            Ok(()) => {
+                tracing::info!(bytes = request.policy.len(), "policy replaced by the host");
+                Ok(agent::SetPolicyResponse::new())
+            }
+            Err(SetPolicyError::Denied(denial)) => Err(policy_status(denial)),
+            Err(e @ SetPolicyError::Compile(_)) => Err(status(Code::INVALID_ARGUMENT, e)),
+        }
     }
 }

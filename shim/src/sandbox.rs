@@ -52,6 +52,8 @@ pub enum SandboxError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    PodPolicy(#[from] crate::pod_policy::PodPolicyError),
     #[error("sandbox folder {path}: {source}")]
     Folder {
         path: PathBuf,
@@ -634,6 +636,14 @@ impl SandboxLauncher for VmLauncher {
             };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
             let agent = endpoint.connect_until(timeout).await?;
+            let annotations = bundle_annotations(spec);
+            if let Some(policy) = crate::pod_policy::policy_from_annotations(&annotations)? {
+                // On the concrete client: the policy is installed before
+                // the audited wrapper exists, so it is recorded by hand.
+                let result = agent.set_policy(policy).await;
+                crate::audit::agent::record_agent_request(audit, sandbox_id, "SetPolicy", &result);
+                result?;
+            }
             let agent = crate::audit::agent::audited_agent(Arc::new(agent), audit, sandbox_id);
             agent
                 .setup_sandbox(setup_request(&guest_hostname(spec, sandbox_id)))
