@@ -21,7 +21,31 @@ pub struct DeviceKinds {
     pub console: bool,
 }
 
+/// The device kinds whose host side changes an allowlist, as bits of a
+/// mask (`rng` and `console` add no calls): the filters are built for
+/// each of the 16 mixes.
+pub const MASK_KINDS: usize = 4;
+
 impl DeviceKinds {
+    pub fn mask(self) -> usize {
+        usize::from(self.vsock)
+            | usize::from(self.block) << 1
+            | usize::from(self.fs) << 2
+            | usize::from(self.net) << 3
+    }
+
+    /// The kinds of a mask (`rng` and `console` off: they add nothing).
+    pub fn from_mask(mask: usize) -> Self {
+        Self {
+            vsock: mask & 1 != 0,
+            block: mask & 2 != 0,
+            fs: mask & 4 != 0,
+            net: mask & 8 != 0,
+            rng: false,
+            console: false,
+        }
+    }
+
     pub fn all() -> Self {
         Self {
             vsock: true,
