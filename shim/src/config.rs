@@ -260,6 +260,7 @@ pub struct RuntimeConfig {
     pub agent: AgentSection,
     pub network: NetworkSection,
     pub inspection: InspectionSection,
+    pub audit: crate::audit::AuditSection,
 }
 
 /// Annotations that may appear in `annotations.allowed`.
@@ -346,6 +347,7 @@ impl RuntimeConfig {
             ("qemu.path", &self.qemu.path),
             ("guest.kernel", &self.guest.kernel),
             ("guest.initramfs", &self.guest.initramfs),
+            ("audit.path", &self.audit.path),
         ] {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid {
@@ -650,6 +652,20 @@ connect_timeout_secs = 10
     fn shipped_example_is_the_defaults() {
         let example = include_str!("../deploy/config.toml");
         assert_eq!(parse(example).unwrap(), RuntimeConfig::default());
+    }
+
+    #[test]
+    fn audit_section_defaults_to_var_log_and_refuses_a_relative_path() {
+        let defaults = parse("").unwrap().audit;
+        assert!(defaults.enabled);
+        assert_eq!(defaults.path, Path::new("/var/log/cloister/audit.jsonl"));
+        let config = parse("[audit]\nenabled = false\npath = \"/srv/audit.jsonl\"\n").unwrap();
+        assert!(!config.audit.enabled);
+        assert_eq!(config.audit.path, Path::new("/srv/audit.jsonl"));
+        let err = parse("[audit]\npath = \"audit.jsonl\"\n").unwrap_err();
+        assert!(err.to_string().contains("audit.path"), "{err}");
+        let err = parse("[audit]\nfile = \"/x\"\n").unwrap_err();
+        assert!(err.to_string().contains("file"), "{err}");
     }
 
     #[test]
