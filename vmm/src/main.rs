@@ -192,8 +192,8 @@ fn enter_jail(cfg: &mut VmConfig) -> anyhow::Result<Option<ExitCode>> {
     // /sys stays outside the jail: the answer is kept for the builder.
     cloister_vmm::vstate::kvm::HostKvmKind::detect();
     let plan = JailPlan::for_vm(cfg)?;
-    // Compiled before the jail, installed by each thread later.
-    let filters = ThreadFilters::for_vm(device_kinds(cfg))?;
+    // Built with the VMM, installed by each thread later.
+    let filters = ThreadFilters::for_vm(device_kinds(cfg));
     let nics = &mut cfg.net;
     match cloister_vmm::jail::enter(&jail, &plan, || {
         cloister_vmm::jail::taps::open_named_taps(nics)
