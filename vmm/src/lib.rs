@@ -15,5 +15,6 @@ pub mod exit;
 pub mod limits;
 pub mod metrics;
 pub mod signals;
+pub mod tee;
 pub mod vhost_user;
 pub mod vstate;

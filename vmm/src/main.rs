@@ -18,6 +18,7 @@ use cloister_vmm::cpuid::CpuTemplate;
 use cloister_vmm::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
 use cloister_vmm::exit::VmExit;
 use cloister_vmm::signals::block_termination_signals;
+use cloister_vmm::tee::{self, config::TeeConfig, TeeKind};
 
 /// Runs one KVM microVM.
 #[derive(Debug, Parser)]
@@ -80,12 +81,27 @@ struct Args {
     /// Also print them every SECONDS while the VM runs.
     #[arg(long, value_name = "SECONDS")]
     metrics_interval: Option<u64>,
+    /// Launch as a confidential guest: snp or tdx (or "tee" in the config).
+    #[arg(long)]
+    tee: Option<TeeKind>,
+    /// SEV-SNP guest policy, hex (default 0x30000).
+    #[arg(long, value_name = "HEX")]
+    tee_policy: Option<String>,
+    /// Init-data TOML whose digest goes into HOST_DATA (SNP) or
+    /// MRCONFIGID (TDX).
+    #[arg(long, value_name = "FILE")]
+    init_data: Option<PathBuf>,
+    /// Print the SNP launch digest / TDX MRTD (hex, 48 bytes) this config
+    /// measures to, and exit; needs no KVM.
+    #[arg(long)]
+    print_launch_digest: bool,
 }
 
 /// What main does besides building the VM.
 struct RunOptions {
     print_metrics: bool,
     metrics_interval: Option<Duration>,
+    print_launch_digest: bool,
 }
 
 impl Args {
@@ -133,6 +149,25 @@ impl Args {
         if let Some(output) = self.console {
             cfg.console = Some(ConsoleConfig { output });
         }
+        if let Some(kind) = self.tee {
+            if cfg.tee.as_ref().map(TeeConfig::kind) != Some(kind) {
+                cfg.tee = Some(TeeConfig::of_kind(kind));
+            }
+        }
+        if let Some(policy) = self.tee_policy {
+            let tee = cfg.tee.as_mut().context("--tee-policy needs --tee snp")?;
+            tee.set_policy(policy)?;
+        }
+        if let Some(path) = &self.init_data {
+            let tee = cfg
+                .tee
+                .as_mut()
+                .context("--init-data needs --tee snp|tdx")?;
+            tee.bind_init_data(path)?;
+        }
+        if self.print_launch_digest && cfg.tee.is_none() {
+            anyhow::bail!("--print-launch-digest needs --tee snp|tdx (or \"tee\" in the config)");
+        }
         cfg.validate()?;
         if self.metrics_interval == Some(0) {
             anyhow::bail!("metrics_interval = 0: must be at least 1 second");
@@ -142,6 +177,7 @@ impl Args {
             RunOptions {
                 print_metrics: self.print_metrics,
                 metrics_interval: self.metrics_interval.map(Duration::from_secs),
+                print_launch_digest: self.print_launch_digest,
             },
         ))
     }
@@ -163,6 +199,17 @@ fn serial_writer(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>>
 fn run() -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let (cfg, options) = Args::parse().into_config()?;
+    if options.print_launch_digest {
+        println!("{}", hex::encode(tee::run::launch_digest(&cfg)?));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cfg.tee.is_some() {
+        // Checks the host before it creates anything.
+        tee::run::launch_on_host(&cfg)?;
+        anyhow::bail!(
+            "the confidential guest is launched and measured, but cloister-vmm cannot run its vCPUs yet (the page-state-change, memory-fault and GetQuote exits are handled in cloister_vmm::tee, not yet in the vCPU loop)"
+        );
+    }
     let serial = serial_writer(&cfg.serial)?;
     let spec = VmSpec {
         metrics_interval: options.metrics_interval,
