@@ -138,9 +138,14 @@ pub fn build_boot_image(
     }
     // The initramfs size in boot_params is the file's, not its pages'.
     let initrd_size = initrd.map(|data| data.len() as u64);
+    // The 32-bit protocol keeps the initramfs below `initrd_addr_max`.
+    let initrd_max = match u64::from(u32_at(kernel, 0x22c)) {
+        0 => 0x3800_0000,
+        max => max + 1,
+    };
     let initrd = initrd
         .map(|data| {
-            place_initrd(low_end, kernel_end, data.len() as u64)
+            place_initrd(low_end.min(initrd_max), kernel_end, data.len() as u64)
                 .map(|gpa| LoadedRange {
                     gpa,
                     data: pad_to_pages(data.to_vec()),
@@ -229,6 +234,7 @@ pub(crate) mod tests {
         k[0x202..0x206].copy_from_slice(&HDR_MAGIC.to_le_bytes());
         k[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
         k[0x211] = 1; // LOADED_HIGH
+        k[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
         k[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes()); // init_size 4 MiB
         for (i, b) in k[3 * 512..].iter_mut().enumerate() {
             *b = (i % 251) as u8;
@@ -281,6 +287,13 @@ pub(crate) mod tests {
         old[0x206..0x208].copy_from_slice(&0x0209u16.to_le_bytes());
         let err = build_boot_image(&old, None, "", 128, RESERVED, 0).unwrap_err();
         assert!(err.to_string().contains("0x209"), "{err}");
+    }
+
+    #[test]
+    fn initramfs_stays_below_initrd_addr_max() {
+        let kernel = fake_bzimage(4096);
+        let image = build_boot_image(&kernel, Some(&[1u8; 4096]), "", 4096, RESERVED, 0).unwrap();
+        assert_eq!(image.initrd.unwrap().gpa, 0x8000_0000 - 4096);
     }
 
     #[test]
