@@ -18,7 +18,13 @@
 //! Every value comes from the guest: ranges outside guest RAM are refused,
 //! never acted on.
 
+use std::sync::Mutex;
+
+use vm_memory::GuestMemoryMmap;
+
 use super::kvm::{OpFailure, TeeKvm};
+use super::tdx::quote::{handle_get_quote, QuoteService};
+use super::tdx::uapi::{kvm_tdx_exit, TDVMCALL_GET_QUOTE};
 
 /// `KVM_HC_MAP_GPA_RANGE`.
 pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
@@ -105,6 +111,70 @@ pub fn handle_memory_fault(
     )
 }
 
+/// What the vCPU threads of a confidential VM share to serve its exits
+/// (`crate::vstate::vcpu::Vcpu::confidential`).
+pub struct ConfidentialExits {
+    kvm: Mutex<Box<dyn TeeKvm + Send>>,
+    ram: Vec<(u64, u64)>,
+    memory: GuestMemoryMmap,
+    quote: Mutex<Option<Box<dyn QuoteService + Send>>>,
+}
+
+impl std::fmt::Debug for ConfidentialExits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfidentialExits")
+            .field("ram", &self.ram)
+            .finish()
+    }
+}
+
+impl ConfidentialExits {
+    /// `kvm` sets memory attributes on the VM; `ram` bounds what the guest
+    /// may convert; `memory` is the shared mapping (GetQuote buffers).
+    pub fn new(
+        kvm: Box<dyn TeeKvm + Send>,
+        ram: Vec<(u64, u64)>,
+        memory: GuestMemoryMmap,
+        quote: Option<Box<dyn QuoteService + Send>>,
+    ) -> Self {
+        Self {
+            kvm: Mutex::new(kvm),
+            ram,
+            memory,
+            quote: Mutex::new(quote),
+        }
+    }
+
+    fn kvm(&self) -> std::sync::MutexGuard<'_, Box<dyn TeeKvm + Send>> {
+        // A panicking vCPU ends the VM anyway; the VM fd stays usable.
+        self.kvm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `KVM_EXIT_HYPERCALL`: the value for `ret`.
+    pub fn hypercall(&self, nr: u64, args: &[u64; 6]) -> Option<u64> {
+        (nr == KVM_HC_MAP_GPA_RANGE)
+            .then(|| handle_map_gpa_range(self.kvm().as_mut(), &self.ram, args))
+    }
+
+    /// `KVM_EXIT_MEMORY_FAULT`.
+    pub fn memory_fault(&self, flags: u64, gpa: u64, size: u64) -> Result<(), ExitError> {
+        handle_memory_fault(self.kvm().as_mut(), &self.ram, flags, gpa, size)
+    }
+
+    /// `KVM_EXIT_TDX`: serves GetQuote, leaves the status KVM put in
+    /// `ret` for every other TDVMCALL.
+    pub fn tdx_vmcall(&self, exit: &mut kvm_tdx_exit) {
+        if exit.nr == TDVMCALL_GET_QUOTE {
+            let mut quote = self.quote.lock().unwrap_or_else(|e| e.into_inner());
+            let service = quote.as_mut().map(|s| s.as_mut() as &mut dyn QuoteService);
+            exit.ret =
+                handle_get_quote(&self.memory, &self.ram, exit.data[0], exit.data[1], service);
+        } else {
+            tracing::warn!("TDVMCALL {:#x} forwarded by KVM is not served", exit.nr);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +231,31 @@ mod tests {
             einval
         );
         assert!(kvm.calls.is_empty());
+    }
+
+    #[test]
+    fn shared_exit_handler_serves_map_gpa_range_and_get_quote() {
+        let mem = crate::vstate::memory::create_guest_memory(64, false).unwrap();
+        let exits = ConfidentialExits::new(Box::new(RecordingKvm::new()), RAM.to_vec(), mem, None);
+        assert_eq!(
+            exits.hypercall(KVM_HC_MAP_GPA_RANGE, &[0x1000, 1, 0, 0, 0, 0]),
+            Some(0)
+        );
+        assert_eq!(exits.hypercall(11, &[0; 6]), None);
+        exits
+            .memory_fault(KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x1000, 0x1000)
+            .unwrap();
+        // GetQuote without a service: INVALID_OPERAND for a bad buffer.
+        let mut exit = kvm_tdx_exit {
+            nr: TDVMCALL_GET_QUOTE,
+            data: [0x123, 0x1000, 0, 0, 0],
+            ..Default::default()
+        };
+        exits.tdx_vmcall(&mut exit);
+        assert_eq!(
+            exit.ret,
+            crate::tee::tdx::uapi::TDVMCALL_STATUS_INVALID_OPERAND
+        );
     }
 
     #[test]

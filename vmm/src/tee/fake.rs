@@ -41,6 +41,9 @@ pub enum Call {
         cap: u32,
         arg0: u64,
     },
+    CreateIrqchip {
+        split: bool,
+    },
     CreateVcpu {
         id: u8,
     },
@@ -243,6 +246,8 @@ fn call_name(call: &Call) -> &'static str {
         Call::SetUserMemoryRegion2 { .. } => "KVM_SET_USER_MEMORY_REGION2",
         Call::SetMemoryAttributes { .. } => "KVM_SET_MEMORY_ATTRIBUTES",
         Call::EnableCap { .. } => "KVM_ENABLE_CAP",
+        Call::CreateIrqchip { split: false } => "KVM_CREATE_IRQCHIP",
+        Call::CreateIrqchip { split: true } => "KVM_CAP_SPLIT_IRQCHIP",
         Call::CreateVcpu { .. } => "KVM_CREATE_VCPU",
         Call::SetCpuid { .. } => "KVM_SET_CPUID2",
         Call::SetBootState { .. } => "KVM_SET_SREGS+REGS",
@@ -296,6 +301,11 @@ impl TeeKvm for RecordingKvm {
     fn enable_cap(&mut self, cap: u32, arg0: u64) -> Result<(), OpFailure> {
         self.calls.push(Call::EnableCap { cap, arg0 });
         self.fail_if_injected("KVM_ENABLE_CAP")
+    }
+
+    fn create_irqchip(&mut self, split: bool) -> Result<(), OpFailure> {
+        self.calls.push(Call::CreateIrqchip { split });
+        self.fail_if_injected("KVM_CREATE_IRQCHIP")
     }
 
     fn create_vcpu(&mut self, id: u8) -> Result<(), OpFailure> {

@@ -162,6 +162,11 @@ pub trait TeeKvm {
     ) -> Result<(), OpFailure>;
     /// `KVM_ENABLE_CAP` on the VM.
     fn enable_cap(&mut self, cap: u32, arg0: u64) -> Result<(), OpFailure>;
+    /// The interrupt controllers, before any vCPU: in-kernel PIC, IOAPIC
+    /// and PIT (`KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`), or with `split`
+    /// only the local APICs in the kernel (`KVM_CAP_SPLIT_IRQCHIP`, which
+    /// TDX requires).
+    fn create_irqchip(&mut self, split: bool) -> Result<(), OpFailure>;
     /// `KVM_CREATE_VCPU`; vCPUs are numbered from 0 in creation order.
     fn create_vcpu(&mut self, id: u8) -> Result<(), OpFailure>;
     /// `KVM_SET_CPUID2`.
@@ -203,9 +208,10 @@ impl KvmTeeVm {
         &self.vm
     }
 
-    /// The vCPUs, for the run loop once the launch is finished.
-    pub fn into_parts(self) -> (VmFd, Vec<VcpuFd>, Vec<OwnedFd>) {
-        (self.vm, self.vcpus, self.guest_memfds)
+    /// The vCPUs, for the run loop once the launch is finished (the VM
+    /// and its guest_memfds stay here).
+    pub fn take_vcpus(&mut self) -> Vec<VcpuFd> {
+        std::mem::take(&mut self.vcpus)
     }
 
     fn vcpu(&self, index: u8) -> Result<&VcpuFd, OpFailure> {
@@ -295,6 +301,17 @@ impl TeeKvm for KvmTeeVm {
         };
         enable.args[0] = arg0;
         self.vm.enable_cap(&enable).map_err(errno_of)
+    }
+
+    fn create_irqchip(&mut self, split: bool) -> Result<(), OpFailure> {
+        if split {
+            // IOAPIC pins the VMM would route: KVM's usual 24.
+            return self.enable_cap(kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, 24);
+        }
+        self.vm.create_irq_chip().map_err(errno_of)?;
+        self.vm
+            .create_pit2(kvm_bindings::kvm_pit_config::default())
+            .map_err(errno_of)
     }
 
     fn create_vcpu(&mut self, id: u8) -> Result<(), OpFailure> {

@@ -3,24 +3,40 @@
 //! launch on a capable host, both from the same page list.
 
 use std::fs::File;
+use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 
 use super::boot_image::BootImageError;
 use super::config::{TeeConfigError, TeeSpec};
+use super::exits::ConfidentialExits;
 use super::host::{check_host, kvm_vm_types, HostRoot, TeeHostError};
 use super::kvm::KvmTeeVm;
 use super::snp::direct_boot::{snp_direct_boot, SnpBootInputs, SnpDirectBoot};
 use super::snp::launch::{launch_snp, SnpLaunchError, SnpLaunchParams};
 use super::tdx::direct_boot::{tdx_direct_boot, TdxDirectBoot};
 use super::tdx::launch::{launch_tdx, tdx_guest_memory, TdxLaunchError, TdxLaunchParams};
+use super::tdx::quote::{QgsClient, QuoteService, QuoteServiceAddr};
 use crate::boot::cmdline::{build_cmdline, virtio_mmio_device_arg, CmdlineError};
 use crate::boot::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW};
 use crate::config::VmConfig;
 use crate::cpuid::{cpuid_for_vcpu, CpuTemplate};
+use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use crate::devices::bus::Bus;
+use crate::devices::i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use crate::exit::{ExitSignal, VmExit};
+use crate::metrics::VmmMetrics;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu};
 
 /// Why a confidential VM could not be measured or launched.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +74,13 @@ pub enum TeeRunError {
     Snp(#[from] SnpLaunchError),
     #[error(transparent)]
     Tdx(#[from] TdxLaunchError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot place device: {0}")]
+    Bus(String),
 }
 
 /// The command line the guest sees, measured: the configured one plus the
@@ -151,9 +174,19 @@ pub fn launch_digest(cfg: &VmConfig) -> Result<[u8; 48], TeeRunError> {
     }
 }
 
+/// A launched confidential VM, ready to run.
+pub struct LaunchedVm {
+    pub tee: KvmTeeVm,
+    /// The shared mapping of guest memory (launch sources, shared pages).
+    pub memory: GuestMemoryMmap,
+    /// Guest-physical ranges the guest may convert.
+    pub ram: Vec<(u64, u64)>,
+    pub quote_service: Option<QuoteServiceAddr>,
+}
+
 /// Checks the host, then creates and launches the confidential VM: on
 /// return its memory is private and measured and its vCPUs exist.
-pub fn launch_on_host(cfg: &VmConfig) -> Result<KvmTeeVm, TeeRunError> {
+pub fn launch_on_host(cfg: &VmConfig) -> Result<LaunchedVm, TeeRunError> {
     let spec = cfg.tee.as_ref().ok_or(TeeRunError::NoTee)?.validate()?;
     // Before anything is created: the VM type, the module, the device.
     check_host(
@@ -211,13 +244,18 @@ pub fn launch_on_host(cfg: &VmConfig) -> Result<KvmTeeVm, TeeRunError> {
                 "SNP guest launched: policy {policy}, measurement {}",
                 hex::encode(boot.launch_digest())
             );
-            Ok(tee)
+            Ok(LaunchedVm {
+                tee,
+                memory: mem,
+                ram: boot.image.ram.clone(),
+                quote_service: None,
+            })
         }
         TeeSpec::Tdx {
             attributes,
             xfam,
             mr_config_id,
-            ..
+            quote_service,
         } => {
             let boot = tdx_boot(cfg, &f)?;
             let vm = kvm
@@ -242,9 +280,110 @@ pub fn launch_on_host(cfg: &VmConfig) -> Result<KvmTeeVm, TeeRunError> {
                 },
             )?;
             tracing::info!("TD launched: MRTD {}", hex::encode(boot.mrtd()));
-            Ok(tee)
+            Ok(LaunchedVm {
+                tee,
+                memory: mem,
+                ram: boot.image.ram.clone(),
+                quote_service,
+            })
         }
     }
+}
+
+/// Runs a launched VM until the guest ends: serial console, i8042 reset
+/// and boot timer on the port bus (no virtio devices yet: they must offer
+/// VIRTIO_F_ACCESS_PLATFORM first), one thread per vCPU, the confidential
+/// exits served through [`ConfidentialExits`].
+pub fn run_launched(
+    launched: LaunchedVm,
+    serial_out: Box<dyn Write + Send>,
+    vmm_start: Instant,
+) -> Result<VmExit, TeeRunError> {
+    let LaunchedVm {
+        mut tee,
+        memory,
+        ram,
+        quote_service,
+    } = launched;
+    let io = |what: &'static str| move |source| TeeRunError::Io { what, source };
+    let vcpu_fds = tee.take_vcpus();
+    let metrics = Arc::new(VmmMetrics::default());
+    let exit = Arc::new(ExitSignal::new().map_err(io("cannot create exit eventfd"))?);
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(io("cannot create serial irq eventfd"))?;
+    // With TDX's split irqchip there is no in-kernel IOAPIC pin to route:
+    // the console still prints (Linux writes it polling), without input.
+    if let Err(e) = tee.vm().register_irqfd(&serial_irq, COM1_IRQ) {
+        tracing::warn!("serial interrupt not routed: {e}");
+    }
+    let mut bus = Bus::new();
+    let placed = [
+        bus.insert(
+            COM1_PORT,
+            COM1_PORT_LEN,
+            Arc::new(Mutex::new(SerialDevice::new(
+                serial_irq,
+                serial_out,
+                metrics.clone(),
+            ))),
+        ),
+        bus.insert(
+            I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042Device::new(exit.clone()))),
+        ),
+        bus.insert(
+            BOOT_TIMER_PORT,
+            1,
+            Arc::new(Mutex::new(BootTimer::new(vmm_start, metrics.clone()))),
+        ),
+    ];
+    for result in placed {
+        result.map_err(|e| TeeRunError::Bus(e.to_string()))?;
+    }
+    let io_bus = Arc::new(bus);
+    let mmio_bus = Arc::new(Bus::new());
+    let quote: Option<Box<dyn QuoteService + Send>> =
+        quote_service.map(|addr| Box::new(QgsClient::new(addr)) as Box<dyn QuoteService + Send>);
+    let exits = Arc::new(ConfidentialExits::new(
+        Box::new(tee),
+        ram,
+        memory.clone(),
+        quote,
+    ));
+    install_kick_handler().map_err(|e| TeeRunError::Io {
+        what: "cannot install the vCPU kick signal handler",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (index, fd) in (0u8..).zip(vcpu_fds) {
+        let vcpu = Vcpu {
+            index,
+            fd,
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+            metrics: metrics.clone(),
+            runs: Arc::new(AtomicU64::new(0)),
+            guest_memory: memory.clone(),
+            confidential: Some(exits.clone()),
+        };
+        match vcpu.spawn() {
+            Ok(t) => threads.push(t),
+            Err(source) => {
+                stop_vcpus(&stop, threads);
+                return Err(TeeRunError::Io {
+                    what: "cannot start vCPU thread",
+                    source,
+                });
+            }
+        }
+    }
+    let end = exit.wait();
+    stop_vcpus(&stop, threads);
+    Ok(end)
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //!
 //! 1. `KVM_SEV_INIT2` (`vmsa_features`, `ghcb_version`) on a
 //!    `KVM_X86_SNP_VM`;
-//! 2. guest RAM as private `guest_memfd` memory ([`map_private_memory`]);
+//! 2. the in-kernel irqchip, then guest RAM as private `guest_memfd`
+//!    memory ([`map_private_memory`]);
 //! 3. `KVM_CAP_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE`, so page-state
 //!    changes come to the VMM;
 //! 4. vCPUs: CPUID (leaf 1 EAX = the measured signature) and registers;
@@ -120,6 +121,8 @@ pub fn launch_snp(
         "KVM_SEV_INIT2",
         format!("vmsa_features {:#x}", boot.vmsa_features),
     ))?;
+    kvm.create_irqchip(false)
+        .map_err(step("KVM_CREATE_IRQCHIP", "in-kernel PIC/IOAPIC/PIT"))?;
     map_private_memory(kvm, mem, 0)?;
     kvm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
         .map_err(step(

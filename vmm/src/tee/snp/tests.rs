@@ -75,6 +75,7 @@ fn launch_issues_the_sequence_in_order_with_its_arguments() {
         .count();
     let mut expected = vec![
         "KVM_SEV_INIT2",
+        "KVM_CREATE_IRQCHIP",
         "KVM_CREATE_GUEST_MEMFD",
         "KVM_SET_USER_MEMORY_REGION2",
         "KVM_SET_MEMORY_ATTRIBUTES",
@@ -103,7 +104,7 @@ fn launch_issues_the_sequence_in_order_with_its_arguments() {
     );
     let host = s.mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     assert_eq!(
-        kvm.calls[2],
+        kvm.calls[3],
         Call::SetUserMemoryRegion2 {
             slot: 0,
             flags: KVM_MEM_GUEST_MEMFD,
@@ -115,7 +116,7 @@ fn launch_issues_the_sequence_in_order_with_its_arguments() {
         }
     );
     assert_eq!(
-        kvm.calls[3],
+        kvm.calls[4],
         Call::SetMemoryAttributes {
             gpa: 0,
             size: u64::from(MEMORY_MIB) << 20,
@@ -123,19 +124,19 @@ fn launch_issues_the_sequence_in_order_with_its_arguments() {
         }
     );
     assert_eq!(
-        kvm.calls[4],
+        kvm.calls[5],
         Call::EnableCap {
             cap: KVM_CAP_EXIT_HYPERCALL,
             arg0: 1 << 12
         }
     );
     // CPUID leaf 1 reports the measured signature.
-    match &kvm.calls[6] {
+    match &kvm.calls[7] {
         Call::SetCpuid { entries, .. } => assert_eq!(entries[1].eax, SIGNATURE),
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        kvm.calls[11],
+        kvm.calls[12],
         Call::SnpLaunchStart {
             policy: 0x30000,
             flags: 0

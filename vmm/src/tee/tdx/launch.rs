@@ -3,7 +3,7 @@
 //!
 //! 1. `KVM_TDX_CAPABILITIES`: the attributes and XFAM must be a subset of
 //!    what the TDX module supports;
-//! 2. `KVM_TDX_INIT_VM` (attributes, XFAM, MRCONFIGID = init-data digest,
+//! 2. the split irqchip (TDX has no in-kernel IOAPIC), `KVM_TDX_INIT_VM` (attributes, XFAM, MRCONFIGID = init-data digest,
 //!    CPUID);
 //! 3. guest RAM and the reset page as private `guest_memfd` memory;
 //! 4. the vCPU: `KVM_CREATE_VCPU`, `KVM_TDX_INIT_VCPU`, `KVM_SET_CPUID2`;
@@ -115,6 +115,8 @@ pub fn launch_tdx(
             });
         }
     }
+    kvm.create_irqchip(true)
+        .map_err(step("KVM_ENABLE_CAP", "KVM_CAP_SPLIT_IRQCHIP"))?;
     let mut init = TdxInitVmBuf::new(params.attributes, params.xfam, &params.mr_config_id, cpuid);
     kvm.tdx_command(TdxCommand::InitVm(&mut init))
         .map_err(step(
@@ -221,7 +223,11 @@ mod tests {
             .filter(|n| **n == "KVM_TDX_INIT_MEM_REGION")
             .count();
         assert_eq!(regions, boot.regions.len());
-        let mut expected = vec!["KVM_TDX_CAPABILITIES", "KVM_TDX_INIT_VM"];
+        let mut expected = vec![
+            "KVM_TDX_CAPABILITIES",
+            "KVM_CAP_SPLIT_IRQCHIP",
+            "KVM_TDX_INIT_VM",
+        ];
         // RAM and the reset page: one slot each.
         expected.extend(
             [
@@ -236,7 +242,7 @@ mod tests {
         expected.push("KVM_TDX_FINALIZE_VM");
         assert_eq!(names, expected);
         assert_eq!(
-            kvm.calls[1],
+            kvm.calls[2],
             Call::TdxInitVm {
                 attributes: 1 << 28,
                 xfam: 0xE7,
