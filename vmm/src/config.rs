@@ -12,6 +12,7 @@ use crate::boot::cmdline::DEFAULT_CMDLINE;
 use crate::boot::layout::MIN_MEMORY_MIB;
 use crate::boot::mptable::MAX_MPTABLE_CPUS;
 use crate::cpuid::CpuTemplate;
+pub use crate::jail::JailConfig;
 use crate::tee::config::{TeeConfig, TeeConfigError};
 
 mod devices;
@@ -120,6 +121,9 @@ pub struct VmConfig {
     /// Launch as an SEV-SNP or TDX guest (`crate::tee::config`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tee: Option<TeeConfig>,
+    /// Run jailed (see [`crate::jail`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailConfig>,
 }
 
 fn default_cmdline() -> String {
@@ -176,6 +180,7 @@ impl VmConfig {
             fs: Vec::new(),
             net: Vec::new(),
             tee: None,
+            jail: None,
         }
     }
 
@@ -214,6 +219,9 @@ impl VmConfig {
         }
         if let Some(tee) = &self.tee {
             tee.validate()?;
+        }
+        if let Some(jail) = &self.jail {
+            jail.validate()?;
         }
         self.devices().validate()
     }
@@ -444,6 +452,22 @@ mod tests {
         assert!(!serde_json::to_string(&VmConfig::new("/k"))
             .unwrap()
             .contains("tee"));
+    }
+
+    #[test]
+    fn config_with_jail_parses_and_validates_it_by_name() {
+        let cfg = parse(
+            r#"{"kernel": "/k", "jail": {"root": "/run/p/jail", "uid": 64000, "gid": 64000,
+                "cgroups": ["/sys/fs/cgroup/pod"], "netns": "/var/run/netns/p"}}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.jail.as_ref().unwrap().uid, 64000);
+        let cfg = parse(r#"{"kernel": "/k", "jail": {"root": "/j", "uid": 0, "gid": 1}}"#).unwrap();
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("jail.uid = 0"), "{msg}");
+        let err = parse(r#"{"kernel": "/k", "jail": {"root": "/j", "uid": 1}}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field `gid`"), "{err}");
     }
 
     #[test]
