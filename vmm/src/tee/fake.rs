@@ -81,7 +81,7 @@ pub enum Call {
         attributes: u64,
         xfam: u64,
         mr_config_id: [u8; 48],
-        cpuid_entries: u32,
+        cpuid: Vec<kvm_cpuid_entry2>,
     },
     TdxInitVcpu {
         vcpu: u8,
@@ -123,6 +123,8 @@ pub struct RecordingKvm {
     /// What KVM_TDX_CAPABILITIES reports.
     pub tdx_supported_attrs: u64,
     pub tdx_supported_xfam: u64,
+    /// The configurable CPUID bits KVM_TDX_CAPABILITIES reports.
+    pub tdx_cpuid: Vec<kvm_cpuid_entry2>,
     next_fd: i32,
 }
 
@@ -398,7 +400,9 @@ impl TeeKvm for RecordingKvm {
                 self.fail_if_injected(name)?;
                 buf.header.supported_attrs = self.tdx_supported_attrs;
                 buf.header.supported_xfam = self.tdx_supported_xfam;
-                buf.header.cpuid_nent = 0;
+                let n = self.tdx_cpuid.len().min(buf.entries.len());
+                buf.entries[..n].copy_from_slice(&self.tdx_cpuid[..n]);
+                buf.header.cpuid_nent = n as u32;
                 Ok(())
             }
             TdxCommand::InitVm(buf) => {
@@ -406,7 +410,8 @@ impl TeeKvm for RecordingKvm {
                     attributes: buf.header.attributes,
                     xfam: buf.header.xfam,
                     mr_config_id: buf.mr_config_id(),
-                    cpuid_entries: buf.header.cpuid_nent,
+                    cpuid: buf.entries[..(buf.header.cpuid_nent as usize).min(buf.entries.len())]
+                        .to_vec(),
                 });
                 self.fail_if_injected(name)
             }

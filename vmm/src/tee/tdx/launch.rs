@@ -73,6 +73,30 @@ fn step(step: &'static str, what: impl Into<String>) -> impl FnOnce(OpFailure) -
     }
 }
 
+/// The TD's CPUID for `KVM_TDX_INIT_VM`: only the leaves the TDX module
+/// lets the VMM configure, each limited to the configurable bits (KVM
+/// refuses anything else); the module fixes or virtualizes the rest.
+pub fn configurable_cpuid(
+    vcpu: &[kvm_cpuid_entry2],
+    configurable: &[kvm_cpuid_entry2],
+) -> Vec<kvm_cpuid_entry2> {
+    configurable
+        .iter()
+        .filter_map(|c| {
+            let v = vcpu
+                .iter()
+                .find(|v| v.function == c.function && v.index == c.index)?;
+            Some(kvm_cpuid_entry2 {
+                eax: v.eax & c.eax,
+                ebx: v.ebx & c.ebx,
+                ecx: v.ecx & c.ecx,
+                edx: v.edx & c.edx,
+                ..*c
+            })
+        })
+        .collect()
+}
+
 /// Guest memory of a TD: RAM plus the reset page below 4 GiB.
 pub fn tdx_guest_memory(
     memory_mib: u32,
@@ -117,7 +141,13 @@ pub fn launch_tdx(
     }
     kvm.create_irqchip(true)
         .map_err(step("KVM_ENABLE_CAP", "KVM_CAP_SPLIT_IRQCHIP"))?;
-    let mut init = TdxInitVmBuf::new(params.attributes, params.xfam, &params.mr_config_id, cpuid);
+    let td_cpuid = configurable_cpuid(cpuid, caps.cpuid());
+    let mut init = TdxInitVmBuf::new(
+        params.attributes,
+        params.xfam,
+        &params.mr_config_id,
+        &td_cpuid,
+    );
     kvm.tdx_command(TdxCommand::InitVm(&mut init))
         .map_err(step(
             "KVM_TDX_INIT_VM",
@@ -247,7 +277,7 @@ mod tests {
                 attributes: 1 << 28,
                 xfam: 0xE7,
                 mr_config_id: [0x42; 48],
-                cpuid_entries: 0
+                cpuid: vec![]
             }
         );
         assert!(kvm.calls.contains(&Call::SetMemoryAttributes {
@@ -256,6 +286,31 @@ mod tests {
             private: true
         }));
         assert_eq!(kvm.mrtd(), Some(boot.mrtd()));
+    }
+
+    #[test]
+    fn init_vm_gets_only_the_configurable_cpuid_bits() {
+        let (mem, boot) = setup();
+        let mut kvm = RecordingKvm::with_memory(mem.clone());
+        let leaf = |function, index, bits| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: bits,
+            ebx: bits,
+            ecx: bits,
+            edx: bits,
+            ..Default::default()
+        };
+        kvm.tdx_cpuid = vec![leaf(7, 0, 0x0000_FFFF), leaf(0x8000_0008, 0, 0xFF)];
+        let vcpu = [leaf(1, 0, u32::MAX), leaf(7, 0, 0x1234_5678)];
+
+        launch_tdx(&mut kvm, &mem, &boot, 1, &vcpu, &PARAMS).unwrap();
+
+        let Call::TdxInitVm { cpuid, .. } = &kvm.calls[2] else {
+            panic!("{:?}", kvm.calls[2]);
+        };
+        // Leaf 1 is not configurable, 0x80000008 not in the vCPU's set.
+        assert_eq!(cpuid, &vec![leaf(7, 0, 0x5678)]);
     }
 
     #[test]
