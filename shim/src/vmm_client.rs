@@ -960,6 +960,22 @@ impl Qemu {
         }
     }
 
+    /// QEMU for a confidential pod: refused at once when this QEMU lacks
+    /// the `sev-snp-guest` / `tdx-guest` object, before anything starts.
+    pub fn new_confidential(
+        config: &RuntimeConfig,
+        vm: &PodVm,
+        paths: VmPaths,
+        tee: &QemuTee,
+    ) -> Result<Self, QemuTeeError> {
+        probe_qemu_tee(&config.qemu.path, tee)?;
+        let args = qemu_confidential_args(config, vm, &paths, tee)?;
+        Ok(Self {
+            args,
+            ..Self::new(config, vm, paths)
+        })
+    }
+
     pub fn args(&self) -> &[OsString] {
         &self.args
     }
@@ -1554,7 +1570,13 @@ mod tests {
         };
         match probe_qemu_tee(qemu, &tdx) {
             Ok(()) => eprintln!("this QEMU has tdx-guest"),
-            Err(e) => assert!(e.to_string().contains("QEMU 10.1 or newer"), "{e}"),
+            Err(e) => {
+                assert!(e.to_string().contains("QEMU 10.1 or newer"), "{e}");
+                let mut config = RuntimeConfig::default();
+                config.qemu.path = qemu.to_path_buf();
+                let refused = Qemu::new_confidential(&config, &pod_vm(), paths(), &tdx);
+                assert_eq!(refused.err(), Some(e));
+            }
         }
     }
 
