@@ -66,7 +66,12 @@ fn convert(
         return Err(ExitError::OutsideRam { gpa, size });
     }
     kvm.set_memory_attributes(gpa, size, private)
-        .map_err(|failure| ExitError::Attributes { gpa, size, failure })
+        .map_err(|failure| ExitError::Attributes { gpa, size, failure })?;
+    // The conversion stands even if the old side cannot be freed.
+    if let Err(failure) = kvm.discard(gpa, size, private) {
+        tracing::warn!("cannot free the old backing of {gpa:#x}+{size:#x}: {failure}");
+    }
+    Ok(())
 }
 
 /// `KVM_EXIT_HYPERCALL` with `KVM_HC_MAP_GPA_RANGE`: args = gpa, number of
@@ -205,10 +210,20 @@ mod tests {
                     size: 0x10000,
                     private: false
                 },
+                Call::Discard {
+                    gpa: 0x20_0000,
+                    size: 0x10000,
+                    now_private: false
+                },
                 Call::SetMemoryAttributes {
                     gpa: 0x20_0000,
                     size: 0x1000,
                     private: true
+                },
+                Call::Discard {
+                    gpa: 0x20_0000,
+                    size: 0x1000,
+                    now_private: true
                 }
             ]
         );
@@ -259,6 +274,19 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_discard_does_not_fail_the_conversion() {
+        let mut kvm = RecordingKvm::new();
+        kvm.inject(
+            "discard",
+            crate::tee::fake::Injected::Fail(OpFailure::errno(libc::EINVAL)),
+        );
+        assert_eq!(
+            handle_map_gpa_range(&mut kvm, RAM, &[0x1000, 1, 0, 0, 0, 0]),
+            0
+        );
+    }
+
+    #[test]
     fn memory_fault_sets_the_attribute_the_access_wanted() {
         let mut kvm = RecordingKvm::new();
         handle_memory_fault(&mut kvm, RAM, KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x3000, 0x1000).unwrap();
@@ -271,10 +299,20 @@ mod tests {
                     size: 0x1000,
                     private: true
                 },
+                Call::Discard {
+                    gpa: 0x3000,
+                    size: 0x1000,
+                    now_private: true
+                },
                 Call::SetMemoryAttributes {
                     gpa: 0x5000,
                     size: 0x1000,
                     private: false
+                },
+                Call::Discard {
+                    gpa: 0x5000,
+                    size: 0x1000,
+                    now_private: false
                 }
             ]
         );

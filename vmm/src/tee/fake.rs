@@ -44,6 +44,11 @@ pub enum Call {
     CreateIrqchip {
         split: bool,
     },
+    Discard {
+        gpa: u64,
+        size: u64,
+        now_private: bool,
+    },
     CreateVcpu {
         id: u8,
     },
@@ -250,6 +255,7 @@ fn call_name(call: &Call) -> &'static str {
         Call::EnableCap { .. } => "KVM_ENABLE_CAP",
         Call::CreateIrqchip { split: false } => "KVM_CREATE_IRQCHIP",
         Call::CreateIrqchip { split: true } => "KVM_CAP_SPLIT_IRQCHIP",
+        Call::Discard { .. } => "discard",
         Call::CreateVcpu { .. } => "KVM_CREATE_VCPU",
         Call::SetCpuid { .. } => "KVM_SET_CPUID2",
         Call::SetBootState { .. } => "KVM_SET_SREGS+REGS",
@@ -303,6 +309,15 @@ impl TeeKvm for RecordingKvm {
     fn enable_cap(&mut self, cap: u32, arg0: u64) -> Result<(), OpFailure> {
         self.calls.push(Call::EnableCap { cap, arg0 });
         self.fail_if_injected("KVM_ENABLE_CAP")
+    }
+
+    fn discard(&mut self, gpa: u64, size: u64, now_private: bool) -> Result<(), OpFailure> {
+        self.calls.push(Call::Discard {
+            gpa,
+            size,
+            now_private,
+        });
+        self.fail_if_injected("discard")
     }
 
     fn create_irqchip(&mut self, split: bool) -> Result<(), OpFailure> {

@@ -160,6 +160,12 @@ pub trait TeeKvm {
         size: u64,
         private: bool,
     ) -> Result<(), OpFailure>;
+    /// Frees the side of `gpa..+size` the guest no longer uses after a
+    /// conversion: the guest_memfd pages (`fallocate(PUNCH_HOLE)`) when
+    /// the range became shared, the shared mapping's pages
+    /// (`madvise(MADV_DONTNEED)`) when it became private. Without it every
+    /// converted page would be backed twice.
+    fn discard(&mut self, gpa: u64, size: u64, now_private: bool) -> Result<(), OpFailure>;
     /// `KVM_ENABLE_CAP` on the VM.
     fn enable_cap(&mut self, cap: u32, arg0: u64) -> Result<(), OpFailure>;
     /// The interrupt controllers, before any vCPU: in-kernel PIC, IOAPIC
@@ -183,11 +189,22 @@ fn errno_of(e: kvm_ioctls::Error) -> OpFailure {
     OpFailure::errno(e.errno())
 }
 
+/// A private memory slot: where its guest_memfd and shared mapping are.
+#[derive(Debug, Clone, Copy)]
+struct PrivateSlot {
+    gpa: u64,
+    size: u64,
+    userspace_addr: u64,
+    guest_memfd: i32,
+    guest_memfd_offset: u64,
+}
+
 /// [`TeeKvm`] on a real VM.
 pub struct KvmTeeVm {
     vm: VmFd,
     vcpus: Vec<VcpuFd>,
     guest_memfds: Vec<OwnedFd>,
+    slots: Vec<PrivateSlot>,
     /// `/dev/sev`, handed to every SEV command as QEMU does.
     sev: Option<File>,
 }
@@ -200,6 +217,7 @@ impl KvmTeeVm {
             vm,
             vcpus: Vec::new(),
             guest_memfds: Vec::new(),
+            slots: Vec::new(),
             sev,
         }
     }
@@ -271,7 +289,57 @@ impl TeeKvm for KvmTeeVm {
         // SAFETY: the caller maps `userspace_addr..+memory_size` for the
         // VM's lifetime (guest memory outlives the VM in the builder), and
         // `guest_memfd` is one of ours.
-        unsafe { self.vm.set_user_memory_region2(*region) }.map_err(errno_of)
+        unsafe { self.vm.set_user_memory_region2(*region) }.map_err(errno_of)?;
+        self.slots.push(PrivateSlot {
+            gpa: region.guest_phys_addr,
+            size: region.memory_size,
+            userspace_addr: region.userspace_addr,
+            guest_memfd: region.guest_memfd as i32,
+            guest_memfd_offset: region.guest_memfd_offset,
+        });
+        Ok(())
+    }
+
+    fn discard(&mut self, gpa: u64, size: u64, now_private: bool) -> Result<(), OpFailure> {
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| gpa >= s.gpa && gpa + size <= s.gpa + s.size)
+            .copied()
+            .ok_or(OpFailure::errno(libc::EINVAL))?;
+        let offset = gpa - slot.gpa;
+        let len = libc::off_t::try_from(size).map_err(|_| OpFailure::errno(libc::EINVAL))?;
+        let ret = if now_private {
+            // SAFETY: the range lies inside the slot's shared mapping, which
+            // stays mapped for the VM's lifetime; MADV_DONTNEED only drops
+            // its pages (they read back as zero), the mapping stays valid.
+            unsafe {
+                libc::madvise(
+                    (slot.userspace_addr + offset) as *mut libc::c_void,
+                    size as usize,
+                    libc::MADV_DONTNEED,
+                )
+            }
+        } else {
+            let at = libc::off_t::try_from(slot.guest_memfd_offset + offset)
+                .map_err(|_| OpFailure::errno(libc::EINVAL))?;
+            // SAFETY: fallocate on our own guest_memfd, range inside it.
+            unsafe {
+                libc::fallocate(
+                    slot.guest_memfd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    at,
+                    len,
+                )
+            }
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(OpFailure::errno(
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            ))
+        }
     }
 
     fn set_memory_attributes(
