@@ -589,7 +589,7 @@ fn a_guest_kernel_panic_at_boot_is_recorded_in_the_audit_trail() {
         .parse()
         .unwrap();
     config["guest"]["initramfs"] = toml::Value::String(bogus.display().to_string());
-    // The agent never answers: give up soon after the guest is gone.
+    // Bounds the test should the shim wait for the agent after all.
     config["agent"]["connect_timeout_secs"] = toml::Value::Integer(20);
     let panic_config = dir.join("panic.toml");
     std::fs::write(&panic_config, toml::to_string(&config).unwrap()).unwrap();
@@ -615,6 +615,13 @@ fn a_guest_kernel_panic_at_boot_is_recorded_in_the_audit_trail() {
             "true",
         ]);
         assert!(!output.status.success());
+        // The shim stopped waiting for the agent when the VM died, and says
+        // why in the guest's words.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("exited during startup") && stderr.contains("Kernel panic"),
+            "ctr said: {stderr}"
+        );
         guest_support::assert_nothing_left(&containerd, "default", &id);
         let records = guest_support::audit_records(&setup.audit, &id);
         let panic = records
