@@ -302,3 +302,35 @@ fn cli_prints_the_same_policy_and_its_base64() {
         .unwrap();
     assert_eq!(decoded, rego.stdout);
 }
+
+/// In-process, with the agent's own engine and input conversion: what one
+/// decision of a generated policy costs, allowed and denied (the denial
+/// also evaluates deny_reasons). Printed, not a gate.
+#[test]
+fn generated_policy_decision_cost_is_printed() {
+    use cloister_agent::policy::{PolicyEngine, PolicyRequest};
+    let engine = PolicyEngine::from_rego(&generated_from_pod(&["ls /"])).unwrap();
+    let rootfs = std::path::Path::new("/rootfs");
+    let own = create_request(
+        "app",
+        rootfs,
+        &pod_spec(&["sh", "-c", "echo generated"]),
+        false,
+        false,
+    );
+    let changed = create_request("x", rootfs, &pod_spec(&["sh", "-c", "id"]), false, false);
+    let rounds = 300u32;
+
+    for (label, request, allowed) in [("allowed", &own, true), ("denied", &changed, false)] {
+        let start = std::time::Instant::now();
+        for _ in 0..rounds {
+            let input = request.policy_input().unwrap();
+            let decision = engine.decide("CreateContainerRequest", &input);
+            assert_eq!(decision.is_ok(), allowed, "{decision:?}");
+        }
+        eprintln!(
+            "generated policy, CreateContainerRequest {label}: {:?} per decision (input conversion + evaluation)",
+            start.elapsed() / rounds
+        );
+    }
+}
