@@ -212,6 +212,14 @@ impl SandboxDir {
     /// Removes the folder. Mounts below it must be gone: removal refuses to
     /// cross into a mounted file system instead of deleting its contents.
     pub fn remove(&self) -> Result<(), SandboxError> {
+        // A jailed VMM's shared folder is a bind onto itself: undone first
+        // (refused while container mounts remain below it).
+        crate::vmm_jail::remove_shared_mount(&self.shared_dir()).map_err(|e| {
+            SandboxError::Folder {
+                path: self.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
         match remove_tree_without_crossing_mounts(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -533,11 +541,26 @@ pub async fn unplumb_network(netns: &Path) {
 /// What the service needs to bring up a pod (real VM, or a fake in tests).
 #[async_trait]
 pub trait SandboxLauncher: Send + Sync {
+    /// The pod's runtime config: the file the runtime option `ConfigPath`
+    /// names, else `CLOISTER_CONFIG`, else the default. Read before the VM
+    /// starts, so what it refuses (`[inspection]`) never boots one.
+    fn load_config(
+        &self,
+        options_config_path: Option<&str>,
+    ) -> Result<RuntimeConfig, SandboxError> {
+        let env = std::env::var(crate::config::CONFIG_ENV).ok();
+        let source = ConfigSource::resolve(options_config_path, env.as_deref());
+        Ok(RuntimeConfig::load(&source)?)
+    }
+
+    /// Starts the pod's VM and agent; every agent request goes through
+    /// `audit`.
     async fn launch(
         &self,
         sandbox_id: &str,
         spec: &serde_json::Value,
-        options_config_path: Option<String>,
+        config: &RuntimeConfig,
+        audit: &crate::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError>;
 
     /// Makes a container's rootfs visible in the guest: containerd's
@@ -577,13 +600,16 @@ impl SandboxLauncher for VmLauncher {
         &self,
         sandbox_id: &str,
         spec: &serde_json::Value,
-        options_config_path: Option<String>,
+        config: &RuntimeConfig,
+        audit: &crate::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError> {
-        let env = std::env::var(crate::config::CONFIG_ENV).ok();
-        let source = ConfigSource::resolve(options_config_path.as_deref(), env.as_deref());
-        let config = RuntimeConfig::load(&source)?;
         let mut vm = config.pod_vm(&bundle_annotations(spec))?;
-        let network = plumb_network(&config, spec).await?;
+        // A jailed VMM joins the pod's cgroup.
+        vm.cgroups_path = spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(|p| p.as_str())
+            .map(str::to_owned);
+        let network = plumb_network(config, spec).await?;
         let netns = network.as_ref().map(|n| n.netns.clone());
         if let Some(network) = &network {
             vm.nics = network
@@ -602,7 +628,7 @@ impl SandboxLauncher for VmLauncher {
             }
             return Err(e);
         }
-        let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
+        let mut hypervisor = hypervisor_for(config, &vm, dir.vm_paths());
         let connected = async {
             hypervisor.start().await?;
             let endpoint = AgentEndpoint::HybridVsock {
@@ -612,8 +638,13 @@ impl SandboxLauncher for VmLauncher {
             let agent = endpoint.connect_until(timeout).await?;
             let annotations = bundle_annotations(spec);
             if let Some(policy) = crate::pod_policy::policy_from_annotations(&annotations)? {
-                agent.set_policy(policy).await?;
+                // On the concrete client: the policy is installed before
+                // the audited wrapper exists, so it is recorded by hand.
+                let result = agent.set_policy(policy).await;
+                crate::audit::agent::record_agent_request(audit, sandbox_id, "SetPolicy", &result);
+                result?;
             }
+            let agent = crate::audit::agent::audited_agent(Arc::new(agent), audit, sandbox_id);
             agent
                 .setup_sandbox(setup_request(&guest_hostname(spec, sandbox_id)))
                 .await?;
@@ -631,14 +662,13 @@ impl SandboxLauncher for VmLauncher {
         // The VMM holds its own copies of the tap fds now.
         drop(network);
         match connected {
-            Ok(agent) => Ok(
-                PodSandbox::new(sandbox_id, Arc::new(agent), dir, Some(hypervisor))
-                    .with_network(netns)
-                    .with_inspection(config.inspection.clone()),
-            ),
+            Ok(agent) => Ok(PodSandbox::new(sandbox_id, agent, dir, Some(hypervisor))
+                .with_network(netns)
+                .with_inspection(config.inspection.clone())),
             Err(e) => {
                 // Nothing of a failed start stays behind.
                 hypervisor.stop(VMM_STOP_GRACE).await;
+                audit.guest_panic_in(sandbox_id, &dir.vm_paths().console_log());
                 if let Some(netns) = &netns {
                     unplumb_network(netns).await;
                 }

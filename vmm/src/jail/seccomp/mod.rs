@@ -1,0 +1,179 @@
+//! Seccomp allowlists per thread kind, compiled with `seccompiler` when the
+//! VMM is built (`build.rs`: every thread kind for each of the 16 mixes of
+//! device kinds that change a list) and installed by each thread itself
+//! once its own setup is done, before it touches guest input. A call
+//! outside the list kills the whole process with SIGSYS
+//! (SECCOMP_RET_KILL_PROCESS), which the supervisor passes on to whoever
+//! started `cloister-vmm`. Only the supervisor's filter is compiled at run
+//! time: it names the pid of its child.
+//!
+//! Filters stack: a thread inherits the filter of the thread that spawned
+//! it. The main thread therefore installs its own only after it has
+//! spawned every other thread ([`apply_to_this_thread`] is a no-op
+//! outside a jail), and no filter uses SECCOMP_FILTER_FLAG_TSYNC except the
+//! vhost-user server's, which is one process-wide list installed before
+//! rust-vmm's daemon starts its threads.
+//!
+//! The lists come from `strace -f` of the VMM's tests: see `rules.rs`.
+
+pub mod compile;
+pub mod rules;
+
+use std::sync::OnceLock;
+
+use seccompiler::{sock_filter, BpfProgram};
+
+use super::JailError;
+pub use compile::ThreadKind;
+pub use rules::DeviceKinds;
+
+mod built {
+    include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
+}
+
+/// The programs `build.rs` compiled.
+static FILTER_BLOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bin"));
+
+fn kind_index(kind: ThreadKind) -> usize {
+    match kind {
+        ThreadKind::Main => 0,
+        ThreadKind::Helper => 1,
+        ThreadKind::Vcpu => 2,
+        ThreadKind::Virtio => 3,
+        ThreadKind::VhostUser => 4,
+    }
+}
+
+/// The built filter of `kind` for `devices`.
+pub fn built_filter(kind: ThreadKind, devices: DeviceKinds) -> BpfProgram {
+    let (offset, len) = built::FILTER_INDEX[kind_index(kind)][devices.mask()];
+    FILTER_BLOB[offset * 8..(offset + len) * 8]
+        .chunks_exact(8)
+        .map(|b| sock_filter {
+            code: u16::from_le_bytes([b[0], b[1]]),
+            jt: b[2],
+            jf: b[3],
+            k: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        })
+        .collect()
+}
+
+/// The filters of one jailed VMM, by thread kind.
+pub struct ThreadFilters {
+    main: BpfProgram,
+    helper: BpfProgram,
+    vcpu: BpfProgram,
+    virtio: BpfProgram,
+}
+
+static FILTERS: OnceLock<ThreadFilters> = OnceLock::new();
+
+impl ThreadFilters {
+    /// The filters of a VM serving `devices`.
+    pub fn for_vm(devices: DeviceKinds) -> Self {
+        Self {
+            main: built_filter(ThreadKind::Main, devices),
+            helper: built_filter(ThreadKind::Helper, devices),
+            vcpu: built_filter(ThreadKind::Vcpu, devices),
+            virtio: built_filter(ThreadKind::Virtio, devices),
+        }
+    }
+
+    /// Makes [`apply_to_this_thread`] install these from now on.
+    pub fn enable(self) -> Result<(), JailError> {
+        FILTERS.set(self).map_err(|_| JailError::Seccomp {
+            kind: "all",
+            reason: "filters were already enabled".into(),
+        })
+    }
+}
+
+/// Installs the filter of `kind` on the calling thread, if the VMM is
+/// jailed; does nothing otherwise.
+pub fn apply_to_this_thread(kind: ThreadKind) -> Result<(), JailError> {
+    let Some(filters) = FILTERS.get() else {
+        return Ok(());
+    };
+    let program = match kind {
+        ThreadKind::Main => &filters.main,
+        ThreadKind::Helper => &filters.helper,
+        ThreadKind::Vcpu => &filters.vcpu,
+        ThreadKind::Virtio | ThreadKind::VhostUser => &filters.virtio,
+    };
+    seccompiler::apply_filter(program).map_err(|e| JailError::Seccomp {
+        kind: "install",
+        reason: format!("{kind:?}: {e}"),
+    })
+}
+
+/// For threads that cannot return an error: a thread must never run
+/// unfiltered in a jail, so failing to filter it ends the process. It can
+/// only fail if the kernel refuses a filter, which the main thread's
+/// earlier ones proved it does not.
+pub fn apply_to_this_thread_or_abort(kind: ThreadKind) {
+    if let Err(e) = apply_to_this_thread(kind) {
+        eprintln!("cloister-vmm: {e}");
+        std::process::abort();
+    }
+}
+
+/// The vhost-user server's list, for every thread of the process
+/// (installed with TSYNC before the daemon starts its threads).
+pub fn apply_vhost_user_filter(devices: DeviceKinds) -> Result<(), JailError> {
+    let program = built_filter(ThreadKind::VhostUser, devices);
+    seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Seccomp {
+        kind: "vhost-user",
+        reason: e.to_string(),
+    })
+}
+
+/// The supervisor's list: wait for signals and the child, signal only
+/// `child`, exit (possibly by re-raising the child's signal).
+pub fn supervisor_filter(child: libc::pid_t) -> Result<BpfProgram, JailError> {
+    let error = |reason| JailError::Seccomp {
+        kind: "supervisor",
+        reason,
+    };
+    compile::compile(compile::supervisor_rules(child).map_err(error)?).map_err(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_filters_are_the_rules_compiled_now() {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Helper,
+            ThreadKind::Vcpu,
+            ThreadKind::Virtio,
+            ThreadKind::VhostUser,
+        ] {
+            for mask in 0..1 << rules::MASK_KINDS {
+                let devices = DeviceKinds::from_mask(mask);
+                let now = compile::compile(compile::thread_rules(kind, devices).unwrap()).unwrap();
+                assert_eq!(built_filter(kind, devices), now, "{kind:?} {mask}");
+            }
+        }
+    }
+
+    #[test]
+    fn device_mask_roundtrips_and_rng_console_do_not_count() {
+        for mask in 0..16 {
+            assert_eq!(DeviceKinds::from_mask(mask).mask(), mask);
+        }
+        assert_eq!(DeviceKinds::all().mask(), 15);
+        let rng_only = DeviceKinds {
+            rng: true,
+            console: true,
+            ..Default::default()
+        };
+        assert_eq!(rng_only.mask(), 0);
+    }
+
+    #[test]
+    fn supervisor_filter_compiles() {
+        assert!(!supervisor_filter(1234).unwrap().is_empty());
+    }
+}
