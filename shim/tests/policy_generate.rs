@@ -147,6 +147,10 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
         .unwrap()
         .push("CAP_SYS_ADMIN".into());
     let with_admin = create_request("admin", &host.rootfs, &with_admin, false, false);
+    let mut with_hook = pod_spec(&["sh", "-c", "echo generated"]);
+    with_hook["hooks"] =
+        serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "id"]}]});
+    let with_hook = create_request("hook", &host.rootfs, &with_hook, false, false);
     let mut without_mode = pod_spec(&["sh", "-c", "echo generated"]);
     without_mode["process"]["env"] = serde_json::json!(["PATH=/bin"]);
     let without_mode = create_request("nomode", &host.rootfs, &without_mode, false, false);
@@ -154,6 +158,7 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     let changed = denial(client.create_container(changed).await);
     let with_admin = denial(client.create_container(with_admin).await);
     let without_mode = denial(client.create_container(without_mode).await);
+    let with_hook = denial(client.create_container(with_hook).await);
 
     assert_eq!(
         changed,
@@ -168,6 +173,10 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     assert!(
         without_mode.ends_with(": environment variable \"MODE\" is missing or changed"),
         "{without_mode}"
+    );
+    assert!(
+        with_hook.ends_with(": OCI hooks are not allowed"),
+        "{with_hook}"
     );
 }
 

@@ -18,6 +18,7 @@ CreateContainerRequest if {
 	container_matches(allowed)
 	not privileged_refused
 	devices_allowed
+	not has_hooks
 }
 
 container_matches(allowed) if {
@@ -122,6 +123,13 @@ privileged_refused if {
 	privileged_spec
 }
 
+# OCI hooks run as root in the guest, outside the container: a manifest
+# never asks for them.
+has_hooks if {
+	some _, hooks in object.get(input.oci, "hooks", {})
+	count(hooks) > 0
+}
+
 devices_allowed if {
 	every device in object.get(linux, "devices", []) {
 		device.path in policy_data.devices
@@ -186,6 +194,11 @@ deny_reasons contains sprintf("capability %v is not allowed", [cap]) if {
 deny_reasons contains "privileged containers are not allowed (no masked or read-only paths)" if {
 	input.oci
 	privileged_refused
+}
+
+deny_reasons contains "OCI hooks are not allowed" if {
+	input.oci
+	has_hooks
 }
 
 deny_reasons contains sprintf("device %v is not allowed", [device.path]) if {
