@@ -29,6 +29,8 @@ spec:
     - name: MODE
       value: prod
     securityContext:
+      runAsUser: 0
+      allowPrivilegeEscalation: false
       capabilities:
         drop: ["NET_RAW"]
 "#;
@@ -151,6 +153,12 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     with_hook["hooks"] =
         serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "id"]}]});
     let with_hook = create_request("hook", &host.rootfs, &with_hook, false, false);
+    let mut as_user = pod_spec(&["sh", "-c", "echo generated"]);
+    as_user["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+    let as_user = create_request("user", &host.rootfs, &as_user, false, false);
+    let mut escalating = pod_spec(&["sh", "-c", "echo generated"]);
+    escalating["process"]["noNewPrivileges"] = false.into();
+    let escalating = create_request("nnp", &host.rootfs, &escalating, false, false);
     let mut without_mode = pod_spec(&["sh", "-c", "echo generated"]);
     without_mode["process"]["env"] = serde_json::json!(["PATH=/bin"]);
     let without_mode = create_request("nomode", &host.rootfs, &without_mode, false, false);
@@ -159,6 +167,8 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     let with_admin = denial(client.create_container(with_admin).await);
     let without_mode = denial(client.create_container(without_mode).await);
     let with_hook = denial(client.create_container(with_hook).await);
+    let as_user = denial(client.create_container(as_user).await);
+    let escalating = denial(client.create_container(escalating).await);
 
     assert_eq!(
         changed,
@@ -177,6 +187,11 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     assert!(
         with_hook.ends_with(": OCI hooks are not allowed"),
         "{with_hook}"
+    );
+    assert!(as_user.ends_with(": user 1000 is not allowed"), "{as_user}");
+    assert!(
+        escalating.ends_with(": noNewPrivileges must be set"),
+        "{escalating}"
     );
 }
 
