@@ -29,6 +29,8 @@ spec:
     - name: MODE
       value: prod
     securityContext:
+      runAsUser: 0
+      allowPrivilegeEscalation: false
       capabilities:
         drop: ["NET_RAW"]
 "#;
@@ -147,6 +149,16 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
         .unwrap()
         .push("CAP_SYS_ADMIN".into());
     let with_admin = create_request("admin", &host.rootfs, &with_admin, false, false);
+    let mut with_hook = pod_spec(&["sh", "-c", "echo generated"]);
+    with_hook["hooks"] =
+        serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "id"]}]});
+    let with_hook = create_request("hook", &host.rootfs, &with_hook, false, false);
+    let mut as_user = pod_spec(&["sh", "-c", "echo generated"]);
+    as_user["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+    let as_user = create_request("user", &host.rootfs, &as_user, false, false);
+    let mut escalating = pod_spec(&["sh", "-c", "echo generated"]);
+    escalating["process"]["noNewPrivileges"] = false.into();
+    let escalating = create_request("nnp", &host.rootfs, &escalating, false, false);
     let mut without_mode = pod_spec(&["sh", "-c", "echo generated"]);
     without_mode["process"]["env"] = serde_json::json!(["PATH=/bin"]);
     let without_mode = create_request("nomode", &host.rootfs, &without_mode, false, false);
@@ -154,6 +166,9 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     let changed = denial(client.create_container(changed).await);
     let with_admin = denial(client.create_container(with_admin).await);
     let without_mode = denial(client.create_container(without_mode).await);
+    let with_hook = denial(client.create_container(with_hook).await);
+    let as_user = denial(client.create_container(as_user).await);
+    let escalating = denial(client.create_container(escalating).await);
 
     assert_eq!(
         changed,
@@ -168,6 +183,15 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     assert!(
         without_mode.ends_with(": environment variable \"MODE\" is missing or changed"),
         "{without_mode}"
+    );
+    assert!(
+        with_hook.ends_with(": OCI hooks are not allowed"),
+        "{with_hook}"
+    );
+    assert!(as_user.ends_with(": user 1000 is not allowed"), "{as_user}");
+    assert!(
+        escalating.ends_with(": noNewPrivileges must be set"),
+        "{escalating}"
     );
 }
 
@@ -301,4 +325,36 @@ fn cli_prints_the_same_policy_and_its_base64() {
         .decode(String::from_utf8(encoded.stdout).unwrap().trim())
         .unwrap();
     assert_eq!(decoded, rego.stdout);
+}
+
+/// In-process, with the agent's own engine and input conversion: what one
+/// decision of a generated policy costs, allowed and denied (the denial
+/// also evaluates deny_reasons). Printed, not a gate.
+#[test]
+fn generated_policy_decision_cost_is_printed() {
+    use cloister_agent::policy::{PolicyEngine, PolicyRequest};
+    let engine = PolicyEngine::from_rego(&generated_from_pod(&["ls /"])).unwrap();
+    let rootfs = std::path::Path::new("/rootfs");
+    let own = create_request(
+        "app",
+        rootfs,
+        &pod_spec(&["sh", "-c", "echo generated"]),
+        false,
+        false,
+    );
+    let changed = create_request("x", rootfs, &pod_spec(&["sh", "-c", "id"]), false, false);
+    let rounds = 300u32;
+
+    for (label, request, allowed) in [("allowed", &own, true), ("denied", &changed, false)] {
+        let start = std::time::Instant::now();
+        for _ in 0..rounds {
+            let input = request.policy_input().unwrap();
+            let decision = engine.decide("CreateContainerRequest", &input);
+            assert_eq!(decision.is_ok(), allowed, "{decision:?}");
+        }
+        eprintln!(
+            "generated policy, CreateContainerRequest {label}: {:?} per decision (input conversion + evaluation)",
+            start.elapsed() / rounds
+        );
+    }
 }

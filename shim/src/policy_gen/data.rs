@@ -176,6 +176,12 @@ pub struct AllowedContainer {
     pub mounts: Vec<AllowedMount>,
     /// Capabilities any of the process's sets may hold.
     pub capabilities: Vec<String>,
+    /// The process's uid (None: any, the image decides).
+    pub uid: Option<u32>,
+    /// The root file system must be mounted read-only.
+    pub read_only_root: bool,
+    /// The process must run with no_new_privs.
+    pub no_new_privileges: bool,
 }
 
 /// The whole `policy_data` document.

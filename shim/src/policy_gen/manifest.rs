@@ -96,7 +96,7 @@ pub fn from_kubernetes(manifest: &Value) -> Result<Derived, PolicyGenError> {
             .flatten()
     });
     for container in all {
-        let allowed = kubernetes_container(container, &mut derived)?;
+        let allowed = kubernetes_container(container, spec.get("securityContext"), &mut derived)?;
         derived.containers.push(allowed);
     }
     if derived.containers.is_empty() {
@@ -107,6 +107,7 @@ pub fn from_kubernetes(manifest: &Value) -> Result<Derived, PolicyGenError> {
 
 fn kubernetes_container(
     container: &Value,
+    pod_security: Option<&Value>,
     derived: &mut Derived,
 ) -> Result<AllowedContainer, PolicyGenError> {
     let name = container
@@ -217,6 +218,24 @@ fn kubernetes_container(
         set
     };
 
+    // The container's securityContext wins over the pod's.
+    let setting = |key: &str| {
+        security
+            .and_then(|s| s.get(key))
+            .or_else(|| pod_security.and_then(|s| s.get(key)))
+    };
+    let uid = setting("runAsUser")
+        .and_then(Value::as_u64)
+        .and_then(|u| u32::try_from(u).ok());
+    let read_only_root = security
+        .and_then(|s| s.get("readOnlyRootFilesystem"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let no_new_privileges = security
+        .and_then(|s| s.get("allowPrivilegeEscalation"))
+        .and_then(Value::as_bool)
+        == Some(false);
+
     Ok(AllowedContainer {
         name,
         sandbox: false,
@@ -226,6 +245,9 @@ fn kubernetes_container(
         env_extra_names,
         mounts,
         capabilities,
+        uid,
+        read_only_root,
+        no_new_privileges,
     })
 }
 
@@ -247,6 +269,9 @@ pub fn pause_container(command: &[String]) -> AllowedContainer {
             .iter()
             .map(|c| (*c).to_owned())
             .collect(),
+        uid: None,
+        read_only_root: false,
+        no_new_privileges: false,
     }
 }
 
@@ -328,6 +353,12 @@ pub fn from_oci(spec: &Value) -> Result<Derived, PolicyGenError> {
         env_extra_names: Vec::new(),
         mounts,
         capabilities,
+        uid: process
+            .pointer("/user/uid")
+            .and_then(Value::as_u64)
+            .and_then(|u| u32::try_from(u).ok()),
+        read_only_root: spec.pointer("/root/readonly").and_then(Value::as_bool) == Some(true),
+        no_new_privileges: process.get("noNewPrivileges").and_then(Value::as_bool) == Some(true),
     });
     Ok(derived)
 }
@@ -374,8 +405,9 @@ mod tests {
                 "env": [{"name": "MODE", "value": "prod"},
                         {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
                 "volumeMounts": [{"name": "cfg", "mountPath": "/cfg", "readOnly": true}],
-                "securityContext": {"capabilities": {"drop": ["NET_RAW"], "add": ["SYS_TIME"]}}
-            }]}
+                "securityContext": {"capabilities": {"drop": ["NET_RAW"], "add": ["SYS_TIME"]},
+                                    "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true}
+            }], "securityContext": {"runAsUser": 1000}}
         });
 
         let derived = from_kubernetes(&pod).unwrap();
@@ -391,6 +423,8 @@ mod tests {
         assert_eq!(app.mounts, [AllowedMount::volume("/cfg", true)]);
         assert!(app.capabilities.contains(&"CAP_SYS_TIME".to_owned()));
         assert!(!app.capabilities.contains(&"CAP_NET_RAW".to_owned()));
+        assert_eq!(app.uid, Some(1000));
+        assert!(app.read_only_root && app.no_new_privileges);
         assert!(derived.warnings.is_empty(), "{:?}", derived.warnings);
         assert!(!derived.privileged);
     }

@@ -2,7 +2,8 @@
 //! manifest, after Kata's genpolicy. The printed Rego is the fixed rules of
 //! `rules.rego` followed by a `policy_data` document that lists what the
 //! pod's containers may be: images, commands, environment, mounts,
-//! capabilities, devices, privileged or not; which commands `exec` may run;
+//! capabilities, devices, privileged or not (and never OCI hooks, which
+//! would run as root in the guest); which commands `exec` may run;
 //! whether the host may read stdio or write stdin. The policy refuses
 //! `SetPolicy`, so once installed it is final.
 //!

@@ -18,6 +18,7 @@ CreateContainerRequest if {
 	container_matches(allowed)
 	not privileged_refused
 	devices_allowed
+	not has_hooks
 }
 
 container_matches(allowed) if {
@@ -27,6 +28,9 @@ container_matches(allowed) if {
 	env_matches(allowed)
 	mounts_match(allowed)
 	capabilities_match(allowed)
+	user_matches(allowed)
+	root_matches(allowed)
+	no_new_privileges_matches(allowed)
 }
 
 spec_annotations := object.get(input.oci, "annotations", {})
@@ -57,6 +61,23 @@ image_matches(allowed) if input.image in allowed.images
 args_match(allowed) if allowed.args == null
 
 args_match(allowed) if object.get(process, "args", []) == allowed.args
+
+# runAsUser (null: the image decides).
+spec_uid := object.get(object.get(process, "user", {}), "uid", 0)
+
+user_matches(allowed) if allowed.uid == null
+
+user_matches(allowed) if spec_uid == allowed.uid
+
+# readOnlyRootFilesystem.
+root_matches(allowed) if not allowed.read_only_root
+
+root_matches(allowed) if object.get(object.get(input.oci, "root", {}), "readonly", false) == true
+
+# allowPrivilegeEscalation: false.
+no_new_privileges_matches(allowed) if not allowed.no_new_privileges
+
+no_new_privileges_matches(allowed) if object.get(process, "noNewPrivileges", false) == true
 
 spec_env := object.get(process, "env", [])
 
@@ -120,6 +141,13 @@ privileged_spec if count(object.get(linux, "readonlyPaths", [])) == 0
 privileged_refused if {
 	not policy_data.allow_privileged
 	privileged_spec
+}
+
+# OCI hooks run as root in the guest, outside the container: a manifest
+# never asks for them.
+has_hooks if {
+	some _, hooks in object.get(input.oci, "hooks", {})
+	count(hooks) > 0
 }
 
 devices_allowed if {
@@ -186,6 +214,35 @@ deny_reasons contains sprintf("capability %v is not allowed", [cap]) if {
 deny_reasons contains "privileged containers are not allowed (no masked or read-only paths)" if {
 	input.oci
 	privileged_refused
+}
+
+deny_reasons contains sprintf("user %v is not allowed", [spec_uid]) if {
+	input.oci
+	count(image_candidates) > 0
+	every c in image_candidates {
+		not user_matches(c)
+	}
+}
+
+deny_reasons contains "the root file system must be read-only" if {
+	input.oci
+	count(image_candidates) > 0
+	every c in image_candidates {
+		not root_matches(c)
+	}
+}
+
+deny_reasons contains "noNewPrivileges must be set" if {
+	input.oci
+	count(image_candidates) > 0
+	every c in image_candidates {
+		not no_new_privileges_matches(c)
+	}
+}
+
+deny_reasons contains "OCI hooks are not allowed" if {
+	input.oci
+	has_hooks
 }
 
 deny_reasons contains sprintf("device %v is not allowed", [device.path]) if {
