@@ -347,6 +347,63 @@ fn wait_for_jailed_vmm(supervisor: u32) -> Option<u32> {
     None
 }
 
+#[test]
+fn read_only_share_is_read_only_and_nodev_below_its_submounts_too() {
+    if !can_jail() {
+        return;
+    }
+    let fixture = JailFixture::new(HALT_FOREVER);
+    let share = fixture.path("share");
+    let submount = share.join("sub");
+    std::fs::create_dir_all(&submount).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &submount,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    let child = fixture
+        .command()
+        .arg("--fs")
+        .arg(format!(
+            "tag=t,shared_dir={},read_only=true",
+            share.display()
+        ))
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mountinfo = wait_for_jailed_vmm(pid)
+        .and_then(|vmm| std::fs::read_to_string(format!("/proc/{vmm}/mountinfo")).ok());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    nix::mount::umount2(&submount, nix::mount::MntFlags::MNT_DETACH).unwrap();
+
+    let (_, stderr) = text(&output);
+    let mountinfo = mountinfo.unwrap_or_else(|| panic!("the jailed VMM never ran: {stderr}"));
+    let options = |point: &str| -> Vec<String> {
+        mountinfo
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&point))
+            .map(|f| f[5].split(',').map(str::to_owned).collect())
+            .unwrap_or_else(|| panic!("{point} not mounted in\n{mountinfo}"))
+    };
+    for point in ["/share/0", "/share/0/sub"] {
+        let options = options(point);
+        for flag in ["ro", "nodev", "nosuid"] {
+            assert!(options.iter().any(|o| o == flag), "{point}: {options:?}");
+        }
+    }
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+}
+
 /// cgroup folders for a test: the v2 one, or the v1 `memory` and `pids`
 /// hierarchies (and the hybrid `unified` one) that exist here.
 fn test_cgroups(name: &str) -> Vec<PathBuf> {
