@@ -230,8 +230,9 @@ fn enter_jail(cfg: &mut VmConfig) -> anyhow::Result<Option<ExitCode>> {
     let plan = JailPlan::for_vm(cfg)?;
     // Built with the VMM, installed by each thread later.
     let filters = ThreadFilters::for_vm(device_kinds(cfg));
+    let inherited: Vec<i32> = cfg.net.iter().filter_map(|nic| nic.fd).collect();
     let nics = &mut cfg.net;
-    match cloister_vmm::jail::enter(&jail, &plan, || {
+    match cloister_vmm::jail::enter(&jail, &plan, &inherited, || {
         cloister_vmm::jail::taps::open_named_taps(nics)
     })? {
         Entered::Supervisor(code) => Ok(Some(code)),

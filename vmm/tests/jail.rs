@@ -282,6 +282,128 @@ fn jailed_vmm_opens_its_tap_in_the_given_netns_and_runs_in_a_fresh_one() {
     assert!(!tap_dir.exists(), "tap {tap} outlived the VMM");
 }
 
+#[test]
+fn jailed_vmm_closes_a_host_folder_fd_its_caller_leaked() {
+    if !can_jail() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fixture = JailFixture::new(HALT_FOREVER);
+    // A folder of the host, inherited without close-on-exec as fd 7: the
+    // way out of a chroot if it survived the pivot.
+    let leaked = std::fs::File::open(fixture.dir.path()).unwrap();
+    let leaked_fd = leaked.as_raw_fd();
+    let mut command = fixture.command();
+    // SAFETY: dup2 between fork and exec touches no memory of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(leaked_fd, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    let jailed_fds = wait_for_jailed_vmm(pid).map(|vmm| {
+        std::fs::read_dir(format!("/proc/{vmm}/fd"))
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .collect::<Vec<PathBuf>>()
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+
+    let (_, stderr) = text(&output);
+    let fds = jailed_fds.unwrap_or_else(|| panic!("the jailed VMM never ran: {stderr}"));
+    assert!(
+        !fds.iter().any(|target| target == fixture.dir.path()),
+        "the jailed VMM still holds the host folder: {fds:?}"
+    );
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+}
+
+/// The jailed VMM's pid (the supervisor's child) once all of its threads
+/// run under seccomp, or `None` after 20 s.
+fn wait_for_jailed_vmm(supervisor: u32) -> Option<u32> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"));
+        if let Some(vmm) = children.ok().and_then(|c| c.trim().parse::<u32>().ok()) {
+            let status = std::fs::read_to_string(format!("/proc/{vmm}/status"));
+            if status.is_ok_and(|s| s.contains("Seccomp:\t2")) {
+                return Some(vmm);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn read_only_share_is_read_only_and_nodev_below_its_submounts_too() {
+    if !can_jail() {
+        return;
+    }
+    let fixture = JailFixture::new(HALT_FOREVER);
+    let share = fixture.path("share");
+    let submount = share.join("sub");
+    std::fs::create_dir_all(&submount).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &submount,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    let child = fixture
+        .command()
+        .arg("--fs")
+        .arg(format!(
+            "tag=t,shared_dir={},read_only=true",
+            share.display()
+        ))
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mountinfo = wait_for_jailed_vmm(pid)
+        .and_then(|vmm| std::fs::read_to_string(format!("/proc/{vmm}/mountinfo")).ok());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    nix::mount::umount2(&submount, nix::mount::MntFlags::MNT_DETACH).unwrap();
+
+    let (_, stderr) = text(&output);
+    let mountinfo = mountinfo.unwrap_or_else(|| panic!("the jailed VMM never ran: {stderr}"));
+    let options = |point: &str| -> Vec<String> {
+        mountinfo
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&point))
+            .map(|f| f[5].split(',').map(str::to_owned).collect())
+            .unwrap_or_else(|| panic!("{point} not mounted in\n{mountinfo}"))
+    };
+    for point in ["/share/0", "/share/0/sub"] {
+        let options = options(point);
+        for flag in ["ro", "nodev", "nosuid"] {
+            assert!(options.iter().any(|o| o == flag), "{point}: {options:?}");
+        }
+    }
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+}
+
 /// cgroup folders for a test: the v2 one, or the v1 `memory` and `pids`
 /// hierarchies (and the hybrid `unified` one) that exist here.
 fn test_cgroups(name: &str) -> Vec<PathBuf> {

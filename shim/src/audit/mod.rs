@@ -55,6 +55,9 @@ use crate::inspect::Finding;
 const PENDING_LIMIT: usize = 4096;
 /// How much of a guest's panic message a record keeps.
 const GUEST_PANIC_LINES: usize = 40;
+/// Bytes kept of each of those lines: the guest writes them, and a line
+/// can be as long as its console log (64 MiB).
+const GUEST_PANIC_LINE_BYTES: usize = 512;
 
 /// `[audit]` in the runtime config.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -505,9 +508,22 @@ pub fn guest_panic_lines(console: &str, max: usize) -> Option<Vec<String>> {
         console[line_start..]
             .lines()
             .take(max)
-            .map(|l| l.trim_end().to_owned())
+            .map(|l| truncate_at_char(l.trim_end(), GUEST_PANIC_LINE_BYTES).to_owned())
             .collect(),
     )
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a
+/// character boundary.
+fn truncate_at_char(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let end = (0..=max)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    &text[..end]
 }
 
 #[cfg(test)]
@@ -685,5 +701,23 @@ mod tests {
             ]
         );
         assert!(guest_panic_lines("[ 0.1] booting\nreboot: Power down\n", 5).is_none());
+    }
+
+    #[test]
+    fn a_guest_panic_line_of_megabytes_is_cut_to_its_first_bytes() {
+        let long = format!(
+            "[ 2.5] Kernel panic - {}é{}",
+            "x".repeat(489),
+            "y".repeat(1 << 20)
+        );
+        let console = format!("{long}\n[ 2.5] CPU: 0\n");
+
+        let lines = guest_panic_lines(&console, 5).unwrap();
+
+        assert_eq!(lines.len(), 2);
+        // The cut falls inside "é", which is left out whole.
+        assert_eq!(lines[0].len(), GUEST_PANIC_LINE_BYTES - 1);
+        assert!(lines[0].starts_with("[ 2.5] Kernel panic - xxx"));
+        assert_eq!(lines[1], "[ 2.5] CPU: 0");
     }
 }

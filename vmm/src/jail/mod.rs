@@ -8,7 +8,9 @@
 //!    parent a supervisor that forwards signals and ends as the VMM ends
 //!    ([`process`]);
 //! 3. joins the given network namespace, opens taps named in the config
-//!    there (they become inherited fds), then unshares mount, IPC, UTS and
+//!    there (they become inherited fds), closes every descriptor inherited
+//!    from the caller that the config does not name (one pointing at a host
+//!    folder would lead out of the root), then unshares mount, IPC, UTS and
 //!    network namespaces;
 //! 4. builds the root (a tmpfs with the binds of [`plan`], device nodes, a
 //!    fresh read-only procfs), makes it read-only and pivots into it
@@ -70,10 +72,13 @@ pub enum Entered {
 
 /// Enters the jail `jail` laid out by `plan`. `open_taps` runs in the
 /// joined network namespace, as root, before the VMM gets a fresh one.
+/// `inherited_fds` are the descriptors the caller passed on purpose (taps
+/// given as `fd=N`); every other inherited one is closed.
 /// The caller must have no other thread.
 pub fn enter(
     jail: &JailConfig,
     plan: &JailPlan,
+    inherited_fds: &[std::os::fd::RawFd],
     open_taps: impl FnOnce() -> Result<(), JailError>,
 ) -> Result<Entered, JailError> {
     privileges::join_cgroups(&jail.cgroups)?;
@@ -85,6 +90,7 @@ pub fn enter(
         process::join_netns(netns)?;
     }
     open_taps()?;
+    process::close_inherited_fds(inherited_fds)?;
     process::unshare_namespaces()?;
     root::enter_root(&jail.root, plan, jail.uid, jail.gid)?;
     privileges::set_limits(plan.writes_guest_files)?;

@@ -165,6 +165,47 @@ pub fn join_netns(path: &std::path::Path) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Closes every descriptor above stderr that this process inherited from
+/// its caller, except `keep`. Inherited ones are those without
+/// close-on-exec: everything this process opened itself (Rust opens with
+/// O_CLOEXEC, the taps are F_DUPFD_CLOEXEC copies) has the flag, and a
+/// descriptor that survived our exec cannot have it. Such a descriptor
+/// (the shim's listening socket, a folder of the host) would outlive the
+/// pivot and lead out of the jail, so it goes before the root is built.
+pub fn close_inherited_fds(keep: &[std::os::fd::RawFd]) -> Result<(), JailError> {
+    let step = |step: &'static str, value: String, source| JailError::Step {
+        step,
+        value,
+        source,
+    };
+    // Collected first: closing while reading the folder would close its fd.
+    let fds: Vec<libc::c_int> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| step("list inherited fds", "/proc/self/fd".into(), e))?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd <= libc::STDERR_FILENO || keep.contains(&fd) {
+            continue;
+        }
+        // SAFETY: F_GETFD on an integer; a closed fd (the folder's own,
+        // gone by now) returns -1 and is skipped.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 || flags & libc::FD_CLOEXEC != 0 {
+            continue;
+        }
+        // SAFETY: `fd` was inherited and is owned by no Rust object of this
+        // process (those are all close-on-exec).
+        if unsafe { libc::close(fd) } != 0 {
+            return Err(step(
+                "close inherited fd",
+                fd.to_string(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// New mount, IPC, UTS and network namespaces for the VMM.
 pub fn unshare_namespaces() -> Result<(), JailError> {
     // SAFETY: unshare with flags only changes this process's namespaces.

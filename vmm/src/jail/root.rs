@@ -9,7 +9,7 @@
 //! shared mount for that) still reach the VMM's virtio-fs share.
 
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -156,11 +156,77 @@ fn bind_into(root: &Path, bind: &super::plan::Bind) -> Result<(), JailError> {
         other => other,
     })?;
     // A bind takes the source's flags; read-only and nosuid need a remount.
+    // A remount changes one mount only: the ones MS_REC brought along (a
+    // folder's submounts) get the same flags one by one, or a read-only
+    // share would stay writable below its first submount, and a submount
+    // without nodev would let the jail open the device nodes it holds.
     let mut remount = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
     if bind.read_only {
         remount |= libc::MS_RDONLY;
     }
-    mount("remount bind in jail", None, &target, None, remount, None)
+    mount("remount bind in jail", None, &target, None, remount, None)?;
+    if bind.kind == BindKind::Folder {
+        for submount in mounts_below(&target)? {
+            mount(
+                "remount submount in jail",
+                None,
+                &submount,
+                None,
+                remount,
+                None,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`,
+/// `\134`).
+fn unescape_mount_point(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// The mount points strictly below `dir` in this mount namespace, parents
+/// before children (mountinfo lists them in mount order).
+fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>, JailError> {
+    // mountinfo names resolved paths (a jail root under /var/run is under
+    // /run there).
+    let dir = &std::fs::canonicalize(dir).map_err(|source| JailError::Step {
+        step: "resolve bind target",
+        value: dir.display().to_string(),
+        source,
+    })?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| JailError::Step {
+            step: "read mountinfo",
+            value: dir.display().to_string(),
+            source,
+        })?;
+    Ok(mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_point)
+        .filter(|point| point != dir && point.starts_with(dir))
+        .collect())
 }
 
 fn make_device_node(root: &Path, node: &DeviceNode, uid: u32, gid: u32) -> Result<(), JailError> {
@@ -220,4 +286,18 @@ fn pivot_into(root: &Path) -> Result<(), JailError> {
         value: root.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(
+            unescape_mount_point(r"/share/a\040b\134c\011"),
+            Path::new("/share/a b\\c\t")
+        );
+        assert_eq!(unescape_mount_point(r"/x\0"), Path::new(r"/x\0"));
+    }
 }

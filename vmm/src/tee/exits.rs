@@ -104,9 +104,13 @@ pub fn handle_memory_fault(
     gpa: u64,
     size: u64,
 ) -> Result<(), ExitError> {
-    // KVM reports the faulting page; round out to whole pages.
+    // KVM reports the faulting page; round out to whole pages. The values
+    // are the guest's access: a range that wraps is no RAM.
     let start = gpa & !(PAGE - 1);
-    let end = (gpa + size.max(1)).next_multiple_of(PAGE);
+    let end = gpa
+        .checked_add(size.max(1))
+        .and_then(|end| end.checked_next_multiple_of(PAGE))
+        .ok_or(ExitError::OutsideRam { gpa, size })?;
     convert(
         kvm,
         ram,
@@ -186,6 +190,17 @@ mod tests {
     use crate::tee::fake::{Call, RecordingKvm};
 
     const RAM: &[(u64, u64)] = &[(0, 64 << 20)];
+
+    #[test]
+    fn memory_fault_with_a_wrapping_range_is_refused_not_a_panic() {
+        let mut kvm = RecordingKvm::new();
+
+        let err = handle_memory_fault(&mut kvm, RAM, 0, u64::MAX - 0x10, 0x100).unwrap_err();
+
+        assert!(matches!(err, ExitError::OutsideRam { .. }), "{err}");
+        let err = handle_memory_fault(&mut kvm, RAM, 0, u64::MAX - 0x10, 1).unwrap_err();
+        assert!(matches!(err, ExitError::OutsideRam { .. }), "{err}");
+    }
 
     #[test]
     fn map_gpa_range_to_shared_and_back() {

@@ -288,7 +288,8 @@ impl VhostUserArgs {
         let plan = self.jail_plan()?;
         let tap = self.tap.take();
         let mut nics = Vec::new();
-        let entered = crate::jail::enter(&jail, &plan, || {
+        let inherited: Vec<i32> = self.tap_fd.into_iter().collect();
+        let entered = crate::jail::enter(&jail, &plan, &inherited, || {
             if let Some(name) = tap {
                 nics.push(crate::config::NetConfig {
                     tap: Some(name),

@@ -68,6 +68,14 @@ pub fn thread_rules(kind: ThreadKind, devices: DeviceKinds) -> Result<Rules, Str
     if !ioctls.is_empty() {
         allow_arg(&mut map, libc::SYS_ioctl, 1, &ioctls)?;
     }
+    // The threads that get the device lists (the helper gets none).
+    let unshare_flags = match kind {
+        ThreadKind::Helper => Vec::new(),
+        _ => rules::unshare_flags(devices),
+    };
+    if !unshare_flags.is_empty() {
+        allow_arg(&mut map, libc::SYS_unshare, 0, &unshare_flags)?;
+    }
     Ok(map)
 }
 
@@ -91,4 +99,36 @@ pub fn compile(rules: Rules) -> Result<BpfProgram, String> {
     filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unshare_is_allowed_only_with_clone_fs_and_only_with_an_fs_device() {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Virtio,
+            ThreadKind::VhostUser,
+        ] {
+            let with_fs = thread_rules(kind, DeviceKinds::all()).unwrap();
+            let rules = with_fs.get(&libc::SYS_unshare).expect("fs threads unshare");
+            let clone_fs = SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::CLONE_FS as u64,
+            )
+            .unwrap();
+            assert_eq!(
+                rules,
+                &vec![SeccompRule::new(vec![clone_fs]).unwrap()],
+                "{kind:?}"
+            );
+            let without_fs = thread_rules(kind, DeviceKinds::default()).unwrap();
+            assert!(!without_fs.contains_key(&libc::SYS_unshare), "{kind:?}");
+        }
+    }
 }

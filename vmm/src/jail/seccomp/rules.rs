@@ -128,8 +128,10 @@ const BLOCK: &[i64] = &[
 ];
 
 /// The passthrough file system, including the per-request credential
-/// switch (raw setresuid/setresgid on the serving thread), its private
-/// umask (unshare(CLONE_FS)) and re-opening inodes through /proc/self/fd.
+/// switch (raw setresuid/setresgid on the serving thread) and re-opening
+/// inodes through /proc/self/fd. Its private umask (unshare(CLONE_FS)) is
+/// in [`unshare_flags`]: unshare with any flags would let the thread make
+/// a user namespace (all capabilities in it) or new mount namespaces.
 /// Beyond what the tests' guests made it call (they run as root and use
 /// no xattrs or hard links), this holds every call fuse-backend-rs's
 /// passthrough makes for the FUSE operations it serves.
@@ -173,7 +175,6 @@ const FS: &[i64] = &[
     SYS_setresuid,
     SYS_setresgid,
     SYS_umask,
-    SYS_unshare,
     SYS_capget,
     SYS_capset,
     SYS_fgetxattr,
@@ -195,6 +196,16 @@ const FS: &[i64] = &[
     SYS_name_to_handle_at,
     SYS_open_by_handle_at,
 ];
+
+/// The only `unshare` flags a thread serving `devices` may pass: CLONE_FS
+/// for the fs device's private umask (`devices/virtio/fs/share.rs`).
+pub fn unshare_flags(devices: DeviceKinds) -> Vec<u64> {
+    if devices.fs {
+        vec![CLONE_FS as u64]
+    } else {
+        Vec::new()
+    }
+}
 
 /// Frames to and from the tap.
 const NET: &[i64] = &[
