@@ -2,18 +2,21 @@
 //! launch-measurement calculation, init-data, the KBS protocol client and the
 //! `cloister-kbs` key broker.
 //!
-//! Features: the base (`certs`, `snp`, `tdx`, `measure`, `initdata`) needs
-//! no async runtime or network stack, so the VMM can share the measurement
-//! code; `kbs-client` adds the KBS protocol and client, `kbs-server` the
-//! broker. Both are on by default.
+//! Features: the base (`measure`, `initdata`) is what the VMM shares, with
+//! no async runtime, network stack or signature crypto; `verify` adds
+//! `certs`, `snp` and `tdx`, `kbs-client` the KBS protocol and client,
+//! `kbs-server` the broker. All are on by default.
 
+#[cfg(feature = "verify")]
 pub mod certs;
 pub mod initdata;
 #[cfg(feature = "kbs-client")]
 pub mod kbs;
 pub mod measure;
+#[cfg(feature = "verify")]
 pub mod snp;
+#[cfg(feature = "verify")]
 pub mod tdx;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "verify"))]
 pub(crate) mod test_support;

@@ -1,14 +1,15 @@
 //! The VMM links this crate for `measure` and `initdata` only, with
 //! `default-features = false`. This guards that choice: if a dependency of
 //! the crate's base (or a `cloister-vmm` dependency line) drags an HTTP stack,
-//! TLS or an async runtime back into the VMM's trusted code base, the test
-//! names the crate. `cargo tree` only resolves the locked graph (no build,
+//! TLS, an async runtime or the verifier's crypto back into the VMM's trusted
+//! code base, the test names the crate. `cargo tree` only resolves the locked graph (no build,
 //! well under a second), so the check is cheap enough for every test run.
 
 use std::path::Path;
 use std::process::Command;
 
-/// Crates that belong to the KBS client/server, never to the VMM.
+/// Crates of the KBS client/server and of evidence verification (features
+/// `kbs-client`, `kbs-server`, `verify`), never needed by the VMM.
 const FORBIDDEN_IN_VMM: &[&str] = &[
     "axum",
     "hyper",
@@ -17,6 +18,10 @@ const FORBIDDEN_IN_VMM: &[&str] = &[
     "tokio",
     "tokio-rustls",
     "tower",
+    "rsa",
+    "x509-cert",
+    "p256",
+    "p384",
 ];
 
 #[test]
