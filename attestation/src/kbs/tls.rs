@@ -4,21 +4,34 @@
 //!
 //! TLS handshakes run in their own tasks so one slow client cannot stall the
 //! accept loop; finished connections are handed to axum through a channel.
+//! The server half needs the `kbs-server` feature.
 
+#[cfg(feature = "kbs-server")]
 use axum::extract::connect_info::Connected;
+#[cfg(feature = "kbs-server")]
 use axum::serve::{IncomingStream, Listener};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
+#[cfg(feature = "kbs-server")]
+use rustls_pki_types::PrivateKeyDer;
+#[cfg(feature = "kbs-server")]
 use std::net::SocketAddr;
+#[cfg(feature = "kbs-server")]
 use std::path::Path;
 use std::sync::Arc;
+#[cfg(feature = "kbs-server")]
 use std::time::Duration;
 use thiserror::Error;
+#[cfg(feature = "kbs-server")]
 use tokio::net::{TcpListener, TcpStream};
+#[cfg(feature = "kbs-server")]
 use tokio::sync::mpsc;
+#[cfg(feature = "kbs-server")]
 use tokio_rustls::server::TlsStream;
+#[cfg(feature = "kbs-server")]
 use tokio_rustls::TlsAcceptor;
 
+#[cfg(feature = "kbs-server")]
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors from TLS setup.
@@ -53,6 +66,7 @@ pub fn install_ring_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+#[cfg(feature = "kbs-server")]
 /// Server configuration from a PEM certificate chain and private key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let pem_err = |what, path: &Path, reason: String| TlsError::Pem {
@@ -95,12 +109,14 @@ pub fn client_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         .with_no_client_auth())
 }
 
+#[cfg(feature = "kbs-server")]
 /// A listener yielding TLS streams, for `axum::serve`.
 pub struct TlsListener {
     incoming: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
 }
 
+#[cfg(feature = "kbs-server")]
 impl TlsListener {
     /// Accepts TCP on `tcp` and completes handshakes with `config`.
     pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
@@ -140,6 +156,7 @@ impl TlsListener {
     }
 }
 
+#[cfg(feature = "kbs-server")]
 impl Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
@@ -157,16 +174,19 @@ impl Listener for TlsListener {
     }
 }
 
+#[cfg(feature = "kbs-server")]
 /// The client's address, over plain TCP or TLS.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
+#[cfg(feature = "kbs-server")]
 impl Connected<IncomingStream<'_, TcpListener>> for PeerAddr {
     fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
         Self(*stream.remote_addr())
     }
 }
 
+#[cfg(feature = "kbs-server")]
 impl Connected<IncomingStream<'_, TlsListener>> for PeerAddr {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
         Self(*stream.remote_addr())
