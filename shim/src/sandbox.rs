@@ -1175,4 +1175,41 @@ mod tests {
         assert!(!source.join("new").exists());
         dir.remove().unwrap();
     }
+
+    #[tokio::test]
+    async fn an_overlay_rootfs_is_mounted_through_the_fd() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: mounting an overlay needs root");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let layer = |name: &str| {
+            let path = state.path().join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            path
+        };
+        let (lower, upper, work) = (layer("lower"), layer("upper"), layer("work"));
+        std::fs::write(lower.join("marker"), "image\n").unwrap();
+        let overlay = Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                format!("lowerdir={}", lower.display()),
+                format!("upperdir={}", upper.display()),
+                format!("workdir={}", work.display()),
+            ],
+            ..Default::default()
+        };
+        let dir = SandboxDir::new(state.path(), "default", "pod");
+        dir.create().unwrap();
+        let target = dir.rootfs_target("c1");
+        let mounted = mount_rootfs("c1", &[overlay], &lower, &dir.shared_dir(), &target).await;
+        let read = std::fs::read_to_string(target.join("marker")).ok();
+        let listed = mounts_below(&dir.shared_dir());
+        unmount_rootfs(&target).unwrap();
+        mounted.unwrap();
+        assert_eq!(read.as_deref(), Some("image\n"));
+        assert_eq!(listed, vec![target]);
+        dir.remove().unwrap();
+    }
 }
