@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod network;
 pub mod pod_policy;
 pub mod policy_gen;
+pub mod safe_path;
 pub mod sandbox;
 pub mod service;
 pub mod stats;

@@ -32,6 +32,7 @@ use crate::network::{
     network_namespace, setup_pod_network, teardown_pod_network, PodNetwork, PodNetworkError,
     PodNetworkNamespace, PodSpecError,
 };
+use crate::safe_path::{open_beneath, Leaf, MountTarget};
 use crate::vmm_client::{
     hypervisor_for, log_tail, ChildExit, Hypervisor, HypervisorError, VmPaths,
 };
@@ -316,11 +317,14 @@ pub fn spec_root(bundle: &Path, spec: &serde_json::Value) -> PathBuf {
 
 /// Mounts a container's rootfs at `target`: containerd's mounts (overlay
 /// from the snapshotter), or a bind of `root_dir` (the spec's root) when
-/// containerd passed none (`ctr run --rootfs`).
+/// containerd passed none (`ctr run --rootfs`). `target` lies below the
+/// pod's `shared/` folder, which the guest writes: it is opened without
+/// following symlinks (see [`crate::safe_path`]) and mounted through its fd.
 pub async fn mount_rootfs(
     container_id: &str,
     mounts: &[Mount],
     root_dir: &Path,
+    shared: &Path,
     target: &Path,
 ) -> Result<(), SandboxError> {
     let fail = |reason: String| SandboxError::Rootfs {
@@ -328,60 +332,154 @@ pub async fn mount_rootfs(
         target: target.to_path_buf(),
         reason,
     };
-    std::fs::create_dir_all(target).map_err(|e| fail(e.to_string()))?;
-    if mounts.is_empty() {
-        let source = root_dir;
-        let bind = Mount {
+    let relative = target
+        .strip_prefix(shared)
+        .map_err(|_| fail(format!("not below {}", shared.display())))?;
+    let opened =
+        open_beneath(shared, relative, Leaf::Directory).map_err(|e| fail(e.to_string()))?;
+    let bind;
+    let mounts = if mounts.is_empty() {
+        bind = [Mount {
             type_: "bind".into(),
-            source: source.display().to_string(),
+            source: root_dir.display().to_string(),
             options: vec!["rbind".into(), "rw".into()],
             ..Default::default()
-        };
-        return containerd_shim::asynchronous::util::mount_rootfs(&bind, target)
-            .await
-            .map_err(|e| fail(e.to_string()));
-    }
+        }];
+        &bind[..]
+    } else {
+        mounts
+    };
     for mount in mounts {
-        containerd_shim::asynchronous::util::mount_rootfs(mount, target)
+        let (first, later) = split_later_steps(mount);
+        containerd_shim::asynchronous::util::mount_rootfs(&first, opened.proc_path())
             .await
             .map_err(|e| fail(e.to_string()))?;
+        later.apply(&opened).map_err(fail)?;
     }
     Ok(())
 }
 
-/// Bind-mounts the host path `source` (file or folder) at `target`,
-/// read-only when asked (a bind mount ignores `MS_RDONLY` until
-/// remounted).
-pub fn bind_share(source: &Path, target: &Path, read_only: bool) -> Result<(), String> {
+/// What containerd's mount helper does to the target path after mounting
+/// (a propagation change, a read-only remount of a bind). Those need the
+/// mount's root, which the pre-mount fd is not (it reaches the covered
+/// folder): they are done here on the target opened again.
+#[derive(Debug, PartialEq, Eq)]
+struct LaterSteps {
+    propagation: nix::mount::MsFlags,
+    bind_read_only: bool,
+}
+
+impl Default for LaterSteps {
+    fn default() -> Self {
+        Self {
+            propagation: nix::mount::MsFlags::empty(),
+            bind_read_only: false,
+        }
+    }
+}
+
+fn split_later_steps(mount: &Mount) -> (Mount, LaterSteps) {
+    use nix::mount::MsFlags;
+    let mut later = LaterSteps::default();
+    let is_bind = mount.options.iter().any(|o| o == "bind" || o == "rbind");
+    let mut read_only = false;
+    let mut first = mount.clone();
+    first.options = mount
+        .options
+        .iter()
+        .filter(|option| {
+            let propagation = match option.as_str() {
+                "shared" => MsFlags::MS_SHARED,
+                "rshared" => MsFlags::MS_SHARED | MsFlags::MS_REC,
+                "private" => MsFlags::MS_PRIVATE,
+                "rprivate" => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+                "slave" => MsFlags::MS_SLAVE,
+                "rslave" => MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                "unbindable" => MsFlags::MS_UNBINDABLE,
+                "runbindable" => MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+                "ro" if is_bind => {
+                    read_only = true;
+                    return false;
+                }
+                "rw" if is_bind => {
+                    read_only = false;
+                    return false;
+                }
+                _ => return true,
+            };
+            later.propagation |= propagation;
+            false
+        })
+        .cloned()
+        .collect();
+    later.bind_read_only = read_only;
+    (first, later)
+}
+
+impl LaterSteps {
+    fn apply(&self, target: &MountTarget) -> Result<(), String> {
+        use nix::mount::{mount, MsFlags};
+        if self.propagation.is_empty() && !self.bind_read_only {
+            return Ok(());
+        }
+        let top = target.reopen().map_err(|e| e.to_string())?;
+        let on = crate::safe_path::fd_path(top.as_raw_fd());
+        let none: Option<&str> = None;
+        if !self.propagation.is_empty() {
+            mount(none, &on, none, self.propagation, none)
+                .map_err(|e| format!("change mount propagation: {e}"))?;
+        }
+        if self.bind_read_only {
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(none, &on, none, flags, none).map_err(|e| format!("remount read-only: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Bind-mounts the host path `source` (file or folder) at `target` below
+/// the pod's `shared/` folder (opened without following symlinks, see
+/// [`crate::safe_path`]), read-only when asked (a bind mount ignores
+/// `MS_RDONLY` until remounted).
+pub fn bind_share(
+    source: &Path,
+    shared: &Path,
+    target: &Path,
+    read_only: bool,
+) -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
     let meta = std::fs::metadata(source).map_err(|e| e.to_string())?;
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
-    if meta.is_dir() {
-        std::fs::create_dir_all(target).map_err(|e| e.to_string())?;
+    let relative = target
+        .strip_prefix(shared)
+        .map_err(|_| format!("{} is not below {}", target.display(), shared.display()))?;
+    let leaf = if meta.is_dir() {
+        Leaf::Directory
     } else {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(target)
-            .map_err(|e| e.to_string())?;
-    }
+        Leaf::File
+    };
+    let opened = open_beneath(shared, relative, leaf).map_err(|e| e.to_string())?;
     let none: Option<&str> = None;
     mount(
         Some(source),
-        target,
+        &opened.proc_path(),
         none,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         none,
     )
     .map_err(|e| format!("bind mount: {e}"))?;
     if read_only {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = mount(none, target, none, flags, none) {
-            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
-            return Err(format!("remount read-only: {e}"));
+        let later = LaterSteps {
+            bind_read_only: true,
+            ..Default::default()
+        };
+        if let Err(e) = later.apply(&opened) {
+            // The bind is the topmost mount at the name: undone through the
+            // same no-symlink lookup.
+            if let Ok(top) = opened.reopen() {
+                let on = crate::safe_path::fd_path(top.as_raw_fd());
+                let _ = nix::mount::umount2(&on, nix::mount::MntFlags::MNT_DETACH);
+            }
+            return Err(e);
         }
     }
     Ok(())
@@ -718,7 +816,8 @@ impl SandboxLauncher for VmLauncher {
         root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError> {
         let target = sandbox.dir.rootfs_target(container_id);
-        mount_rootfs(container_id, mounts, root_dir, &target).await?;
+        let shared = sandbox.dir.shared_dir();
+        mount_rootfs(container_id, mounts, root_dir, &shared, &target).await?;
         Ok(shared_rootfs(container_id))
     }
 
@@ -729,14 +828,15 @@ impl SandboxLauncher for VmLauncher {
         mounts: &[SharedMount],
     ) -> Result<(), SandboxError> {
         for mount in mounts {
-            let target = sandbox.dir.shared_dir().join(&mount.share_path);
-            bind_share(&mount.host_source, &target, mount.read_only).map_err(|reason| {
-                SandboxError::Rootfs {
+            let shared = sandbox.dir.shared_dir();
+            let target = shared.join(&mount.share_path);
+            bind_share(&mount.host_source, &shared, &target, mount.read_only).map_err(
+                |reason| SandboxError::Rootfs {
                     container_id: container_id.to_owned(),
                     target: target.clone(),
                     reason: format!("share {}: {reason}", mount.host_source.display()),
-                }
-            })?;
+                },
+            )?;
         }
         Ok(())
     }
@@ -966,9 +1066,15 @@ mod tests {
             }
         }
         let _guard = Unmount(target.clone());
-        mount_rootfs("c1", &[], &bundle.join("rootfs"), &target)
-            .await
-            .unwrap();
+        mount_rootfs(
+            "c1",
+            &[],
+            &bundle.join("rootfs"),
+            &dir.shared_dir(),
+            &target,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             std::fs::read_to_string(target.join("etc/hostname")).unwrap(),
             "box\n"
@@ -980,5 +1086,130 @@ mod tests {
         unmount_rootfs(&target).unwrap();
         dir.remove().unwrap();
         assert!(bundle.join("rootfs/etc/hostname").exists());
+    }
+
+    #[test]
+    fn bind_options_leave_read_only_and_propagation_for_later() {
+        let mount = Mount {
+            type_: "bind".into(),
+            source: "/snap/1".into(),
+            options: vec!["rbind".into(), "ro".into(), "rprivate".into()],
+            ..Default::default()
+        };
+        let (first, later) = split_later_steps(&mount);
+        assert_eq!(first.options, vec!["rbind".to_string()]);
+        assert!(later.bind_read_only);
+        assert_eq!(
+            later.propagation,
+            nix::mount::MsFlags::MS_PRIVATE | nix::mount::MsFlags::MS_REC
+        );
+        // Overlay options are passed through untouched.
+        let overlay = Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: vec!["ro".into(), "lowerdir=/a:/b".into()],
+            ..Default::default()
+        };
+        let (first, later) = split_later_steps(&overlay);
+        assert_eq!(first.options, overlay.options);
+        assert_eq!(later, LaterSteps::default());
+    }
+
+    #[tokio::test]
+    async fn rootfs_and_shares_refuse_a_symlink_planted_by_the_guest() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: mounting a rootfs needs root");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("image");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::write(rootfs.join("marker"), "m").unwrap();
+        let dir = SandboxDir::new(state.path(), "default", "pod");
+        dir.create().unwrap();
+        let shared = dir.shared_dir();
+        std::fs::create_dir(shared.join("c1")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), shared.join("c1/rootfs")).unwrap();
+        let target = dir.rootfs_target("c1");
+        let err = mount_rootfs("c1", &[], &rootfs, &shared, &target)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("component 'rootfs' is a symlink"),
+            "{err}"
+        );
+        std::fs::create_dir(shared.join("c2")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), shared.join("c2/mounts")).unwrap();
+        let err = bind_share(&rootfs, &shared, &shared.join("c2/mounts/0"), true).unwrap_err();
+        assert!(err.contains("component 'mounts' is a symlink"), "{err}");
+        assert!(!outside.path().join("marker").exists());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        assert!(mounts_below(outside.path()).is_empty());
+        assert!(mounts_below(&shared).is_empty());
+        dir.remove().unwrap();
+    }
+
+    #[test]
+    fn a_read_only_share_is_bound_and_remounted_through_the_fd() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: bind mounts need root");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let source = state.path().join("volume");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("data"), "d").unwrap();
+        let dir = SandboxDir::new(state.path(), "default", "pod");
+        dir.create().unwrap();
+        let shared = dir.shared_dir();
+        let target = shared.join("c1/mounts/0");
+        bind_share(&source, &shared, &target, true).unwrap();
+        let listed = mounts_below(&shared) == vec![target.clone()];
+        let read = std::fs::read_to_string(target.join("data")).ok();
+        let write = std::fs::write(target.join("new"), "x");
+        unmount_rootfs(&target).unwrap();
+        assert!(listed);
+        assert_eq!(read.as_deref(), Some("d"));
+        assert!(write.is_err(), "the share must be read-only");
+        assert!(!source.join("new").exists());
+        dir.remove().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_overlay_rootfs_is_mounted_through_the_fd() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: mounting an overlay needs root");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let layer = |name: &str| {
+            let path = state.path().join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            path
+        };
+        let (lower, upper, work) = (layer("lower"), layer("upper"), layer("work"));
+        std::fs::write(lower.join("marker"), "image\n").unwrap();
+        let overlay = Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                format!("lowerdir={}", lower.display()),
+                format!("upperdir={}", upper.display()),
+                format!("workdir={}", work.display()),
+            ],
+            ..Default::default()
+        };
+        let dir = SandboxDir::new(state.path(), "default", "pod");
+        dir.create().unwrap();
+        let target = dir.rootfs_target("c1");
+        let mounted = mount_rootfs("c1", &[overlay], &lower, &dir.shared_dir(), &target).await;
+        let read = std::fs::read_to_string(target.join("marker")).ok();
+        let listed = mounts_below(&dir.shared_dir());
+        unmount_rootfs(&target).unwrap();
+        mounted.unwrap();
+        assert_eq!(read.as_deref(), Some("image\n"));
+        assert_eq!(listed, vec![target]);
+        dir.remove().unwrap();
     }
 }
