@@ -6,6 +6,7 @@ pub mod certs;
 pub mod initdata;
 pub mod kbs;
 pub mod measure;
+pub mod pod_config;
 pub mod snp;
 pub mod tdx;
 

@@ -161,10 +161,28 @@ async fn serve(
         reaper,
     );
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    let confidential = if is_pid1 {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        // The policy engine connects here: a PolicyInstaller taking the
+        // text of init-data's policy.rego. Until then a document carrying a
+        // policy fails attestation rather than run without it.
+        cloister_agent::attest::ConfidentialGuest::from_cmdline(&cmdline, None)
+            .context("confidential guest parameters")?
+            .map(Arc::new)
+    } else {
+        None
+    };
+    if let Some(guest) = &confidential {
+        tracing::info!(
+            tee = guest.tee().name(),
+            "confidential guest: containers wait for attestation"
+        );
+    }
     let service = Arc::new(AgentServer {
         manager: manager.clone(),
         is_guest_init: is_pid1,
         shutdown: shutdown.clone(),
+        confidential,
     });
 
     match stdio_listen {

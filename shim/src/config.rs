@@ -246,6 +246,7 @@ pub struct RuntimeConfig {
     pub agent: AgentSection,
     pub network: NetworkSection,
     pub inspection: InspectionSection,
+    pub confidential: crate::confidential::ConfidentialSection,
 }
 
 /// Annotations that may appear in `annotations.allowed`.

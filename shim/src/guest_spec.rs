@@ -91,6 +91,11 @@ pub fn for_guest(
                     field: field.clone(),
                     reason: "a bind mount needs a source".into(),
                 })?;
+            // An attested secret is the agent's to resolve in the guest:
+            // nothing is shared from the host for it.
+            if source.starts_with(cloister_protocol::confidential::SECRET_MOUNT_SCHEME) {
+                continue;
+            }
             if !source.starts_with('/') || source.split('/').any(|part| part == "..") {
                 return Err(GuestSpecError::Invalid {
                     field,

@@ -3,6 +3,7 @@
 pub mod agent_client;
 pub mod check;
 pub mod compat;
+pub mod confidential;
 pub mod config;
 pub mod container;
 pub mod events;

@@ -49,6 +49,10 @@ pub enum SandboxError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
+    Confidential(#[from] crate::confidential::ConfidentialError),
+    #[error(transparent)]
+    KbsForward(#[from] crate::confidential::kbs_forward::KbsForwardError),
+    #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -429,6 +433,10 @@ pub struct PodSandbox {
     pub inspection: InspectionSection,
     /// Set once the VM or the agent connection is gone.
     gone: std::sync::atomic::AtomicBool,
+    /// Confidential pods: their settings, and the KBS forwarder living as
+    /// long as the pod.
+    pub confidential: Option<crate::confidential::PodConfidential>,
+    kbs_forwarder: Option<crate::confidential::kbs_forward::KbsForwarder>,
 }
 
 impl PodSandbox {
@@ -446,7 +454,21 @@ impl PodSandbox {
             netns: None,
             inspection: InspectionSection::default(),
             gone: std::sync::atomic::AtomicBool::new(false),
+            confidential: None,
+            kbs_forwarder: None,
         }
+    }
+
+    /// Records that this pod is confidential (host shares are then checked
+    /// against its `allow_host_shares`).
+    pub fn with_confidential(
+        mut self,
+        confidential: Option<crate::confidential::PodConfidential>,
+        kbs_forwarder: Option<crate::confidential::kbs_forward::KbsForwarder>,
+    ) -> Self {
+        self.confidential = confidential;
+        self.kbs_forwarder = kbs_forwarder;
+        self
     }
 
     /// Records the network namespace plumbed for this pod, to undo on
@@ -580,7 +602,17 @@ impl SandboxLauncher for VmLauncher {
         let env = std::env::var(crate::config::CONFIG_ENV).ok();
         let source = ConfigSource::resolve(options_config_path.as_deref(), env.as_deref());
         let config = RuntimeConfig::load(&source)?;
-        let mut vm = config.pod_vm(&bundle_annotations(spec))?;
+        let pod_annotations = bundle_annotations(spec);
+        let mut vm = config.pod_vm(&pod_annotations)?;
+        let confidential =
+            crate::confidential::PodConfidential::resolve(&config.confidential, &pod_annotations)?;
+        if let Some(confidential) = &confidential {
+            if !vm.kernel_params.is_empty() {
+                vm.kernel_params.push(' ');
+            }
+            vm.kernel_params.push_str(&confidential.kernel_params());
+            vm.shared_fs = confidential.shares_anything();
+        }
         let network = plumb_network(&config, spec).await?;
         let netns = network.as_ref().map(|n| n.netns.clone());
         if let Some(network) = &network {
@@ -601,16 +633,28 @@ impl SandboxLauncher for VmLauncher {
             return Err(e);
         }
         let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
+        let mut kbs_forwarder = None;
         let connected = async {
             hypervisor.start().await?;
-            let endpoint = AgentEndpoint::HybridVsock {
-                uds: hypervisor.vsock_uds(),
-            };
+            let uds = hypervisor.vsock_uds();
+            // Listening before the guest boots far enough to dial it.
+            if let Some((port, kbs)) = confidential.as_ref().and_then(|c| c.kbs_forward.clone()) {
+                let path = PathBuf::from(format!("{}_{port}", uds.display()));
+                kbs_forwarder = Some(crate::confidential::kbs_forward::KbsForwarder::spawn(
+                    &path, kbs, None,
+                )?);
+            }
+            let endpoint = AgentEndpoint::HybridVsock { uds };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
             let agent = endpoint.connect_until(timeout).await?;
-            agent
-                .setup_sandbox(setup_request(&guest_hostname(spec, sandbox_id)))
-                .await?;
+            let mut setup = setup_request(&guest_hostname(spec, sandbox_id));
+            if let Some(confidential) = &confidential {
+                if !confidential.shares_anything() {
+                    setup.mounts.clear();
+                }
+                confidential.add_to_setup(&mut setup);
+            }
+            agent.setup_sandbox(setup).await?;
             if let Some(network) = &network {
                 agent
                     .update_network(
@@ -628,7 +672,8 @@ impl SandboxLauncher for VmLauncher {
             Ok(agent) => Ok(
                 PodSandbox::new(sandbox_id, Arc::new(agent), dir, Some(hypervisor))
                     .with_network(netns)
-                    .with_inspection(config.inspection.clone()),
+                    .with_inspection(config.inspection.clone())
+                    .with_confidential(confidential, kbs_forwarder),
             ),
             Err(e) => {
                 // Nothing of a failed start stays behind.
@@ -651,6 +696,9 @@ impl SandboxLauncher for VmLauncher {
         mounts: &[Mount],
         root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError> {
+        if let Some(confidential) = &sandbox.confidential {
+            confidential.check_share(crate::confidential::HostShare::Rootfs, root_dir)?;
+        }
         let target = sandbox.dir.rootfs_target(container_id);
         mount_rootfs(container_id, mounts, root_dir, &target).await?;
         Ok(shared_rootfs(container_id))
@@ -662,6 +710,12 @@ impl SandboxLauncher for VmLauncher {
         container_id: &str,
         mounts: &[SharedMount],
     ) -> Result<(), SandboxError> {
+        if let Some(confidential) = &sandbox.confidential {
+            for mount in mounts {
+                confidential
+                    .check_share(crate::confidential::HostShare::Bind, &mount.host_source)?;
+            }
+        }
         for mount in mounts {
             let target = sandbox.dir.shared_dir().join(&mount.share_path);
             bind_share(&mount.host_source, &target, mount.read_only).map_err(|reason| {

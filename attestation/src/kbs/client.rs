@@ -96,6 +96,33 @@ impl KbsClient {
         Ok(Self::with_http(base_url, http))
     }
 
+    /// A client as a guest builds it from its init-data: `https://` trusting
+    /// exactly `ca_pem` (plain `http://` when none is given), and every
+    /// connection made over the Unix socket `via` when set (a forwarder to
+    /// the KBS, e.g. over vsock); TLS still runs end to end to the URL's
+    /// host name, so the forwarder only sees ciphertext.
+    pub fn for_guest(
+        base_url: &str,
+        ca_pem: Option<&[u8]>,
+        via: Option<&std::path::Path>,
+    ) -> Result<Self, KbsClientError> {
+        install_ring_provider();
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = ca_pem {
+            builder = builder
+                .tls_backend_preconfigured(client_config(ca)?)
+                .https_only(true);
+        }
+        if let Some(path) = via {
+            builder = builder.unix_socket(path);
+        }
+        let http = builder.build().map_err(|source| KbsClientError::Http {
+            url: base_url.to_owned(),
+            source,
+        })?;
+        Ok(Self::with_http(base_url, http))
+    }
+
     fn with_http(base_url: &str, http: reqwest::Client) -> Self {
         Self {
             http,
