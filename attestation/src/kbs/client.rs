@@ -8,7 +8,7 @@ use super::protocol::{
     Request, RuntimeData, TeeKeyPair, WireInitData, PROTOCOL_VERSION, SESSION_COOKIE,
 };
 use super::store::{check_segment, StoreError};
-use super::tls::{client_config, install_ring_provider, TlsError};
+use super::tls::{client_config, client_config_trusting_nothing, install_ring_provider, TlsError};
 use thiserror::Error;
 
 /// Errors from the client.
@@ -107,15 +107,17 @@ impl KbsClient {
         via: Option<&std::path::Path>,
     ) -> Result<Self, KbsClientError> {
         install_ring_provider();
-        let mut builder = reqwest::Client::builder();
-        if let Some(ca) = ca_pem {
-            builder = builder
+        let builder = match ca_pem {
+            Some(ca) => reqwest::Client::builder()
                 .tls_backend_preconfigured(client_config(ca)?)
-                .https_only(true);
-        }
-        if let Some(path) = via {
-            builder = builder.unix_socket(path);
-        }
+                .https_only(true),
+            None => reqwest::Client::builder()
+                .tls_backend_preconfigured(client_config_trusting_nothing()?),
+        };
+        let builder = match via {
+            Some(path) => builder.unix_socket(path),
+            None => builder,
+        };
         let http = builder.build().map_err(|source| KbsClientError::Http {
             url: base_url.to_owned(),
             source,

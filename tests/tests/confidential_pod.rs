@@ -1,0 +1,506 @@
+//! A confidential pod end to end with the `sample` TEE (no SEV/TDX
+//! hardware here): `cloister-kbs --insecure-allow-sample-tee` on the host
+//! holding one secret, the agent as PID 1 of a QEMU/TCG guest (the
+//! `AgentGuest` harness: our vsock back end over vhost-user), and the
+//! shim's own code for everything host-side: the init-data annotation
+//! (base64 of gzip'd TOML, Kata's format) decoded and checked by
+//! `PodConfidential`, its kernel parameters, the SetupSandbox request and
+//! the vsock forwarder to the KBS.
+//!
+//! - attested: a container mounting `cloister-secret://token` and holding
+//!   the same secret as a sealed env value prints the secret's SHA-256
+//!   (never the secret: stdout reaches the host), its file mode 0400;
+//!   afterwards no file, log or socket capture the host side holds (the
+//!   harness folder with the vhost-user sockets and logs, the console and
+//!   back-end transcript, the forwarder's capture of every KBS byte, the
+//!   container's output, the KBS audit log) contains the secret, raw or
+//!   base64;
+//! - tampered: the host delivers init-data that differs from what the
+//!   launch bound: no container is created, the reason names the digest
+//!   mismatch, and the KBS never hears from the guest;
+//! - refused: the KBS's reference values accept another init-data digest:
+//!   no container is created and the reason says the KBS refused evidence.
+//!
+//! Network: the guest reaches the KBS through host vsock port 1026, which
+//! the forwarder joins to the KBS's TCP port (no tap, no route).
+//!
+//! Skips, with the reason printed, when QEMU, the guest image, the
+//! `cloister-vmm` or `cloister-kbs` binary is missing.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use cloister_e2e::agent_guest::{
+    busybox_spec, connect_agent, create_request, ctx, run_to_exit, shutdown, AgentGuest,
+    AgentGuestFixture,
+};
+use cloister_protocol::agent;
+use cloister_protocol::annotations;
+use cloister_shim::confidential::kbs_forward::{KbsForwarder, Transcript};
+use cloister_shim::confidential::{ConfidentialSection, PodConfidential, TeeKind};
+use sha2::{Digest, Sha256};
+
+const KBS_VSOCK_PORT: u32 = 1026;
+const RESOURCE: &str = "test/key/token";
+
+/// `cloister-kbs` beside the test binary (`cargo build -p
+/// cloister-attestation --bin cloister-kbs`) or `$CLOISTER_KBS`.
+fn find_kbs() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CLOISTER_KBS").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("cloister-kbs"), dir.parent()?.join("cloister-kbs")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+struct Setup {
+    fixture: AgentGuestFixture,
+    kbs_binary: PathBuf,
+}
+
+fn setup() -> Option<Setup> {
+    let fixture = match AgentGuestFixture::locate() {
+        Ok(f) => f,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return None;
+        }
+    };
+    let Some(kbs_binary) = find_kbs() else {
+        eprintln!(
+            "SKIP: cloister-kbs binary not found (cargo build -p cloister-attestation --bin cloister-kbs, or set CLOISTER_KBS)"
+        );
+        return None;
+    };
+    Some(Setup {
+        fixture,
+        kbs_binary,
+    })
+}
+
+/// A running `cloister-kbs`, killed on drop.
+struct Kbs {
+    child: Child,
+    address: String,
+    audit: PathBuf,
+    /// Policy, resources and audit log (the KBS may hold the secret).
+    dir: tempfile::TempDir,
+}
+
+impl Kbs {
+    /// Serves `secret` as [`RESOURCE`] to sample-TEE guests whose init-data
+    /// digest is one of `accepted_digests`.
+    fn start(binary: &Path, secret: &[u8], accepted_digests: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let resource = dir.path().join("resources").join(RESOURCE);
+        std::fs::create_dir_all(resource.parent().unwrap()).unwrap();
+        std::fs::write(&resource, secret).unwrap();
+        let digests: Vec<String> = accepted_digests.iter().map(|d| format!("{d:?}")).collect();
+        let policy = dir.path().join("kbs.toml");
+        std::fs::write(
+            &policy,
+            format!(
+                "[reference.init_data]\nrequired = true\ndigests = [{}]\n\n[[policy]]\nresources = \"test/*/*\"\ntees = [\"sample\"]\n",
+                digests.join(", ")
+            ),
+        )
+        .unwrap();
+        let audit = dir.path().join("audit.jsonl");
+        let mut child = Command::new(binary)
+            .args(["--listen", "127.0.0.1:0", "--insecure-allow-sample-tee"])
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--resources")
+            .arg(dir.path().join("resources"))
+            .arg("--audit-log")
+            .arg(&audit)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cloister-kbs");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let address = loop {
+            let line = lines
+                .next()
+                .expect("cloister-kbs exited before listening")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("cloister-kbs listening on http://") {
+                break addr.trim().to_owned();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            address,
+            audit,
+            dir,
+        }
+    }
+
+    fn audit_log(&self) -> String {
+        std::fs::read_to_string(&self.audit).unwrap_or_default()
+    }
+}
+
+impl Drop for Kbs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pod's init-data. The KBS URL's host only names the KBS (Host
+/// header, TLS name): the guest's connections go over host vsock port
+/// [`KBS_VSOCK_PORT`], which the shim forwards to the KBS's real address.
+const INIT_DATA: &str = "version = \"0.1.0\"
+algorithm = \"sha384\"
+[data]
+\"cloister.toml\" = '''
+[kbs]
+url = \"http://kbs.cloister.test:8080\"
+vsock_port = 1026
+[resources]
+token = \"test/key/token\"
+'''
+";
+
+fn digest_of(doc: &str) -> String {
+    cloister_shim::confidential::init_data::validate(doc.as_bytes())
+        .expect("valid init-data")
+        .digest_hex()
+}
+
+/// The pod annotation as Kata/CoCo users write it: base64 of gzip'd TOML.
+fn annotation(doc: &str) -> HashMap<String, String> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(doc.as_bytes()).unwrap();
+    HashMap::from([(
+        annotations::INIT_DATA.to_owned(),
+        STANDARD.encode(gz.finish().unwrap()),
+    )])
+}
+
+/// CoCo's sealed-secret form of a reference to a KBS resource.
+fn sealed(resource: &str) -> String {
+    let payload = format!(
+        r#"{{"version":"0.1.0","type":"vault","name":"kbs:///{resource}","provider":"kbs","provider_settings":{{}},"annotations":{{}}}}"#
+    );
+    format!(
+        "sealed.{}.{}.",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+        URL_SAFE_NO_PAD.encode(payload)
+    )
+}
+
+/// The shim's view of the pod: init-data from the annotation, the
+/// forward to the KBS's real address.
+fn resolve_pod(kbs: &Kbs) -> PodConfidential {
+    let section = ConfidentialSection {
+        tee: Some(TeeKind::Sample),
+        kbs_url: Some(format!("http://{}", kbs.address)),
+        ..Default::default()
+    };
+    let pod = PodConfidential::resolve(&section, &annotation(INIT_DATA))
+        .expect("the shim accepts the pod's init-data")
+        .expect("a confidential pod");
+    assert_eq!(pod.kbs_forward.as_ref().map(|f| f.0), Some(KBS_VSOCK_PORT));
+    pod
+}
+
+/// A guest launched with the pod's binding on its command line.
+fn launch(fixture: &AgentGuestFixture, pod: &PodConfidential) -> AgentGuest {
+    let mut guest = AgentGuest::new(fixture.clone()).expect("prepare the guest");
+    let params = pod.kernel_params();
+    let qemu = guest.qemu_mut();
+    qemu.cmdline.push(' ');
+    qemu.cmdline.push_str(&params);
+    guest
+}
+
+/// The forwarder the shim runs for the pod, on `<vsock uds>_<port>`.
+fn forwarder(uds: &Path, pod: &PodConfidential, transcript: &Transcript) -> KbsForwarder {
+    let (port, target) = pod
+        .kbs_forward
+        .clone()
+        .expect("init-data asks for a forward");
+    let path = PathBuf::from(format!("{}_{port}", uds.display()));
+    KbsForwarder::spawn(&path, target, Some(transcript.clone())).expect("forwarder")
+}
+
+fn setup_request(init_data: &[u8]) -> agent::SetupSandboxRequest {
+    let mut request = agent::SetupSandboxRequest::new();
+    request.hostname = "confidential".into();
+    request.init_data = init_data.to_vec();
+    request
+}
+
+/// A container that reads the secret file and the sealed env value and
+/// prints only their SHA-256 (stdout reaches the host).
+fn reader_spec() -> serde_json::Value {
+    let mut spec = busybox_spec(&[
+        "sh",
+        "-c",
+        "sha256sum /secrets/token; echo -n \"$SEALED\" | sha256sum; stat -c 'mode=%a' /secrets/token; (echo x > /secrets/token) 2>/dev/null || echo read-only",
+    ]);
+    spec["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(format!("SEALED={}", sealed(RESOURCE)).into());
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/secrets/token",
+            "source": "cloister-secret://token",
+            "type": "bind"
+        }));
+    spec
+}
+
+/// Every file below `dir`, recursively (sockets skipped).
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => out.extend(files_below(&path)),
+            Ok(t) if t.is_file() => out.push(path),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn fresh_secret() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("cloister-e2e-secret-{nanos:032x}-{}", std::process::id())
+}
+
+#[test]
+fn attested_pod_reads_its_secret_and_the_host_never_sees_it() {
+    let Some(setup) = setup() else { return };
+    let secret = fresh_secret();
+    let kbs = Kbs::start(
+        &setup.kbs_binary,
+        secret.as_bytes(),
+        &[digest_of(INIT_DATA)],
+    );
+    let pod = resolve_pod(&kbs);
+    let guest = launch(&setup.fixture, &pod);
+    let harness_dir = guest.dir().to_path_buf();
+    let transcript = Transcript::default();
+    let needles = [
+        secret.as_bytes().to_vec(),
+        STANDARD.encode(&secret).into_bytes(),
+        URL_SAFE_NO_PAD.encode(&secret).into_bytes(),
+    ];
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let leaks = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (stdout_in, leaks_in, needles_in, transcript_in) = (
+        stdout.clone(),
+        leaks.clone(),
+        needles.clone(),
+        transcript.clone(),
+    );
+    let console = guest.run_capturing(move |uds| async move {
+        let _forward = forwarder(&uds, &pod, &transcript_in);
+        let client = connect_agent(&uds).await.expect("connect to the agent");
+        let mut setup_req = setup_request(&[]);
+        pod.add_to_setup(&mut setup_req);
+        client
+            .setup_sandbox(ctx(), &setup_req)
+            .await
+            .expect("setup sandbox");
+        let (out, status) = run_to_exit(
+            &client,
+            &uds,
+            create_request("reader", &reader_spec(), true),
+        )
+        .await;
+        println!("container output:\n{out}");
+        assert_eq!(status, 0, "{out}");
+        *stdout_in.lock().unwrap() = out;
+
+        // What the host side holds while the guest still runs: the
+        // harness folder (vhost-user sockets, back-end logs) and every
+        // byte the KBS forwarder carried.
+        let mut found = Vec::new();
+        let files = files_below(&harness_dir);
+        for file in &files {
+            let bytes = std::fs::read(file).unwrap_or_default();
+            if needles_in.iter().any(|n| contains(&bytes, n)) {
+                found.push(file.display().to_string());
+            }
+        }
+        println!("searched {} host files for the secret", files.len());
+        let captured = transcript_in.lock().unwrap().clone();
+        assert!(
+            contains(&captured, b"/kbs/v0/attest"),
+            "the forwarder did not carry the attestation"
+        );
+        println!(
+            "searched {} bytes of kbs traffic for the secret",
+            captured.len()
+        );
+        if needles_in.iter().any(|n| contains(&captured, n)) {
+            found.push("the kbs forwarder's capture".into());
+        }
+        leaks_in.lock().unwrap().extend(found);
+        shutdown(&client).await;
+    });
+
+    let stdout = stdout.lock().unwrap().clone();
+    let secret_sha = hex_sha256(secret.as_bytes());
+    assert!(
+        stdout.contains(&format!("{secret_sha}  /secrets/token")),
+        "the container did not read the secret file: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{secret_sha}  -")),
+        "the sealed env value was not unsealed: {stdout}"
+    );
+    assert!(stdout.contains("mode=400"), "{stdout}");
+    assert!(stdout.contains("read-only"), "{stdout}");
+    assert!(console.contains("attestation succeeded"), "{console}");
+    let mut leaks = leaks.lock().unwrap().clone();
+    let audit = kbs.audit_log();
+    assert!(audit.contains("\"allow\""), "kbs audit: {audit}");
+    for (what, text) in [
+        ("the console and back-end logs", console.as_str()),
+        ("the container output", stdout.as_str()),
+        ("the kbs audit log", audit.as_str()),
+    ] {
+        if needles.iter().any(|n| contains(text.as_bytes(), n)) {
+            leaks.push(what.into());
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "the secret reached the host in: {leaks:?}"
+    );
+    // The search finds the secret where it is meant to be: the KBS's store.
+    let stored = files_below(kbs.dir.path())
+        .iter()
+        .filter(|f| contains(&std::fs::read(f).unwrap_or_default(), &needles[0]))
+        .count();
+    assert_eq!(stored, 1, "positive control: the kbs resource file");
+}
+
+/// Boots a guest, delivers `delivered` as init-data, and returns the
+/// CreateContainer error (panics if the container is created).
+fn refused_create(setup: &Setup, kbs: &Kbs, delivered: &'static str) -> (String, String, usize) {
+    let pod = resolve_pod(kbs);
+    let guest = launch(&setup.fixture, &pod);
+    let transcript = Transcript::default();
+    let transcript_in = transcript.clone();
+    let reason = Arc::new(Mutex::new(String::new()));
+    let reason_in = reason.clone();
+    let console = guest.run_capturing(move |uds| async move {
+        let _forward = forwarder(&uds, &pod, &transcript_in);
+        let client = connect_agent(&uds).await.expect("connect to the agent");
+        client
+            .setup_sandbox(ctx(), &setup_request(delivered.as_bytes()))
+            .await
+            .expect("setup sandbox");
+        let err = client
+            .create_container(ctx(), &create_request("reader", &reader_spec(), true))
+            .await
+            .expect_err("the container must not be created");
+        let text = err.to_string();
+        println!("create refused: {text}");
+        assert!(
+            text.contains("FailedPrecondition") || text.contains("FAILED_PRECONDITION"),
+            "{text}"
+        );
+        *reason_in.lock().unwrap() = text;
+        // Nothing of it runs.
+        let mut wait = agent::WaitProcessRequest::new();
+        wait.container_id = "reader".into();
+        assert!(client.wait_process(ctx(), &wait).await.is_err());
+        shutdown(&client).await;
+    });
+    let captured = transcript.lock().unwrap().len();
+    let reason = reason.lock().unwrap().clone();
+    (reason, console, captured)
+}
+
+#[test]
+fn tampered_init_data_never_starts_a_container() {
+    let Some(setup) = setup() else { return };
+    let secret = fresh_secret();
+    let kbs = Kbs::start(
+        &setup.kbs_binary,
+        secret.as_bytes(),
+        &[digest_of(INIT_DATA)],
+    );
+    // The launch binds INIT_DATA; the host delivers a document asking for
+    // another resource.
+    const TAMPERED: &str = "version = \"0.1.0\"
+algorithm = \"sha384\"
+[data]
+\"cloister.toml\" = '''
+[kbs]
+url = \"http://kbs.cloister.test:8080\"
+vsock_port = 1026
+[resources]
+token = \"test/key/other\"
+'''
+";
+    let (reason, console, kbs_bytes) = refused_create(&setup, &kbs, TAMPERED);
+    assert!(reason.contains("attestation failed"), "{reason}");
+    assert!(reason.contains("does not match"), "{reason}");
+    assert!(reason.contains(&digest_of(TAMPERED)), "{reason}");
+    assert!(console.contains("attestation failed"), "{console}");
+    assert_eq!(
+        kbs_bytes, 0,
+        "the guest contacted the kbs with tampered init-data"
+    );
+    assert!(kbs.audit_log().is_empty(), "{}", kbs.audit_log());
+}
+
+#[test]
+fn kbs_refusing_the_evidence_never_starts_a_container() {
+    let Some(setup) = setup() else { return };
+    let secret = fresh_secret();
+    // The KBS accepts only some other pod's init-data.
+    let other = digest_of(&INIT_DATA.replace("token =", "other ="));
+    let kbs = Kbs::start(&setup.kbs_binary, secret.as_bytes(), &[other]);
+    let (reason, _console, kbs_bytes) = refused_create(&setup, &kbs, INIT_DATA);
+    assert!(reason.contains("attestation failed"), "{reason}");
+    assert!(
+        reason.contains("kbs at http://kbs.cloister.test:8080 refused evidence"),
+        "{reason}"
+    );
+    assert!(kbs_bytes > 0);
+    let audit = kbs.audit_log();
+    assert!(audit.contains("\"deny\""), "kbs audit: {audit}");
+    assert!(!audit.contains(&secret));
+}
