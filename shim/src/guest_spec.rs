@@ -209,4 +209,14 @@ mod tests {
             .to_string()
             .contains("mounts[0].source"));
     }
+
+    #[test]
+    fn secret_mounts_are_left_for_the_agent_and_share_nothing() {
+        let spec = json!({ "mounts": [
+            { "destination": "/s", "type": "bind", "source": "cloister-secret://token" }
+        ] });
+        let (guest, shared) = for_guest(&spec, "c1").unwrap();
+        assert!(shared.is_empty());
+        assert_eq!(guest["mounts"][0]["source"], "cloister-secret://token");
+    }
 }

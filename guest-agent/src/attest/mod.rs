@@ -47,8 +47,10 @@ use cmdline::GuestTee;
 use kbs_route::VsockKbsRoute;
 use secrets::SecretStore;
 
-/// How long the whole flow (evidence, KBS round trips, resources) may take.
-pub const ATTESTATION_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the whole flow (evidence, KBS round trips, resources) may
+/// take: under the shim's 30 s per-request timeout, so a waiting
+/// CreateContainer returns this reason rather than the shim's timeout.
+pub const ATTESTATION_DEADLINE: Duration = Duration::from_secs(25);
 
 /// Installs the agent API policy an init-data document carries (the text
 /// of its `policy.rego`). The policy engine provides it; `Err` names why
@@ -93,8 +95,8 @@ pub enum AttestError {
         resource: String,
         source: KbsClientError,
     },
-    #[error("kbs at {url} did not answer within {0:?}", ATTESTATION_DEADLINE)]
-    Timeout { url: String },
+    #[error("attestation with the kbs at {url} did not finish within {after:?}")]
+    Timeout { url: String, after: Duration },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -151,6 +153,7 @@ impl KbsSession {
         match tokio::time::timeout(ATTESTATION_DEADLINE, run).await {
             Err(_) => Err(AttestError::Timeout {
                 url: self.url.clone(),
+                after: ATTESTATION_DEADLINE,
             }),
             Ok(Err(e)) => Err(AttestError::from_attest(&self.url, e)),
             Ok(Ok(_token)) => Ok(()),
@@ -208,6 +211,7 @@ pub struct ConfidentialGuest {
     kbs_socket: PathBuf,
     tsm: Arc<dyn TsmReports>,
     policy_installer: Option<PolicyInstaller>,
+    deadline: Duration,
     outcome: watch::Sender<Outcome>,
 }
 
@@ -246,8 +250,15 @@ impl ConfidentialGuest {
             kbs_socket: paths.kbs_socket,
             tsm: Arc::new(ConfigfsTsm::default()),
             policy_installer,
+            deadline: ATTESTATION_DEADLINE,
             outcome: watch::channel(Outcome::Waiting).0,
         }
+    }
+
+    /// Overrides [`ATTESTATION_DEADLINE`].
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     /// From the kernel command line: `None` for an ordinary guest.
@@ -280,7 +291,12 @@ impl ConfidentialGuest {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let result = this.run(init_data).await;
+            let url = this.kbs_url_hint(&init_data);
+            let after = this.deadline;
+            let result = match tokio::time::timeout(after, this.run(init_data)).await {
+                Ok(result) => result,
+                Err(_) => Err(AttestError::Timeout { url, after }),
+            };
             match &result {
                 Ok(a) => tracing::info!(
                     tee = this.tee.name(),
@@ -306,6 +322,15 @@ impl ConfidentialGuest {
             Ok(Outcome::Done(result)) => result,
             _ => Err(Arc::new(AttestError::NotYet)),
         }
+    }
+
+    /// The KBS URL the document names, for a timeout's message.
+    fn kbs_url_hint(&self, raw: &[u8]) -> String {
+        InitData::parse(raw)
+            .ok()
+            .and_then(|init| PodConfig::from_init_data(&init).ok())
+            .and_then(|config| config.kbs.map(|k| k.url))
+            .unwrap_or_else(|| "(none named)".into())
     }
 
     async fn run(&self, raw: Vec<u8>) -> Result<Attested, AttestError> {
@@ -538,6 +563,31 @@ mod tests {
             err.starts_with(&format!("kbs at {} refused evidence", w.url)),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn silent_kbs_times_out_with_its_url() {
+        let w = world(None, |d| vec![d.to_owned()]).await;
+        // A listener that accepts and never answers stands in for the KBS.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_url = format!("http://{}", silent.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                held.push(conn);
+            }
+        });
+        let doc = w.doc.replace(&w.url, &silent_url);
+        let g = Arc::new(
+            Arc::try_unwrap(guest(&w, bound(&doc), None))
+                .ok()
+                .unwrap()
+                .with_deadline(Duration::from_millis(500)),
+        );
+        g.begin(doc.into_bytes()).unwrap();
+        let err = g.attested().await.unwrap_err().to_string();
+        assert!(err.contains(&silent_url), "{err}");
+        assert!(err.contains("did not finish within 500ms"), "{err}");
     }
 
     #[tokio::test]
