@@ -504,3 +504,161 @@ fn kbs_refusing_the_evidence_never_starts_a_container() {
     assert!(audit.contains("\"deny\""), "kbs audit: {audit}");
     assert!(!audit.contains(&secret));
 }
+
+/// `containerd-shim-cloister-v2` beside the test binary (`cargo build -p
+/// cloister-shim`).
+fn find_shim() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let name = cloister_e2e::runtime::SHIM_BINARY;
+    [dir.join(name), dir.parent()?.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// The whole host path: `ctr run` through a private containerd and our
+/// shim, whose runtime config makes the pod confidential (`[confidential]
+/// tee = "sample"`, the KBS to forward to, and the rootfs share allowed
+/// explicitly: there is no registry here to pull the image inside the
+/// guest). The init-data arrives as the Kata-format annotation; the secret
+/// comes as a `cloister-secret://` mount. While the container runs, the
+/// pod's sandbox folder (`/run/cloister/pods`: VM config, logs, the
+/// shared folder), containerd's folder (its log holds the shim's) and the
+/// forwarder's capture are searched for the secret.
+#[test]
+fn ctr_run_of_a_confidential_pod_through_the_shim() {
+    let Some(setup) = setup() else { return };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: a private containerd needs root");
+        return;
+    }
+    let Some(shim) = find_shim() else {
+        eprintln!("SKIP: containerd-shim-cloister-v2 not built (cargo build -p cloister-shim)");
+        return;
+    };
+    let Some(qemu) = cloister_e2e::runtime::find_on_path(cloister_e2e::qemu::QEMU_BINARY) else {
+        eprintln!("SKIP: qemu not on PATH");
+        return;
+    };
+    let Some(binaries) = cloister_e2e::containerd::available_containerds()
+        .into_iter()
+        .next()
+    else {
+        eprintln!("SKIP: no containerd");
+        return;
+    };
+    let secret = fresh_secret();
+    let kbs = Kbs::start(
+        &setup.kbs_binary,
+        secret.as_bytes(),
+        &[digest_of(INIT_DATA)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    cloister_e2e::containerd::busybox_rootfs(Path::new("/bin/busybox"), &rootfs).unwrap();
+    let config = dir.path().join("cloister.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}[confidential]\ntee = \"sample\"\nkbs_url = \"http://{}\"\nallow_host_shares = [\"rootfs\"]\n",
+            cloister_e2e::runtime::qemu_tcg_toml(&setup.fixture, 512, &qemu),
+            kbs.address
+        ),
+    )
+    .unwrap();
+    let containerd = cloister_e2e::containerd::PrivateContainerd::start(
+        &binaries,
+        &[("CLOISTER_CONFIG", config.as_path())],
+    )
+    .unwrap();
+    let id = format!("confidential-{}", std::process::id());
+    let init_data = format!(
+        "{}={}",
+        annotations::INIT_DATA,
+        annotation(INIT_DATA)[annotations::INIT_DATA]
+    );
+    let mut run = containerd.ctr_command(&[
+        "run",
+        "--rm",
+        "--runtime",
+        &shim.display().to_string(),
+        "--annotation",
+        &init_data,
+        "--mount",
+        "type=bind,src=cloister-secret://token,dst=/secrets/token,options=rbind:ro",
+        // A flag, then the folder as the first argument.
+        "--rootfs",
+        &rootfs.display().to_string(),
+        &id,
+        "sh",
+        "-c",
+        "sha256sum /secrets/token; sleep 4",
+    ]);
+    let mut child = run
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    // Search while the pod is up: poll until the guest has attested
+    // (the KBS audit shows the release), then look.
+    let started = std::time::Instant::now();
+    while !kbs.audit_log().contains("\"resource\"")
+        && started.elapsed() < std::time::Duration::from_secs(180)
+        && child.try_wait().ok().flatten().is_none()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let needles = [
+        secret.as_bytes().to_vec(),
+        STANDARD.encode(&secret).into_bytes(),
+    ];
+    let mut searched = 0;
+    let mut leaks = Vec::new();
+    for folder in [Path::new("/run/cloister/pods"), containerd_dir(&containerd)] {
+        for file in files_below(folder) {
+            searched += 1;
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            if needles.iter().any(|n| contains(&bytes, n)) {
+                leaks.push(file.display().to_string());
+            }
+        }
+    }
+    let output = child.wait_with_output().expect("ctr run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let context = format!(
+        "stdout: {stdout}\nstderr: {}\ncontainerd log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        containerd.log()
+    );
+    assert!(output.status.success(), "{context}");
+    assert!(
+        stdout.contains(&format!(
+            "{}  /secrets/token",
+            hex_sha256(secret.as_bytes())
+        )),
+        "{context}"
+    );
+    println!("searched {searched} files of the pod and containerd for the secret");
+    assert!(searched > 0);
+    for (what, text) in [
+        ("ctr's output", stdout.as_ref()),
+        (
+            "containerd's log (with the shim's)",
+            containerd.log().as_str(),
+        ),
+    ] {
+        if needles.iter().any(|n| contains(text.as_bytes(), n)) {
+            leaks.push(what.into());
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "the secret reached the host in: {leaks:?}"
+    );
+}
+
+/// The private containerd's folder (root, state, log).
+fn containerd_dir(containerd: &cloister_e2e::containerd::PrivateContainerd) -> &Path {
+    containerd.dir()
+}
