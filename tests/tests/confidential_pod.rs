@@ -525,34 +525,53 @@ fn find_shim() -> Option<PathBuf> {
 /// pod's sandbox folder (`/run/cloister/pods`: VM config, logs, the
 /// shared folder), containerd's folder (its log holds the shim's) and the
 /// forwarder's capture are searched for the secret.
-#[test]
-fn ctr_run_of_a_confidential_pod_through_the_shim() {
-    let Some(setup) = setup() else { return };
+/// What a pod through containerd needs besides [`Setup`].
+struct CtrSetup {
+    setup: Setup,
+    shim: PathBuf,
+    qemu: PathBuf,
+    binaries: cloister_e2e::containerd::ContainerdBinaries,
+}
+
+fn ctr_setup() -> Option<CtrSetup> {
+    let setup = setup()?;
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIP: a private containerd needs root");
-        return;
+        return None;
     }
     let Some(shim) = find_shim() else {
         eprintln!("SKIP: containerd-shim-cloister-v2 not built (cargo build -p cloister-shim)");
-        return;
+        return None;
     };
     let Some(qemu) = cloister_e2e::runtime::find_on_path(cloister_e2e::qemu::QEMU_BINARY) else {
         eprintln!("SKIP: qemu not on PATH");
-        return;
+        return None;
     };
     let Some(binaries) = cloister_e2e::containerd::available_containerds()
         .into_iter()
         .next()
     else {
         eprintln!("SKIP: no containerd");
-        return;
+        return None;
     };
-    let secret = fresh_secret();
-    let kbs = Kbs::start(
-        &setup.kbs_binary,
-        secret.as_bytes(),
-        &[digest_of(INIT_DATA)],
-    );
+    Some(CtrSetup {
+        setup,
+        shim,
+        qemu,
+        binaries,
+    })
+}
+
+/// A `ctr run --rm` of the reader in a confidential pod, still running.
+struct CtrPod {
+    containerd: cloister_e2e::containerd::PrivateContainerd,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `ctr run` under a private containerd whose runtime config is
+/// confidential (`[confidential]` with `confidential_extra` appended).
+fn start_ctr_pod(ctr: &CtrSetup, kbs: &Kbs, confidential_extra: &str) -> CtrPod {
     let dir = tempfile::tempdir().unwrap();
     let rootfs = dir.path().join("rootfs");
     cloister_e2e::containerd::busybox_rootfs(Path::new("/bin/busybox"), &rootfs).unwrap();
@@ -560,14 +579,14 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
     std::fs::write(
         &config,
         format!(
-            "{}[confidential]\ntee = \"sample\"\nkbs_url = \"http://{}\"\nallow_host_shares = [\"rootfs\"]\n",
-            cloister_e2e::runtime::qemu_tcg_toml(&setup.fixture, 512, &qemu),
+            "{}[confidential]\ntee = \"sample\"\nkbs_url = \"http://{}\"\n{confidential_extra}",
+            cloister_e2e::runtime::qemu_tcg_toml(&ctr.setup.fixture, 512, &ctr.qemu),
             kbs.address
         ),
     )
     .unwrap();
     let containerd = cloister_e2e::containerd::PrivateContainerd::start(
-        &binaries,
+        &ctr.binaries,
         &[("CLOISTER_CONFIG", config.as_path())],
     )
     .unwrap();
@@ -577,35 +596,81 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
         annotations::INIT_DATA,
         annotation(INIT_DATA)[annotations::INIT_DATA]
     );
-    let mut run = containerd.ctr_command(&[
-        "run",
-        "--rm",
-        "--runtime",
-        &shim.display().to_string(),
-        "--annotation",
-        &init_data,
-        "--mount",
-        "type=bind,src=cloister-secret://token,dst=/secrets/token,options=rbind:ro",
-        // A flag, then the folder as the first argument.
-        "--rootfs",
-        &rootfs.display().to_string(),
-        &id,
-        "sh",
-        "-c",
-        "sha256sum /secrets/token; sleep 4",
-    ]);
-    let mut child = run
+    let child = containerd
+        .ctr_command(&[
+            "run",
+            "--rm",
+            "--runtime",
+            &ctr.shim.display().to_string(),
+            "--annotation",
+            &init_data,
+            "--mount",
+            "type=bind,src=cloister-secret://token,dst=/secrets/token,options=rbind:ro",
+            // A flag, then the folder as the first argument.
+            "--rootfs",
+            &rootfs.display().to_string(),
+            &id,
+            "sh",
+            "-c",
+            "sha256sum /secrets/token; sleep 4",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("ctr run");
+    CtrPod {
+        containerd,
+        child,
+        _dir: dir,
+    }
+}
+
+impl CtrPod {
+    /// Waits for ctr; returns its output and a context for failures.
+    fn finish(
+        self,
+    ) -> (
+        std::process::Output,
+        String,
+        cloister_e2e::containerd::PrivateContainerd,
+    ) {
+        let output = self.child.wait_with_output().expect("ctr run");
+        let context = format!(
+            "stdout: {}\nstderr: {}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.containerd.log()
+        );
+        (output, context, self.containerd)
+    }
+}
+
+/// The whole host path: `ctr run` through a private containerd and our
+/// shim, whose runtime config makes the pod confidential (`[confidential]
+/// tee = "sample"`, the KBS to forward to, and the rootfs share allowed
+/// explicitly: there is no registry here to pull the image inside the
+/// guest). The init-data arrives as the Kata-format annotation; the secret
+/// comes as a `cloister-secret://` mount. While the container runs, the
+/// pod's sandbox folder (`/run/cloister/pods`: VM config, logs, the
+/// shared folder) and containerd's folder (its log holds the shim's) are
+/// searched for the secret.
+#[test]
+fn ctr_run_of_a_confidential_pod_through_the_shim() {
+    let Some(ctr) = ctr_setup() else { return };
+    let secret = fresh_secret();
+    let kbs = Kbs::start(
+        &ctr.setup.kbs_binary,
+        secret.as_bytes(),
+        &[digest_of(INIT_DATA)],
+    );
+    let mut pod = start_ctr_pod(&ctr, &kbs, "allow_host_shares = [\"rootfs\"]\n");
     // Search while the pod is up: poll until the guest has attested
     // (the KBS audit shows the release), then look.
     let started = std::time::Instant::now();
     while !kbs.audit_log().contains("\"resource\"")
         && started.elapsed() < std::time::Duration::from_secs(180)
-        && child.try_wait().ok().flatten().is_none()
+        && pod.child.try_wait().ok().flatten().is_none()
     {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -615,7 +680,10 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
     ];
     let mut searched = 0;
     let mut leaks = Vec::new();
-    for folder in [Path::new("/run/cloister/pods"), containerd_dir(&containerd)] {
+    for folder in [
+        Path::new("/run/cloister/pods"),
+        containerd_dir(&pod.containerd),
+    ] {
         for file in files_below(folder) {
             searched += 1;
             let bytes = std::fs::read(&file).unwrap_or_default();
@@ -624,13 +692,8 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
             }
         }
     }
-    let output = child.wait_with_output().expect("ctr run");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let context = format!(
-        "stdout: {stdout}\nstderr: {}\ncontainerd log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        containerd.log()
-    );
+    let (output, context, containerd) = pod.finish();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "{context}");
     assert!(
         stdout.contains(&format!(
@@ -642,7 +705,7 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
     println!("searched {searched} files of the pod and containerd for the secret");
     assert!(searched > 0);
     for (what, text) in [
-        ("ctr's output", stdout.as_ref()),
+        ("ctr's output", stdout.as_str()),
         (
             "containerd's log (with the shim's)",
             containerd.log().as_str(),
@@ -656,6 +719,43 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
         leaks.is_empty(),
         "the secret reached the host in: {leaks:?}"
     );
+}
+
+/// A KBS that refuses the pod: `ctr run` fails with the agent's reason,
+/// carried through the shim and containerd.
+#[test]
+fn ctr_run_refused_by_the_kbs_reports_why() {
+    let Some(ctr) = ctr_setup() else { return };
+    let secret = fresh_secret();
+    let other = digest_of(&INIT_DATA.replace("token =", "other ="));
+    let kbs = Kbs::start(&ctr.setup.kbs_binary, secret.as_bytes(), &[other]);
+    let pod = start_ctr_pod(&ctr, &kbs, "allow_host_shares = [\"rootfs\"]\n");
+    let (output, context, _containerd) = pod.finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("ctr: {stderr}");
+    assert!(!output.status.success(), "{context}");
+    assert!(stderr.contains("attestation failed"), "{context}");
+    assert!(stderr.contains("refused evidence"), "{context}");
+    assert!(output.stdout.is_empty(), "{context}");
+}
+
+/// Without `allow_host_shares`, a confidential pod cannot take its rootfs
+/// from the host: `ctr run` fails naming the share and the setting.
+#[test]
+fn ctr_run_without_an_allowed_rootfs_share_is_refused() {
+    let Some(ctr) = ctr_setup() else { return };
+    let kbs = Kbs::start(
+        &ctr.setup.kbs_binary,
+        fresh_secret().as_bytes(),
+        &[digest_of(INIT_DATA)],
+    );
+    let pod = start_ctr_pod(&ctr, &kbs, "");
+    let (output, context, _containerd) = pod.finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("ctr: {stderr}");
+    assert!(!output.status.success(), "{context}");
+    assert!(stderr.contains("allow_host_shares"), "{context}");
+    assert!(stderr.contains("rootfs"), "{context}");
 }
 
 /// The private containerd's folder (root, state, log).
