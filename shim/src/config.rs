@@ -85,17 +85,31 @@ pub enum QemuAccel {
     Tcg,
 }
 
-/// `[vmm]`: the cloister-vmm binary.
+/// `[vmm]`: the cloister-vmm binary and its jail.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmmSection {
     pub path: PathBuf,
+    /// Run `cloister-vmm` and the vhost-user servers jailed (namespaces,
+    /// own root, unprivileged uid, no capabilities, seccomp). `false` is
+    /// for development only and logged as a warning at every pod start.
+    pub jail: bool,
+    /// The uid and gid jailed VMMs run as; they need not exist in
+    /// /etc/passwd, but no other process should run as them.
+    pub jail_uid: u32,
+    pub jail_gid: u32,
 }
+
+/// The default uid/gid of jailed VMMs.
+pub const DEFAULT_JAIL_ID: u32 = 64000;
 
 impl Default for VmmSection {
     fn default() -> Self {
         Self {
             path: PathBuf::from("/usr/bin/cloister-vmm"),
+            jail: true,
+            jail_uid: DEFAULT_JAIL_ID,
+            jail_gid: DEFAULT_JAIL_ID,
         }
     }
 }
@@ -246,6 +260,7 @@ pub struct RuntimeConfig {
     pub agent: AgentSection,
     pub network: NetworkSection,
     pub inspection: InspectionSection,
+    pub audit: crate::audit::AuditSection,
     pub confidential: crate::confidential::ConfidentialSection,
 }
 
@@ -316,11 +331,24 @@ impl RuntimeConfig {
                 reason: "must be between 1 and 3600".into(),
             });
         }
+        for (key, id) in [
+            ("vmm.jail_uid", self.vmm.jail_uid),
+            ("vmm.jail_gid", self.vmm.jail_gid),
+        ] {
+            if self.vmm.jail && id == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: id.to_string(),
+                    reason: "a jailed VMM must not run as root".into(),
+                });
+            }
+        }
         for (key, path) in [
             ("vmm.path", &self.vmm.path),
             ("qemu.path", &self.qemu.path),
             ("guest.kernel", &self.guest.kernel),
             ("guest.initramfs", &self.guest.initramfs),
+            ("audit.path", &self.audit.path),
         ] {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid {
@@ -406,6 +434,7 @@ impl RuntimeConfig {
             kernel_params,
             shared_fs: true,
             nics: Vec::new(),
+            cgroups_path: None,
         })
     }
 }
@@ -432,6 +461,9 @@ pub struct PodVm {
     pub shared_fs: bool,
     /// The pod's network interfaces, filled in by the sandbox launcher.
     pub nics: Vec<VmNic>,
+    /// The sandbox spec's `linux.cgroupsPath`, filled in by the sandbox
+    /// launcher: a jailed VMM joins that cgroup.
+    pub cgroups_path: Option<String>,
 }
 
 /// Which file the configuration comes from, and why.
@@ -607,9 +639,34 @@ connect_timeout_secs = 10
     }
 
     #[test]
+    fn vmm_jail_keys_parse_and_root_is_refused() {
+        let config = parse("[vmm]\njail = false\njail_uid = 0\n").unwrap();
+        assert!(!config.vmm.jail);
+        let config = parse("[vmm]\njail_uid = 1000\njail_gid = 1001\n").unwrap();
+        assert!(config.vmm.jail);
+        assert_eq!((config.vmm.jail_uid, config.vmm.jail_gid), (1000, 1001));
+        let err = parse("[vmm]\njail_gid = 0\n").unwrap_err();
+        assert!(err.to_string().contains("vmm.jail_gid = 0"), "{err}");
+    }
+
+    #[test]
     fn shipped_example_is_the_defaults() {
         let example = include_str!("../deploy/config.toml");
         assert_eq!(parse(example).unwrap(), RuntimeConfig::default());
+    }
+
+    #[test]
+    fn audit_section_defaults_to_var_log_and_refuses_a_relative_path() {
+        let defaults = parse("").unwrap().audit;
+        assert!(defaults.enabled);
+        assert_eq!(defaults.path, Path::new("/var/log/cloister/audit.jsonl"));
+        let config = parse("[audit]\nenabled = false\npath = \"/srv/audit.jsonl\"\n").unwrap();
+        assert!(!config.audit.enabled);
+        assert_eq!(config.audit.path, Path::new("/srv/audit.jsonl"));
+        let err = parse("[audit]\npath = \"audit.jsonl\"\n").unwrap_err();
+        assert!(err.to_string().contains("audit.path"), "{err}");
+        let err = parse("[audit]\nfile = \"/x\"\n").unwrap_err();
+        assert!(err.to_string().contains("file"), "{err}");
     }
 
     #[test]
@@ -708,6 +765,7 @@ connect_timeout_secs = 10
                 kernel_params: "quiet".into(),
                 shared_fs: true,
                 nics: Vec::new(),
+                cgroups_path: None,
             }
         );
     }

@@ -12,6 +12,7 @@ use containerd_shim_protos::events::task::{
     TaskResumed, TaskStart,
 };
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::well_known_types::wrappers::StringValue;
 use containerd_shim_protos::protobuf::MessageDyn;
 use containerd_shim_protos::topics;
 use tokio::sync::mpsc;
@@ -64,7 +65,18 @@ pub enum TaskEvent {
         exit_status: u32,
         exited_at: Option<SystemTime>,
     },
+    /// A security audit record (exec, spec finding, VM crash, guest panic,
+    /// policy denial, attestation failure), as its JSON line in a
+    /// `google.protobuf.StringValue` on topic [`SECURITY_TOPIC`]: containerd
+    /// has no message of its own for these, and every containerd client
+    /// can decode a well-known type (`ctr events` prints it).
+    Security {
+        record_json: String,
+    },
 }
+
+/// The topic of [`TaskEvent::Security`].
+pub const SECURITY_TOPIC: &str = "/cloister/security";
 
 /// A protobuf timestamp for containerd.
 pub fn timestamp(time: SystemTime) -> Timestamp {
@@ -107,6 +119,7 @@ impl TaskEvent {
             TaskEvent::Paused { .. } => topics::TASK_PAUSED_EVENT_TOPIC,
             TaskEvent::Resumed { .. } => topics::TASK_RESUMED_EVENT_TOPIC,
             TaskEvent::Delete { .. } => topics::TASK_DELETE_EVENT_TOPIC,
+            TaskEvent::Security { .. } => SECURITY_TOPIC,
         }
     }
 
@@ -195,6 +208,11 @@ impl TaskEvent {
                 exited_at: exited_at.map(timestamp).into(),
                 ..Default::default()
             }),
+            TaskEvent::Security { record_json } => {
+                let mut value = StringValue::new();
+                value.value = record_json;
+                Box::new(value)
+            }
         }
     }
 }
@@ -342,6 +360,21 @@ mod tests {
             assert_eq!(event.topic(), topic);
             assert!(!event.to_message().write_to_bytes_dyn().unwrap().is_empty());
         }
+    }
+
+    #[test]
+    fn security_event_is_the_records_json_in_a_well_known_type() {
+        let event = TaskEvent::Security {
+            record_json: r#"{"operation":"exec"}"#.into(),
+        };
+        assert_eq!(event.topic(), "/cloister/security");
+        let message = event.to_message();
+        assert_eq!(
+            message.descriptor_dyn().full_name(),
+            "google.protobuf.StringValue"
+        );
+        let m: StringValue = decode(&event);
+        assert_eq!(m.value, r#"{"operation":"exec"}"#);
     }
 
     #[test]

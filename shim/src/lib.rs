@@ -1,6 +1,7 @@
 //! The containerd shim v2 (`containerd-shim-cloister-v2`) and the host CLI (`cloister`): task API, pod sandboxes, stdio, events, runtime config and host checks.
 
 pub mod agent_client;
+pub mod audit;
 pub mod check;
 pub mod compat;
 pub mod confidential;
@@ -16,3 +17,4 @@ pub mod sandbox;
 pub mod service;
 pub mod stats;
 pub mod vmm_client;
+pub mod vmm_jail;

@@ -107,6 +107,33 @@ impl CloisterShim {
         Ok(v2)
     }
 
+    /// The `ShimDelete` record of the `delete` subcommand, in the audit
+    /// file of the config containerd's environment names (the
+    /// RuntimeClass's options do not reach `delete`).
+    fn audit_shim_delete(&self) {
+        use crate::audit::{AuditLog, Subject};
+        use crate::config::{ConfigSource, RuntimeConfig, CONFIG_ENV};
+        let env = std::env::var(CONFIG_ENV).ok();
+        let section = match RuntimeConfig::load(&ConfigSource::resolve(None, env.as_deref())) {
+            Ok(config) => config.audit,
+            Err(e) => {
+                tracing::warn!("runtime config for the audit trail: {e}");
+                crate::audit::AuditSection::default()
+            }
+        };
+        let audit = AuditLog::new(&self.namespace);
+        audit.configure(&section);
+        // containerd runs `delete` in the bundle.
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let subject = Subject {
+            pod: shim_grouping(&self.id, &annotations_in(&bundle)),
+            container: self.id.clone(),
+            exec_id: String::new(),
+        };
+        let details = serde_json::json!({ "bundle": bundle.display().to_string() });
+        audit.task(None, subject, "ShimDelete", Ok(()), details);
+    }
+
     async fn serve_task_api_v2(&self, service: &TaskService) -> Result<(), String> {
         let address = compat::v2_address(&self.socket);
         let path = address.trim_start_matches("unix://");
@@ -159,6 +186,7 @@ impl Shim for CloisterShim {
     /// After the shim died: its VM died with it (PDEATHSIG), so what is
     /// left are the sandbox folder and the rootfs mounts in it.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        self.audit_shim_delete();
         let dir = SandboxDir::new(Path::new(STATE_DIR), &self.namespace, &self.id);
         let mut mounts: Vec<PathBuf> = mounts_below(&dir.path);
         // Deepest first.
@@ -208,7 +236,8 @@ impl Shim for CloisterShim {
             namespace: self.namespace.clone(),
             state_dir: PathBuf::from(STATE_DIR),
         });
-        let service = TaskService::new(launcher, sender, self.exit.clone());
+        let audit = crate::audit::AuditLog::new(&self.namespace);
+        let service = TaskService::with_audit(launcher, sender, self.exit.clone(), audit);
         if std::env::var_os(compat::TASK_API_V2_ENV).is_some() {
             if let Err(e) = self.serve_task_api_v2(&service).await {
                 tracing::error!("task API v2 for containerd 1.x: {e}");

@@ -214,6 +214,14 @@ impl SandboxDir {
     /// Removes the folder. Mounts below it must be gone: removal refuses to
     /// cross into a mounted file system instead of deleting its contents.
     pub fn remove(&self) -> Result<(), SandboxError> {
+        // A jailed VMM's shared folder is a bind onto itself: undone first
+        // (refused while container mounts remain below it).
+        crate::vmm_jail::remove_shared_mount(&self.shared_dir()).map_err(|e| {
+            SandboxError::Folder {
+                path: self.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
         match remove_tree_without_crossing_mounts(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -553,11 +561,26 @@ pub async fn unplumb_network(netns: &Path) {
 /// What the service needs to bring up a pod (real VM, or a fake in tests).
 #[async_trait]
 pub trait SandboxLauncher: Send + Sync {
+    /// The pod's runtime config: the file the runtime option `ConfigPath`
+    /// names, else `CLOISTER_CONFIG`, else the default. Read before the VM
+    /// starts, so what it refuses (`[inspection]`) never boots one.
+    fn load_config(
+        &self,
+        options_config_path: Option<&str>,
+    ) -> Result<RuntimeConfig, SandboxError> {
+        let env = std::env::var(crate::config::CONFIG_ENV).ok();
+        let source = ConfigSource::resolve(options_config_path, env.as_deref());
+        Ok(RuntimeConfig::load(&source)?)
+    }
+
+    /// Starts the pod's VM and agent; every agent request goes through
+    /// `audit`.
     async fn launch(
         &self,
         sandbox_id: &str,
         spec: &serde_json::Value,
-        options_config_path: Option<String>,
+        config: &RuntimeConfig,
+        audit: &crate::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError>;
 
     /// Makes a container's rootfs visible in the guest: containerd's
@@ -597,13 +620,16 @@ impl SandboxLauncher for VmLauncher {
         &self,
         sandbox_id: &str,
         spec: &serde_json::Value,
-        options_config_path: Option<String>,
+        config: &RuntimeConfig,
+        audit: &crate::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError> {
-        let env = std::env::var(crate::config::CONFIG_ENV).ok();
-        let source = ConfigSource::resolve(options_config_path.as_deref(), env.as_deref());
-        let config = RuntimeConfig::load(&source)?;
         let pod_annotations = bundle_annotations(spec);
         let mut vm = config.pod_vm(&pod_annotations)?;
+        // A jailed VMM joins the pod's cgroup.
+        vm.cgroups_path = spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(|p| p.as_str())
+            .map(str::to_owned);
         let confidential =
             crate::confidential::PodConfidential::resolve(&config.confidential, &pod_annotations)?;
         if let Some(confidential) = &confidential {
@@ -613,7 +639,7 @@ impl SandboxLauncher for VmLauncher {
             vm.kernel_params.push_str(&confidential.kernel_params());
             vm.shared_fs = confidential.shares_anything();
         }
-        let network = plumb_network(&config, spec).await?;
+        let network = plumb_network(config, spec).await?;
         let netns = network.as_ref().map(|n| n.netns.clone());
         if let Some(network) = &network {
             vm.nics = network
@@ -632,7 +658,7 @@ impl SandboxLauncher for VmLauncher {
             }
             return Err(e);
         }
-        let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
+        let mut hypervisor = hypervisor_for(config, &vm, dir.vm_paths());
         let mut kbs_forwarder = None;
         let connected = async {
             hypervisor.start().await?;
@@ -640,13 +666,19 @@ impl SandboxLauncher for VmLauncher {
             // Listening before the guest boots far enough to dial it.
             if let Some((port, kbs)) = confidential.as_ref().and_then(|c| c.kbs_forward.clone()) {
                 let path = PathBuf::from(format!("{}_{port}", uds.display()));
+                // A jailed VMM connects as its own uid.
+                let owner = config
+                    .vmm
+                    .jail
+                    .then_some((config.vmm.jail_uid, config.vmm.jail_gid));
                 kbs_forwarder = Some(crate::confidential::kbs_forward::KbsForwarder::spawn(
-                    &path, kbs, None,
+                    &path, kbs, None, owner,
                 )?);
             }
             let endpoint = AgentEndpoint::HybridVsock { uds };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
             let agent = endpoint.connect_until(timeout).await?;
+            let agent = crate::audit::agent::audited_agent(Arc::new(agent), audit, sandbox_id);
             let mut setup = setup_request(&guest_hostname(spec, sandbox_id));
             if let Some(confidential) = &confidential {
                 if !confidential.shares_anything() {
@@ -669,15 +701,14 @@ impl SandboxLauncher for VmLauncher {
         // The VMM holds its own copies of the tap fds now.
         drop(network);
         match connected {
-            Ok(agent) => Ok(
-                PodSandbox::new(sandbox_id, Arc::new(agent), dir, Some(hypervisor))
-                    .with_network(netns)
-                    .with_inspection(config.inspection.clone())
-                    .with_confidential(confidential, kbs_forwarder),
-            ),
+            Ok(agent) => Ok(PodSandbox::new(sandbox_id, agent, dir, Some(hypervisor))
+                .with_network(netns)
+                .with_inspection(config.inspection.clone())
+                .with_confidential(confidential, kbs_forwarder)),
             Err(e) => {
                 // Nothing of a failed start stays behind.
                 hypervisor.stop(VMM_STOP_GRACE).await;
+                audit.guest_panic_in(sandbox_id, &dir.vm_paths().console_log());
                 if let Some(netns) = &netns {
                     unplumb_network(netns).await;
                 }

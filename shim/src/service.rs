@@ -7,6 +7,13 @@
 //! (137 when the VM is gone, 255 when the shim cannot tell), so Wait always
 //! returns.
 //!
+//! Audit: every task API call leaves exactly one record, written in one
+//! place ([`TaskService::audited`], which every `Task` method ends in) when
+//! the call returns; agent requests are recorded by the audited agent
+//! client the launcher hands the pod, security events where they happen
+//! (see [`crate::audit`]). The pod's `[inspection]` and `[audit]` are read
+//! before its VM is launched, so a refused sandbox never boots one.
+//!
 //! Locking: one async mutex over the container table, held across the
 //! agent call of a state change (create, start, pause, resume, delete), so
 //! an exit that races a Start is recorded after the Start and containerd
@@ -27,7 +34,8 @@ use containerd_shim_protos::types::task::Status as TaskStatus;
 use tokio::sync::Mutex;
 
 use crate::agent_client::AgentError;
-use crate::config::config_path_from_options;
+use crate::audit::{AuditEvent, AuditLog, AuditSection, Decision as AuditDecision, Subject};
+use crate::config::{config_path_from_options, InspectionSection, RuntimeConfig};
 use crate::container::{
     Container, ContainerError, ContainerKind, Exit, ExitReason, Status, StdioPaths,
 };
@@ -117,6 +125,10 @@ struct State {
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Entry>>,
     sandbox: Mutex<Option<Arc<PodSandbox>>>,
+    audit: AuditLog,
+    /// The pod this shim serves, once its sandbox container is created
+    /// (kept after the sandbox is gone, for the records of later calls).
+    pod: std::sync::Mutex<String>,
 }
 
 /// The task service of one shim (one pod).
@@ -151,11 +163,25 @@ fn not_found(id: &str) -> ServiceError {
 }
 
 impl TaskService {
+    /// A service whose audit records wait for the pod's config (see
+    /// [`TaskService::with_audit`]).
     pub fn new(
         launcher: Arc<dyn SandboxLauncher>,
         events: EventSender,
         exit: Arc<ExitSignal>,
     ) -> Self {
+        Self::with_audit(launcher, events, exit, AuditLog::new(""))
+    }
+
+    /// A service recording to `audit`, which it points at the file the
+    /// pod's `[audit]` names when the pod's config is read.
+    pub fn with_audit(
+        launcher: Arc<dyn SandboxLauncher>,
+        events: EventSender,
+        exit: Arc<ExitSignal>,
+        audit: AuditLog,
+    ) -> Self {
+        audit.publish_security_events(events.clone());
         Self {
             state: Arc::new(State {
                 launcher,
@@ -163,8 +189,23 @@ impl TaskService {
                 exit,
                 containers: Mutex::new(HashMap::new()),
                 sandbox: Mutex::new(None),
+                audit,
+                pod: std::sync::Mutex::new(String::new()),
             }),
         }
+    }
+
+    /// The audit trail this service writes.
+    pub fn audit(&self) -> &AuditLog {
+        &self.state.audit
+    }
+
+    fn pod_id(&self) -> String {
+        self.state
+            .pod
+            .lock()
+            .map(|pod| pod.clone())
+            .unwrap_or_default()
     }
 
     async fn sandbox(&self, container_id: &str) -> Result<Arc<PodSandbox>, ServiceError> {
@@ -197,7 +238,13 @@ impl TaskService {
             terminal: req.terminal,
         };
         let sandbox = match membership.kind {
-            ContainerKind::Sandbox => self.start_sandbox(&req.id, &spec, req).await?,
+            ContainerKind::Sandbox => {
+                if let Ok(mut pod) = self.state.pod.lock() {
+                    pod.clone_from(&membership.sandbox_id);
+                }
+                self.state.audit.set_pod_of_held(&membership.sandbox_id);
+                self.start_sandbox(&req.id, &spec, req).await?
+            }
             ContainerKind::Workload => {
                 let sandbox = self.sandbox(&req.id).await?;
                 if sandbox.id != membership.sandbox_id {
@@ -207,6 +254,7 @@ impl TaskService {
                     }
                     .into());
                 }
+                self.check_least_privilege(&sandbox.inspection, &sandbox.id, &req.id, &spec)?;
                 sandbox
             }
         };
@@ -256,13 +304,23 @@ impl TaskService {
                 existing.id
             )));
         }
-        let config_path = match req.options.as_ref() {
-            Some(any) if any.type_url.contains("runtimeoptions") => {
-                config_path_from_options(&any.value).map_err(SandboxError::from)?
+        let config = match self.pod_config(req) {
+            Ok(config) => config,
+            Err(e) => {
+                // The trail still goes somewhere: the default file.
+                self.state.audit.configure(&AuditSection::default());
+                return Err(e);
             }
-            _ => None,
         };
-        let sandbox = Arc::new(self.state.launcher.launch(id, spec, config_path).await?);
+        self.state.audit.configure(&config.audit);
+        // Before the VM: a refused pod never boots one.
+        self.check_least_privilege(&config.inspection, id, id, spec)?;
+        let sandbox = self
+            .state
+            .launcher
+            .launch(id, spec, &config, &self.state.audit)
+            .await?;
+        let sandbox = Arc::new(sandbox);
         // Subscribed before any container exists: no exit can be missed.
         let events = sandbox.agent.events().await;
         let events = match events {
@@ -279,6 +337,17 @@ impl TaskService {
         Ok(sandbox)
     }
 
+    /// The runtime config of the pod whose sandbox container `req` creates.
+    fn pod_config(&self, req: &api::CreateTaskRequest) -> Result<RuntimeConfig, ServiceError> {
+        let config_path = match req.options.as_ref() {
+            Some(any) if any.type_url.contains("runtimeoptions") => {
+                config_path_from_options(&any.value).map_err(SandboxError::from)?
+            }
+            _ => None,
+        };
+        Ok(self.state.launcher.load_config(config_path.as_deref())?)
+    }
+
     async fn create_in_guest(
         &self,
         sandbox: &PodSandbox,
@@ -287,7 +356,6 @@ impl TaskService {
         spec: &serde_json::Value,
         stdio: &StdioPaths,
     ) -> Result<(u32, ProcessIo), ServiceError> {
-        check_least_privilege(sandbox, &req.id, spec)?;
         let launcher = &self.state.launcher;
         let (guest_spec, shared_mounts) =
             crate::guest_spec::for_guest(spec, &req.id).map_err(|e| ServiceError::Bundle {
@@ -351,9 +419,26 @@ impl TaskService {
             let mut request = agent::ExecProcessRequest::new();
             request.container_id = req.id.clone();
             request.exec_id = req.exec_id.clone();
+            let args = exec_args(&process_json);
             request.process_json = process_json;
             request.stdio = Some(requested_streams(&stdio)).into();
-            let pid = sandbox.agent.exec_process(request).await?;
+            let result = sandbox.agent.exec_process(request).await;
+            let (decision, reason) = match &result {
+                Ok(_) => (AuditDecision::Allowed, String::new()),
+                Err(e) => crate::audit::agent::refusal(e),
+            };
+            self.state.audit.security(
+                &sandbox.id,
+                AuditEvent::ExecIntoContainer {
+                    container: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    args,
+                    terminal: stdio.terminal,
+                    decision,
+                    reason,
+                },
+            );
+            let pid = result?;
             let io =
                 ProcessIo::attach(sandbox.agent.as_ref(), &req.id, &req.exec_id, &stdio).await?;
             entry.io.insert(req.exec_id.clone(), io);
@@ -659,11 +744,30 @@ impl TaskService {
     /// containerd's Shutdown: ignored while containers remain, as runc's
     /// shim does; otherwise the VM is stopped and the shim exits.
     pub async fn shutdown(&self) {
+        if self.prepare_exit().await {
+            self.state.exit.signal();
+        }
+    }
+
+    /// Shutdown up to the exit itself: whether the shim is to exit (no
+    /// container left). Records still held for want of a config go to the
+    /// file of the config containerd's environment names (or the default).
+    async fn prepare_exit(&self) -> bool {
         if !self.state.containers.lock().await.is_empty() {
-            return;
+            return false;
         }
         self.stop_sandbox().await;
-        self.state.exit.signal();
+        if !self.state.audit.is_configured() {
+            let section = match self.state.launcher.load_config(None) {
+                Ok(config) => config.audit,
+                Err(e) => {
+                    tracing::warn!("runtime config for the audit trail: {e}");
+                    AuditSection::default()
+                }
+            };
+            self.state.audit.configure(&section);
+        }
+        true
     }
 
     /// Follows the agent's events and the VM's life until either ends.
@@ -680,6 +784,9 @@ impl TaskService {
                 },
                 exit = sandbox.vm_exit() => {
                     tracing::warn!(sandbox = %sandbox.id, "VM gone: {exit}");
+                    if self.is_current(&sandbox).await {
+                        self.audit_vm_death(&sandbox, &exit.to_string());
+                    }
                     sandbox.mark_gone();
                     self.fail_all(ExitReason::SandboxGone).await;
                     return;
@@ -691,12 +798,35 @@ impl TaskService {
             return;
         }
         sandbox.mark_gone();
+        self.state.audit.security(
+            &sandbox.id,
+            AuditEvent::AgentLost {
+                reason: "the agent connection ended while the pod was running".into(),
+            },
+        );
         let reason = match tokio::time::timeout(VM_EXIT_GRACE, sandbox.vm_exit()).await {
-            Ok(_) => ExitReason::SandboxGone,
+            Ok(exit) => {
+                self.audit_vm_death(&sandbox, &exit.to_string());
+                ExitReason::SandboxGone
+            }
             Err(_) => ExitReason::Unknown,
         };
         tracing::warn!(sandbox = %sandbox.id, "agent connection ended; processes exit with {}", reason.exit_status());
         self.fail_all(reason).await;
+    }
+
+    /// The VM exited under a running pod: a crash record, and a
+    /// guest-panic record when its console shows one.
+    fn audit_vm_death(&self, sandbox: &PodSandbox, exit: &str) {
+        self.state.audit.security(
+            &sandbox.id,
+            AuditEvent::VmExited {
+                exit: exit.to_owned(),
+            },
+        );
+        self.state
+            .audit
+            .guest_panic_in(&sandbox.id, &sandbox.dir.vm_paths().console_log());
     }
 
     async fn is_current(&self, sandbox: &Arc<PodSandbox>) -> bool {
@@ -800,158 +930,318 @@ fn delete_response(pid: u32, exit: Option<Exit>) -> api::DeleteResponse {
 type TtrpcResult<T> = ttrpc::Result<T>;
 type Ctx = containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 
-fn answer<T>(result: Result<T, ServiceError>, method: &str) -> TtrpcResult<T> {
-    result.map_err(|e| {
-        tracing::info!(method, "{e}");
-        e.to_ttrpc()
-    })
+/// The ttrpc metadata key containerd puts its namespace in
+/// (containerd's `namespaces.TTRPCHeader`).
+const NAMESPACE_METADATA: &str = "containerd-namespace-ttrpc";
+
+/// What the audit record of one task API call says about the request.
+struct TaskCall<'a> {
+    operation: &'static str,
+    container: &'a str,
+    exec_id: &'a str,
+    details: serde_json::Value,
+}
+
+impl<'a> TaskCall<'a> {
+    fn new(operation: &'static str, container: &'a str, exec_id: &'a str) -> Self {
+        Self {
+            operation,
+            container,
+            exec_id,
+            details: serde_json::Value::Null,
+        }
+    }
+
+    fn details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// `b`'s fields added to `a` (both objects), or whichever is not null.
+fn merge_details(a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    match (a, b) {
+        (serde_json::Value::Object(mut a), serde_json::Value::Object(b)) => {
+            a.extend(b);
+            serde_json::Value::Object(a)
+        }
+        (serde_json::Value::Null, b) => b,
+        (a, _) => a,
+    }
+}
+
+/// The `args` of an OCI process spec (JSON), empty if it has none.
+fn exec_args(process_json: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<serde_json::Value>(process_json)
+        .ok()
+        .and_then(|process| {
+            process.get("args").and_then(|a| a.as_array()).map(|args| {
+                args.iter()
+                    .map(|a| a.as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+impl TaskService {
+    /// Every task API call ends here: one audit record with its outcome
+    /// (`answer_details` adds what the answer says, e.g. a pid), then the
+    /// ttrpc answer.
+    fn audited<T>(
+        &self,
+        ctx: &Ctx,
+        call: TaskCall<'_>,
+        result: Result<T, ServiceError>,
+        answer_details: impl FnOnce(&T) -> serde_json::Value,
+    ) -> TtrpcResult<T> {
+        let namespace = ctx
+            .metadata
+            .get(NAMESPACE_METADATA)
+            .and_then(|values| values.first())
+            .map(String::as_str);
+        let subject = Subject {
+            pod: self.pod_id(),
+            container: call.container.to_owned(),
+            exec_id: call.exec_id.to_owned(),
+        };
+        let (outcome, details) = match &result {
+            Ok(answer) => (Ok(()), merge_details(call.details, answer_details(answer))),
+            Err(e) => (
+                Err((AuditDecision::of_code(e.code()), e.to_string())),
+                call.details,
+            ),
+        };
+        self.state
+            .audit
+            .task(namespace, subject, call.operation, outcome, details);
+        result.map_err(|e| {
+            tracing::info!(method = call.operation, "{e}");
+            e.to_ttrpc()
+        })
+    }
+}
+
+fn no_details<T>(_: &T) -> serde_json::Value {
+    serde_json::Value::Null
 }
 
 #[async_trait::async_trait]
 impl containerd_shim_protos::shim_async::Task for TaskService {
-    async fn state(&self, _: &Ctx, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
-        answer(TaskService::state(self, &req).await, "State")
+    async fn state(&self, ctx: &Ctx, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        let call = TaskCall::new("State", &req.id, &req.exec_id);
+        let result = TaskService::state(self, &req).await;
+        self.audited(ctx, call, result, |r| {
+            let status = r.status.enum_value().map(|s| format!("{s:?}"));
+            serde_json::json!({ "status": status.unwrap_or_default() })
+        })
     }
 
     async fn create(
         &self,
-        _: &Ctx,
+        ctx: &Ctx,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        answer(TaskService::create(self, &req).await, "Create")
+        let call = TaskCall::new("Create", &req.id, "").details(serde_json::json!({
+            "bundle": req.bundle,
+            "terminal": req.terminal,
+        }));
+        let result = TaskService::create(self, &req).await;
+        self.audited(ctx, call, result, |r| serde_json::json!({ "pid": r.pid }))
     }
 
-    async fn start(&self, _: &Ctx, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        answer(TaskService::start(self, &req).await, "Start")
+    async fn start(&self, ctx: &Ctx, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let call = TaskCall::new("Start", &req.id, &req.exec_id);
+        let result = TaskService::start(self, &req).await;
+        self.audited(ctx, call, result, |r| serde_json::json!({ "pid": r.pid }))
     }
 
-    async fn delete(&self, _: &Ctx, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
-        answer(TaskService::delete(self, &req).await, "Delete")
-    }
-
-    async fn pids(&self, _: &Ctx, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        answer(TaskService::pids(self, &req.id).await, "Pids")
-    }
-
-    async fn pause(&self, _: &Ctx, req: api::PauseRequest) -> TtrpcResult<Empty> {
-        answer(
-            TaskService::pause(self, &req.id)
-                .await
-                .map(|_| Empty::new()),
-            "Pause",
+    async fn delete(&self, ctx: &Ctx, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        let call = TaskCall::new("Delete", &req.id, &req.exec_id);
+        let result = TaskService::delete(self, &req).await;
+        self.audited(
+            ctx,
+            call,
+            result,
+            |r| serde_json::json!({ "pid": r.pid, "exit_status": r.exit_status }),
         )
     }
 
-    async fn resume(&self, _: &Ctx, req: api::ResumeRequest) -> TtrpcResult<Empty> {
-        answer(
-            TaskService::resume(self, &req.id)
-                .await
-                .map(|_| Empty::new()),
-            "Resume",
+    async fn pids(&self, ctx: &Ctx, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let call = TaskCall::new("Pids", &req.id, "");
+        let result = TaskService::pids(self, &req.id).await;
+        self.audited(
+            ctx,
+            call,
+            result,
+            |r| serde_json::json!({ "processes": r.processes.len() }),
         )
     }
 
-    async fn checkpoint(&self, _: &Ctx, _: api::CheckpointTaskRequest) -> TtrpcResult<Empty> {
-        answer(
-            Err(ServiceError::Unsupported(
-                "checkpoint (the container's state lives in the pod's microVM)",
-            )),
-            "Checkpoint",
+    async fn pause(&self, ctx: &Ctx, req: api::PauseRequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("Pause", &req.id, "");
+        let result = TaskService::pause(self, &req.id)
+            .await
+            .map(|_| Empty::new());
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn resume(&self, ctx: &Ctx, req: api::ResumeRequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("Resume", &req.id, "");
+        let result = TaskService::resume(self, &req.id)
+            .await
+            .map(|_| Empty::new());
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn checkpoint(&self, ctx: &Ctx, req: api::CheckpointTaskRequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("Checkpoint", &req.id, "");
+        let result = Err(ServiceError::Unsupported(
+            "checkpoint (the container's state lives in the pod's microVM)",
+        ));
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn kill(&self, ctx: &Ctx, req: api::KillRequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("Kill", &req.id, &req.exec_id)
+            .details(serde_json::json!({ "signal": req.signal, "all": req.all }));
+        let result = TaskService::kill(self, &req).await.map(|_| Empty::new());
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn exec(&self, ctx: &Ctx, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
+        let args = req
+            .spec
+            .as_ref()
+            .map(|any| exec_args(&any.value))
+            .unwrap_or_default();
+        let call = TaskCall::new("Exec", &req.id, &req.exec_id)
+            .details(serde_json::json!({ "args": args, "terminal": req.terminal }));
+        let result = TaskService::exec(self, &req).await.map(|_| Empty::new());
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn resize_pty(&self, ctx: &Ctx, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("ResizePty", &req.id, &req.exec_id)
+            .details(serde_json::json!({ "width": req.width, "height": req.height }));
+        let result = TaskService::resize_pty(self, &req)
+            .await
+            .map(|_| Empty::new());
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn close_io(&self, ctx: &Ctx, req: api::CloseIORequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("CloseIO", &req.id, &req.exec_id)
+            .details(serde_json::json!({ "stdin": req.stdin }));
+        let result = TaskService::close_io(self, &req)
+            .await
+            .map(|_| Empty::new());
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn update(&self, ctx: &Ctx, req: api::UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("Update", &req.id, "");
+        let result = TaskService::update(self, &req).await.map(|_| Empty::new());
+        self.audited(ctx, call, result, no_details)
+    }
+
+    async fn wait(&self, ctx: &Ctx, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let call = TaskCall::new("Wait", &req.id, &req.exec_id);
+        let result = TaskService::wait(self, &req).await;
+        self.audited(
+            ctx,
+            call,
+            result,
+            |r| serde_json::json!({ "exit_status": r.exit_status }),
         )
     }
 
-    async fn kill(&self, _: &Ctx, req: api::KillRequest) -> TtrpcResult<Empty> {
-        answer(
-            TaskService::kill(self, &req).await.map(|_| Empty::new()),
-            "Kill",
-        )
-    }
-
-    async fn exec(&self, _: &Ctx, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
-        answer(
-            TaskService::exec(self, &req).await.map(|_| Empty::new()),
-            "Exec",
-        )
-    }
-
-    async fn resize_pty(&self, _: &Ctx, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
-        answer(
-            TaskService::resize_pty(self, &req)
-                .await
-                .map(|_| Empty::new()),
-            "ResizePty",
-        )
-    }
-
-    async fn close_io(&self, _: &Ctx, req: api::CloseIORequest) -> TtrpcResult<Empty> {
-        answer(
-            TaskService::close_io(self, &req)
-                .await
-                .map(|_| Empty::new()),
-            "CloseIO",
-        )
-    }
-
-    async fn update(&self, _: &Ctx, req: api::UpdateTaskRequest) -> TtrpcResult<Empty> {
-        answer(
-            TaskService::update(self, &req).await.map(|_| Empty::new()),
-            "Update",
-        )
-    }
-
-    async fn wait(&self, _: &Ctx, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        answer(TaskService::wait(self, &req).await, "Wait")
-    }
-
-    async fn stats(&self, _: &Ctx, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
-        answer(TaskService::stats(self, &req.id).await, "Stats")
+    async fn stats(&self, ctx: &Ctx, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        let call = TaskCall::new("Stats", &req.id, "");
+        let result = TaskService::stats(self, &req.id).await;
+        self.audited(ctx, call, result, no_details)
     }
 
     async fn connect(
         &self,
-        _: &Ctx,
+        ctx: &Ctx,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        Ok(TaskService::connect(self, &req.id).await)
+        let call = TaskCall::new("Connect", &req.id, "");
+        let result = Ok(TaskService::connect(self, &req.id).await);
+        self.audited(
+            ctx,
+            call,
+            result,
+            |r| serde_json::json!({ "task_pid": r.task_pid }),
+        )
     }
 
-    async fn shutdown(&self, _: &Ctx, _: api::ShutdownRequest) -> TtrpcResult<Empty> {
-        TaskService::shutdown(self).await;
-        Ok(Empty::new())
+    async fn shutdown(&self, ctx: &Ctx, req: api::ShutdownRequest) -> TtrpcResult<Empty> {
+        let call = TaskCall::new("Shutdown", &req.id, "");
+        let exiting = self.prepare_exit().await;
+        let answer = self.audited(
+            ctx,
+            call,
+            Ok(Empty::new()),
+            |_| serde_json::json!({ "exiting": exiting }),
+        );
+        // After the record: the process may end as soon as exit is signalled.
+        if exiting {
+            self.state.exit.signal();
+        }
+        answer
     }
 }
 
-/// The pod's `[inspection]` applied to a container's spec: findings are
-/// logged (warn) or fail the create listing the ones the config refuses.
-fn check_least_privilege(
-    sandbox: &PodSandbox,
-    container_id: &str,
-    spec: &serde_json::Value,
-) -> Result<(), ServiceError> {
-    use crate::inspect::{decide, inspect_spec, spec_annotations, Decision};
-    let report = inspect_spec(spec, &spec_annotations(spec));
-    let list = |findings: &[crate::inspect::Finding]| {
-        findings
-            .iter()
-            .map(|f| f.to_string())
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    match decide(&report, &sandbox.inspection) {
-        Decision::Allow => Ok(()),
-        Decision::Warn(findings) => {
+impl TaskService {
+    /// The pod's `[inspection]` applied to a container's spec: each finding
+    /// becomes a security audit record and a log line; the create fails
+    /// listing the findings the config refuses.
+    fn check_least_privilege(
+        &self,
+        inspection: &InspectionSection,
+        pod: &str,
+        container_id: &str,
+        spec: &serde_json::Value,
+    ) -> Result<(), ServiceError> {
+        use crate::inspect::{decide, inspect_spec, spec_annotations, Decision};
+        let report = inspect_spec(spec, &spec_annotations(spec));
+        let list = |findings: &[crate::inspect::Finding]| {
+            findings
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let (findings, refused) = match decide(&report, inspection) {
+            Decision::Allow => return Ok(()),
+            Decision::Warn(findings) => (findings, Vec::new()),
+            Decision::Refuse(refused) => (report.findings.clone(), refused),
+        };
+        for finding in &findings {
+            let is_refused = refused.contains(finding);
             tracing::warn!(
                 container = container_id,
-                "spec exceeds least privilege ({} findings): {}",
-                findings.len(),
-                list(&findings)
+                "spec exceeds least privilege{}: {finding}",
+                if is_refused { " (refused)" } else { "" }
             );
-            Ok(())
+            self.state.audit.security(
+                pod,
+                AuditEvent::InspectionFinding {
+                    container: container_id.to_owned(),
+                    finding: finding.clone(),
+                    refused: is_refused,
+                },
+            );
         }
-        Decision::Refuse(findings) => Err(ServiceError::PermissionDenied(format!(
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(ServiceError::PermissionDenied(format!(
             "container {container_id} refused by [inspection] (mode = \"refuse\"): {}",
-            list(&findings)
-        ))),
+            list(&refused)
+        )))
     }
 }
 

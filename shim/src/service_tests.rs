@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::agent_client::AgentClient;
-use crate::config::{InspectionMode, InspectionSection};
+use crate::config::{InspectionMode, InspectionSection, RuntimeConfig};
 use crate::guest_spec::SharedMount;
 use crate::sandbox::{SandboxDir, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID};
 use crate::vmm_client::{ChildExit, Hypervisor, HypervisorError};
@@ -29,6 +29,8 @@ struct FakeAgent {
     exec_specs: StdMutex<Vec<Vec<u8>>>,
     /// The guest is gone: RemoveContainer fails as over a dead connection.
     unreachable: AtomicBool,
+    /// The agent's policy refuses ExecProcess with this message.
+    deny_exec: StdMutex<Option<String>>,
 }
 
 impl FakeAgent {
@@ -98,6 +100,13 @@ impl AgentClient for FakeAgent {
         Ok(())
     }
     async fn exec_process(&self, req: agent::ExecProcessRequest) -> Result<u32, AgentError> {
+        if let Some(message) = self.deny_exec.lock().unwrap().clone() {
+            return Err(AgentError::Rpc {
+                method: "ExecProcess",
+                code: Some(ttrpc::Code::PERMISSION_DENIED),
+                message,
+            });
+        }
         self.log(format!("exec {} {}", req.container_id, req.exec_id));
         self.exec_specs.lock().unwrap().push(req.process_json);
         Ok(200 + self.next_pid.fetch_add(1, Ordering::SeqCst))
@@ -217,16 +226,28 @@ struct FakeLauncher {
 
 #[async_trait]
 impl SandboxLauncher for FakeLauncher {
+    fn load_config(&self, config_path: Option<&str>) -> Result<RuntimeConfig, SandboxError> {
+        if let Some(path) = config_path {
+            self.agent.log(format!("config {path}"));
+        }
+        Ok(RuntimeConfig {
+            inspection: self.inspection.clone(),
+            audit: crate::audit::AuditSection {
+                enabled: true,
+                path: self.audit_path(),
+            },
+            ..RuntimeConfig::default()
+        })
+    }
+
     async fn launch(
         &self,
         sandbox_id: &str,
         _: &serde_json::Value,
-        config_path: Option<String>,
+        config: &RuntimeConfig,
+        audit: &crate::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError> {
         self.launches.fetch_add(1, Ordering::SeqCst);
-        if let Some(path) = config_path {
-            self.agent.log(format!("config {path}"));
-        }
         let dir = SandboxDir::new(self.state_dir.path(), "test", sandbox_id);
         dir.create()?;
         let vm = FakeVm {
@@ -234,10 +255,9 @@ impl SandboxLauncher for FakeLauncher {
             kill: self.vm_kill.clone(),
             stopped: self.vm_stopped.clone(),
         };
-        Ok(
-            PodSandbox::new(sandbox_id, self.agent.clone(), dir, Some(Box::new(vm)))
-                .with_inspection(self.inspection.clone()),
-        )
+        let agent = crate::audit::agent::audited_agent(self.agent.clone(), audit, sandbox_id);
+        Ok(PodSandbox::new(sandbox_id, agent, dir, Some(Box::new(vm)))
+            .with_inspection(config.inspection.clone()))
     }
     async fn share_rootfs(
         &self,
@@ -269,6 +289,13 @@ impl SandboxLauncher for FakeLauncher {
     fn unshare_rootfs(&self, _: &PodSandbox, container_id: &str) -> Result<(), SandboxError> {
         self.agent.log(format!("unshare {container_id}"));
         Ok(())
+    }
+}
+
+impl FakeLauncher {
+    /// The pod's audit file (the config's `[audit] path`).
+    fn audit_path(&self) -> PathBuf {
+        self.state_dir.path().join("audit/audit.jsonl")
     }
 }
 
@@ -378,20 +405,28 @@ impl Harness {
             .unwrap()
     }
 
-    /// Events published so far.
+    /// Task events published so far (security events, which carry audit
+    /// records, are checked on their own).
     fn take_events(&mut self) -> Vec<TaskEvent> {
         let mut out = Vec::new();
         while let Ok(event) = self.events.try_recv() {
-            out.push(event);
+            if !matches!(event, TaskEvent::Security { .. }) {
+                out.push(event);
+            }
         }
         out
     }
 
     async fn next_event(&mut self) -> TaskEvent {
-        tokio::time::timeout(Duration::from_secs(10), self.events.recv())
-            .await
-            .expect("no event")
-            .unwrap()
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+                .await
+                .expect("no event")
+                .unwrap();
+            if !matches!(event, TaskEvent::Security { .. }) {
+                return event;
+            }
+        }
     }
 }
 
@@ -804,4 +839,530 @@ async fn delete_fails_when_the_agent_fails_and_the_guest_is_not_gone() {
     let err = h.delete("c1", "").await.unwrap_err();
     assert_eq!(err.code(), ttrpc::Code::UNAVAILABLE);
     assert_eq!(h.status("c1", "").await, TaskStatus::STOPPED);
+}
+
+// --- the audit trail ---
+
+use crate::audit::{AuditRecord, Decision as Audit, RecordKind};
+use containerd_shim_protos::shim_async::Task as TaskApi;
+
+/// The service as containerd's ttrpc server calls it (its inherent methods
+/// of the same names skip the audit wrapper).
+fn task_api(service: &TaskService) -> &(dyn TaskApi + Send + Sync) {
+    service
+}
+
+/// A ttrpc context as containerd sends it, naming its namespace.
+fn ctx(namespace: &str) -> Ctx {
+    let mut ctx = Ctx::default();
+    ctx.metadata
+        .insert(NAMESPACE_METADATA.into(), vec![namespace.into()]);
+    ctx
+}
+
+impl Harness {
+    fn audit_records(&self) -> Vec<AuditRecord> {
+        std::fs::read_to_string(self.launcher.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    fn records_of(&self, kind: RecordKind) -> Vec<AuditRecord> {
+        self.audit_records()
+            .into_iter()
+            .filter(|r| r.kind == kind)
+            .collect()
+    }
+
+    /// Waits up to 5 s for a record of `operation`.
+    async fn await_record(&self, operation: &str) -> AuditRecord {
+        for _ in 0..100 {
+            if let Some(r) = self
+                .audit_records()
+                .into_iter()
+                .find(|r| r.operation == operation)
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {operation} record in {:?}", self.audit_records());
+    }
+}
+
+fn exec_request(id: &str, exec_id: &str, args: &str) -> api::ExecProcessRequest {
+    api::ExecProcessRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        spec: Some(Any {
+            value: format!(r#"{{"args":{args},"cwd":"/"}}"#).into_bytes(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn every_task_api_call_leaves_exactly_one_record_in_order() {
+    let h = Harness::new();
+    let s = task_api(&h.service);
+    let c = ctx("k8s.io");
+    let id = || "c1".to_string();
+    s.connect(
+        &c,
+        api::ConnectRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bundle = h.bundle("c1", serde_json::json!({}));
+    let create = api::CreateTaskRequest {
+        id: id(),
+        bundle,
+        ..Default::default()
+    };
+    s.create(&c, create).await.unwrap();
+    s.state(
+        &c,
+        api::StateRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.start(
+        &c,
+        api::StartRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.exec(&c, exec_request("c1", "e1", r#"["id","-u"]"#))
+        .await
+        .unwrap();
+    let start_exec = api::StartRequest {
+        id: id(),
+        exec_id: "e1".into(),
+        ..Default::default()
+    };
+    s.start(&c, start_exec).await.unwrap();
+    let resize = api::ResizePtyRequest {
+        id: id(),
+        width: 80,
+        height: 24,
+        ..Default::default()
+    };
+    s.resize_pty(&c, resize).await.unwrap();
+    let close = api::CloseIORequest {
+        id: id(),
+        stdin: true,
+        ..Default::default()
+    };
+    s.close_io(&c, close).await.unwrap();
+    s.pids(
+        &c,
+        api::PidsRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.stats(
+        &c,
+        api::StatsRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let update = api::UpdateTaskRequest {
+        id: id(),
+        resources: Some(Any {
+            value: b"{}".to_vec(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    s.update(&c, update).await.unwrap();
+    s.pause(
+        &c,
+        api::PauseRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.resume(
+        &c,
+        api::ResumeRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let checkpoint = api::CheckpointTaskRequest {
+        id: id(),
+        ..Default::default()
+    };
+    assert!(s.checkpoint(&c, checkpoint).await.is_err());
+    let kill = api::KillRequest {
+        id: id(),
+        signal: 9,
+        ..Default::default()
+    };
+    s.kill(&c, kill).await.unwrap();
+    h.agent.send_exit("c1", "e1", 0).await;
+    h.agent.send_exit("c1", "", 137).await;
+    let wait = api::WaitRequest {
+        id: id(),
+        ..Default::default()
+    };
+    assert_eq!(s.wait(&c, wait).await.unwrap().exit_status, 137);
+    let delete_exec = api::DeleteRequest {
+        id: id(),
+        exec_id: "e1".into(),
+        ..Default::default()
+    };
+    // The exec's exit may still be draining: wait for it first.
+    h.wait("c1", "e1").await;
+    s.delete(&c, delete_exec).await.unwrap();
+    s.delete(
+        &c,
+        api::DeleteRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let missing = api::StateRequest {
+        id: id(),
+        ..Default::default()
+    };
+    assert!(s.state(&c, missing).await.is_err());
+    s.shutdown(
+        &c,
+        api::ShutdownRequest {
+            id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    let tasks = h.records_of(RecordKind::Task);
+    let summary: Vec<(&str, &str, Audit)> = tasks
+        .iter()
+        .map(|r| (r.operation.as_str(), r.exec_id.as_str(), r.decision))
+        .collect();
+    use Audit::{Allowed as A, Failed as F};
+    assert_eq!(
+        summary,
+        [
+            ("Connect", "", A),
+            ("Create", "", A),
+            ("State", "", A),
+            ("Start", "", A),
+            ("Exec", "e1", A),
+            ("Start", "e1", A),
+            ("ResizePty", "", A),
+            ("CloseIO", "", A),
+            ("Pids", "", A),
+            ("Stats", "", A),
+            ("Update", "", A),
+            ("Pause", "", A),
+            ("Resume", "", A),
+            ("Checkpoint", "", F),
+            ("Kill", "", A),
+            ("Wait", "", A),
+            ("Delete", "e1", A),
+            ("Delete", "", A),
+            ("State", "", F),
+            ("Shutdown", "", A),
+        ]
+    );
+    assert!(tasks.iter().all(|r| r.caller.namespace == "k8s.io"));
+    // The pod is named even in the Connect before its sandbox's Create.
+    assert!(tasks.iter().all(|r| r.pod == "c1" && r.container == "c1"));
+    assert!(
+        tasks[13].reason.contains("not supported"),
+        "{:?}",
+        tasks[13]
+    );
+    assert_eq!(tasks[1].details["pid"], 100);
+    assert_eq!(tasks[2].details["status"], "CREATED");
+    assert_eq!(tasks[4].details["args"], serde_json::json!(["id", "-u"]));
+    assert_eq!(tasks[14].details["signal"], 9);
+    assert_eq!(tasks[15].details["exit_status"], 137);
+    assert!(tasks[18].reason.contains("c1"), "{:?}", tasks[18]);
+    // Records are numbered without gaps across all kinds.
+    let seqs: Vec<u64> = h.audit_records().iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    // Agent requests were recorded too, each with its outcome.
+    let agent_ops: Vec<String> = h
+        .records_of(RecordKind::Agent)
+        .into_iter()
+        .map(|r| r.operation)
+        .collect();
+    for op in [
+        "Events",
+        "CreateContainer",
+        "StartContainer",
+        "ExecProcess",
+        "ResizeTty",
+        "ListProcesses",
+        "StatsContainer",
+        "UpdateContainer",
+        "PauseContainer",
+        "ResumeContainer",
+        "SignalProcess",
+        "RemoveContainer",
+        "Shutdown",
+    ] {
+        assert_eq!(
+            agent_ops.iter().filter(|o| *o == op).count(),
+            1,
+            "{op} in {agent_ops:?}"
+        );
+    }
+    // The exec is a security event of its own, with its command.
+    let exec = h.records_of(RecordKind::Security);
+    let exec = exec.iter().find(|r| r.operation == "exec").unwrap();
+    assert_eq!((exec.exec_id.as_str(), exec.decision), ("e1", A));
+    assert_eq!(exec.details["args"], serde_json::json!(["id", "-u"]));
+}
+
+#[tokio::test]
+async fn an_agent_denial_is_recorded_with_the_agents_message_verbatim() {
+    let h = Harness::new();
+    let c = ctx("default");
+    h.create("c1", serde_json::json!({})).await.unwrap();
+    h.start("c1", "").await.unwrap();
+    // The agent policy's wording (guest-agent/src/policy): it names the rule.
+    let message = "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest: exec of [\"sh\"] is not allowed";
+    *h.agent.deny_exec.lock().unwrap() = Some(message.into());
+    task_api(&h.service)
+        .exec(&c, exec_request("c1", "e1", r#"["sh"]"#))
+        .await
+        .unwrap();
+    let start = api::StartRequest {
+        id: "c1".into(),
+        exec_id: "e1".into(),
+        ..Default::default()
+    };
+    let err = task_api(&h.service).start(&c, start).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("data.agent_policy.ExecProcessRequest"),
+        "{err}"
+    );
+
+    let records = h.audit_records();
+    let find = |kind: RecordKind, op: &str| {
+        records
+            .iter()
+            .find(|r| r.kind == kind && r.operation == op)
+            .unwrap_or_else(|| panic!("no {kind} {op} in {records:?}"))
+    };
+    let agent = find(RecordKind::Agent, "ExecProcess");
+    assert_eq!(
+        (agent.decision, agent.reason.as_str()),
+        (Audit::Denied, message)
+    );
+    assert_eq!(agent.exec_id, "e1");
+    let denial = find(RecordKind::Security, "policy-denied");
+    assert_eq!(
+        (denial.decision, denial.reason.as_str()),
+        (Audit::Denied, message)
+    );
+    assert_eq!(denial.details["request"], "ExecProcess");
+    let exec = find(RecordKind::Security, "exec");
+    assert_eq!(
+        (exec.decision, exec.reason.as_str()),
+        (Audit::Denied, message)
+    );
+    let task = records
+        .iter()
+        .rfind(|r| r.kind == RecordKind::Task)
+        .unwrap();
+    assert_eq!(
+        (
+            task.operation.as_str(),
+            task.exec_id.as_str(),
+            task.decision
+        ),
+        ("Start", "e1", Audit::Denied)
+    );
+    assert!(task.reason.contains(message), "{}", task.reason);
+    // In order: the agent's answer, the denial, the exec, the task call.
+    let position = |r: &AuditRecord| records.iter().position(|x| x == r).unwrap();
+    assert!(position(agent) < position(denial));
+    assert!(position(denial) < position(exec));
+    assert!(position(exec) < position(task));
+}
+
+#[tokio::test]
+async fn a_refused_sandbox_never_starts_a_vm_and_its_findings_are_recorded() {
+    let refusing = InspectionSection {
+        mode: InspectionMode::Refuse,
+        ..InspectionSection::default()
+    };
+    let h = Harness::with_inspection(refusing);
+    let err = h.create("pod", cri("sandbox", "pod")).await.unwrap_err();
+    assert_eq!(err.code(), ttrpc::Code::PERMISSION_DENIED);
+    assert_eq!(
+        h.launcher.launches.load(Ordering::SeqCst),
+        0,
+        "a VM was launched"
+    );
+    assert!(h.agent.calls().is_empty(), "{:?}", h.agent.calls());
+    let findings = h.records_of(RecordKind::Security);
+    assert!(!findings.is_empty());
+    assert!(findings
+        .iter()
+        .all(|r| r.operation == "inspection-finding" && r.pod == "pod" && r.container == "pod"));
+    let refused: Vec<&str> = findings
+        .iter()
+        .filter(|r| r.decision == Audit::Denied)
+        .map(|r| r.details["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        refused.iter().all(|id| *id == "host-namespace"),
+        "{refused:?}"
+    );
+    assert!(!refused.is_empty());
+    // The lesser findings are recorded as warnings.
+    assert!(findings
+        .iter()
+        .any(|r| r.decision == Audit::Allowed && r.details["id"] == "runs-as-root"));
+}
+
+#[tokio::test]
+async fn warn_mode_records_each_finding_of_a_workload_container() {
+    let h = Harness::new();
+    h.create("pod", cri("sandbox", "pod")).await.unwrap();
+    let before = h.records_of(RecordKind::Security).len();
+    assert!(before > 0);
+    h.create("app", cri("container", "pod")).await.unwrap();
+    let app: Vec<AuditRecord> = h
+        .records_of(RecordKind::Security)
+        .into_iter()
+        .filter(|r| r.container == "app")
+        .collect();
+    assert_eq!(app.len(), before, "the same spec, the same findings");
+    assert!(app
+        .iter()
+        .all(|r| r.decision == Audit::Allowed && r.pod == "pod"));
+    assert!(app.iter().any(|r| r.details["id"] == "host-namespace"));
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_with_a_kernel_panic_leaves_crash_and_panic_records() {
+    let h = Harness::new();
+    h.create("pod", cri("sandbox", "pod")).await.unwrap();
+    h.start("pod", "").await.unwrap();
+    let console = SandboxDir::new(h.launcher.state_dir.path(), "test", "pod")
+        .vm_paths()
+        .console_log();
+    std::fs::write(
+        &console,
+        "[    1.0] agent up\n[    9.1] Kernel panic - not syncing: Fatal exception\n[    9.1] Rebooting in 1 seconds..\n",
+    )
+    .unwrap();
+    h.launcher.vm_kill.send_replace(Some(ChildExit::Code(1)));
+    assert_eq!(h.wait("pod", "").await.exit_status, 137);
+    let crash = h.await_record("vm-exited").await;
+    assert_eq!(
+        (crash.kind, crash.decision),
+        (RecordKind::Security, Audit::Failed)
+    );
+    assert!(crash.reason.contains("exit code 1"), "{}", crash.reason);
+    let panic = h.await_record("guest-panic").await;
+    assert_eq!(
+        panic.reason,
+        "[    9.1] Kernel panic - not syncing: Fatal exception"
+    );
+    assert_eq!(panic.details["console"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_lost_agent_connection_is_a_security_record_and_a_deleted_pod_is_not() {
+    let h = Harness::new();
+    h.create("c1", serde_json::json!({})).await.unwrap();
+    h.start("c1", "").await.unwrap();
+    h.agent.close_events();
+    assert_eq!(h.wait("c1", "").await.exit_status, 255);
+    let lost = h.await_record("agent-lost").await;
+    assert_eq!(lost.decision, Audit::Failed);
+
+    // An orderly delete stops the VM without a crash record.
+    let h = Harness::new();
+    h.create("c2", serde_json::json!({})).await.unwrap();
+    h.start("c2", "").await.unwrap();
+    h.agent.send_exit("c2", "", 0).await;
+    h.wait("c2", "").await;
+    h.delete("c2", "").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ops: Vec<String> = h
+        .records_of(RecordKind::Security)
+        .into_iter()
+        .map(|r| r.operation)
+        .filter(|op| op != "inspection-finding")
+        .collect();
+    assert!(ops.is_empty(), "{ops:?}");
+}
+
+#[tokio::test]
+async fn security_records_are_also_published_to_containerd_in_order() {
+    let mut h = Harness::new();
+    h.create("c1", serde_json::json!({})).await.unwrap();
+    let mut published = Vec::new();
+    while let Ok(event) = h.events.try_recv() {
+        if let TaskEvent::Security { record_json } = event {
+            published.push(serde_json::from_str::<AuditRecord>(&record_json).unwrap());
+        }
+    }
+    let recorded = h.records_of(RecordKind::Security);
+    assert!(!recorded.is_empty());
+    assert_eq!(published, recorded);
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_file_does_not_stop_the_shim() {
+    let mut h = Harness::new();
+    // A file where the audit folder should be: no record can be written.
+    std::fs::write(h.launcher.state_dir.path().join("audit"), "").unwrap();
+    h.create("c1", serde_json::json!({})).await.unwrap();
+    let c = ctx("default");
+    let start = api::StartRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    task_api(&h.service).start(&c, start).await.unwrap();
+    h.agent.send_exit("c1", "", 0).await;
+    assert_eq!(h.wait("c1", "").await.exit_status, 0);
+    h.delete("c1", "").await.unwrap();
+    assert_eq!(
+        topics(&h.take_events()),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+    assert!(h.audit_records().is_empty());
 }

@@ -23,7 +23,11 @@ use cloister_guest_image::cmdline::{self, RebootMethod};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig};
+use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig, VmmSection};
+use crate::vmm_jail::{
+    cgroup_dirs, create_cgroups, create_owned_folder, make_shared_mount, remove_cgroups,
+    CGROUP_ROOT,
+};
 
 /// The virtio-fs tag of the pod's shared folder (`VmPaths::shared_dir`),
 /// which the agent mounts before any container starts.
@@ -60,6 +64,8 @@ pub enum HypervisorError {
         path: PathBuf,
         waited: Duration,
     },
+    #[error("cannot prepare the VMM's jail: {0}")]
+    Jail(#[from] crate::vmm_jail::VmmJailError),
 }
 
 /// How a supervised child ended.
@@ -207,9 +213,18 @@ pub struct VmPaths {
 }
 
 impl VmPaths {
+    /// The sockets the VMM processes create: the one folder of the host a
+    /// jailed VMM may write in (its uid owns it).
+    pub fn sockets_dir(&self) -> PathBuf {
+        self.dir.join("sockets")
+    }
+    /// The jailed VMM's root; an empty folder on the host.
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("jail")
+    }
     /// Hybrid vsock socket: where the shim reaches the agent.
     pub fn vsock_uds(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.sockets_dir().join("vsock.sock")
     }
     pub fn vm_config(&self) -> PathBuf {
         self.dir.join("vm.json")
@@ -225,13 +240,13 @@ impl VmPaths {
         self.dir.join("shared")
     }
     pub fn vhost_user_vsock(&self) -> PathBuf {
-        self.dir.join("vhost-vsock.sock")
+        self.sockets_dir().join("vhost-vsock.sock")
     }
     pub fn vhost_user_vsock_log(&self) -> PathBuf {
         self.dir.join("vhost-user-vsock.log")
     }
     pub fn vhost_user_fs(&self) -> PathBuf {
-        self.dir.join("vhost-fs.sock")
+        self.sockets_dir().join("vhost-fs.sock")
     }
     pub fn vhost_user_fs_log(&self) -> PathBuf {
         self.dir.join("vhost-user-fs.log")
@@ -293,6 +308,83 @@ pub struct VmJson {
     pub vsock: VmVsockConfig,
     pub fs: Vec<VmFsConfig>,
     pub net: Vec<VmNetConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jail: Option<VmJailConfig>,
+}
+
+/// `jail` section of `vm.json` (the VMM's `JailConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmJailConfig {
+    pub root: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cgroups: Vec<PathBuf>,
+}
+
+impl VmJailConfig {
+    /// The same as `cloister-vmm` flags (the vhost-user servers').
+    pub fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--jail-root".into(),
+            self.root.clone().into(),
+            "--jail-uid".into(),
+            self.uid.to_string().into(),
+            "--jail-gid".into(),
+            self.gid.to_string().into(),
+        ];
+        for cgroup in &self.cgroups {
+            args.push("--jail-cgroup".into());
+            args.push(cgroup.clone().into());
+        }
+        args
+    }
+}
+
+/// A pod's jail as prepared on the host: what the VMM processes get, and
+/// the cgroups the shim created for them (removed when they are gone).
+#[derive(Debug, Default)]
+pub struct PreparedJail {
+    pub jail: Option<VmJailConfig>,
+    pub created_cgroups: Vec<PathBuf>,
+}
+
+/// Prepares the sockets folder and, with `[vmm] jail` (the default), the
+/// jail: the shared folder as a shared mount, the pod's cgroups.
+pub fn prepare_jail(
+    vmm: &VmmSection,
+    vm: &PodVm,
+    paths: &VmPaths,
+) -> Result<PreparedJail, HypervisorError> {
+    let sockets = paths.sockets_dir();
+    if !vmm.jail {
+        tracing::warn!(
+            "[vmm] jail = false: cloister-vmm runs WITHOUT its jail and seccomp, as root with every capability; for development only"
+        );
+        std::fs::create_dir_all(&sockets).map_err(|source| HypervisorError::File {
+            path: sockets,
+            source,
+        })?;
+        return Ok(PreparedJail::default());
+    }
+    create_owned_folder(&sockets, vmm.jail_uid, vmm.jail_gid)?;
+    if vm.shared_fs {
+        make_shared_mount(&paths.shared_dir())?;
+    }
+    let cgroups = match vm.cgroups_path.as_deref().filter(|p| !p.is_empty()) {
+        Some(path) => cgroup_dirs(Path::new(CGROUP_ROOT), path)?,
+        None => Vec::new(),
+    };
+    let created_cgroups = create_cgroups(&cgroups)?;
+    Ok(PreparedJail {
+        jail: Some(VmJailConfig {
+            root: paths.jail_root(),
+            uid: vmm.jail_uid,
+            gid: vmm.jail_gid,
+            cgroups,
+        }),
+        created_cgroups,
+    })
 }
 
 fn join_cmdline(base: String, extra: &str) -> String {
@@ -336,6 +428,7 @@ pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> 
                 mac: nic.mac.clone(),
             })
             .collect(),
+        jail: None,
     }
 }
 
@@ -350,6 +443,9 @@ pub struct CloisterVmm {
     vm_json: VmJson,
     inherited_fds: Vec<i32>,
     paths: VmPaths,
+    vmm: VmmSection,
+    vm: PodVm,
+    jail: PreparedJail,
     child: Option<SupervisedChild>,
 }
 
@@ -360,6 +456,9 @@ impl CloisterVmm {
             vm_json: cloister_vm_json(config, vm, &paths),
             inherited_fds: nic_fds(vm),
             paths,
+            vmm: config.vmm.clone(),
+            vm: vm.clone(),
+            jail: PreparedJail::default(),
             child: None,
         }
     }
@@ -372,6 +471,8 @@ impl CloisterVmm {
 #[async_trait]
 impl Hypervisor for CloisterVmm {
     async fn start(&mut self) -> Result<(), HypervisorError> {
+        self.jail = prepare_jail(&self.vmm, &self.vm, &self.paths)?;
+        self.vm_json.jail = self.jail.jail.clone();
         let path = self.paths.vm_config();
         let text = serde_json::to_vec_pretty(&self.vm_json).map_err(|e| HypervisorError::File {
             path: path.clone(),
@@ -411,6 +512,7 @@ impl Hypervisor for CloisterVmm {
             let exit = child.stop(grace).await;
             tracing::info!(pid = child.pid, "cloister-vmm stopped: {exit}");
         }
+        remove_cgroups(&self.jail.created_cgroups);
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -608,6 +710,9 @@ pub struct Qemu {
     paths: VmPaths,
     shared_fs: bool,
     inherited_fds: Vec<i32>,
+    vmm_section: VmmSection,
+    vm: PodVm,
+    jail: PreparedJail,
     backends: Vec<SupervisedChild>,
     qemu_child: Option<SupervisedChild>,
 }
@@ -623,6 +728,9 @@ impl Qemu {
             paths,
             shared_fs: vm.shared_fs,
             inherited_fds: nic_fds(vm),
+            vmm_section: config.vmm.clone(),
+            vm: vm.clone(),
+            jail: PreparedJail::default(),
             backends: Vec::new(),
             qemu_child: None,
         }
@@ -636,6 +744,13 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn start(&mut self) -> Result<(), HypervisorError> {
+        self.jail = prepare_jail(&self.vmm_section, &self.vm, &self.paths)?;
+        let jail_args = self
+            .jail
+            .jail
+            .as_ref()
+            .map(VmJailConfig::args)
+            .unwrap_or_default();
         let mut backends = vec![(
             "cloister-vmm vhost-user vsock",
             vhost_user_vsock_args(&self.paths),
@@ -652,7 +767,8 @@ impl Hypervisor for Qemu {
                 "vhost-user fs socket",
             ));
         }
-        for (name, args, log, socket, what) in backends {
+        for (name, mut args, log, socket, what) in backends {
+            args.extend(jail_args.iter().cloned());
             let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log, &[])?;
             // QEMU connects to the backends' sockets at start: they must exist.
             let ready = wait_for_socket(&backend, &socket, what).await;
@@ -691,6 +807,7 @@ impl Hypervisor for Qemu {
             let exit = child.stop(grace).await;
             tracing::info!(name = %child.name, pid = child.pid, "stopped: {exit}");
         }
+        remove_cgroups(&self.jail.created_cgroups);
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -740,6 +857,7 @@ mod tests {
             kernel_params: "agent.log=debug".into(),
             shared_fs: true,
             nics: Vec::new(),
+            cgroups_path: None,
         }
     }
 
@@ -774,7 +892,7 @@ mod tests {
         assert_eq!(json["vsock"]["guest_cid"], 3);
         assert_eq!(
             json["vsock"]["uds_path"],
-            "/run/cloister/default/pod1/vsock.sock"
+            "/run/cloister/default/pod1/sockets/vsock.sock"
         );
         let cmdline = json["cmdline"].as_str().unwrap();
         assert!(cmdline.starts_with("console=ttyS0"), "{cmdline}");
@@ -793,6 +911,65 @@ mod tests {
 
     /// The contract with `cloister-vmm --config`: its own parser and
     /// validation accept what we write, the pod's shared folder included.
+    #[test]
+    fn cloister_vmm_accepts_our_vm_json_with_a_jail_and_its_flags() {
+        let jail = VmJailConfig {
+            root: "/run/cloister/default/pod1/jail".into(),
+            uid: 64000,
+            gid: 64000,
+            cgroups: vec!["/sys/fs/cgroup/memory/default/pod1".into()],
+        };
+        let mut vm_json = cloister_vm_json(&RuntimeConfig::default(), &pod_vm(), &paths());
+        vm_json.jail = Some(jail.clone());
+        let text = serde_json::to_string(&vm_json).unwrap();
+        let config =
+            cloister_vmm::config::VmConfig::from_json(&text, Path::new("vm.json")).unwrap();
+        config.validate().unwrap();
+        let parsed = config.jail.unwrap();
+        assert_eq!(parsed.root, jail.root);
+        assert_eq!((parsed.uid, parsed.gid), (64000, 64000));
+        assert_eq!(parsed.cgroups, jail.cgroups);
+        assert_eq!(
+            strings(&jail.args()).join(" "),
+            "--jail-root /run/cloister/default/pod1/jail --jail-uid 64000 --jail-gid 64000 --jail-cgroup /sys/fs/cgroup/memory/default/pod1"
+        );
+    }
+
+    #[test]
+    fn prepared_jail_has_an_owned_sockets_folder_and_a_shared_mount_undone_at_removal() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIP: preparing a jail needs root (chown, mount)");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let dir = crate::sandbox::SandboxDir::new(state.path(), "default", "jail-test");
+        dir.create().unwrap();
+        let paths = dir.vm_paths();
+
+        let prepared = prepare_jail(&VmmSection::default(), &pod_vm(), &paths).unwrap();
+
+        use std::os::unix::fs::MetadataExt;
+        let sockets = std::fs::metadata(paths.sockets_dir()).unwrap();
+        assert_eq!((sockets.uid(), sockets.gid()), (64000, 64000));
+        assert_eq!(sockets.mode() & 0o777, 0o700);
+        let jail = prepared.jail.unwrap();
+        assert_eq!(jail.root, paths.jail_root());
+        assert!(jail.cgroups.is_empty());
+        let mounts = crate::sandbox::mounts_below(&dir.path);
+        assert_eq!(mounts, [paths.shared_dir()]);
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let shared_line = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(paths.shared_dir().to_str().unwrap()))
+            .unwrap();
+        assert!(shared_line.contains(" shared:"), "{shared_line}");
+        // Idempotent, and the sandbox's removal undoes it.
+        make_shared_mount(&paths.shared_dir()).unwrap();
+        dir.remove().unwrap();
+        assert!(!dir.path.exists());
+        assert!(crate::sandbox::mounts_below(state.path()).is_empty());
+    }
+
     #[test]
     fn cloister_vmm_accepts_our_vm_json() {
         let json = serde_json::to_value(cloister_vm_json(
@@ -907,10 +1084,10 @@ mod tests {
         assert!(!append.contains("clearcpuid"), "{append}");
         assert!(append.ends_with("agent.log=debug"));
         assert!(joined.contains(
-            "-chardev socket,id=vsock0,path=/run/cloister/default/pod1/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0 "
+            "-chardev socket,id=vsock0,path=/run/cloister/default/pod1/sockets/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0 "
         ), "{joined}");
         assert!(joined.contains(
-            "-chardev socket,id=fs0,path=/run/cloister/default/pod1/vhost-fs.sock -device vhost-user-fs-device,chardev=fs0,tag=cloister"
+            "-chardev socket,id=fs0,path=/run/cloister/default/pod1/sockets/vhost-fs.sock -device vhost-user-fs-device,chardev=fs0,tag=cloister"
         ), "{joined}");
         assert!(joined.contains("-serial file:/run/cloister/default/pod1/console.log"));
         assert!(joined.contains(
@@ -978,7 +1155,7 @@ mod tests {
     fn vhost_user_fs_backend_command() {
         assert_eq!(
             strings(&vhost_user_fs_args(&paths())).join(" "),
-            "vhost-user --device fs --tag cloister --shared-dir /run/cloister/default/pod1/shared --socket /run/cloister/default/pod1/vhost-fs.sock"
+            "vhost-user --device fs --tag cloister --shared-dir /run/cloister/default/pod1/shared --socket /run/cloister/default/pod1/sockets/vhost-fs.sock"
         );
     }
 
@@ -986,7 +1163,7 @@ mod tests {
     fn vhost_user_backend_command() {
         assert_eq!(
             strings(&vhost_user_vsock_args(&paths())).join(" "),
-            "vhost-user --device vsock --guest-cid 3 --uds /run/cloister/default/pod1/vsock.sock --socket /run/cloister/default/pod1/vhost-vsock.sock"
+            "vhost-user --device vsock --guest-cid 3 --uds /run/cloister/default/pod1/sockets/vsock.sock --socket /run/cloister/default/pod1/sockets/vhost-vsock.sock"
         );
     }
 
@@ -1073,6 +1250,7 @@ mod tests {
         )
         .unwrap();
         config.vmm.path = vmm_script;
+        config.vmm.jail = false;
         let mut vmm = CloisterVmm::new(
             &config,
             &pod_vm(),

@@ -41,6 +41,8 @@ struct GuestLauncher {
     config: RuntimeConfig,
     state_dir: tempfile::TempDir,
     vm_pids: Arc<Mutex<Vec<u32>>>,
+    /// Holds the audit file (beside, not in, the sandbox folders).
+    audit_dir: tempfile::TempDir,
 }
 
 impl GuestLauncher {
@@ -56,11 +58,19 @@ impl GuestLauncher {
 
 #[async_trait]
 impl SandboxLauncher for GuestLauncher {
+    /// The test's config, its audit trail in the test's folder.
+    fn load_config(&self, _: Option<&str>) -> Result<RuntimeConfig, SandboxError> {
+        let mut config = self.config.clone();
+        config.audit.path = self.audit_dir.path().join("audit.jsonl");
+        Ok(config)
+    }
+
     async fn launch(
         &self,
         sandbox_id: &str,
         _spec: &serde_json::Value,
-        _config_path: Option<String>,
+        _config: &RuntimeConfig,
+        _audit: &cloister_shim::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError> {
         let dir = SandboxDir::new(self.state_dir.path(), "test", sandbox_id);
         dir.create()?;
@@ -158,6 +168,7 @@ fn guest_service() -> Option<GuestPod> {
         config,
         state_dir: tempfile::tempdir().unwrap(),
         vm_pids: Arc::new(Mutex::new(Vec::new())),
+        audit_dir: tempfile::tempdir().unwrap(),
     });
     let (sender, events) = EventSender::channel();
     let exit = Arc::new(ExitSignal::default());
@@ -331,7 +342,13 @@ async fn a_pod_runs_in_a_guest_and_a_killed_vm_ends_it_with_137() {
     );
 
     let mut topics = Vec::new();
+    let mut security = Vec::new();
     while let Ok(event) = events.try_recv() {
+        if let TaskEvent::Security { record_json } = &event {
+            let record: serde_json::Value = serde_json::from_str(record_json).unwrap();
+            security.push(record["operation"].as_str().unwrap_or_default().to_owned());
+            continue;
+        }
         if let TaskEvent::Exit {
             exit_status,
             exec_id,
@@ -361,6 +378,14 @@ async fn a_pod_runs_in_a_guest_and_a_killed_vm_ends_it_with_137() {
             "/tasks/delete",
         ]
     );
+    // Security audit records went to containerd as events too: the exec
+    // and the VM's death among them.
+    for operation in ["inspection-finding", "exec", "vm-exited"] {
+        assert!(
+            security.iter().any(|op| op == operation),
+            "{operation} not in {security:?}"
+        );
+    }
     service.shutdown().await;
     tokio::time::timeout(Duration::from_secs(1), exit.wait())
         .await

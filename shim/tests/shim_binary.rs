@@ -79,7 +79,10 @@ impl FakeContainerd {
         server.start().await.unwrap();
         std::fs::write(
             dir.path().join("config.toml"),
-            "[vmm]\npath = \"/bin/false\"\n[agent]\nconnect_timeout_secs = 1\n",
+            format!(
+                "[vmm]\npath = \"/bin/false\"\n[agent]\nconnect_timeout_secs = 1\n[audit]\npath = \"{}\"\n",
+                dir.path().join("audit.jsonl").display()
+            ),
         )
         .unwrap();
         Self {
@@ -254,6 +257,37 @@ async fn containerd_2_start_create_failure_shutdown_and_delete() {
     let deleted = containerd.run_shim(&id, &bundle, "/nonexistent/containerd", "delete");
     let deleted = api::DeleteResponse::parse_from_bytes(&deleted).unwrap();
     assert_eq!(deleted.exit_status, 137);
+
+    // The audit trail: each call once, in order, then `delete`'s record.
+    let audit = std::fs::read_to_string(containerd.dir.path().join("audit.jsonl")).unwrap();
+    let records: Vec<cloister_shim::audit::AuditRecord> = audit
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let summary: Vec<String> = records
+        .iter()
+        .filter(|r| r.operation != "inspection-finding")
+        .map(|r| format!("{} {} {}", r.kind, r.operation, r.decision))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "task Connect allowed",
+            "task Create failed",
+            "task State failed",
+            "task Shutdown allowed",
+            "task ShimDelete allowed"
+        ],
+        "{audit}"
+    );
+    let create = &records.iter().find(|r| r.operation == "Create").unwrap();
+    assert!(
+        create.reason.contains("exited during startup"),
+        "{create:?}"
+    );
+    // No namespace in the calls' metadata: the shim's own.
+    assert_eq!(create.caller.namespace, containerd.namespace);
+    assert_eq!(create.pod, id);
 }
 
 #[tokio::test]

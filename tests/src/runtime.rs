@@ -70,6 +70,13 @@ pub fn qemu_tcg_toml(fixture: &AgentGuestFixture, memory_mib: u32, qemu: &Path) 
     )
 }
 
+/// An `[audit]` section putting the shims' audit trail at `path`, to
+/// append to one of the configs above (tests keep the trail in their own
+/// folder instead of the default `/var/log/cloister/audit.jsonl`).
+pub fn audit_toml(path: &Path) -> String {
+    format!("[audit]\npath = \"{}\"\n", path.display())
+}
+
 /// What every backend's config holds: our VMM, the guest image, the VM
 /// size, and an agent deadline a loaded TCG host meets.
 fn common_toml(fixture: &AgentGuestFixture, memory_mib: u32) -> String {

@@ -235,7 +235,7 @@ fn forwarder(uds: &Path, pod: &PodConfidential, transcript: &Transcript) -> KbsF
         .clone()
         .expect("init-data asks for a forward");
     let path = PathBuf::from(format!("{}_{port}", uds.display()));
-    KbsForwarder::spawn(&path, target, Some(transcript.clone())).expect("forwarder")
+    KbsForwarder::spawn(&path, target, Some(transcript.clone()), None).expect("forwarder")
 }
 
 fn setup_request(init_data: &[u8]) -> agent::SetupSandboxRequest {
@@ -571,7 +571,7 @@ struct CtrPod {
 
 /// Starts `ctr run` under a private containerd whose runtime config is
 /// confidential (`[confidential]` with `confidential_extra` appended).
-fn start_ctr_pod(ctr: &CtrSetup, kbs: &Kbs, confidential_extra: &str) -> CtrPod {
+fn start_ctr_pod(ctr: &CtrSetup, kbs: &Kbs, name: &str, confidential_extra: &str) -> CtrPod {
     let dir = tempfile::tempdir().unwrap();
     let rootfs = dir.path().join("rootfs");
     cloister_e2e::containerd::busybox_rootfs(Path::new("/bin/busybox"), &rootfs).unwrap();
@@ -590,7 +590,8 @@ fn start_ctr_pod(ctr: &CtrSetup, kbs: &Kbs, confidential_extra: &str) -> CtrPod 
         &[("CLOISTER_CONFIG", config.as_path())],
     )
     .unwrap();
-    let id = format!("confidential-{}", std::process::id());
+    // Unique per test: the pod's sandbox folder is named after it.
+    let id = format!("{name}-{}", std::process::id());
     let init_data = format!(
         "{}={}",
         annotations::INIT_DATA,
@@ -664,7 +665,12 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
         secret.as_bytes(),
         &[digest_of(INIT_DATA)],
     );
-    let mut pod = start_ctr_pod(&ctr, &kbs, "allow_host_shares = [\"rootfs\"]\n");
+    let mut pod = start_ctr_pod(
+        &ctr,
+        &kbs,
+        "confidential",
+        "allow_host_shares = [\"rootfs\"]\n",
+    );
     // Search while the pod is up: poll until the guest has attested
     // (the KBS audit shows the release), then look.
     let started = std::time::Instant::now();
@@ -729,7 +735,7 @@ fn ctr_run_refused_by_the_kbs_reports_why() {
     let secret = fresh_secret();
     let other = digest_of(&INIT_DATA.replace("token =", "other ="));
     let kbs = Kbs::start(&ctr.setup.kbs_binary, secret.as_bytes(), &[other]);
-    let pod = start_ctr_pod(&ctr, &kbs, "allow_host_shares = [\"rootfs\"]\n");
+    let pod = start_ctr_pod(&ctr, &kbs, "refused", "allow_host_shares = [\"rootfs\"]\n");
     let (output, context, _containerd) = pod.finish();
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("ctr: {stderr}");
@@ -749,7 +755,7 @@ fn ctr_run_without_an_allowed_rootfs_share_is_refused() {
         fresh_secret().as_bytes(),
         &[digest_of(INIT_DATA)],
     );
-    let pod = start_ctr_pod(&ctr, &kbs, "");
+    let pod = start_ctr_pod(&ctr, &kbs, "no-share", "");
     let (output, context, _containerd) = pod.finish();
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("ctr: {stderr}");

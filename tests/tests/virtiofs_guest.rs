@@ -189,6 +189,25 @@ async fn drive(uds: &Path, layout: &Layout) {
 
 #[test]
 fn container_rooted_on_a_virtio_fs_share_reads_writes_and_cannot_escape() {
+    share_test(false);
+}
+
+/// The same with each fs server jailed (`--jail-*`: own namespaces and
+/// root, the jail uid with only the six capabilities virtio-fs needs,
+/// seccomp), as the shim runs them.
+#[test]
+fn jailed_fs_server_serves_the_same_share_and_cannot_escape() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: a jailed cloister-vmm vhost-user server needs root");
+        return;
+    }
+    share_test(true);
+}
+
+/// The uid/gid of the jailed servers (as the shim's default).
+const JAIL_ID: &str = "64000";
+
+fn share_test(jailed: bool) {
     if !Path::new(BUSYBOX).exists() {
         eprintln!("SKIP: {BUSYBOX} missing (Debian package busybox-static)");
         return;
@@ -222,7 +241,13 @@ fn container_rooted_on_a_virtio_fs_share_reads_writes_and_cannot_escape() {
         (READ_ONLY_TAG, &read_only_share, true),
     ] {
         let socket = guest.socket_path(tag);
-        let command = fs_backend(&vmm, dir, tag, &socket, read_only);
+        let mut command = fs_backend(&vmm, dir, tag, &socket, read_only);
+        if jailed {
+            command
+                .arg("--jail-root")
+                .arg(guest.dir().join(format!("jail-{tag}")))
+                .args(["--jail-uid", JAIL_ID, "--jail-gid", JAIL_ID]);
+        }
         guest
             .add_vhost_user(VhostUserKind::Fs { tag: tag.into() }, tag, command)
             .unwrap_or_else(|e| panic!("fs back end {tag}: {e}"));

@@ -327,6 +327,8 @@ pub fn run_vm(
     } else {
         None
     };
+    // Every other thread runs: the main thread's filter stacks on no one's.
+    crate::jail::seccomp::apply_to_this_thread_or_abort(crate::jail::seccomp::ThreadKind::Main);
     let end = exit.wait();
     // The nudger signals the vCPU threads: it ends before they are joined.
     drop(nudger);

@@ -12,6 +12,7 @@ use crate::boot::cmdline::DEFAULT_CMDLINE;
 use crate::boot::layout::MIN_MEMORY_MIB;
 use crate::boot::mptable::MAX_MPTABLE_CPUS;
 use crate::cpuid::CpuTemplate;
+pub use crate::jail::JailConfig;
 
 mod devices;
 pub use crate::devices::virtio::fs::CacheMode;
@@ -116,6 +117,9 @@ pub struct VmConfig {
     /// virtio-net NICs, each on a tap.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// Run jailed (see [`crate::jail`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailConfig>,
 }
 
 fn default_cmdline() -> String {
@@ -169,6 +173,7 @@ impl VmConfig {
             console: None,
             fs: Vec::new(),
             net: Vec::new(),
+            jail: None,
         }
     }
 
@@ -204,6 +209,9 @@ impl VmConfig {
         validate_resources(self.vcpus, self.memory_mib, self.hugepages)?;
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
+        }
+        if let Some(jail) = &self.jail {
+            jail.validate()?;
         }
         self.devices().validate()
     }
@@ -416,6 +424,22 @@ mod tests {
         assert!(err.to_string().contains("unknown field `ro`"), "{err}");
         let err = parse(r#"{"kernel": "/k", "console": {"output": "tty"}}"#).unwrap_err();
         assert!(err.to_string().contains("console.output = tty"), "{err}");
+    }
+
+    #[test]
+    fn config_with_jail_parses_and_validates_it_by_name() {
+        let cfg = parse(
+            r#"{"kernel": "/k", "jail": {"root": "/run/p/jail", "uid": 64000, "gid": 64000,
+                "cgroups": ["/sys/fs/cgroup/pod"], "netns": "/var/run/netns/p"}}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.jail.as_ref().unwrap().uid, 64000);
+        let cfg = parse(r#"{"kernel": "/k", "jail": {"root": "/j", "uid": 0, "gid": 1}}"#).unwrap();
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("jail.uid = 0"), "{msg}");
+        let err = parse(r#"{"kernel": "/k", "jail": {"root": "/j", "uid": 1}}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field `gid`"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod limits;
 pub mod metrics;
 pub mod signals;

@@ -17,6 +17,9 @@ use cloister_vmm::config::{
 use cloister_vmm::cpuid::CpuTemplate;
 use cloister_vmm::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
 use cloister_vmm::exit::VmExit;
+use cloister_vmm::jail::config::JailArgs;
+use cloister_vmm::jail::seccomp::{DeviceKinds, ThreadFilters};
+use cloister_vmm::jail::{Entered, JailPlan, NO_JAIL_WARNING};
 use cloister_vmm::signals::block_termination_signals;
 
 /// Runs one KVM microVM.
@@ -80,6 +83,8 @@ struct Args {
     /// Also print them every SECONDS while the VM runs.
     #[arg(long, value_name = "SECONDS")]
     metrics_interval: Option<u64>,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 /// What main does besides building the VM.
@@ -133,6 +138,13 @@ impl Args {
         if let Some(output) = self.console {
             cfg.console = Some(ConsoleConfig { output });
         }
+        if let Some(jail) = self.jail.jail()? {
+            cfg.jail = Some(jail);
+        }
+        if self.jail.no_jail {
+            eprintln!("{NO_JAIL_WARNING}");
+            cfg.jail = None;
+        }
         cfg.validate()?;
         if self.metrics_interval == Some(0) {
             anyhow::bail!("metrics_interval = 0: must be at least 1 second");
@@ -160,10 +172,56 @@ fn serial_writer(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>>
     })
 }
 
+fn device_kinds(cfg: &VmConfig) -> DeviceKinds {
+    DeviceKinds {
+        vsock: cfg.vsock.is_some(),
+        block: !cfg.block.is_empty(),
+        fs: !cfg.fs.is_empty(),
+        net: !cfg.net.is_empty(),
+        rng: cfg.rng,
+        console: cfg.console.is_some(),
+    }
+}
+
+/// Enters the jail `cfg` asks for, rewriting its paths; `Some(code)` in
+/// the supervisor once the jailed VMM ended.
+fn enter_jail(cfg: &mut VmConfig) -> anyhow::Result<Option<ExitCode>> {
+    let Some(jail) = cfg.jail.clone() else {
+        return Ok(None);
+    };
+    // /sys stays outside the jail: the answer is kept for the builder.
+    cloister_vmm::vstate::kvm::HostKvmKind::detect();
+    let plan = JailPlan::for_vm(cfg)?;
+    // Compiled before the jail, installed by each thread later.
+    let filters = ThreadFilters::for_vm(device_kinds(cfg))?;
+    let nics = &mut cfg.net;
+    match cloister_vmm::jail::enter(&jail, &plan, || {
+        cloister_vmm::jail::taps::open_named_taps(nics)
+    })? {
+        Entered::Supervisor(code) => Ok(Some(code)),
+        Entered::Jailed => {
+            filters.enable()?;
+            tracing::info!(
+                "jailed in {} as {}:{}",
+                jail.root.display(),
+                jail.uid,
+                jail.gid
+            );
+            #[cfg(feature = "jail-selftest")]
+            cloister_vmm::jail::selftest::run_from_env()?;
+            Ok(None)
+        }
+    }
+}
+
 fn run() -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    let (cfg, options) = Args::parse().into_config()?;
+    let (mut cfg, options) = Args::parse().into_config()?;
+    // Opened before the jail: its folder stays outside.
     let serial = serial_writer(&cfg.serial)?;
+    if let Some(code) = enter_jail(&mut cfg)? {
+        return Ok(code);
+    }
     let spec = VmSpec {
         metrics_interval: options.metrics_interval,
         stop_on_termination_signals: true,
@@ -202,7 +260,7 @@ fn main() -> ExitCode {
         )
         .init();
     // Both modes serve virtio-fs (a descriptor per inode the guest holds)
-    // and vsock (a socket per connection).
+    // and vsock (a socket per connection). A jail sets its own limit.
     match cloister_vmm::limits::raise_open_file_limit() {
         Ok(limit) => tracing::debug!("open file limit {limit}"),
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),

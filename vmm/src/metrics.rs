@@ -89,6 +89,9 @@ impl PeriodicMetrics {
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                crate::jail::seccomp::apply_to_this_thread_or_abort(
+                    crate::jail::seccomp::ThreadKind::Helper,
+                );
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
                     // Best effort: a closed stderr must not stop the VM.
                     let _ = writeln!(out, "{}", snapshot());

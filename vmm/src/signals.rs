@@ -46,16 +46,21 @@ pub fn block_termination_signals() -> io::Result<()> {
 pub fn watch_termination_signals(exit: Arc<ExitSignal>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let set = termination_set();
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is initialised and `signal` is a valid place for
-            // the result.
-            let rc = unsafe { libc::sigwait(&set, &mut signal) };
-            if rc == 0 {
-                tracing::info!("signal {signal}: stopping the VM");
-                exit.report(VmExit::Terminated { signal });
-                return;
+        .spawn(move || {
+            crate::jail::seccomp::apply_to_this_thread_or_abort(
+                crate::jail::seccomp::ThreadKind::Helper,
+            );
+            loop {
+                let set = termination_set();
+                let mut signal: libc::c_int = 0;
+                // SAFETY: `set` is initialised and `signal` is a valid place for
+                // the result.
+                let rc = unsafe { libc::sigwait(&set, &mut signal) };
+                if rc == 0 {
+                    tracing::info!("signal {signal}: stopping the VM");
+                    exit.report(VmExit::Terminated { signal });
+                    return;
+                }
             }
         })?;
     Ok(())

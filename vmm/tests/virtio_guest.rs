@@ -91,6 +91,24 @@ fn every_driver_used(devices: &[Value]) -> bool {
 
 #[test]
 fn linux_virtio_drivers_probe_and_use_every_device() {
+    probe_every_device(false);
+}
+
+/// The same in a jailed `cloister-vmm` (its seccomp lists included): the
+/// disks, the console file and the vsock socket live in a folder the jail
+/// uid owns, as the shim's sockets folder does.
+#[test]
+fn jailed_linux_virtio_drivers_probe_and_use_every_device() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: a jailed cloister-vmm needs root");
+        return;
+    }
+    probe_every_device(true);
+}
+
+const JAIL_ID: u32 = 64000;
+
+fn probe_every_device(jailed: bool) {
     if let Err(e) = KvmContext::open() {
         eprintln!("SKIP: needs a usable /dev/kvm: {e}");
         return;
@@ -107,16 +125,19 @@ fn linux_virtio_drivers_probe_and_use_every_device() {
     } else {
         HARDWARE_TIMEOUT
     };
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let disk = dir.path().join("disk.img");
-    let read_only_disk = dir.path().join("ro.img");
+    let tempdir = tempfile::tempdir().expect("temporary directory");
+    let vm_dir = tempdir.path().join("vm");
+    std::fs::create_dir(&vm_dir).expect("vm folder");
+    let dir = vm_dir.as_path();
+    let disk = dir.join("disk.img");
+    let read_only_disk = dir.join("ro.img");
     for (path, len) in [(&disk, 8 << 20), (&read_only_disk, 4 << 20)] {
         std::fs::File::create(path)
             .and_then(|f| f.set_len(len))
             .expect("disk image");
     }
-    let hvc_log = dir.path().join("hvc0.log");
-    let share = dir.path().join("share");
+    let hvc_log = dir.join("hvc0.log");
+    let share = tempdir.path().join("share");
     std::fs::create_dir(&share).expect("share directory");
     let mut config = CloisterVmmConfig::new(
         Path::new(env!("CARGO_BIN_EXE_cloister-vmm")),
@@ -130,7 +151,7 @@ fn linux_virtio_drivers_probe_and_use_every_device() {
         .arg("--vsock")
         .arg(format!(
             "guest_cid=3,uds_path={}",
-            dir.path().join("v.sock").display()
+            dir.join("v.sock").display()
         ))
         .arg("--block")
         .arg(format!("path={},serial=disk0", disk.display()))
@@ -144,6 +165,25 @@ fn linux_virtio_drivers_probe_and_use_every_device() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if jailed {
+        // The jailed VMM opens the disks and creates the socket and the
+        // console file as the jail uid.
+        let id = |n| {
+            (
+                Some(nix::unistd::Uid::from_raw(n)),
+                Some(nix::unistd::Gid::from_raw(n)),
+            )
+        };
+        for path in [dir, disk.as_path(), read_only_disk.as_path()] {
+            let (uid, gid) = id(JAIL_ID);
+            nix::unistd::chown(path, uid, gid).expect("chown to the jail uid");
+        }
+        command
+            .arg("--jail-root")
+            .arg(tempdir.path().join("jail"))
+            .args(["--jail-uid", &JAIL_ID.to_string()])
+            .args(["--jail-gid", &JAIL_ID.to_string()]);
+    }
     let started = Instant::now();
     let mut child = KillOnDrop(command.spawn().expect("cloister-vmm starts"));
 

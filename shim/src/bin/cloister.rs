@@ -3,6 +3,9 @@
 //! non-zero when a pod could not start. `cloister inspect SPEC.json` prints
 //! the least-privilege findings for a container's OCI spec: exit 0 without
 //! high findings, 1 with, 2 when the file cannot be inspected.
+//! `cloister audit` prints the audit trail's records that match its
+//! filters (exit 0; 2 when the file or a flag cannot be read; malformed
+//! lines are reported on stderr with their number and skipped).
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +29,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print audit records (task API calls, agent requests, security
+    /// events) from the audit file, filtered.
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// The audit file (default: `[audit] path` of the runtime config
+    /// `CLOISTER_CONFIG` or /etc/cloister/config.toml names).
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
+    /// Only this pod (its sandbox container's id).
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only this container.
+    #[arg(long)]
+    container: Option<String>,
+    /// Only this operation (Create, ExecProcess, guest-panic, …; any case).
+    #[arg(long)]
+    operation: Option<String>,
+    /// allowed, denied or failed.
+    #[arg(long)]
+    decision: Option<String>,
+    /// task, agent or security.
+    #[arg(long)]
+    kind: Option<String>,
+    /// From this time on: RFC 3339 (2026-11-24T04:30:00Z) or back from now (10m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Up to this time (same forms as --since).
+    #[arg(long)]
+    until: Option<String>,
+    /// Print the records as JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,7 +83,67 @@ fn main() -> std::process::ExitCode {
             }
         }
         Command::Inspect { spec, json } => inspect(&spec, json),
+        Command::Audit(args) => audit(&args),
     }
+}
+
+/// Exit status 0: records printed (maybe none); 2: the file or a flag
+/// cannot be read.
+fn audit(args: &AuditArgs) -> std::process::ExitCode {
+    use cloister_shim::audit::filter::{select_file, table, AuditFilter, FilterArgs};
+    let fail = |message: String| {
+        eprintln!("cloister audit: {message}");
+        std::process::ExitCode::from(2)
+    };
+    let flags = FilterArgs {
+        pod: args.pod.as_deref(),
+        container: args.container.as_deref(),
+        operation: args.operation.as_deref(),
+        decision: args.decision.as_deref(),
+        kind: args.kind.as_deref(),
+        since: args.since.as_deref(),
+        until: args.until.as_deref(),
+    };
+    let filter = match AuditFilter::parse(&flags, std::time::SystemTime::now()) {
+        Ok(filter) => filter,
+        Err(e) => return fail(e.to_string()),
+    };
+    let path = match &args.file {
+        Some(path) => path.clone(),
+        None => match configured_audit_file() {
+            Ok(path) => path,
+            Err(e) => return fail(e),
+        },
+    };
+    let selection = match select_file(&path, &filter) {
+        Ok(selection) => selection,
+        Err(e) => return fail(e.to_string()),
+    };
+    for bad in &selection.bad_lines {
+        eprintln!(
+            "cloister audit: {} line {}: not an audit record, skipped: {}",
+            path.display(),
+            bad.number,
+            bad.error
+        );
+    }
+    if args.json {
+        for record in &selection.records {
+            print!("{}", record.to_line());
+        }
+    } else {
+        print!("{}", table(&selection.records));
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// The audit file the runtime config names.
+fn configured_audit_file() -> Result<std::path::PathBuf, String> {
+    use cloister_shim::config::{ConfigSource, RuntimeConfig, CONFIG_ENV};
+    let env = std::env::var(CONFIG_ENV).ok();
+    let config = RuntimeConfig::load(&ConfigSource::resolve(None, env.as_deref()))
+        .map_err(|e| format!("{e} (name the audit file with --file)"))?;
+    Ok(config.audit.path)
 }
 
 /// Exit status 0: no high finding; 1: some; 2: the file cannot be inspected.

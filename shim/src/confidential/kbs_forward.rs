@@ -39,17 +39,23 @@ pub struct KbsForwarder {
 
 impl KbsForwarder {
     /// Listens on `path` and forwards to `kbs` (`host:port`); copies what
-    /// it carries into `transcript` when given.
+    /// it carries into `transcript` when given. `owner` (uid, gid) is the
+    /// jailed VMM's, which must be able to connect to the socket.
     pub fn spawn(
         path: &Path,
         kbs: String,
         transcript: Option<Transcript>,
+        owner: Option<(u32, u32)>,
     ) -> Result<Self, KbsForwardError> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|source| KbsForwardError::Listen {
+        let listen_error = |source| KbsForwardError::Listen {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let listener = UnixListener::bind(path).map_err(listen_error)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(listen_error)?;
+        }
         let task = tokio::spawn(async move {
             loop {
                 let (guest, _) = match listener.accept().await {
@@ -139,7 +145,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vsock.sock_1026");
         let transcript = Transcript::default();
-        let forwarder = KbsForwarder::spawn(&path, kbs_addr, Some(transcript.clone())).unwrap();
+        let forwarder =
+            KbsForwarder::spawn(&path, kbs_addr, Some(transcript.clone()), None).unwrap();
         let mut guest = UnixStream::connect(forwarder.path()).await.unwrap();
         guest.write_all(b"hello").await.unwrap();
         let mut reply = Vec::new();
@@ -155,7 +162,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fwd");
         // Port 1 on loopback: nothing listens.
-        let forwarder = KbsForwarder::spawn(&path, "127.0.0.1:1".into(), None).unwrap();
+        let forwarder = KbsForwarder::spawn(&path, "127.0.0.1:1".into(), None, None).unwrap();
         let mut guest = UnixStream::connect(forwarder.path()).await.unwrap();
         let mut reply = Vec::new();
         guest.read_to_end(&mut reply).await.unwrap();

@@ -31,7 +31,10 @@ pub fn guest_config() -> Result<RuntimeConfig, String> {
             path: PathBuf::from(QEMU_BINARY),
             accel: QemuAccel::Tcg,
         },
-        vmm: VmmSection { path: vmm },
+        vmm: VmmSection {
+            path: vmm,
+            ..Default::default()
+        },
         guest: GuestSection {
             kernel: image.vmlinux,
             initramfs,
@@ -50,6 +53,7 @@ pub fn guest_vm() -> PodVm {
         kernel_params: String::new(),
         shared_fs: false,
         nics: Vec::new(),
+        cgroups_path: None,
     }
 }
 
@@ -137,7 +141,8 @@ pub fn cloister_vmm_runtime_config(dir: &Path) -> Result<PathBuf, String> {
     }
     let fixture = AgentGuestFixture::locate()?;
     let path = dir.join("cloister-vmm.toml");
-    std::fs::write(&path, runtime::cloister_vmm_toml(&fixture, 512)).map_err(|e| e.to_string())?;
+    let toml = runtime::cloister_vmm_toml(&fixture, 512) + &runtime::audit_toml(&audit_file(dir));
+    std::fs::write(&path, toml).map_err(|e| e.to_string())?;
     Ok(path)
 }
 
@@ -148,7 +153,45 @@ pub fn qemu_runtime_config(dir: &Path) -> Result<PathBuf, String> {
     let qemu =
         runtime::find_on_path(QEMU_BINARY).ok_or_else(|| format!("{QEMU_BINARY} not on PATH"))?;
     let path = dir.join("cloister.toml");
-    std::fs::write(&path, runtime::qemu_tcg_toml(&fixture, 512, &qemu))
-        .map_err(|e| e.to_string())?;
+    let toml =
+        runtime::qemu_tcg_toml(&fixture, 512, &qemu) + &runtime::audit_toml(&audit_file(dir));
+    std::fs::write(&path, toml).map_err(|e| e.to_string())?;
     Ok(path)
+}
+
+/// The audit file the runtime configs made in `dir` name.
+pub fn audit_file(dir: &Path) -> PathBuf {
+    dir.join("audit.jsonl")
+}
+
+/// The records of pod `pod` in the audit file at `path`.
+pub fn audit_records(path: &Path, pod: &str) -> Vec<cloister_shim::audit::AuditRecord> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<cloister_shim::audit::AuditRecord>(line)
+                .unwrap_or_else(|e| panic!("audit line {line:?}: {e}"))
+        })
+        .filter(|r| r.pod == pod)
+        .collect()
+}
+
+/// The task API calls of `pod` whose operation is one of `operations`, in
+/// the file's order, as `operation` or `operation exec_id`, each with its
+/// decision.
+pub fn audited_task_calls(path: &Path, pod: &str, operations: &[&str]) -> Vec<String> {
+    use cloister_shim::audit::RecordKind;
+    audit_records(path, pod)
+        .into_iter()
+        .filter(|r| r.kind == RecordKind::Task && operations.contains(&r.operation.as_str()))
+        .map(|r| {
+            let exec = if r.exec_id.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", r.exec_id)
+            };
+            format!("{}{exec} {}", r.operation, r.decision)
+        })
+        .collect()
 }

@@ -33,6 +33,10 @@ use crate::devices::virtio::fs::{CacheMode, FsConfig, FsDevice, FsError};
 use crate::devices::virtio::net::{MacAddress, NetDevice, NetError, Tap};
 use crate::devices::virtio::rng::RngDevice;
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
+use crate::jail::config::JailArgs;
+use crate::jail::plan::URANDOM_NODE;
+use crate::jail::seccomp::{apply_vhost_user_filter, DeviceKinds};
+use crate::jail::{Entered, JailError, JailPlan, NO_JAIL_WARNING};
 
 use super::{serve, VhostUserError};
 
@@ -103,6 +107,12 @@ pub struct VhostUserArgs {
     /// net: the guest's MAC address (random if absent).
     #[arg(long)]
     pub mac: Option<MacAddress>,
+    #[command(flatten)]
+    pub jail: JailArgs,
+    /// Set once the process is in its jail: the server then runs under
+    /// its seccomp filter.
+    #[arg(skip)]
+    pub jailed: bool,
 }
 
 /// Errors of the `vhost-user` subcommand.
@@ -130,6 +140,10 @@ pub enum VhostUserCliError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Serve(#[from] VhostUserError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 impl VhostUserArgs {
@@ -229,8 +243,87 @@ impl VhostUserArgs {
         })
     }
 
+    fn device_kinds(&self) -> DeviceKinds {
+        DeviceKinds {
+            vsock: self.device == DeviceKind::Vsock,
+            block: self.device == DeviceKind::Block,
+            fs: self.device == DeviceKind::Fs,
+            net: self.device == DeviceKind::Net,
+            rng: self.device == DeviceKind::Rng,
+            console: false,
+        }
+    }
+
+    /// What the jail's root holds for this server; rewrites the paths to
+    /// their places in it.
+    fn jail_plan(&mut self) -> Result<JailPlan, JailError> {
+        let mut plan = JailPlan {
+            devices: vec![URANDOM_NODE],
+            serves_fs: self.device == DeviceKind::Fs,
+            writes_guest_files: matches!(self.device, DeviceKind::Fs | DeviceKind::Block),
+            ..Default::default()
+        };
+        self.socket = plan.in_folder_of("--socket", &self.socket, "/sock/vhost-user")?;
+        if let Some(uds) = &self.uds {
+            self.uds = Some(plan.in_folder_of("--uds", uds, "/sock/vsock")?);
+        }
+        if let Some(path) = &self.path {
+            self.path = Some(plan.file(path, "/disk/0", self.read_only));
+        }
+        if let Some(dir) = &self.shared_dir {
+            self.shared_dir = Some(plan.folder(dir, "/share/0", self.read_only));
+        }
+        Ok(plan)
+    }
+
+    /// Enters the jail the flags ask for, rewriting the paths to their
+    /// places in it; `Some(code)` in the supervisor once the server ended.
+    pub fn enter_jail(&mut self) -> Result<Option<ExitCode>, VhostUserCliError> {
+        let Some(jail) = self.jail.jail()? else {
+            if self.jail.no_jail {
+                eprintln!("{NO_JAIL_WARNING}");
+            }
+            return Ok(None);
+        };
+        let plan = self.jail_plan()?;
+        let tap = self.tap.take();
+        let mut nics = Vec::new();
+        let entered = crate::jail::enter(&jail, &plan, || {
+            if let Some(name) = tap {
+                nics.push(crate::config::NetConfig {
+                    tap: Some(name),
+                    fd: None,
+                    mac: None,
+                });
+                crate::jail::taps::open_named_taps(&mut nics)?;
+            }
+            Ok(())
+        })?;
+        match entered {
+            Entered::Supervisor(code) => Ok(Some(code)),
+            Entered::Jailed => {
+                if let Some(fd) = nics.first().and_then(|n| n.fd) {
+                    self.tap_fd = Some(fd);
+                }
+                crate::jail::process::exit_on_termination_signals()?;
+                tracing::info!(
+                    "jailed in {} as {}:{}",
+                    jail.root.display(),
+                    jail.uid,
+                    jail.gid
+                );
+                self.jailed = true;
+                Ok(None)
+            }
+        }
+    }
+
     pub fn run(&self) -> Result<(), VhostUserCliError> {
         let device = self.build_device()?;
+        if self.jailed {
+            // One list for every thread: rust-vmm's daemon starts its own.
+            apply_vhost_user_filter(self.device_kinds())?;
+        }
         serve(device, &self.socket)?;
         Ok(())
     }
@@ -239,7 +332,15 @@ impl VhostUserArgs {
 /// The subcommand's entry: `args` start with `vhost-user`. Exits 0 when the
 /// front end disconnected, 2 on a configuration or serving error.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let args = VhostUserArgs::parse_from(args);
+    let mut args = VhostUserArgs::parse_from(args);
+    match args.enter_jail() {
+        Ok(Some(code)) => return code,
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("cloister-vmm vhost-user: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match args.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -386,6 +487,57 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("03:00:00:00:00:01"), "{err}");
+    }
+
+    #[test]
+    fn jailed_fs_server_paths_move_into_the_jail() {
+        let mut args = parse(
+            "--device fs --shared-dir /srv/share --tag t --read-only --socket /run/p/sockets/fs.sock \
+             --jail-root /run/p/jail --jail-uid 64000 --jail-gid 64000",
+        );
+        assert_eq!(args.jail.jail().unwrap().unwrap().uid, 64000);
+
+        let plan = args.jail_plan().unwrap();
+
+        assert_eq!(args.socket, PathBuf::from("/sock/vhost-user/fs.sock"));
+        assert_eq!(args.shared_dir, Some(PathBuf::from("/share/0")));
+        assert!(plan.serves_fs && plan.writes_guest_files);
+        assert_eq!(plan.devices, [URANDOM_NODE]);
+        let binds: Vec<(&str, &str, bool)> = plan
+            .binds
+            .iter()
+            .map(|b| {
+                (
+                    b.source.to_str().unwrap(),
+                    b.target.to_str().unwrap(),
+                    b.read_only,
+                )
+            })
+            .collect();
+        assert_eq!(
+            binds,
+            [
+                ("/run/p/sockets", "/sock/vhost-user", false),
+                ("/srv/share", "/share/0", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn jailed_vsock_server_gets_both_socket_folders() {
+        let mut args = parse(
+            "--device vsock --guest-cid 3 --uds /run/p/sockets/vsock.sock --socket /run/p/sockets/vhost-vsock.sock \
+             --jail-root /run/p/jail --jail-uid 1 --jail-gid 1",
+        );
+
+        let plan = args.jail_plan().unwrap();
+
+        assert_eq!(args.uds, Some(PathBuf::from("/sock/vsock/vsock.sock")));
+        assert_eq!(
+            args.socket,
+            PathBuf::from("/sock/vhost-user/vhost-vsock.sock")
+        );
+        assert!(!plan.serves_fs && !plan.writes_guest_files);
     }
 
     #[test]

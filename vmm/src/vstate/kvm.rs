@@ -88,9 +88,11 @@ pub enum HostKvmKind {
 }
 
 impl HostKvmKind {
-    /// Tells the kinds apart by the presence of the `kvm_pvm` module.
+    /// Tells the kinds apart by the presence of the `kvm_pvm` module. The
+    /// answer is kept: a jailed VMM asks before it loses sight of /sys.
     pub fn detect() -> Self {
-        Self::from_sysfs(Path::new("/sys/module"))
+        static KIND: std::sync::OnceLock<HostKvmKind> = std::sync::OnceLock::new();
+        *KIND.get_or_init(|| Self::from_sysfs(Path::new("/sys/module")))
     }
 
     fn from_sysfs(module_dir: &Path) -> Self {

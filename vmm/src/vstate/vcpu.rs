@@ -88,6 +88,7 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        crate::jail::seccomp::apply_to_this_thread_or_abort(crate::jail::seccomp::ThreadKind::Vcpu);
         // A vCPU thread that unwinds must still end the VM, or the VMM
         // would wait for an exit nobody reports.
         let _panic_guard = ReportPanic {
@@ -264,6 +265,9 @@ impl VcpuNudger {
         let thread = std::thread::Builder::new()
             .name("vcpu-nudger".into())
             .spawn(move || {
+                crate::jail::seccomp::apply_to_this_thread_or_abort(
+                    crate::jail::seccomp::ThreadKind::Helper,
+                );
                 while !stop_flag.load(Ordering::Acquire) {
                     std::thread::sleep(interval);
                     for (target, runs, seen) in &mut targets {

@@ -164,6 +164,9 @@ impl VirtioThread {
         let thread = std::thread::Builder::new()
             .name("virtio".into())
             .spawn(move || {
+                crate::jail::seccomp::apply_to_this_thread_or_abort(
+                    crate::jail::seccomp::ThreadKind::Virtio,
+                );
                 while !stop_flag.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         tracing::error!("virtio event loop failed, devices stop: {e}");

@@ -1,0 +1,125 @@
+//! The shim's `cloister` backend launches `cloister-vmm` jailed (the
+//! default `[vmm] jail = true`): vm.json carries the jail, the VMM comes
+//! up in the pod's cgroup as the jail uid under seccomp and serves its
+//! vsock socket in the sandbox's sockets folder, and once it is stopped
+//! nothing of the jail outlives the sandbox (cgroups the shim created,
+//! the shared folder's mount, the jail folder). The guest only has to get
+//! as far as the VMM building its devices. Needs root, `/dev/kvm` and the
+//! built guest image; skips with the reason otherwise.
+
+mod guest_support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cloister_shim::config::HypervisorKind;
+use cloister_shim::sandbox::SandboxDir;
+use cloister_shim::vmm_client::hypervisor_for;
+use cloister_shim::vmm_jail::{cgroup_dirs, CGROUP_ROOT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_cloister_vmm_runs_in_the_pod_cgroup_and_leaves_nothing_behind() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: a jailed cloister-vmm needs root");
+        return;
+    }
+    if let Err(e) = cloister_vmm::vstate::kvm::KvmContext::open() {
+        eprintln!("SKIP: needs a usable /dev/kvm: {e}");
+        return;
+    }
+    let mut config = match guest_support::guest_config() {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    config.hypervisor = HypervisorKind::Cloister;
+    let state = tempfile::tempdir().unwrap();
+    let dir = SandboxDir::new(state.path(), "default", "jailed-vmm");
+    dir.create().unwrap();
+    let mut vm = guest_support::guest_vm();
+    vm.hypervisor = HypervisorKind::Cloister;
+    vm.shared_fs = true;
+    let cgroups_path = format!("/cloister-jail-test-{}/sandbox", std::process::id());
+    vm.cgroups_path = Some(cgroups_path.clone());
+    let cgroups = cgroup_dirs(Path::new(CGROUP_ROOT), &cgroups_path).unwrap();
+    let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
+
+    let started = hypervisor.start().await;
+
+    let paths = dir.vm_paths();
+    let log = std::fs::read_to_string(paths.vmm_log()).unwrap_or_default();
+    let pid = hypervisor.pids()[0];
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+    let child = children.ok().and_then(|c| c.trim().parse::<u32>().ok());
+    // Every thread has its seccomp filter once the main thread, the last,
+    // installed its own.
+    let task_statuses = |child: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{child}/task"))
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut vmm_status = String::new();
+    if let Some(child) = child {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let statuses = task_statuses(child);
+            let all_filtered =
+                !statuses.is_empty() && statuses.iter().all(|s| s.contains("Seccomp:\t2"));
+            if all_filtered || std::time::Instant::now() > deadline {
+                vmm_status = statuses.join("\n");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let own_cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    hypervisor.stop(Duration::from_secs(5)).await;
+    started.unwrap_or_else(|e| panic!("jailed cloister-vmm did not start: {e}\n{log}"));
+
+    let vm_json = std::fs::read_to_string(paths.vm_config()).unwrap();
+    assert!(vm_json.contains("\"jail\""), "{vm_json}");
+    assert!(log.contains("jailed in"), "{log}");
+    assert!(
+        // Real and saved uid the jail's; effective 0 because the VM
+        // serves virtio-fs (see cloister-vmm's `jail::privileges`).
+        vmm_status.contains("Uid:\t64000\t0\t64000\t0"),
+        "{vmm_status}"
+    );
+    assert!(
+        vmm_status.contains("CapEff:\t00000000000000db"),
+        "{vmm_status}"
+    );
+    assert!(
+        !vmm_status.contains("Seccomp:\t0"),
+        "a thread without seccomp: {vmm_status}"
+    );
+    assert!(
+        own_cgroups.contains(&cgroups_path),
+        "not in {cgroups_path}: {own_cgroups}"
+    );
+    for cgroup in &cgroups {
+        assert!(!cgroup.exists(), "{} outlived the VM", cgroup.display());
+        assert!(
+            !cgroup.parent().unwrap().exists(),
+            "{} outlived the VM",
+            cgroup.display()
+        );
+    }
+    assert!(
+        std::fs::read_dir(paths.jail_root())
+            .unwrap()
+            .next()
+            .is_none(),
+        "jail folder not empty"
+    );
+    dir.remove().unwrap();
+    assert!(!dir.path.exists());
+    assert!(cloister_shim::sandbox::mounts_below(state.path()).is_empty());
+}

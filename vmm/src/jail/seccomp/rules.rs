@@ -1,0 +1,358 @@
+//! The allowlists, by thread kind and device kind. Measured, not guessed:
+//! `strace -f -qq` of `vmm/tests/{kvm_payloads,virtio_mmio_payload,
+//! virtio_guest}.rs` (every in-process device under a Linux guest) and of
+//! the vhost-user servers under the QEMU guests of `tests/tests/
+//! {vhost_user_devices,virtiofs_guest}.rs`, grouped by thread name, minus
+//! what each thread does before it installs its filter (thread start,
+//! device construction, KVM setup). `jail-selftest` builds check that a
+//! jailed VM still boots and serves with them.
+
+use libc::*;
+
+/// Which device kinds a VM or vhost-user server has: each adds the calls
+/// its host side makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceKinds {
+    pub vsock: bool,
+    pub block: bool,
+    pub fs: bool,
+    pub net: bool,
+    pub rng: bool,
+    pub console: bool,
+}
+
+impl DeviceKinds {
+    pub fn all() -> Self {
+        Self {
+            vsock: true,
+            block: true,
+            fs: true,
+            net: true,
+            rng: true,
+            console: true,
+        }
+    }
+}
+
+/// What every Rust thread needs once running: memory, locks, its own
+/// end, signal return, time, logging to stderr.
+const BASE: &[i64] = &[
+    SYS_brk,
+    SYS_mmap,
+    SYS_munmap,
+    SYS_mremap,
+    SYS_madvise,
+    SYS_mprotect,
+    SYS_futex,
+    SYS_exit,
+    SYS_exit_group,
+    SYS_rt_sigreturn,
+    SYS_rt_sigprocmask,
+    SYS_sigaltstack,
+    SYS_sched_yield,
+    SYS_sched_getaffinity,
+    SYS_gettid,
+    SYS_getpid,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_nanosleep,
+    SYS_restart_syscall,
+    SYS_write,
+    SYS_writev,
+    SYS_close,
+    // Rust's std checks a descriptor is open (F_GETFD) when it closes one.
+    SYS_fcntl,
+    SYS_getrandom,
+];
+
+/// Host-side socket work of hybrid vsock: accepting host connections,
+/// connecting guest-initiated ones to `<uds>_<port>`, moving bytes.
+const VSOCK: &[i64] = &[
+    SYS_epoll_ctl,
+    SYS_epoll_wait,
+    SYS_epoll_pwait,
+    SYS_accept4,
+    SYS_socket,
+    SYS_connect,
+    SYS_read,
+    SYS_readv,
+    SYS_recvfrom,
+    SYS_recvmsg,
+    SYS_sendto,
+    SYS_sendmsg,
+    SYS_shutdown,
+    SYS_fcntl,
+    SYS_timerfd_create,
+    SYS_timerfd_settime,
+    SYS_timerfd_gettime,
+    SYS_unlink,
+];
+
+/// Block requests straight into guest memory.
+const BLOCK: &[i64] = &[
+    SYS_preadv,
+    SYS_pwritev,
+    SYS_pread64,
+    SYS_pwrite64,
+    SYS_fallocate,
+    SYS_fsync,
+    SYS_fdatasync,
+    SYS_lseek,
+];
+
+/// The passthrough file system, including the per-request credential
+/// switch (raw setresuid/setresgid on the serving thread), its private
+/// umask (unshare(CLONE_FS)) and re-opening inodes through /proc/self/fd.
+const FS: &[i64] = &[
+    SYS_openat,
+    SYS_open,
+    SYS_statx,
+    SYS_newfstatat,
+    SYS_fstat,
+    SYS_fstatfs,
+    SYS_statfs,
+    SYS_getdents64,
+    SYS_lseek,
+    SYS_read,
+    SYS_readv,
+    SYS_pread64,
+    SYS_preadv,
+    SYS_preadv2,
+    SYS_pwrite64,
+    SYS_pwritev,
+    SYS_pwritev2,
+    SYS_fsync,
+    SYS_fdatasync,
+    SYS_ftruncate,
+    SYS_fallocate,
+    SYS_fchmod,
+    SYS_fchmodat,
+    SYS_fchownat,
+    SYS_fchown,
+    SYS_utimensat,
+    SYS_linkat,
+    SYS_symlinkat,
+    SYS_readlinkat,
+    SYS_mkdirat,
+    SYS_mknodat,
+    SYS_unlinkat,
+    SYS_renameat2,
+    SYS_renameat,
+    SYS_fcntl,
+    SYS_flock,
+    SYS_setresuid,
+    SYS_setresgid,
+    SYS_umask,
+    SYS_unshare,
+    SYS_capget,
+    SYS_capset,
+    SYS_fgetxattr,
+    SYS_fsetxattr,
+    SYS_flistxattr,
+    SYS_fremovexattr,
+    SYS_getxattr,
+    SYS_lgetxattr,
+    SYS_setxattr,
+    SYS_lsetxattr,
+    SYS_listxattr,
+    SYS_llistxattr,
+    SYS_removexattr,
+    SYS_lremovexattr,
+    SYS_fchdir,
+    SYS_dup,
+    SYS_readlink,
+    SYS_copy_file_range,
+    SYS_name_to_handle_at,
+    SYS_open_by_handle_at,
+];
+
+/// Frames to and from the tap.
+const NET: &[i64] = &[
+    SYS_read,
+    SYS_readv,
+    SYS_write,
+    SYS_writev,
+    SYS_epoll_ctl,
+    SYS_epoll_wait,
+    SYS_epoll_pwait,
+];
+
+/// The event loop itself and the eventfds it waits on.
+const EVENT_LOOP: &[i64] = &[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_read];
+
+fn with_devices(mut list: Vec<i64>, devices: DeviceKinds) -> Vec<i64> {
+    if devices.vsock {
+        list.extend_from_slice(VSOCK);
+    }
+    if devices.block {
+        list.extend_from_slice(BLOCK);
+    }
+    if devices.fs {
+        list.extend_from_slice(FS);
+    }
+    if devices.net {
+        list.extend_from_slice(NET);
+    }
+    list.sort_unstable();
+    list.dedup();
+    list
+}
+
+/// The main thread while the VM runs and when it ends: waits on the exit
+/// eventfd, kicks and joins the vCPUs, drops the devices (the vsock device
+/// removes its socket), prints the metrics.
+pub fn main(devices: DeviceKinds) -> Vec<i64> {
+    let mut list = BASE.to_vec();
+    list.extend_from_slice(&[SYS_read, SYS_poll, SYS_ppoll, SYS_tgkill, SYS_sigaltstack]);
+    with_devices(list, devices)
+}
+
+/// The signal watcher (`sigwait`), the metrics printer, the vCPU nudger
+/// (`pthread_kill` of vCPU threads).
+pub fn helper() -> Vec<i64> {
+    let mut list = BASE.to_vec();
+    list.extend_from_slice(&[SYS_rt_sigtimedwait, SYS_tgkill, SYS_read]);
+    list
+}
+
+/// A vCPU thread: KVM_RUN and the exits it dispatches. MMIO writes reach
+/// the virtio transports on this thread, so device activation and reset
+/// (the net device's TUNSETOFFLOAD, the fs device re-importing its root)
+/// run here too.
+pub fn vcpu(devices: DeviceKinds) -> Vec<i64> {
+    let mut list = BASE.to_vec();
+    list.extend_from_slice(&[SYS_read, SYS_tgkill]);
+    with_devices(list, devices)
+}
+
+/// ioctl requests of a vCPU thread: its own run loop and register dump,
+/// and the taps' offload setting done at activation.
+pub fn vcpu_ioctls(devices: DeviceKinds) -> Vec<u64> {
+    let mut list = vec![
+        kvm_ioctl::KVM_RUN,
+        kvm_ioctl::KVM_GET_REGS,
+        kvm_ioctl::KVM_GET_SREGS,
+        kvm_ioctl::KVM_SET_REGS,
+    ];
+    list.extend(virtio_ioctls(devices));
+    list
+}
+
+/// ioctl requests of the device side: the tap's offloads.
+pub fn virtio_ioctls(devices: DeviceKinds) -> Vec<u64> {
+    let mut list = Vec::new();
+    if devices.net {
+        list.push(TUNSETOFFLOAD);
+    }
+    if devices.vsock || devices.fs {
+        // FIONBIO: sockets and descriptors made non-blocking.
+        list.push(FIONBIO);
+    }
+    list
+}
+
+/// The virtio event loop.
+pub fn virtio(devices: DeviceKinds) -> Vec<i64> {
+    let mut list = BASE.to_vec();
+    list.extend_from_slice(EVENT_LOOP);
+    with_devices(list, devices)
+}
+
+/// A vhost-user server from the moment it creates its socket: rust-vmm's
+/// daemon (listening, accepting the front end, its messages with fds,
+/// mapping guest memory from them, its worker threads with their signal
+/// handler) and the device's own calls.
+pub fn vhost_user(devices: DeviceKinds) -> Vec<i64> {
+    let mut list = BASE.to_vec();
+    list.extend_from_slice(EVENT_LOOP);
+    list.extend_from_slice(&[
+        SYS_accept4,
+        SYS_accept,
+        SYS_recvmsg,
+        SYS_sendmsg,
+        SYS_recvfrom,
+        SYS_sendto,
+        SYS_epoll_create1,
+        SYS_eventfd2,
+        SYS_fcntl,
+        SYS_clone3,
+        SYS_clone,
+        SYS_set_robust_list,
+        SYS_rseq,
+        SYS_prctl,
+        SYS_fstat,
+        SYS_newfstatat,
+        SYS_statx,
+        SYS_shutdown,
+        SYS_unlink,
+        SYS_memfd_create,
+        SYS_ftruncate,
+        SYS_dup,
+        SYS_poll,
+        SYS_socket,
+        SYS_bind,
+        SYS_listen,
+        // The net relay connects to the back end's own socket.
+        SYS_connect,
+        SYS_rt_sigaction,
+        SYS_read,
+        SYS_madvise,
+    ]);
+    with_devices(list, devices)
+}
+
+/// The supervisor: waits, forwards signals, exits or dies like the VMM.
+pub fn supervisor() -> Vec<i64> {
+    vec![
+        SYS_rt_sigtimedwait,
+        SYS_rt_sigprocmask,
+        SYS_rt_sigaction,
+        SYS_rt_sigreturn,
+        SYS_wait4,
+        SYS_waitid,
+        SYS_tgkill,
+        SYS_getpid,
+        SYS_gettid,
+        SYS_write,
+        SYS_writev,
+        SYS_close,
+        SYS_munmap,
+        SYS_brk,
+        SYS_mmap,
+        SYS_futex,
+        SYS_sigaltstack,
+        SYS_exit,
+        SYS_exit_group,
+        SYS_restart_syscall,
+    ]
+}
+
+/// KVM's ioctl request numbers (linux/kvm.h), as the filter compares them.
+mod kvm_ioctl {
+    const KVMIO: u64 = 0xAE;
+    const fn io(nr: u64) -> u64 {
+        (KVMIO << 8) | nr
+    }
+    const fn ior(nr: u64, size: u64) -> u64 {
+        (2 << 30) | (size << 16) | (KVMIO << 8) | nr
+    }
+    const fn iow(nr: u64, size: u64) -> u64 {
+        (1 << 30) | (size << 16) | (KVMIO << 8) | nr
+    }
+    pub const KVM_RUN: u64 = io(0x80);
+    /// `struct kvm_regs` is 144 bytes, `struct kvm_sregs` 312.
+    pub const KVM_GET_REGS: u64 = ior(0x81, 144);
+    pub const KVM_SET_REGS: u64 = iow(0x82, 144);
+    pub const KVM_GET_SREGS: u64 = ior(0x83, 312);
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn request_numbers_match_kvm_bindings() {
+            assert_eq!(super::KVM_RUN, 0xae80);
+            assert_eq!(super::KVM_GET_REGS, 0x8090_ae81);
+            assert_eq!(super::KVM_SET_REGS, 0x4090_ae82);
+            assert_eq!(super::KVM_GET_SREGS, 0x8138_ae83);
+        }
+    }
+}

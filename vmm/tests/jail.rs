@@ -1,0 +1,402 @@
+//! The jailed `cloister-vmm`: tiny payloads packed as ELF kernels boot in
+//! the jail and serve their devices; the jailed process cannot open a
+//! host file outside its root, cannot exec, and dies with SIGSYS (seen
+//! here, on the pid this test started) when it makes a call outside its
+//! seccomp allowlist; the jail folder is empty on the host afterwards.
+//!
+//! Needs root (namespaces, mounts, uid change) and `/dev/kvm`; the
+//! selftest cases need the `jail-selftest` feature
+//! (`cargo test -p cloister-vmm --features jail-selftest --test jail`).
+//! Each skips with the reason otherwise.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cloister_vmm::vstate::kvm::KvmContext;
+
+const JAIL_UID: u32 = 64000;
+const JAIL_GID: u32 = 64000;
+
+#[path = "support/payload_elf.rs"]
+mod payload_elf;
+use payload_elf::{elf_kernel, HALT_FOREVER, HELLO_THEN_RESET};
+
+fn can_jail() -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: the jail tests need root (namespaces, mounts, uid change)");
+        return false;
+    }
+    if let Err(e) = KvmContext::open() {
+        eprintln!("SKIP: the jail tests need a usable /dev/kvm: {e}");
+        return false;
+    }
+    true
+}
+
+/// A folder with a payload kernel, a sockets folder the jail uid owns and
+/// an empty jail root.
+struct JailFixture {
+    dir: tempfile::TempDir,
+}
+
+impl JailFixture {
+    fn new(code: &[u8]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("kernel.elf"), elf_kernel(code)).unwrap();
+        let sockets = dir.path().join("sockets");
+        std::fs::create_dir(&sockets).unwrap();
+        nix::unistd::chown(
+            &sockets,
+            Some(nix::unistd::Uid::from_raw(JAIL_UID)),
+            Some(nix::unistd::Gid::from_raw(JAIL_GID)),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cloister-vmm"));
+        command
+            .arg("--kernel")
+            .arg(self.path("kernel.elf"))
+            .args(["--memory", "32"])
+            .arg("--jail-root")
+            .arg(self.path("jail"))
+            .args(["--jail-uid", &JAIL_UID.to_string()])
+            .args(["--jail-gid", &JAIL_GID.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// The jail folder holds nothing on the host (its tmpfs lived only in
+    /// the VMM's mount namespace).
+    fn assert_jail_left_empty(&self) {
+        let entries: Vec<_> = std::fs::read_dir(self.path("jail"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(entries.is_empty(), "jail folder not empty: {entries:?}");
+    }
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn jailed_vmm_boots_a_payload_and_leaves_an_empty_jail_folder() {
+    if !can_jail() {
+        return;
+    }
+    let fixture = JailFixture::new(HELLO_THEN_RESET);
+
+    let output = fixture.command().args(["--rng"]).output().unwrap();
+
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{:?}\n{stderr}", output.status);
+    assert_eq!(stdout, "hello from long mode\n", "{stderr}");
+    assert!(stderr.contains("jailed in"), "{stderr}");
+    assert!(stderr.contains("guest reset"), "{stderr}");
+    fixture.assert_jail_left_empty();
+}
+
+#[test]
+fn jailed_vmm_serves_vsock_on_the_host_and_stops_on_sigterm() {
+    if !can_jail() {
+        return;
+    }
+    let fixture = JailFixture::new(HALT_FOREVER);
+    let uds = fixture.path("sockets/vsock.sock");
+    let mut child = fixture
+        .command()
+        .arg("--vsock")
+        .arg(format!("guest_cid=3,uds_path={}", uds.display()))
+        .args(["--rng", "--print-metrics"])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !uds.exists() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("vsock socket never appeared on the host");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The host reaches the socket the jailed device made.
+    std::os::unix::net::UnixStream::connect(&uds).expect("host connects to the jailed vsock");
+    let pid = child.id();
+    let status = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+    let vmm_pid: u32 = status(pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("one jailed child");
+    // Every thread of the jailed VMM runs under a seccomp filter once the
+    // main thread has installed its own, the last.
+    let task_statuses = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{vmm_pid}/task"))
+            .unwrap()
+            .map(|t| std::fs::read_to_string(t.unwrap().path().join("status")).unwrap())
+            .collect()
+    };
+    let mut statuses = task_statuses();
+    while !statuses.iter().all(|s| s.contains("Seccomp:\t2")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "threads without seccomp: {statuses:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+        statuses = task_statuses();
+    }
+    assert!(statuses.len() >= 4, "{statuses:?}");
+    let proc_status = statuses.join("\n");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("stopped by signal 15"), "{stderr}");
+    assert!(stderr.contains("\"vsock\""), "no exit metrics: {stderr}");
+    assert!(!uds.exists(), "vsock socket left behind");
+    for line in [
+        format!("Uid:\t{JAIL_UID}\t{JAIL_UID}\t{JAIL_UID}\t{JAIL_UID}"),
+        "CapEff:\t0000000000000000".into(),
+        "CapBnd:\t0000000000000000".into(),
+        "NoNewPrivs:\t1".into(),
+        "Seccomp:\t2".into(),
+    ] {
+        assert!(proc_status.contains(&line), "{line} not in\n{proc_status}");
+    }
+    fixture.assert_jail_left_empty();
+}
+
+#[test]
+fn jail_that_cannot_be_built_is_an_error_naming_the_step() {
+    if !can_jail() {
+        return;
+    }
+    let fixture = JailFixture::new(HELLO_THEN_RESET);
+
+    let output = fixture
+        .command()
+        .args([
+            "--jail-cgroup",
+            "/sys/fs/cgroup/no-such-cgroup-for-cloister",
+        ])
+        .output()
+        .unwrap();
+
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("jail: join cgroup (/sys/fs/cgroup/no-such-cgroup-for-cloister/tasks)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn jailed_vmm_opens_its_tap_in_the_given_netns_and_runs_in_a_fresh_one() {
+    if !can_jail() {
+        return;
+    }
+    let tap = format!("cljail{}", std::process::id() % 100_000);
+    let fixture = JailFixture::new(HALT_FOREVER);
+    let child = fixture
+        .command()
+        .args(["--netns", "/proc/self/ns/net"])
+        .arg("--net")
+        .arg(format!("tap={tap}"))
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = Instant::now();
+    let tap_dir = PathBuf::from("/sys/class/net").join(&tap);
+    let vmm_pid = loop {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        if let Some(vmm) = children.ok().and_then(|c| c.trim().parse::<u32>().ok()) {
+            if tap_dir.exists() {
+                break Some(vmm);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let namespaces = vmm_pid.map(|vmm| {
+        let link = |pid: String| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        (link("self".into()), link(vmm.to_string()))
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+
+    let (_, stderr) = text(&output);
+    let (host_ns, vmm_ns) =
+        namespaces.unwrap_or_else(|| panic!("tap {tap} never appeared: {stderr}"));
+    assert_ne!(
+        host_ns, vmm_ns,
+        "the VMM runs in the host's network namespace"
+    );
+    assert!(stderr.contains(&format!("net0: tap {tap}")), "{stderr}");
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    assert!(!tap_dir.exists(), "tap {tap} outlived the VMM");
+}
+
+/// cgroup folders for a test: the v2 one, or the v1 `memory` and `pids`
+/// hierarchies (and the hybrid `unified` one) that exist here.
+fn test_cgroups(name: &str) -> Vec<PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.join(name)];
+    }
+    ["memory", "pids", "unified"]
+        .iter()
+        .map(|h| root.join(h))
+        .filter(|h| h.join("cgroup.procs").exists())
+        .map(|h| h.join(name))
+        .collect()
+}
+
+#[test]
+fn jailed_vmm_joins_every_given_cgroup() {
+    if !can_jail() {
+        return;
+    }
+    let cgroups = test_cgroups(&format!("cloister-jail-test-{}", std::process::id()));
+    if cgroups.is_empty() {
+        eprintln!("SKIP: no cgroup hierarchy under /sys/fs/cgroup");
+        return;
+    }
+    for cgroup in &cgroups {
+        std::fs::create_dir_all(cgroup).unwrap();
+    }
+    let fixture = JailFixture::new(HALT_FOREVER);
+    let mut command = fixture.command();
+    for cgroup in &cgroups {
+        command.arg("--jail-cgroup").arg(cgroup);
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    // The supervisor and the jailed VMM are both in each cgroup.
+    let started = Instant::now();
+    let in_all = || {
+        cgroups.iter().all(|c| {
+            std::fs::read_to_string(c.join("cgroup.procs"))
+                .map(|procs| {
+                    procs.lines().count() == 2 && procs.lines().any(|l| l == pid.to_string())
+                })
+                .unwrap_or(false)
+        })
+    };
+    while !in_all() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let joined = in_all();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    for cgroup in &cgroups {
+        std::fs::remove_dir(cgroup).unwrap();
+    }
+    let (_, stderr) = text(&output);
+    assert!(joined, "not in every cgroup of {cgroups:?}: {stderr}");
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+}
+
+#[cfg(feature = "jail-selftest")]
+mod selftest {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn run_selftest(action: &str) -> (Output, String) {
+        let fixture = JailFixture::new(HELLO_THEN_RESET);
+        let output = fixture
+            .command()
+            .env("CLOISTER_VMM_JAIL_SELFTEST", action)
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&output);
+        fixture.assert_jail_left_empty();
+        (output, stderr)
+    }
+
+    #[test]
+    fn jailed_vmm_cannot_open_a_host_file_outside_its_root() {
+        if !can_jail() {
+            return;
+        }
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "host secret").unwrap();
+        let path = secret.path().display().to_string();
+
+        let (output, stderr) = run_selftest(&format!("open:{path}"));
+
+        assert!(
+            stderr.contains(&format!("selftest: open {path}: No such file or directory")),
+            "{stderr}"
+        );
+        // And the VM still ran.
+        assert!(output.status.success(), "{stderr}");
+        let (_, stderr) = run_selftest("open:/etc/passwd");
+        assert!(
+            stderr.contains("selftest: open /etc/passwd: No such file or directory"),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn jailed_vmm_cannot_execve() {
+        if !can_jail() {
+            return;
+        }
+
+        let (output, stderr) = run_selftest("exec:/bin/true");
+
+        assert_eq!(output.status.signal(), Some(libc::SIGSYS), "{stderr}");
+        assert!(!stderr.contains("returned"), "{stderr}");
+        assert!(stderr.contains("killed by signal 31"), "{stderr}");
+    }
+
+    #[test]
+    fn jailed_vmm_dies_with_sigsys_on_a_syscall_outside_its_allowlist() {
+        if !can_jail() {
+            return;
+        }
+
+        let (output, stderr) = run_selftest("forbidden");
+
+        assert_eq!(output.status.signal(), Some(libc::SIGSYS), "{stderr}");
+        assert!(!stderr.contains("ptrace returned"), "{stderr}");
+    }
+}
+
+#[cfg(not(feature = "jail-selftest"))]
+#[test]
+fn selftests_need_the_jail_selftest_feature() {
+    eprintln!("SKIP: open/exec/forbidden-syscall jail tests need `--features jail-selftest`");
+}
