@@ -230,6 +230,24 @@ impl PodConfidential {
         params
     }
 
+    /// SNP `HOST_DATA` for the launch: the init-data digest fitted to 32
+    /// bytes, zero without init-data (the agent then expects zero).
+    pub fn snp_host_data(&self) -> [u8; 32] {
+        self.init_data
+            .as_ref()
+            .map(|i| i.document.snp_host_data())
+            .unwrap_or([0; 32])
+    }
+
+    /// TDX `MRCONFIGID` for the launch: the digest fitted to 48 bytes, zero
+    /// without init-data.
+    pub fn tdx_mr_config_id(&self) -> [u8; 48] {
+        self.init_data
+            .as_ref()
+            .map(|i| i.document.tdx_mr_config_id())
+            .unwrap_or([0; 48])
+    }
+
     /// Puts the init-data document into the SetupSandbox request.
     pub fn add_to_setup(&self, request: &mut agent::SetupSandboxRequest) {
         if let Some(init) = &self.init_data {
@@ -320,6 +338,15 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(pod.kernel_params(), "cloister.tee=snp");
+        let digest = pod.init_data.as_ref().unwrap().document.digest();
+        assert_eq!(pod.snp_host_data()[..], digest[..32]);
+        assert_eq!(pod.tdx_mr_config_id()[..32], digest[..]);
+        assert_eq!(pod.tdx_mr_config_id()[32..], [0; 16]);
+        let bare = PodConfidential::resolve(&section(Some(TeeKind::Snp)), &HashMap::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(bare.snp_host_data(), [0; 32]);
+        assert_eq!(bare.tdx_mr_config_id(), [0; 48]);
     }
 
     #[test]
