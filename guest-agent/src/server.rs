@@ -94,6 +94,12 @@ impl AgentService for AgentServer {
         request: agent::SetupSandboxRequest,
     ) -> ttrpc::Result<agent::SetupSandboxResponse> {
         self.require_guest("SetupSandbox")?;
+        if self.confidential.as_ref().is_some_and(|g| g.has_begun()) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                error_chain(&crate::attest::AttestError::AlreadyBegun),
+            ));
+        }
         crate::init::setup_sandbox(&request, &self.manager)
             .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
         match &self.confidential {
@@ -169,8 +175,20 @@ impl AgentService for AgentServer {
     async fn exec_process(
         &self,
         _ctx: &TtrpcContext,
-        request: agent::ExecProcessRequest,
+        mut request: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ExecProcessResponse> {
+        if let Some(guest) = &self.confidential {
+            let attested = guest.attested().await.map_err(|e| {
+                status(
+                    Code::FAILED_PRECONDITION,
+                    format!("attestation failed: {}", error_chain(e.as_ref())),
+                )
+            })?;
+            request.process_json = attested
+                .resolve_process(&request.process_json)
+                .await
+                .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        }
         let pid = self.manager.exec(request).await.map_err(to_status)?;
         let mut response = agent::ExecProcessResponse::new();
         response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);

@@ -106,24 +106,8 @@ impl Attested {
                 }
             }
         }
-        if let Some(env) = spec
-            .pointer_mut("/process/env")
-            .and_then(Value::as_array_mut)
-        {
-            for entry in env.iter_mut() {
-                let Some((key, value)) = entry.as_str().and_then(|e| e.split_once('=')) else {
-                    continue;
-                };
-                if !sealed::is_sealed(value) {
-                    continue;
-                }
-                let field = format!("process.env {key}");
-                let plaintext = self.unseal(&field, value).await?;
-                let text = String::from_utf8(plaintext)
-                    .map_err(|_| AttestError::SealedNotText { field })?;
-                *entry = Value::String(format!("{key}={text}"));
-                changed = true;
-            }
+        if let Some(process) = spec.get_mut("process") {
+            changed |= self.unseal_env(process).await?;
         }
         if !changed {
             return Ok(spec_json.to_vec());
@@ -132,6 +116,43 @@ impl Attested {
             what: "re-encode the container spec".into(),
             source: e.into(),
         })
+    }
+
+    /// An exec's OCI `process` with its sealed env values unsealed.
+    pub async fn resolve_process(&self, process_json: &[u8]) -> Result<Vec<u8>, AttestError> {
+        let Ok(mut process) = serde_json::from_slice::<Value>(process_json) else {
+            return Ok(process_json.to_vec());
+        };
+        if !self.unseal_env(&mut process).await? {
+            return Ok(process_json.to_vec());
+        }
+        serde_json::to_vec(&process).map_err(|e| AttestError::Io {
+            what: "re-encode the exec process".into(),
+            source: e.into(),
+        })
+    }
+
+    /// Replaces sealed values in `process.env`; whether any was.
+    async fn unseal_env(&self, process: &mut Value) -> Result<bool, AttestError> {
+        let mut changed = false;
+        let Some(env) = process.get_mut("env").and_then(Value::as_array_mut) else {
+            return Ok(false);
+        };
+        for entry in env.iter_mut() {
+            let Some((key, value)) = entry.as_str().and_then(|e| e.split_once('=')) else {
+                continue;
+            };
+            if !sealed::is_sealed(value) {
+                continue;
+            }
+            let field = format!("process.env {key}");
+            let plaintext = self.unseal(&field, value).await?;
+            let text =
+                String::from_utf8(plaintext).map_err(|_| AttestError::SealedNotText { field })?;
+            *entry = Value::String(format!("{key}={text}"));
+            changed = true;
+        }
+        Ok(changed)
     }
 }
 

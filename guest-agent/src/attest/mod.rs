@@ -275,6 +275,12 @@ impl ConfidentialGuest {
         &self.tee
     }
 
+    /// Whether [`begin`](Self::begin) already ran (a second SetupSandbox is
+    /// refused before it changes anything).
+    pub fn has_begun(&self) -> bool {
+        !matches!(*self.outcome.borrow(), Outcome::Waiting)
+    }
+
     /// Starts the flow for the init-data SetupSandbox delivered (empty:
     /// none). Runs once; later calls are refused.
     pub fn begin(self: &Arc<Self>, init_data: Vec<u8>) -> Result<(), AttestError> {
@@ -524,6 +530,19 @@ mod tests {
             .unwrap();
         let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(out["process"]["env"][0], "T=s3cret-token");
+        let exec = serde_json::json!({"args": ["sh"], "env": [
+            format!("T={}", sealed::seal_reference("test/key/token")), "PATH=/bin"
+        ]});
+        let out = attested
+            .resolve_process(&serde_json::to_vec(&exec).unwrap())
+            .await
+            .unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            out["env"],
+            serde_json::json!(["T=s3cret-token", "PATH=/bin"])
+        );
+        assert!(g.has_begun());
         let err = attested
             .resolve_spec(
                 "c",
