@@ -99,6 +99,16 @@ impl Kbs {
     /// Serves `secret` as [`RESOURCE`] to sample-TEE guests whose init-data
     /// digest is one of `accepted_digests`.
     fn start(binary: &Path, secret: &[u8], accepted_digests: &[String]) -> Self {
+        Self::start_with(binary, secret, accepted_digests, None)
+    }
+
+    /// As [`Kbs::start`], serving https with `tls` = (certificate, key).
+    fn start_with(
+        binary: &Path,
+        secret: &[u8],
+        accepted_digests: &[String],
+        tls: Option<(&Path, &Path)>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let resource = dir.path().join("resources").join(RESOURCE);
         std::fs::create_dir_all(resource.parent().unwrap()).unwrap();
@@ -114,7 +124,15 @@ impl Kbs {
         )
         .unwrap();
         let audit = dir.path().join("audit.jsonl");
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some((cert, key)) = tls {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--insecure-allow-sample-tee"])
             .arg("--policy")
             .arg(&policy)
@@ -134,7 +152,10 @@ impl Kbs {
                 .next()
                 .expect("cloister-kbs exited before listening")
                 .unwrap();
-            if let Some(addr) = line.strip_prefix("cloister-kbs listening on http://") {
+            if let Some(addr) = line
+                .strip_prefix("cloister-kbs listening on http://")
+                .or_else(|| line.strip_prefix("cloister-kbs listening on https://"))
+            {
                 break addr.trim().to_owned();
             }
         };
@@ -767,4 +788,174 @@ fn ctr_run_without_an_allowed_rootfs_share_is_refused() {
 /// The private containerd's folder (root, state, log).
 fn containerd_dir(containerd: &cloister_e2e::containerd::PrivateContainerd) -> &Path {
     containerd.dir()
+}
+
+/// A CA and a KBS certificate for `kbs.cloister.test` (openssl CLI, P-256):
+/// (CA PEM text, certificate path, key path).
+fn kbs_tls_material(dir: &Path) -> Result<(String, PathBuf, PathBuf), String> {
+    let openssl = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .map_err(|e| format!("openssl not runnable (Debian package openssl): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=cloister e2e ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "kbs.key",
+                "-out",
+                "kbs.csr",
+                "-subj",
+                "/CN=kbs.cloister.test",
+            ],
+        ]
+        .concat(),
+    )?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:kbs.cloister.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| e.to_string())?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "kbs.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "kbs.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ])?;
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| e.to_string())?;
+    Ok((ca, dir.join("kbs.pem"), dir.join("kbs.key")))
+}
+
+/// The same pod with an https KBS: the init-data carries the KBS's CA, the
+/// guest's TLS runs to `kbs.cloister.test` through the vsock forwarder, and
+/// the forwarder (the host) carries only ciphertext: not even the
+/// protocol's paths, let alone the secret, appear in its capture.
+#[test]
+fn attested_pod_over_tls_leaves_the_host_only_ciphertext() {
+    let Some(setup) = setup() else { return };
+    let tls_dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = match kbs_tls_material(tls_dir.path()) {
+        Ok(m) => m,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let doc = INIT_DATA.replace(
+        "url = \"http://kbs.cloister.test:8080\"",
+        &format!("url = \"https://kbs.cloister.test:8443\"\ncert = \"\"\"\n{ca}\"\"\""),
+    );
+    let secret = fresh_secret();
+    let kbs = Kbs::start_with(
+        &setup.kbs_binary,
+        secret.as_bytes(),
+        &[digest_of(&doc)],
+        Some((&cert, &key)),
+    );
+    let section = ConfidentialSection {
+        tee: Some(TeeKind::Sample),
+        kbs_url: Some(format!("https://{}", kbs.address)),
+        ..Default::default()
+    };
+    let pod = PodConfidential::resolve(&section, &annotation(&doc))
+        .expect("the shim accepts the pod's init-data")
+        .expect("a confidential pod");
+    let guest = launch(&setup.fixture, &pod);
+    let transcript = Transcript::default();
+    let transcript_in = transcript.clone();
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let stdout_in = stdout.clone();
+    let console = guest.run_capturing(move |uds| async move {
+        let _forward = forwarder(&uds, &pod, &transcript_in);
+        let client = connect_agent(&uds).await.expect("connect to the agent");
+        let mut setup_req = setup_request(&[]);
+        pod.add_to_setup(&mut setup_req);
+        client
+            .setup_sandbox(ctx(), &setup_req)
+            .await
+            .expect("setup sandbox");
+        let (out, status) = run_to_exit(
+            &client,
+            &uds,
+            create_request("reader", &reader_spec(), true),
+        )
+        .await;
+        println!("container output:\n{out}");
+        assert_eq!(status, 0, "{out}");
+        *stdout_in.lock().unwrap() = out;
+        shutdown(&client).await;
+    });
+    let stdout = stdout.lock().unwrap().clone();
+    let secret_sha = hex_sha256(secret.as_bytes());
+    assert!(
+        stdout.contains(&format!("{secret_sha}  /secrets/token")),
+        "{stdout}\n{console}"
+    );
+    assert!(stdout.contains(&format!("{secret_sha}  -")), "{stdout}");
+    let captured = transcript.lock().unwrap().clone();
+    println!("the forwarder carried {} bytes", captured.len());
+    assert!(
+        captured.len() > 1000,
+        "no tls traffic went through the forwarder"
+    );
+    for clear in [&b"/kbs/v0/"[..], b"kbs-session-id", secret.as_bytes()] {
+        assert!(
+            !contains(&captured, clear),
+            "{:?} crossed the host in clear",
+            String::from_utf8_lossy(clear)
+        );
+    }
+    assert!(!console.contains(&secret));
 }
