@@ -105,6 +105,7 @@ impl AgentService for AgentServer {
         match &self.confidential {
             Some(guest) => guest
                 .begin(request.init_data.clone())
+                .await
                 .map_err(|e| status(Code::FAILED_PRECONDITION, error_chain(&e)))?,
             None if !request.init_data.is_empty() => {
                 return Err(status(

@@ -9,6 +9,8 @@
 //!                                        (SNP HOST_DATA / TDX MRCONFIGID via configfs-tsm;
 //!                                         sample: cloister.sample_host_data, insecure)
 //!                                      install policy.rego (hook, see PolicyInstaller)
+//!                                        ── done before SetupSandbox answers ──
+//!                                      in the background, within 25 s:
 //!                                      RCAR with the KBS (URL + CA from init-data,
 //!                                        over host vsock when kbs.vsock_port is set)
 //!                                      fetch every [resources] entry → tmpfs files 0400
@@ -196,6 +198,13 @@ impl std::fmt::Debug for Attested {
     }
 }
 
+/// Init-data that matched the TEE's binding.
+struct Checked {
+    init: Option<InitData>,
+    bound: binding::LaunchBinding,
+    config: PodConfig,
+}
+
 #[derive(Clone)]
 enum Outcome {
     Waiting,
@@ -282,8 +291,12 @@ impl ConfidentialGuest {
     }
 
     /// Starts the flow for the init-data SetupSandbox delivered (empty:
-    /// none). Runs once; later calls are refused.
-    pub fn begin(self: &Arc<Self>, init_data: Vec<u8>) -> Result<(), AttestError> {
+    /// none). Runs once; later calls are refused. The local part — digest
+    /// against the TEE binding, policy installed — is done before this
+    /// returns, so the pod's policy is in force before SetupSandbox
+    /// answers; the KBS part runs in the background. Failures of either
+    /// become the outcome every CreateContainer reports.
+    pub async fn begin(self: &Arc<Self>, init_data: Vec<u8>) -> Result<(), AttestError> {
         let mut started = false;
         self.outcome.send_if_modified(|o| {
             if matches!(o, Outcome::Waiting) {
@@ -295,26 +308,42 @@ impl ConfidentialGuest {
         if !started {
             return Err(AttestError::AlreadyBegun);
         }
+        let checked = match self.check_locally(init_data).await {
+            Ok(checked) => checked,
+            Err(e) => {
+                self.finish(Err(e));
+                return Ok(());
+            }
+        };
         let this = self.clone();
         tokio::spawn(async move {
-            let url = this.kbs_url_hint(&init_data);
+            let url = checked
+                .config
+                .kbs
+                .as_ref()
+                .map(|k| k.url.clone())
+                .unwrap_or_else(|| "(none named)".into());
             let after = this.deadline;
-            let result = match tokio::time::timeout(after, this.run(init_data)).await {
+            let result = match tokio::time::timeout(after, this.run_kbs(checked)).await {
                 Ok(result) => result,
                 Err(_) => Err(AttestError::Timeout { url, after }),
             };
-            match &result {
-                Ok(a) => tracing::info!(
-                    tee = this.tee.name(),
-                    secrets = a.secrets.len(),
-                    "attestation succeeded"
-                ),
-                Err(e) => tracing::error!(tee = this.tee.name(), "attestation failed: {e}"),
-            }
-            this.outcome
-                .send_replace(Outcome::Done(result.map(Arc::new).map_err(Arc::new)));
+            this.finish(result);
         });
         Ok(())
+    }
+
+    fn finish(&self, result: Result<Attested, AttestError>) {
+        match &result {
+            Ok(a) => tracing::info!(
+                tee = self.tee.name(),
+                secrets = a.secrets.len(),
+                "attestation succeeded"
+            ),
+            Err(e) => tracing::error!(tee = self.tee.name(), "attestation failed: {e}"),
+        }
+        self.outcome
+            .send_replace(Outcome::Done(result.map(Arc::new).map_err(Arc::new)));
     }
 
     /// Waits for the outcome of [`begin`](Self::begin).
@@ -330,16 +359,9 @@ impl ConfidentialGuest {
         }
     }
 
-    /// The KBS URL the document names, for a timeout's message.
-    fn kbs_url_hint(&self, raw: &[u8]) -> String {
-        InitData::parse(raw)
-            .ok()
-            .and_then(|init| PodConfig::from_init_data(&init).ok())
-            .and_then(|config| config.kbs.map(|k| k.url))
-            .unwrap_or_else(|| "(none named)".into())
-    }
-
-    async fn run(&self, raw: Vec<u8>) -> Result<Attested, AttestError> {
+    /// Parses the document, checks it against the TEE's binding and
+    /// installs its policy.
+    async fn check_locally(&self, raw: Vec<u8>) -> Result<Checked, AttestError> {
         let init = if raw.is_empty() {
             None
         } else {
@@ -365,6 +387,20 @@ impl ConfidentialGuest {
                 .ok_or(AttestError::NoPolicyEngine)?;
             install(policy).map_err(AttestError::Policy)?;
         }
+        Ok(Checked {
+            init,
+            bound,
+            config,
+        })
+    }
+
+    /// Attests to the KBS and fetches the resources.
+    async fn run_kbs(&self, checked: Checked) -> Result<Attested, AttestError> {
+        let Checked {
+            init,
+            bound,
+            config,
+        } = checked;
         self.store.prepare(self.mount_tmpfs)?;
         let kbs = match &config.kbs {
             None => None,
@@ -511,9 +547,9 @@ mod tests {
             g.attested().await.unwrap_err().as_ref(),
             AttestError::NotYet
         ));
-        g.begin(w.doc.clone().into_bytes()).unwrap();
+        g.begin(w.doc.clone().into_bytes()).await.unwrap();
         assert!(matches!(
-            g.begin(Vec::new()),
+            g.begin(Vec::new()).await,
             Err(AttestError::AlreadyBegun)
         ));
         let attested = g.attested().await.unwrap();
@@ -561,6 +597,7 @@ mod tests {
         let w = world(None, |d| vec![d.to_owned()]).await;
         let g = guest(&w, bound(&w.doc), None);
         g.begin(format!("{}# tampered\n", w.doc).into_bytes())
+            .await
             .unwrap();
         let err = g.attested().await.unwrap_err();
         assert!(
@@ -576,7 +613,7 @@ mod tests {
     async fn kbs_refusal_names_the_kbs() {
         let w = world(None, |_| vec!["00".repeat(32)]).await;
         let g = guest(&w, bound(&w.doc), None);
-        g.begin(w.doc.clone().into_bytes()).unwrap();
+        g.begin(w.doc.clone().into_bytes()).await.unwrap();
         let err = g.attested().await.unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("kbs at {} refused evidence", w.url)),
@@ -603,7 +640,7 @@ mod tests {
                 .unwrap()
                 .with_deadline(Duration::from_millis(500)),
         );
-        g.begin(doc.into_bytes()).unwrap();
+        g.begin(doc.into_bytes()).await.unwrap();
         let err = g.attested().await.unwrap_err().to_string();
         assert!(err.contains(&silent_url), "{err}");
         assert!(err.contains("did not finish within 500ms"), "{err}");
@@ -613,7 +650,7 @@ mod tests {
     async fn policy_goes_to_the_installer_or_fails_without_one() {
         let w = world(Some("package agent_policy"), |d| vec![d.to_owned()]).await;
         let g = guest(&w, bound(&w.doc), None);
-        g.begin(w.doc.clone().into_bytes()).unwrap();
+        g.begin(w.doc.clone().into_bytes()).await.unwrap();
         let err = g.attested().await.unwrap_err();
         assert!(matches!(err.as_ref(), AttestError::NoPolicyEngine), "{err}");
 
@@ -625,7 +662,9 @@ mod tests {
             Ok(())
         });
         let g = guest(&w, bound(&w.doc), Some(installer));
-        g.begin(w.doc.clone().into_bytes()).unwrap();
+        g.begin(w.doc.clone().into_bytes()).await.unwrap();
+        // In force when SetupSandbox answers, before the KBS round trips.
+        assert_eq!(seen.lock().unwrap().as_str(), "package agent_policy");
         g.attested().await.unwrap();
         assert_eq!(seen.lock().unwrap().as_str(), "package agent_policy");
     }
