@@ -9,6 +9,7 @@ pub mod device_filter;
 pub mod init;
 pub mod io;
 pub mod network;
+pub mod policy;
 pub mod process;
 pub mod server;
 pub mod stdio_listener;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use cloister_agent::container::manager::{ContainerManager, ManagerConfig};
+use cloister_agent::policy::AgentPolicy;
 use cloister_agent::process::{Reaper, HELPER_ARG};
 use cloister_agent::server::AgentServer;
 use cloister_protocol::ports::{AGENT_VSOCK_PORT, STDIO_VSOCK_PORT};
@@ -161,12 +162,20 @@ async fn serve(
         reaper,
     );
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    let policy = Arc::new(AgentPolicy::built_in().context("built-in agent policy")?);
     let confidential = if is_pid1 {
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        // The policy engine connects here: a PolicyInstaller taking the
-        // text of init-data's policy.rego. Until then a document carrying a
-        // policy fails attestation rather than run without it.
-        cloister_agent::attest::ConfidentialGuest::from_cmdline(&cmdline, None)
+        // init-data's policy.rego replaces the built-in policy and locks
+        // it, before SetupSandbox answers.
+        let installer: cloister_agent::attest::PolicyInstaller = {
+            let policy = policy.clone();
+            Arc::new(move |rego: &str| {
+                policy
+                    .install_from_init_data(rego)
+                    .map_err(|e| e.to_string())
+            })
+        };
+        cloister_agent::attest::ConfidentialGuest::from_cmdline(&cmdline, Some(installer))
             .context("confidential guest parameters")?
             .map(Arc::new)
     } else {
@@ -182,6 +191,7 @@ async fn serve(
         manager: manager.clone(),
         is_guest_init: is_pid1,
         shutdown: shutdown.clone(),
+        policy: policy.clone(),
         confidential,
     });
 
@@ -192,6 +202,7 @@ async fn serve(
                 .with_context(|| format!("bind stdio socket {}", path.display()))?;
             tokio::spawn(cloister_agent::stdio_listener::serve_unix(
                 manager.clone(),
+                policy.clone(),
                 listener,
             ));
         }
@@ -203,6 +214,7 @@ async fn serve(
             .with_context(|| format!("bind stdio vsock port {port}"))?;
             tokio::spawn(cloister_agent::stdio_listener::serve_vsock(
                 manager.clone(),
+                policy.clone(),
                 listener,
             ));
         }

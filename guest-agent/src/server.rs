@@ -1,6 +1,7 @@
-//! The `AgentService` ttrpc server: validates each request, calls the
-//! container manager, and maps errors to ttrpc status codes whose message
-//! names the bad field or value.
+//! The `AgentService` ttrpc server: puts each request to the agent policy
+//! (PERMISSION_DENIED naming the rule when it says no), validates it, calls
+//! the container manager, and maps errors to ttrpc status codes whose
+//! message names the bad field or value.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
 use crate::container::manager::{ContainerError, ContainerManager};
+use crate::policy::{AgentPolicy, PolicyDenial, PolicyRequest, SetPolicyError};
 
 /// What the server needs besides the containers.
 pub struct AgentServer {
@@ -19,6 +21,9 @@ pub struct AgentServer {
     pub is_guest_init: bool,
     /// Notified by Shutdown.
     pub shutdown: Arc<tokio::sync::Notify>,
+    /// Decides every request before it runs (shared with the stdio
+    /// listener; the attestation flow installs init-data's policy here).
+    pub policy: Arc<AgentPolicy>,
     /// Set in a confidential guest (`cloister.tee=` on the kernel command
     /// line): containers wait for attestation and get its secrets.
     pub confidential: Option<Arc<crate::attest::ConfidentialGuest>>,
@@ -26,6 +31,11 @@ pub struct AgentServer {
 
 fn status(code: Code, message: impl ToString) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, message.to_string()))
+}
+
+fn policy_status(denial: PolicyDenial) -> TtrpcError {
+    tracing::warn!(%denial, "policy denied a request");
+    status(Code::PERMISSION_DENIED, denial)
 }
 
 fn to_status(err: ContainerError) -> TtrpcError {
@@ -71,6 +81,11 @@ fn network_status(err: crate::network::NetworkError) -> TtrpcError {
 }
 
 impl AgentServer {
+    /// The policy's decision on one request.
+    fn allow<R: PolicyRequest>(&self, request: &R) -> ttrpc::Result<()> {
+        self.policy.check(request).map_err(policy_status)
+    }
+
     /// Sandbox-wide changes (hostname, mounts, network) are only made by
     /// the guest's PID 1, never by a host test agent.
     fn require_guest(&self, rpc: &str) -> ttrpc::Result<()> {
@@ -93,6 +108,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::SetupSandboxRequest,
     ) -> ttrpc::Result<agent::SetupSandboxResponse> {
+        self.allow(&request)?;
         self.require_guest("SetupSandbox")?;
         if self.confidential.as_ref().is_some_and(|g| g.has_begun()) {
             return Err(status(
@@ -123,6 +139,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         mut request: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::CreateContainerResponse> {
+        self.allow(&request)?;
         if let Some(guest) = &self.confidential {
             let attested = guest.attested().await.map_err(|e| {
                 status(
@@ -154,6 +171,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::StartContainerRequest,
     ) -> ttrpc::Result<agent::StartContainerResponse> {
+        self.allow(&request)?;
         self.manager
             .start(&request.container_id)
             .await
@@ -166,6 +184,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::RemoveContainerRequest,
     ) -> ttrpc::Result<agent::RemoveContainerResponse> {
+        self.allow(&request)?;
         self.manager
             .remove(&request.container_id, request.force)
             .await
@@ -178,6 +197,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         mut request: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ExecProcessResponse> {
+        self.allow(&request)?;
         if let Some(guest) = &self.confidential {
             let attested = guest.attested().await.map_err(|e| {
                 status(
@@ -201,6 +221,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::SignalProcessRequest,
     ) -> ttrpc::Result<agent::SignalProcessResponse> {
+        self.allow(&request)?;
         self.manager.signal(&request).map_err(to_status)?;
         Ok(agent::SignalProcessResponse::new())
     }
@@ -210,6 +231,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        self.allow(&request)?;
         let info = self
             .manager
             .wait(&request.container_id, &request.exec_id)
@@ -226,6 +248,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::PauseContainerRequest,
     ) -> ttrpc::Result<agent::PauseResumeResponse> {
+        self.allow(&request)?;
         self.manager
             .set_paused(&request.container_id, true)
             .await
@@ -238,6 +261,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::ResumeContainerRequest,
     ) -> ttrpc::Result<agent::PauseResumeResponse> {
+        self.allow(&request)?;
         self.manager
             .set_paused(&request.container_id, false)
             .await
@@ -250,6 +274,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::UpdateContainerRequest,
     ) -> ttrpc::Result<agent::UpdateContainerResponse> {
+        self.allow(&request)?;
         self.manager.update(&request).map_err(to_status)?;
         Ok(agent::UpdateContainerResponse::new())
     }
@@ -259,6 +284,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::ListProcessesRequest,
     ) -> ttrpc::Result<agent::ListProcessesResponse> {
+        self.allow(&request)?;
         let mut response = agent::ListProcessesResponse::new();
         response.processes = self
             .manager
@@ -272,6 +298,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::StatsContainerRequest,
     ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        self.allow(&request)?;
         self.manager.stats(&request.container_id).map_err(to_status)
     }
 
@@ -280,6 +307,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::ResizeTtyRequest,
     ) -> ttrpc::Result<agent::ResizeTtyResponse> {
+        self.allow(&request)?;
         self.manager.resize(&request).map_err(to_status)?;
         Ok(agent::ResizeTtyResponse::new())
     }
@@ -289,6 +317,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::CloseStdinRequest,
     ) -> ttrpc::Result<agent::CloseStdinResponse> {
+        self.allow(&request)?;
         self.manager
             .close_stdin(&request.container_id, &request.exec_id)
             .map_err(to_status)?;
@@ -298,9 +327,10 @@ impl AgentService for AgentServer {
     async fn events(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::EventsRequest,
+        request: agent::EventsRequest,
         sender: ttrpc::r#async::ServerStreamSender<agent::Event>,
     ) -> ttrpc::Result<()> {
+        self.allow(&request)?;
         let mut events = self.manager.subscribe();
         loop {
             match events.recv().await {
@@ -319,6 +349,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::UpdateInterfacesRequest,
     ) -> ttrpc::Result<agent::UpdateInterfacesResponse> {
+        self.allow(&request)?;
         self.require_guest("UpdateInterfaces")?;
         crate::network::update_interfaces(&request.interfaces).map_err(network_status)?;
         Ok(agent::UpdateInterfacesResponse::new())
@@ -329,6 +360,7 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         request: agent::UpdateRoutesRequest,
     ) -> ttrpc::Result<agent::UpdateRoutesResponse> {
+        self.allow(&request)?;
         self.require_guest("UpdateRoutes")?;
         crate::network::update_routes(&request.routes).map_err(network_status)?;
         Ok(agent::UpdateRoutesResponse::new())
@@ -337,8 +369,9 @@ impl AgentService for AgentServer {
     async fn guest_details(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::GuestDetailsRequest,
+        request: agent::GuestDetailsRequest,
     ) -> ttrpc::Result<agent::GuestDetailsResponse> {
+        self.allow(&request)?;
         let mut response = agent::GuestDetailsResponse::new();
         response.agent_version = env!("CARGO_PKG_VERSION").to_owned();
         response.kernel_release = nix::sys::utsname::uname()
@@ -360,8 +393,9 @@ impl AgentService for AgentServer {
     async fn health_check(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::HealthCheckRequest,
+        request: agent::HealthCheckRequest,
     ) -> ttrpc::Result<agent::HealthCheckResponse> {
+        self.allow(&request)?;
         let mut response = agent::HealthCheckResponse::new();
         response.serving = true;
         Ok(response)
@@ -370,8 +404,9 @@ impl AgentService for AgentServer {
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::ShutdownRequest,
+        request: agent::ShutdownRequest,
     ) -> ttrpc::Result<agent::ShutdownResponse> {
+        self.allow(&request)?;
         for id in self.manager.ids() {
             if let Err(e) = self.manager.remove(&id, true).await {
                 tracing::warn!(container = %id, error = %e, "remove during shutdown failed");
@@ -379,5 +414,20 @@ impl AgentService for AgentServer {
         }
         self.shutdown.notify_one();
         Ok(agent::ShutdownResponse::new())
+    }
+
+    async fn set_policy(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::SetPolicyRequest,
+    ) -> ttrpc::Result<agent::SetPolicyResponse> {
+        match self.policy.set_from_host(&request) {
+            Ok(()) => {
+                tracing::info!(bytes = request.policy.len(), "policy replaced by the host");
+                Ok(agent::SetPolicyResponse::new())
+            }
+            Err(SetPolicyError::Denied(denial)) => Err(policy_status(denial)),
+            Err(e @ SetPolicyError::Compile(_)) => Err(status(Code::INVALID_ARGUMENT, e)),
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Accepts stdio stream connections, reads their header, attaches them to
-//! a process's stdio and copies until EOF.
+//! Accepts stdio stream connections, reads their header, asks the agent
+//! policy (`ReadStreamRequest` / `WriteStreamRequest`), attaches them to a
+//! process's stdio and copies until EOF.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use cloister_protocol::stdio::{AttachReply, StreamHeader, StreamKind, FIXED_LEN}
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::container::manager::ContainerManager;
+use crate::policy::{AgentPolicy, StreamRequest};
 
 /// Errors on one stdio connection.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +45,11 @@ async fn read_header<S: AsyncRead + Unpin>(
 }
 
 /// Serves one connection: header, reply, then the copy.
-pub async fn serve_connection<S>(manager: Arc<ContainerManager>, mut stream: S)
-where
+pub async fn serve_connection<S>(
+    manager: Arc<ContainerManager>,
+    policy: Arc<AgentPolicy>,
+    mut stream: S,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let header = match read_header(&mut stream).await {
@@ -56,6 +61,18 @@ where
             return;
         }
     };
+    let request = StreamRequest {
+        container_id: header.container_id.clone(),
+        exec_id: header.exec_id.clone(),
+        kind: header.kind,
+    };
+    if let Err(denial) = policy.check_stream(&request) {
+        tracing::warn!(%denial, "policy denied a stdio stream");
+        let _ = stream
+            .write_all(&AttachReply::Refused(denial.to_string()).encode())
+            .await;
+        return;
+    }
     let attached = manager
         .get(&header.container_id)
         .and_then(|c| c.process(&header.exec_id))
@@ -91,11 +108,15 @@ where
 }
 
 /// Accept loop on a Unix socket (host tests, hybrid vsock ports).
-pub async fn serve_unix(manager: Arc<ContainerManager>, listener: tokio::net::UnixListener) {
+pub async fn serve_unix(
+    manager: Arc<ContainerManager>,
+    policy: Arc<AgentPolicy>,
+    listener: tokio::net::UnixListener,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(manager.clone(), stream));
+                tokio::spawn(serve_connection(manager.clone(), policy.clone(), stream));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept on stdio socket failed");
@@ -106,11 +127,15 @@ pub async fn serve_unix(manager: Arc<ContainerManager>, listener: tokio::net::Un
 }
 
 /// Accept loop on AF_VSOCK (in the guest).
-pub async fn serve_vsock(manager: Arc<ContainerManager>, listener: tokio_vsock::VsockListener) {
+pub async fn serve_vsock(
+    manager: Arc<ContainerManager>,
+    policy: Arc<AgentPolicy>,
+    listener: tokio_vsock::VsockListener,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(manager.clone(), stream));
+                tokio::spawn(serve_connection(manager.clone(), policy.clone(), stream));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept on stdio vsock failed");

@@ -28,3 +28,8 @@ pub const KERNEL_PARAMS: &str = "io.cloister.kernel-params";
 
 /// Log level of the guest agent (`error`, `warn`, `info`, `debug`, `trace`).
 pub const AGENT_LOG_LEVEL: &str = "io.cloister.agent-log-level";
+
+/// The pod's agent API policy: base64 of Rego text (`package
+/// agent_policy`), installed in the agent before SetupSandbox. Not honoured
+/// for confidential pods, whose policy comes from init-data only.
+pub const POLICY: &str = "io.cloister.policy";

@@ -349,6 +349,21 @@ pub struct TtrpcAgentClient {
     endpoint: AgentEndpoint,
 }
 
+impl TtrpcAgentClient {
+    /// Installs the pod's agent policy (see `crate::pod_policy`). Not in
+    /// [`AgentClient`]: only the launcher calls it, once, before
+    /// SetupSandbox.
+    pub async fn set_policy(&self, rego: String) -> Result<(), AgentError> {
+        let mut req = agent::SetPolicyRequest::new();
+        req.policy = rego;
+        self.client
+            .set_policy(ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(|e| AgentError::rpc("SetPolicy", e))
+    }
+}
+
 #[async_trait]
 impl AgentClient for TtrpcAgentClient {
     async fn setup_sandbox(&self, req: agent::SetupSandboxRequest) -> Result<(), AgentError> {

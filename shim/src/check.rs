@@ -431,6 +431,241 @@ pub fn run_checks() -> Vec<Check> {
         }
     }
     checks.push(check_tc(&missing, &unknown));
+    checks.extend(tee_checks(&config.qemu.path));
+    checks
+}
+
+/// Which confidential pods `cloister check` reports on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TeeCheckKind {
+    Snp,
+    Tdx,
+}
+
+/// What the TEE checks read: a root for procfs/sysfs/dev/OVMF (`/` on the
+/// host, a fixture tree in tests), `KVM_CAP_VM_TYPES`, and QEMU's
+/// `-object help` and `--version` when QEMU is installed.
+#[derive(Debug, Clone)]
+pub struct TeeFacts {
+    pub root: PathBuf,
+    pub vm_types: Result<u32, String>,
+    pub qemu: Option<(PathBuf, String, String)>,
+}
+
+struct TeeRequirements {
+    cpu_flag: &'static str,
+    cpu_fix: &'static str,
+    module: &'static str,
+    param: &'static str,
+    vm_type_bit: u32,
+    vm_type: &'static str,
+    qemu_object: &'static str,
+    qemu_version: &'static str,
+    ovmf: &'static str,
+    ovmf_fix: &'static str,
+    names: [&'static str; 6],
+}
+
+const SNP: TeeRequirements = TeeRequirements {
+    cpu_flag: "sev_snp",
+    cpu_fix: "an AMD EPYC 7003 (Milan) or newer with SEV-SNP enabled in the firmware (SMEE, SNP memory coverage, RMP table)",
+    module: "kvm_amd",
+    param: "sev_snp",
+    vm_type_bit: 4,
+    vm_type: "KVM_X86_SNP_VM",
+    qemu_object: "sev-snp-guest",
+    qemu_version: "9.1",
+    ovmf: "/usr/share/ovmf/OVMF.amdsev.fd",
+    ovmf_fix: "install an OVMF built from AmdSevX64.dsc (OVMF.amdsev.fd) or point the qemu backend at one",
+    names: ["snp-cpu", "snp-kvm", "snp-psp", "snp-vm-type", "snp-qemu", "snp-ovmf"],
+};
+
+const TDX: TeeRequirements = TeeRequirements {
+    cpu_flag: "tdx_host_platform",
+    cpu_fix: "a 4th/5th-gen Xeon (Sapphire/Emerald Rapids) or newer with TDX enabled in the firmware and a host kernel with TDX host support (6.16+)",
+    module: "kvm_intel",
+    param: "tdx",
+    vm_type_bit: 5,
+    vm_type: "KVM_X86_TDX_VM",
+    qemu_object: "tdx-guest",
+    qemu_version: "10.1",
+    ovmf: "/usr/share/ovmf/OVMF.inteltdx.fd",
+    ovmf_fix: "install TDVF (an OVMF built from IntelTdxX64.dsc, OVMF.inteltdx.fd)",
+    names: ["tdx-cpu", "tdx-kvm", "tdx-psp", "tdx-vm-type", "tdx-qemu", "tdx-ovmf"],
+};
+
+/// One line per fact a confidential pod of `kind` needs. Missing facts
+/// are warnings: ordinary pods still start.
+pub fn check_tee(kind: TeeCheckKind, facts: &TeeFacts) -> Vec<Check> {
+    let req = match kind {
+        TeeCheckKind::Snp => &SNP,
+        TeeCheckKind::Tdx => &TDX,
+    };
+    let path = |p: &str| facts.root.join(p.trim_start_matches('/'));
+    let mut checks = Vec::new();
+
+    let cpuinfo = std::fs::read_to_string(path("/proc/cpuinfo")).unwrap_or_default();
+    let has_flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == req.cpu_flag));
+    checks.push(if has_flag {
+        Check::ok(req.names[0], format!("CPU flag {}", req.cpu_flag))
+    } else {
+        Check::warn(
+            req.names[0],
+            format!("/proc/cpuinfo has no {} flag", req.cpu_flag),
+            req.cpu_fix,
+        )
+    });
+
+    let param = format!("/sys/module/{}/parameters/{}", req.module, req.param);
+    checks.push(match std::fs::read_to_string(path(&param)) {
+        Ok(v) if matches!(v.trim(), "Y" | "y" | "1") => {
+            Check::ok(req.names[1], format!("{param} = Y"))
+        }
+        Ok(v) => Check::warn(
+            req.names[1],
+            format!("{param} = {}", v.trim()),
+            format!(
+                "load {} with {}=1 (modprobe {} {}=1)",
+                req.module, req.param, req.module, req.param
+            ),
+        ),
+        Err(_) if !path(&format!("/sys/module/{}", req.module)).exists() => Check::warn(
+            req.names[1],
+            format!("{} is not loaded", req.module),
+            format!("modprobe {}", req.module),
+        ),
+        Err(_) => Check::warn(
+            req.names[1],
+            format!(
+                "{param} missing: this kernel's {} cannot run {} guests",
+                req.module, req.vm_type
+            ),
+            "use a host kernel with the support (SNP: 6.11+, TDX: 6.16+)",
+        ),
+    });
+
+    if kind == TeeCheckKind::Snp {
+        checks.push(if path("/dev/sev").exists() {
+            Check::ok(req.names[2], "/dev/sev present")
+        } else {
+            Check::warn(
+                req.names[2],
+                "/dev/sev missing",
+                "load the ccp module (the AMD PSP driver)",
+            )
+        });
+    }
+
+    checks.push(match &facts.vm_types {
+        Ok(bits) if bits & (1 << req.vm_type_bit) != 0 => Check::ok(
+            req.names[3],
+            format!("KVM_CAP_VM_TYPES {bits:#x} has {}", req.vm_type),
+        ),
+        Ok(bits) => Check::warn(
+            req.names[3],
+            format!("KVM_CAP_VM_TYPES {bits:#x} lacks {}", req.vm_type),
+            "KVM offers the type once the CPU, firmware and module parameter above are in place",
+        ),
+        Err(why) => Check::warn(
+            req.names[3],
+            format!("KVM_CAP_VM_TYPES unknown: {why}"),
+            "see the kvm line",
+        ),
+    });
+
+    // The qemu backend's path: QEMU's object and OVMF.
+    match &facts.qemu {
+        Some((qemu, help, version)) => {
+            let found = version
+                .lines()
+                .next()
+                .unwrap_or("unknown version")
+                .trim()
+                .to_owned();
+            checks.push(if help.lines().any(|l| l.trim() == req.qemu_object) {
+                Check::ok(
+                    req.names[4],
+                    format!("{} has {} ({found})", qemu.display(), req.qemu_object),
+                )
+            } else {
+                Check::warn(
+                    req.names[4],
+                    format!("{} lacks {} ({found})", qemu.display(), req.qemu_object),
+                    format!(
+                        "QEMU {} or newer for the qemu backend; cloister-vmm does not need it",
+                        req.qemu_version
+                    ),
+                )
+            });
+        }
+        None => checks.push(Check::warn(
+            req.names[4],
+            "no QEMU found",
+            format!(
+                "QEMU {} or newer for the qemu backend; cloister-vmm does not need it",
+                req.qemu_version
+            ),
+        )),
+    }
+    checks.push(if path(req.ovmf).is_file() {
+        Check::ok(req.names[5], req.ovmf)
+    } else {
+        Check::warn(
+            req.names[5],
+            format!("{} missing (qemu backend only)", req.ovmf),
+            req.ovmf_fix,
+        )
+    });
+    checks
+}
+
+/// `_IO(KVMIO, 0x03)`; `KVM_CAP_VM_TYPES` = 235.
+const KVM_CHECK_EXTENSION: libc::c_ulong = 0xAE03;
+const KVM_CAP_VM_TYPES: libc::c_ulong = 235;
+
+/// The VM types `/dev/kvm` offers, as `KVM_CAP_VM_TYPES` bits.
+pub fn kvm_vm_types(device: &Path) -> Result<u32, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(device)
+        .map_err(|e| format!("cannot open {}: {e}", device.display()))?;
+    // SAFETY: KVM_CHECK_EXTENSION takes an integer and returns one.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES) };
+    if ret < 0 {
+        return Err(format!(
+            "KVM_CHECK_EXTENSION: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // 0: a kernel older than the capability, which has only the default type.
+    Ok(if ret == 0 { 1 } else { ret as u32 })
+}
+
+/// The TEE lines of the report for this host.
+pub fn tee_checks(qemu: &Path) -> Vec<Check> {
+    let probe = |arg: &[&str]| {
+        std::process::Command::new(qemu)
+            .args(arg)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let qemu_facts = match (probe(&["-object", "help"]), probe(&["--version"])) {
+        (Some(help), Some(version)) => Some((qemu.to_path_buf(), help, version)),
+        _ => None,
+    };
+    let facts = TeeFacts {
+        root: PathBuf::from("/"),
+        vm_types: kvm_vm_types(Path::new("/dev/kvm")),
+        qemu: qemu_facts,
+    };
+    let mut checks = check_tee(TeeCheckKind::Snp, &facts);
+    checks.extend(check_tee(TeeCheckKind::Tdx, &facts));
     checks
 }
 
@@ -579,6 +814,136 @@ mod tests {
             Some(false)
         );
         assert_eq!(module_available(dir.path(), "6.9.9", "cls_u32"), None);
+    }
+
+    fn fixture(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let p = dir.path().join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        dir
+    }
+
+    fn warnings(checks: &[Check]) -> Vec<String> {
+        checks
+            .iter()
+            .filter(|c| c.outcome != Outcome::Ok)
+            .map(|c| c.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn snp_host_passes_every_line() {
+        let root = fixture(&[
+            (
+                "/proc/cpuinfo",
+                "processor : 0\nflags : fpu sme sev sev_es sev_snp\n",
+            ),
+            ("/sys/module/kvm_amd/parameters/sev_snp", "Y\n"),
+            ("/dev/sev", ""),
+            ("/usr/share/ovmf/OVMF.amdsev.fd", "x"),
+        ]);
+        let facts = TeeFacts {
+            root: root.path().to_path_buf(),
+            vm_types: Ok(0x1F),
+            qemu: Some((
+                "/q".into(),
+                "  sev-guest\n  sev-snp-guest\n".into(),
+                "QEMU emulator version 9.2.0\n".into(),
+            )),
+        };
+        let checks = check_tee(TeeCheckKind::Snp, &facts);
+        assert_eq!(checks.len(), 6);
+        assert!(warnings(&checks).is_empty(), "{:?}", warnings(&checks));
+        assert!(pod_can_start(&checks));
+    }
+
+    #[test]
+    fn host_like_this_one_gets_a_reason_per_line() {
+        let root = fixture(&[
+            ("/proc/cpuinfo", "flags : fpu vme hypervisor\n"),
+            ("/sys/module/kvm/parameters/halt_poll_ns", "0\n"),
+        ]);
+        let facts = TeeFacts {
+            root: root.path().to_path_buf(),
+            vm_types: Ok(0x1),
+            qemu: Some((
+                "/usr/bin/qemu-system-x86_64".into(),
+                "  sev-guest\n".into(),
+                "QEMU emulator version 7.2.22\n".into(),
+            )),
+        };
+        let snp = warnings(&check_tee(TeeCheckKind::Snp, &facts));
+        assert_eq!(snp.len(), 6, "{snp:#?}");
+        assert!(
+            snp[0].contains("/proc/cpuinfo has no sev_snp flag"),
+            "{}",
+            snp[0]
+        );
+        assert!(snp[1].contains("kvm_amd is not loaded"), "{}", snp[1]);
+        assert!(snp[2].contains("/dev/sev missing"), "{}", snp[2]);
+        assert!(
+            snp[3].contains("KVM_CAP_VM_TYPES 0x1 lacks KVM_X86_SNP_VM"),
+            "{}",
+            snp[3]
+        );
+        assert!(
+            snp[4].contains("lacks sev-snp-guest (QEMU emulator version 7.2.22)")
+                && snp[4].contains("QEMU 9.1"),
+            "{}",
+            snp[4]
+        );
+        assert!(snp[5].contains("OVMF.amdsev.fd missing"), "{}", snp[5]);
+        let tdx = warnings(&check_tee(TeeCheckKind::Tdx, &facts));
+        assert_eq!(tdx.len(), 5, "{tdx:#?}");
+        assert!(tdx[0].contains("tdx_host_platform"), "{}", tdx[0]);
+        assert!(tdx[3].contains("QEMU 10.1"), "{}", tdx[3]);
+        // Warnings only: ordinary pods still start.
+        assert!(pod_can_start(&check_tee(TeeCheckKind::Tdx, &facts)));
+    }
+
+    #[test]
+    fn module_without_the_parameter_or_disabled_is_named() {
+        let root = fixture(&[("/sys/module/kvm_intel/parameters/nested", "Y\n")]);
+        let facts = TeeFacts {
+            root: root.path().to_path_buf(),
+            vm_types: Err("cannot open /dev/kvm: No such file".into()),
+            qemu: None,
+        };
+        let tdx = warnings(&check_tee(TeeCheckKind::Tdx, &facts));
+        assert!(
+            tdx[1].contains("tdx missing: this kernel's kvm_intel cannot run KVM_X86_TDX_VM"),
+            "{}",
+            tdx[1]
+        );
+        assert!(
+            tdx[2].contains("KVM_CAP_VM_TYPES unknown: cannot open /dev/kvm"),
+            "{}",
+            tdx[2]
+        );
+        assert!(tdx[3].contains("no QEMU found"), "{}", tdx[3]);
+        let root = fixture(&[("/sys/module/kvm_amd/parameters/sev_snp", "N\n")]);
+        let facts = TeeFacts {
+            root: root.path().to_path_buf(),
+            vm_types: Ok(1),
+            qemu: None,
+        };
+        let snp = warnings(&check_tee(TeeCheckKind::Snp, &facts));
+        assert!(
+            snp[1].contains("sev_snp = N") && snp[1].contains("modprobe kvm_amd sev_snp=1"),
+            "{}",
+            snp[1]
+        );
+    }
+
+    #[test]
+    fn vm_types_of_this_hosts_kvm() {
+        match kvm_vm_types(Path::new("/dev/kvm")) {
+            Ok(bits) => assert!(bits & 1 != 0, "{bits:#x}"),
+            Err(why) => eprintln!("SKIP: {why}"),
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod inspect;
 pub mod io;
 pub mod lifecycle;
 pub mod network;
+pub mod pod_policy;
+pub mod policy_gen;
 pub mod sandbox;
 pub mod service;
 pub mod stats;

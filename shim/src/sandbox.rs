@@ -32,7 +32,9 @@ use crate::network::{
     network_namespace, setup_pod_network, teardown_pod_network, PodNetwork, PodNetworkError,
     PodNetworkNamespace, PodSpecError,
 };
-use crate::vmm_client::{hypervisor_for, ChildExit, Hypervisor, HypervisorError, VmPaths};
+use crate::vmm_client::{
+    hypervisor_for, log_tail, ChildExit, Hypervisor, HypervisorError, VmPaths,
+};
 
 /// CRI's annotations naming a container's role and pod.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -40,6 +42,8 @@ pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 pub use crate::vmm_client::SHARED_FS_TAG;
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/cloister/shared";
+/// How much of the guest console a VM that died while booting shows.
+const GUEST_CONSOLE_TAIL: usize = 600;
 /// How long the VMM gets after SIGTERM before SIGKILL.
 pub const VMM_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -56,6 +60,8 @@ pub enum SandboxError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    PodPolicy(#[from] crate::pod_policy::PodPolicyError),
     #[error("sandbox folder {path}: {source}")]
     Folder {
         path: PathBuf,
@@ -429,6 +435,18 @@ pub fn setup_request(hostname: &str) -> agent::SetupSandboxRequest {
     request
 }
 
+/// What a guest's console says about its death: the kernel's panic line
+/// when it panicked (a call trace follows it), else the console's end.
+fn console_summary(console_log: &Path) -> String {
+    let console = std::fs::read(console_log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    match crate::audit::guest_panic_lines(&console, 1) {
+        Some(lines) => lines.join("\n"),
+        None => log_tail(console_log, GUEST_CONSOLE_TAIL),
+    }
+}
+
 /// A running pod: its agent, and the VM it runs in.
 pub struct PodSandbox {
     pub id: String,
@@ -677,7 +695,29 @@ impl SandboxLauncher for VmLauncher {
             }
             let endpoint = AgentEndpoint::HybridVsock { uds };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
-            let agent = endpoint.connect_until(timeout).await?;
+            // A guest that dies while booting (a kernel panic) ends the
+            // wait at once, its console's last lines in the error.
+            let agent = tokio::select! {
+                agent = endpoint.connect_until(timeout) => agent?,
+                exit = hypervisor.wait_exit() => {
+                    let log = dir.vm_paths().console_log();
+                    return Err(HypervisorError::EarlyExit {
+                        name: "the pod's VM".into(),
+                        status: exit.to_string(),
+                        log_tail: console_summary(&log),
+                        log,
+                    }
+                    .into());
+                }
+            };
+            let annotations = bundle_annotations(spec);
+            if let Some(policy) = crate::pod_policy::policy_from_annotations(&annotations)? {
+                // On the concrete client: the policy is installed before
+                // the audited wrapper exists, so it is recorded by hand.
+                let result = agent.set_policy(policy).await;
+                crate::audit::agent::record_agent_request(audit, sandbox_id, "SetPolicy", &result);
+                result?;
+            }
             let agent = crate::audit::agent::audited_agent(Arc::new(agent), audit, sandbox_id);
             let mut setup = setup_request(&guest_hostname(spec, sandbox_id));
             if let Some(confidential) = &confidential {

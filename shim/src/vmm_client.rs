@@ -702,6 +702,230 @@ pub fn qemu_args(
     args.into_iter().map(OsString::from).collect()
 }
 
+/// A confidential pod on the `qemu` backend: SEV-SNP or TDX with OVMF,
+/// as Kata users know it. The firmware measures the kernel, initramfs
+/// and command line through its kernel-hashes table (SNP) or its own
+/// event log (TDX), so the guest is launched from OVMF on `q35` rather
+/// than directly on `microvm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuTee {
+    Snp {
+        /// Guest policy (bit 17 must be set).
+        policy: u64,
+        /// HOST_DATA: the init-data digest fitted to 32 bytes.
+        host_data: [u8; 32],
+        /// OVMF built with `AmdSevX64.dsc` (has the SNP kernel-hashes
+        /// section), e.g. `/usr/share/ovmf/OVMF.amdsev.fd`.
+        ovmf: PathBuf,
+    },
+    Tdx {
+        /// MRCONFIGID: the init-data digest fitted to 48 bytes.
+        mr_config_id: [u8; 48],
+        /// TDVF, e.g. `/usr/share/ovmf/OVMF.inteltdx.fd`.
+        ovmf: PathBuf,
+        /// Intel QGS socket for the guest's quote requests.
+        quote_socket: Option<PathBuf>,
+    },
+}
+
+/// The QEMU that first has the object: `sev-snp-guest` in 9.1,
+/// `tdx-guest` in 10.1.
+pub const QEMU_SNP_OBJECT: (&str, &str) = ("sev-snp-guest", "9.1");
+pub const QEMU_TDX_OBJECT: (&str, &str) = ("tdx-guest", "10.1");
+/// The C-bit position and the physical address bits it costs on every
+/// SNP part so far (Milan, Genoa, Turin).
+const SNP_CBITPOS: u32 = 51;
+const SNP_REDUCED_PHYS_BITS: u32 = 1;
+
+/// Why QEMU cannot launch the confidential pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QemuTeeError {
+    #[error("{qemu} has no `{object}` object (its `-object help` does not list it): QEMU {version} or newer is needed{found}")]
+    ObjectMissing {
+        qemu: String,
+        object: &'static str,
+        version: &'static str,
+        found: String,
+    },
+    #[error("cannot run {qemu} -object help: {reason}")]
+    Probe { qemu: String, reason: String },
+    #[error("tee policy {0:#x}: reserved bit 17 must be set")]
+    Policy(u64),
+}
+
+impl QemuTee {
+    fn object(&self) -> (&'static str, &'static str) {
+        match self {
+            QemuTee::Snp { .. } => QEMU_SNP_OBJECT,
+            QemuTee::Tdx { .. } => QEMU_TDX_OBJECT,
+        }
+    }
+}
+
+/// Checks QEMU's `-object help` output (and `--version` for the message)
+/// for the object `tee` needs.
+pub fn qemu_supports_tee(
+    qemu: &Path,
+    object_help: &str,
+    version: &str,
+    tee: &QemuTee,
+) -> Result<(), QemuTeeError> {
+    let (object, needed) = tee.object();
+    if object_help.lines().any(|l| l.trim() == object) {
+        return Ok(());
+    }
+    let found = version
+        .lines()
+        .next()
+        .map(|l| format!(" (found: {})", l.trim()))
+        .unwrap_or_default();
+    Err(QemuTeeError::ObjectMissing {
+        qemu: qemu.display().to_string(),
+        object,
+        version: needed,
+        found,
+    })
+}
+
+/// Runs `qemu -object help` and `qemu --version` and checks them.
+pub fn probe_qemu_tee(qemu: &Path, tee: &QemuTee) -> Result<(), QemuTeeError> {
+    let run = |arg: &[&str]| -> Result<String, QemuTeeError> {
+        let out = std::process::Command::new(qemu)
+            .args(arg)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| QemuTeeError::Probe {
+                qemu: qemu.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let help = run(&["-object", "help"])?;
+    let version = run(&["--version"])?;
+    qemu_supports_tee(qemu, &help, &version, tee)
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// QEMU's arguments for a confidential pod: KVM only, `q35` with the
+/// confidential-guest object, guest RAM in a shared memfd (private pages
+/// come from guest_memfd, which QEMU adds itself), OVMF as firmware, and
+/// the devices as virtio-pci with `iommu_platform=on` so the guest
+/// driver bounces I/O through shared memory.
+pub fn qemu_confidential_args(
+    config: &RuntimeConfig,
+    vm: &PodVm,
+    paths: &VmPaths,
+    tee: &QemuTee,
+) -> Result<Vec<OsString>, QemuTeeError> {
+    let base = cmdline::guest_cmdline(RebootMethod::TripleFault, false);
+    let (machine, object, ovmf) = match tee {
+        QemuTee::Snp {
+            policy,
+            host_data,
+            ovmf,
+        } => {
+            if policy & (1 << 17) == 0 {
+                return Err(QemuTeeError::Policy(*policy));
+            }
+            (
+                "q35,confidential-guest-support=sev0,memory-backend=ram0",
+                format!(
+                    "sev-snp-guest,id=sev0,policy={policy:#x},cbitpos={SNP_CBITPOS},reduced-phys-bits={SNP_REDUCED_PHYS_BITS},host-data={},kernel-hashes=on",
+                    base64(host_data)
+                ),
+                ovmf,
+            )
+        }
+        QemuTee::Tdx {
+            mr_config_id,
+            ovmf,
+            quote_socket,
+        } => {
+            let mut object = format!("tdx-guest,id=tdx0,mrconfigid={}", base64(mr_config_id));
+            if let Some(socket) = quote_socket {
+                object.push_str(&format!(
+                    ",quote-generation-socket.type=unix,quote-generation-socket.path={}",
+                    socket.display()
+                ));
+            }
+            (
+                "q35,kernel-irqchip=split,confidential-guest-support=tdx0,memory-backend=ram0",
+                object,
+                ovmf,
+            )
+        }
+    };
+    let mut args: Vec<String> = vec![
+        "-machine".into(),
+        machine.into(),
+        "-object".into(),
+        object,
+        "-object".into(),
+        format!(
+            "memory-backend-memfd,id=ram0,size={}M,share=on",
+            vm.memory_mib
+        ),
+        "-bios".into(),
+        ovmf.display().to_string(),
+        "-accel".into(),
+        "kvm".into(),
+        "-cpu".into(),
+        "host".into(),
+        "-m".into(),
+        format!("{}M", vm.memory_mib),
+        "-smp".into(),
+        vm.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-reboot".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-serial".into(),
+        format!("file:{}", paths.console_log().display()),
+        "-kernel".into(),
+        config.guest.kernel.display().to_string(),
+        "-initrd".into(),
+        config.guest.initramfs.display().to_string(),
+        "-append".into(),
+        join_cmdline(base, &vm.kernel_params),
+        "-chardev".into(),
+        format!(
+            "socket,id=vsock0,path={}",
+            paths.vhost_user_vsock().display()
+        ),
+        "-device".into(),
+        "vhost-user-vsock-pci,chardev=vsock0,iommu_platform=on".into(),
+        "-device".into(),
+        "virtio-rng-pci,iommu_platform=on".into(),
+    ];
+    if vm.shared_fs {
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
+            "-device".into(),
+            format!("vhost-user-fs-pci,chardev=fs0,tag={SHARED_FS_TAG},iommu_platform=on"),
+        ]);
+    }
+    for (index, nic) in vm.nics.iter().enumerate() {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net{index},fd={}", nic.tap_fd),
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev=net{index},mac={},iommu_platform=on",
+                nic.mac
+            ),
+        ]);
+    }
+    Ok(args.into_iter().map(OsString::from).collect())
+}
+
 /// QEMU with our vhost-user vsock and fs backends.
 pub struct Qemu {
     qemu: PathBuf,
@@ -734,6 +958,22 @@ impl Qemu {
             backends: Vec::new(),
             qemu_child: None,
         }
+    }
+
+    /// QEMU for a confidential pod: refused at once when this QEMU lacks
+    /// the `sev-snp-guest` / `tdx-guest` object, before anything starts.
+    pub fn new_confidential(
+        config: &RuntimeConfig,
+        vm: &PodVm,
+        paths: VmPaths,
+        tee: &QemuTee,
+    ) -> Result<Self, QemuTeeError> {
+        probe_qemu_tee(&config.qemu.path, tee)?;
+        let args = qemu_confidential_args(config, vm, &paths, tee)?;
+        Ok(Self {
+            args,
+            ..Self::new(config, vm, paths)
+        })
     }
 
     pub fn args(&self) -> &[OsString] {
@@ -1151,6 +1391,53 @@ mod tests {
         }
     }
 
+    /// The q35 devices of a confidential pod exist in the installed QEMU
+    /// with every property we pass (the TEE objects themselves need a
+    /// newer QEMU: `old_qemu_is_refused_naming_the_version_needed`).
+    #[test]
+    fn qemu_knows_every_confidential_device_property_we_pass() {
+        let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+        if !qemu.exists() {
+            eprintln!(
+                "SKIP: {} missing (Debian package qemu-system-x86)",
+                qemu.display()
+            );
+            return;
+        }
+        let mut vm = pod_vm();
+        vm.nics.push(crate::config::VmNic {
+            tap_fd: 3,
+            mac: "02:00:00:00:00:01".into(),
+        });
+        let tee = QemuTee::Snp {
+            policy: 0x30000,
+            host_data: [0; 32],
+            ovmf: "/o".into(),
+        };
+        let args = strings(
+            &qemu_confidential_args(&RuntimeConfig::default(), &vm, &paths(), &tee).unwrap(),
+        );
+        let devices = arg_after(&args, "-device");
+        assert_eq!(devices.len(), 4, "{devices:?}");
+        for device in devices {
+            let mut parts = device.split(',');
+            let name = parts.next().unwrap();
+            let help = std::process::Command::new(qemu)
+                .args(["-M", "q35", "-device", &format!("{name},help")])
+                .output()
+                .unwrap();
+            let help = String::from_utf8_lossy(&help.stdout);
+            assert!(help.contains(&format!("{name} options:")), "{name}: {help}");
+            for property in parts {
+                let key = property.split('=').next().unwrap();
+                assert!(
+                    help.contains(&format!("  {key}=")),
+                    "{name} has no property {key}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn vhost_user_fs_backend_command() {
         assert_eq!(
@@ -1165,6 +1452,132 @@ mod tests {
             strings(&vhost_user_vsock_args(&paths())).join(" "),
             "vhost-user --device vsock --guest-cid 3 --uds /run/cloister/default/pod1/sockets/vsock.sock --socket /run/cloister/default/pod1/sockets/vhost-vsock.sock"
         );
+    }
+
+    fn arg_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn qemu_snp_args_carry_policy_host_data_and_kernel_hashes() {
+        let tee = QemuTee::Snp {
+            policy: 0x30000,
+            host_data: [0xAB; 32],
+            ovmf: "/usr/share/ovmf/OVMF.amdsev.fd".into(),
+        };
+        let args = strings(
+            &qemu_confidential_args(&RuntimeConfig::default(), &pod_vm(), &paths(), &tee).unwrap(),
+        );
+        assert_eq!(
+            arg_after(&args, "-machine"),
+            ["q35,confidential-guest-support=sev0,memory-backend=ram0"]
+        );
+        let objects = arg_after(&args, "-object");
+        assert_eq!(
+            objects[0],
+            "sev-snp-guest,id=sev0,policy=0x30000,cbitpos=51,reduced-phys-bits=1,host-data=q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=,kernel-hashes=on"
+        );
+        assert!(
+            objects[1].starts_with("memory-backend-memfd,id=ram0,"),
+            "{objects:?}"
+        );
+        assert_eq!(
+            arg_after(&args, "-bios"),
+            ["/usr/share/ovmf/OVMF.amdsev.fd"]
+        );
+        assert_eq!(arg_after(&args, "-accel"), ["kvm"]);
+        assert!(arg_after(&args, "-device")
+            .iter()
+            .all(|d| d.ends_with("iommu_platform=on")));
+        assert_eq!(arg_after(&args, "-kernel").len(), 1);
+    }
+
+    #[test]
+    fn qemu_snp_refuses_a_policy_without_bit_17() {
+        let tee = QemuTee::Snp {
+            policy: 0x10000,
+            host_data: [0; 32],
+            ovmf: "/o".into(),
+        };
+        let err = qemu_confidential_args(&RuntimeConfig::default(), &pod_vm(), &paths(), &tee)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0x10000"), "{err}");
+    }
+
+    #[test]
+    fn qemu_tdx_args_carry_mrconfigid_and_the_quote_socket() {
+        let tee = QemuTee::Tdx {
+            mr_config_id: [0; 48],
+            ovmf: "/usr/share/ovmf/OVMF.inteltdx.fd".into(),
+            quote_socket: Some("/run/tdx-qgs/qgs.socket".into()),
+        };
+        let args = strings(
+            &qemu_confidential_args(&RuntimeConfig::default(), &pod_vm(), &paths(), &tee).unwrap(),
+        );
+        assert_eq!(
+            arg_after(&args, "-machine"),
+            ["q35,kernel-irqchip=split,confidential-guest-support=tdx0,memory-backend=ram0"]
+        );
+        assert_eq!(
+            arg_after(&args, "-object")[0],
+            format!(
+                "tdx-guest,id=tdx0,mrconfigid={},quote-generation-socket.type=unix,quote-generation-socket.path=/run/tdx-qgs/qgs.socket",
+                "A".repeat(64)
+            )
+        );
+    }
+
+    #[test]
+    fn old_qemu_is_refused_naming_the_version_needed() {
+        let snp = QemuTee::Snp {
+            policy: 0x30000,
+            host_data: [0; 32],
+            ovmf: "/o".into(),
+        };
+        let help_72 =
+            "List of user creatable objects:\n  authz-list\n  sev-guest\n  tls-creds-x509\n";
+        let err = qemu_supports_tee(
+            Path::new("/usr/bin/qemu-system-x86_64"),
+            help_72,
+            "QEMU emulator version 7.2.22\n",
+            &snp,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no `sev-snp-guest` object"), "{err}");
+        assert!(err.contains("QEMU 9.1 or newer"), "{err}");
+        assert!(err.contains("found: QEMU emulator version 7.2.22"), "{err}");
+        let help_91 = format!("{help_72}  sev-snp-guest\n");
+        qemu_supports_tee(Path::new("q"), &help_91, "", &snp).unwrap();
+    }
+
+    /// The QEMU installed here (Debian's 7.2) must be refused clearly.
+    #[test]
+    fn installed_qemu_is_probed() {
+        let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+        if !qemu.exists() {
+            eprintln!("SKIP: {} missing (Debian qemu-system-x86)", qemu.display());
+            return;
+        }
+        let tdx = QemuTee::Tdx {
+            mr_config_id: [0; 48],
+            ovmf: "/o".into(),
+            quote_socket: None,
+        };
+        match probe_qemu_tee(qemu, &tdx) {
+            Ok(()) => eprintln!("this QEMU has tdx-guest"),
+            Err(e) => {
+                assert!(e.to_string().contains("QEMU 10.1 or newer"), "{e}");
+                let mut config = RuntimeConfig::default();
+                config.qemu.path = qemu.to_path_buf();
+                let refused = Qemu::new_confidential(&config, &pod_vm(), paths(), &tdx);
+                assert_eq!(refused.err(), Some(e));
+            }
+        }
     }
 
     #[test]

@@ -13,8 +13,12 @@
 //! `/sys/fs/cgroup` on cgroup v2 and under every v1 hierarchy otherwise
 //! (hybrid hosts included); missing folders are created (cpuset ones get
 //! their parent's cpus and mems) and removed when the VM is gone. The
-//! systemd driver's `slice:prefix:name` needs a transient systemd scope,
-//! which the shim does not create: such a pod is refused with the reason.
+//! systemd driver's `slice:prefix:name` becomes the path runc's systemd
+//! driver would use, `<slice expanded>/<prefix>-<name>.scope`
+//! (`kubepods-burstable-pod1.slice` → `kubepods.slice/
+//! kubepods-burstable.slice/kubepods-burstable-pod1.slice`), made as a
+//! plain cgroup folder: the VMM is accounted to the pod's slice, but no
+//! systemd scope unit exists for it.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -24,8 +28,8 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Why a pod's jail could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmJailError {
-    #[error("linux.cgroupsPath = {0}: the systemd cgroup driver (slice:prefix:name) is not supported for a jailed cloister-vmm; use the cgroupfs driver, or set [vmm] jail = false")]
-    SystemdDriver(String),
+    #[error("linux.cgroupsPath = {0}: not a systemd slice:prefix:name (the slice must be NAME.slice of dash-separated parts, prefix and name without / or :)")]
+    BadSystemdPath(String),
     #[error("linux.cgroupsPath = {0}: must be a path without ..")]
     BadCgroupsPath(String),
     #[error("no cgroup hierarchy under {0}")]
@@ -46,10 +50,14 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmmJail
 /// The cgroup folders `cgroups_path` names under `cgroup_root`: one on
 /// v2, one per v1 hierarchy.
 pub fn cgroup_dirs(cgroup_root: &Path, cgroups_path: &str) -> Result<Vec<PathBuf>, VmmJailError> {
-    if !cgroups_path.starts_with('/') && cgroups_path.split(':').count() == 3 {
-        return Err(VmmJailError::SystemdDriver(cgroups_path.into()));
-    }
-    let relative = Path::new(cgroups_path.trim_start_matches('/'));
+    let systemd;
+    let path = if !cgroups_path.starts_with('/') && cgroups_path.split(':').count() == 3 {
+        systemd = systemd_cgroup_path(cgroups_path)?;
+        systemd.as_str()
+    } else {
+        cgroups_path
+    };
+    let relative = Path::new(path.trim_start_matches('/'));
     let plain = relative
         .components()
         .all(|c| matches!(c, Component::Normal(_)));
@@ -73,6 +81,47 @@ pub fn cgroup_dirs(cgroup_root: &Path, cgroups_path: &str) -> Result<Vec<PathBuf
     }
     dirs.sort();
     Ok(dirs)
+}
+
+/// `slice:prefix:name` as runc's systemd driver lays it out: the slice
+/// expanded into its parents, then `prefix-name.scope` (an empty slice is
+/// `system.slice`).
+pub fn systemd_cgroup_path(cgroups_path: &str) -> Result<String, VmmJailError> {
+    let bad = || VmmJailError::BadSystemdPath(cgroups_path.into());
+    let mut parts = cgroups_path.split(':');
+    let (Some(slice), Some(prefix), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    let stem = slice.strip_suffix(".slice").ok_or_else(bad)?;
+    let plain = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
+    if !plain(name) || prefix.contains('/') || prefix == ".." {
+        return Err(bad());
+    }
+    let mut path = String::new();
+    if stem != "-" {
+        let words: Vec<&str> = stem.split('-').collect();
+        if words.iter().any(|w| !plain(w)) {
+            return Err(bad());
+        }
+        for end in 1..=words.len() {
+            path.push('/');
+            path.push_str(&words[..end].join("-"));
+            path.push_str(".slice");
+        }
+    }
+    let scope = if prefix.is_empty() {
+        format!("{name}.scope")
+    } else {
+        format!("{prefix}-{name}.scope")
+    };
+    Ok(format!("{path}/{scope}"))
 }
 
 /// Creates the missing folders of `dirs` (and their missing parents);
@@ -201,14 +250,43 @@ mod tests {
     }
 
     #[test]
-    fn systemd_driver_path_is_refused_naming_it() {
-        let err = cgroup_dirs(
-            Path::new("/nonexistent"),
-            "kubepods-pod1.slice:cri-containerd:abc",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.starts_with("linux.cgroupsPath = kubepods-pod1.slice:cri-containerd:abc: the systemd cgroup driver"), "{err}");
+    fn systemd_driver_path_becomes_the_slice_tree_and_a_scope() {
+        assert_eq!(
+            systemd_cgroup_path("kubepods-burstable-pod1.slice:cri-containerd:abc").unwrap(),
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope"
+        );
+        assert_eq!(
+            systemd_cgroup_path(":cri-containerd:abc").unwrap(),
+            "/system.slice/cri-containerd-abc.scope"
+        );
+        assert_eq!(systemd_cgroup_path("-.slice::abc").unwrap(), "/abc.scope");
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "").unwrap();
+        let dirs = cgroup_dirs(root.path(), "kubepods-pod1.slice:cri-containerd:abc").unwrap();
+        assert_eq!(
+            dirs,
+            [root
+                .path()
+                .join("kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope")]
+        );
+    }
+
+    #[test]
+    fn bad_systemd_paths_are_refused_naming_them() {
+        for bad in [
+            "kubepods:cri-containerd:abc",
+            "a--b.slice:p:n",
+            "a.slice:p:../x",
+            "a.slice:p:",
+        ] {
+            let err = cgroup_dirs(Path::new("/nonexistent"), bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("linux.cgroupsPath = {bad}: not a systemd")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

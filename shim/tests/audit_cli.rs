@@ -165,3 +165,20 @@ fn bad_flags_and_missing_files_exit_2_naming_them() {
     assert_eq!(run.code, Some(2));
     assert!(run.stderr.contains("--file"), "{}", run.stderr);
 }
+
+#[test]
+fn without_file_the_runtime_configs_audit_path_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = trail(&dir);
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("[audit]\npath = \"{file}\"\n")).unwrap();
+    let output = Command::new(CLOISTER)
+        .args(["audit", "--pod", "db", "--json"])
+        .env("CLOISTER_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains("bundle missing"), "{stdout}");
+}

@@ -571,3 +571,70 @@ fn ctr_run_with_tty_gives_the_container_a_terminal() {
         guest_support::assert_nothing_left(&containerd, "default", &id);
     }
 }
+
+/// A guest kernel that panics at boot (here: its initramfs is not one)
+/// fails the pod's Create, and the panic is in the audit trail in the
+/// kernel's own words, read from the console log before the sandbox
+/// folder goes.
+#[test]
+fn a_guest_kernel_panic_at_boot_is_recorded_in_the_audit_trail() {
+    let Some(setup) = MicrovmSetup::prepare() else {
+        return;
+    };
+    let dir = setup.rootfs.parent().unwrap();
+    let bogus = dir.join("not-an-initramfs.cpio");
+    std::fs::write(&bogus, vec![0u8; 4096]).unwrap();
+    let mut config: toml::Table = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .parse()
+        .unwrap();
+    config["guest"]["initramfs"] = toml::Value::String(bogus.display().to_string());
+    // Bounds the test should the shim wait for the agent after all.
+    config["agent"]["connect_timeout_secs"] = toml::Value::Integer(20);
+    let panic_config = dir.join("panic.toml");
+    std::fs::write(&panic_config, toml::to_string(&config).unwrap()).unwrap();
+    for binaries in available_containerds() {
+        eprintln!("private {}", binaries.describe());
+        let containerd =
+            PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", panic_config.as_path())])
+                .unwrap();
+        let id = format!(
+            "cloister-panic-{}-{}",
+            std::process::id(),
+            binaries.version.0
+        );
+        let rootfs = setup.rootfs.display().to_string();
+        let output = containerd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SHIM,
+            "--rootfs",
+            &rootfs,
+            &id,
+            "true",
+        ]);
+        assert!(!output.status.success());
+        // The shim stopped waiting for the agent when the VM died, and says
+        // why in the guest's words.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("exited during startup") && stderr.contains("Kernel panic"),
+            "ctr said: {stderr}"
+        );
+        guest_support::assert_nothing_left(&containerd, "default", &id);
+        let records = guest_support::audit_records(&setup.audit, &id);
+        let panic = records
+            .iter()
+            .find(|r| r.operation == "guest-panic")
+            .unwrap_or_else(|| panic!("no guest-panic record: {records:?}"));
+        assert_eq!(
+            (panic.kind, panic.decision),
+            (RecordKind::Security, Decision::Failed)
+        );
+        assert!(panic.reason.contains("Kernel panic"), "{}", panic.reason);
+        eprintln!("recorded: {}", panic.reason);
+        let create = records.iter().find(|r| r.operation == "Create").unwrap();
+        assert_eq!(create.decision, Decision::Failed);
+    }
+}

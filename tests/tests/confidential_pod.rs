@@ -587,7 +587,8 @@ fn ctr_setup() -> Option<CtrSetup> {
 struct CtrPod {
     containerd: cloister_e2e::containerd::PrivateContainerd,
     child: Child,
-    _dir: tempfile::TempDir,
+    /// Runtime config, rootfs and the shim's audit trail.
+    dir: tempfile::TempDir,
 }
 
 /// Starts `ctr run` under a private containerd whose runtime config is
@@ -600,8 +601,9 @@ fn start_ctr_pod(ctr: &CtrSetup, kbs: &Kbs, name: &str, confidential_extra: &str
     std::fs::write(
         &config,
         format!(
-            "{}[confidential]\ntee = \"sample\"\nkbs_url = \"http://{}\"\n{confidential_extra}",
+            "{}[audit]\nenabled = true\npath = \"{}\"\n[confidential]\ntee = \"sample\"\nkbs_url = \"http://{}\"\n{confidential_extra}",
             cloister_e2e::runtime::qemu_tcg_toml(&ctr.setup.fixture, 512, &ctr.qemu),
+            dir.path().join("audit.jsonl").display(),
             kbs.address
         ),
     )
@@ -644,7 +646,7 @@ fn start_ctr_pod(ctr: &CtrSetup, kbs: &Kbs, name: &str, confidential_extra: &str
     CtrPod {
         containerd,
         child,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -665,6 +667,11 @@ impl CtrPod {
             self.containerd.log()
         );
         (output, context, self.containerd)
+    }
+
+    /// The shim's audit trail so far.
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
     }
 }
 
@@ -756,8 +763,12 @@ fn ctr_run_refused_by_the_kbs_reports_why() {
     let secret = fresh_secret();
     let other = digest_of(&INIT_DATA.replace("token =", "other ="));
     let kbs = Kbs::start(&ctr.setup.kbs_binary, secret.as_bytes(), &[other]);
-    let pod = start_ctr_pod(&ctr, &kbs, "refused", "allow_host_shares = [\"rootfs\"]\n");
+    let mut pod = start_ctr_pod(&ctr, &kbs, "refused", "allow_host_shares = [\"rootfs\"]\n");
+    let _ = pod.child.wait();
+    let audit = pod.audit();
     let (output, context, _containerd) = pod.finish();
+    assert!(audit.contains("attestation-failed"), "shim audit: {audit}");
+    assert!(audit.contains("refused evidence"), "shim audit: {audit}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("ctr: {stderr}");
     assert!(!output.status.success(), "{context}");

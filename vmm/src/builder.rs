@@ -287,6 +287,7 @@ pub fn run_vm(
             metrics: metrics.clone(),
             runs: Arc::new(AtomicU64::new(0)),
             guest_memory: mem.clone(),
+            confidential: None,
         });
     }
 

@@ -13,6 +13,7 @@ use crate::boot::layout::MIN_MEMORY_MIB;
 use crate::boot::mptable::MAX_MPTABLE_CPUS;
 use crate::cpuid::CpuTemplate;
 pub use crate::jail::JailConfig;
+use crate::tee::config::{TeeConfig, TeeConfigError};
 
 mod devices;
 pub use crate::devices::virtio::fs::CacheMode;
@@ -117,6 +118,9 @@ pub struct VmConfig {
     /// virtio-net NICs, each on a tap.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// Launch as an SEV-SNP or TDX guest (`crate::tee::config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tee: Option<TeeConfig>,
     /// Run jailed (see [`crate::jail`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<JailConfig>,
@@ -153,6 +157,8 @@ pub enum ConfigError {
     },
     #[error("no kernel given: pass --kernel PATH or set \"kernel\" in the config file")]
     NoKernel,
+    #[error(transparent)]
+    Tee(#[from] TeeConfigError),
 }
 
 impl VmConfig {
@@ -173,6 +179,7 @@ impl VmConfig {
             console: None,
             fs: Vec::new(),
             net: Vec::new(),
+            tee: None,
             jail: None,
         }
     }
@@ -209,6 +216,9 @@ impl VmConfig {
         validate_resources(self.vcpus, self.memory_mib, self.hugepages)?;
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
+        }
+        if let Some(tee) = &self.tee {
+            tee.validate()?;
         }
         if let Some(jail) = &self.jail {
             jail.validate()?;
@@ -424,6 +434,24 @@ mod tests {
         assert!(err.to_string().contains("unknown field `ro`"), "{err}");
         let err = parse(r#"{"kernel": "/k", "console": {"output": "tty"}}"#).unwrap_err();
         assert!(err.to_string().contains("console.output = tty"), "{err}");
+    }
+
+    #[test]
+    fn config_with_tee_section_parses_and_validates_by_name() {
+        let cfg =
+            parse(r#"{"kernel": "/k", "tee": {"type": "snp", "policy": "0x30000"}}"#).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.tee.as_ref().unwrap().kind(), crate::tee::TeeKind::Snp);
+        let cfg = parse(r#"{"kernel": "/k", "tee": {"type": "snp", "policy": "0x1"}}"#).unwrap();
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("tee.policy = 0x1"), "{msg}");
+        let err =
+            parse(r#"{"kernel": "/k", "tee": {"type": "tdx", "policy": "0x1"}}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `policy`"), "{err}");
+        // Without a tee section the JSON the shim writes is unchanged.
+        assert!(!serde_json::to_string(&VmConfig::new("/k"))
+            .unwrap()
+            .contains("tee"));
     }
 
     #[test]

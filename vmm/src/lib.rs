@@ -16,5 +16,6 @@ pub mod jail;
 pub mod limits;
 pub mod metrics;
 pub mod signals;
+pub mod tee;
 pub mod vhost_user;
 pub mod vstate;

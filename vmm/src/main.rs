@@ -21,6 +21,7 @@ use cloister_vmm::jail::config::JailArgs;
 use cloister_vmm::jail::seccomp::{DeviceKinds, ThreadFilters};
 use cloister_vmm::jail::{Entered, JailPlan, NO_JAIL_WARNING};
 use cloister_vmm::signals::block_termination_signals;
+use cloister_vmm::tee::{self, config::TeeConfig, TeeKind};
 
 /// Runs one KVM microVM.
 #[derive(Debug, Parser)]
@@ -83,6 +84,20 @@ struct Args {
     /// Also print them every SECONDS while the VM runs.
     #[arg(long, value_name = "SECONDS")]
     metrics_interval: Option<u64>,
+    /// Launch as a confidential guest: snp or tdx (or "tee" in the config).
+    #[arg(long)]
+    tee: Option<TeeKind>,
+    /// SEV-SNP guest policy, hex (default 0x30000).
+    #[arg(long, value_name = "HEX")]
+    tee_policy: Option<String>,
+    /// Init-data TOML whose digest goes into HOST_DATA (SNP) or
+    /// MRCONFIGID (TDX).
+    #[arg(long, value_name = "FILE")]
+    init_data: Option<PathBuf>,
+    /// Print the SNP launch digest / TDX MRTD (hex, 48 bytes) this config
+    /// measures to, and exit; needs no KVM.
+    #[arg(long)]
+    print_launch_digest: bool,
     #[command(flatten)]
     jail: JailArgs,
 }
@@ -91,6 +106,7 @@ struct Args {
 struct RunOptions {
     print_metrics: bool,
     metrics_interval: Option<Duration>,
+    print_launch_digest: bool,
 }
 
 impl Args {
@@ -138,6 +154,25 @@ impl Args {
         if let Some(output) = self.console {
             cfg.console = Some(ConsoleConfig { output });
         }
+        if let Some(kind) = self.tee {
+            if cfg.tee.as_ref().map(TeeConfig::kind) != Some(kind) {
+                cfg.tee = Some(TeeConfig::of_kind(kind));
+            }
+        }
+        if let Some(policy) = self.tee_policy {
+            let tee = cfg.tee.as_mut().context("--tee-policy needs --tee snp")?;
+            tee.set_policy(policy)?;
+        }
+        if let Some(path) = &self.init_data {
+            let tee = cfg
+                .tee
+                .as_mut()
+                .context("--init-data needs --tee snp|tdx")?;
+            tee.bind_init_data(path)?;
+        }
+        if self.print_launch_digest && cfg.tee.is_none() {
+            anyhow::bail!("--print-launch-digest needs --tee snp|tdx (or \"tee\" in the config)");
+        }
         if let Some(jail) = self.jail.jail()? {
             cfg.jail = Some(jail);
         }
@@ -154,6 +189,7 @@ impl Args {
             RunOptions {
                 print_metrics: self.print_metrics,
                 metrics_interval: self.metrics_interval.map(Duration::from_secs),
+                print_launch_digest: self.print_launch_digest,
             },
         ))
     }
@@ -192,8 +228,8 @@ fn enter_jail(cfg: &mut VmConfig) -> anyhow::Result<Option<ExitCode>> {
     // /sys stays outside the jail: the answer is kept for the builder.
     cloister_vmm::vstate::kvm::HostKvmKind::detect();
     let plan = JailPlan::for_vm(cfg)?;
-    // Compiled before the jail, installed by each thread later.
-    let filters = ThreadFilters::for_vm(device_kinds(cfg))?;
+    // Built with the VMM, installed by each thread later.
+    let filters = ThreadFilters::for_vm(device_kinds(cfg));
     let nics = &mut cfg.net;
     match cloister_vmm::jail::enter(&jail, &plan, || {
         cloister_vmm::jail::taps::open_named_taps(nics)
@@ -217,6 +253,31 @@ fn enter_jail(cfg: &mut VmConfig) -> anyhow::Result<Option<ExitCode>> {
 fn run() -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let (mut cfg, options) = Args::parse().into_config()?;
+    if options.print_launch_digest {
+        println!("{}", hex::encode(tee::run::launch_digest(&cfg)?));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cfg.tee.is_some() {
+        if cfg.jail.is_some() {
+            anyhow::bail!("a confidential guest cannot run jailed yet (the jail exposes neither /dev/sev nor guest_memfd setup): pass --no-jail");
+        }
+        if cfg.devices().count() > 0 {
+            anyhow::bail!("a confidential guest runs without virtio devices for now (they do not offer VIRTIO_F_ACCESS_PLATFORM yet): remove rng, vsock, block, console, fs and net");
+        }
+        // Checks the host before it creates anything.
+        let launched = tee::run::launch_on_host(&cfg)?;
+        let serial = serial_writer(&cfg.serial)?;
+        // SIGTERM keeps its default action here: the process ends, and
+        // the kernel tears the VM down with it.
+        let exit = tee::run::run_launched(launched, serial, start)?;
+        let _ = std::io::stdout().flush();
+        eprintln!("cloister-vmm: confidential guest ended: {exit}");
+        return Ok(if exit.is_clean() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     // Opened before the jail: its folder stays outside.
     let serial = serial_writer(&cfg.serial)?;
     if let Some(code) = enter_jail(&mut cfg)? {

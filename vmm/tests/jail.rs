@@ -160,6 +160,14 @@ fn jailed_vmm_serves_vsock_on_the_host_and_stops_on_sigterm() {
     }
     assert!(statuses.len() >= 4, "{statuses:?}");
     let proc_status = statuses.join("\n");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{vmm_pid}/mountinfo")).unwrap();
+    let mounts: Vec<(&str, &str)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            Some((*fields.get(4)?, *fields.get(5)?))
+        })
+        .collect();
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
@@ -173,6 +181,18 @@ fn jailed_vmm_serves_vsock_on_the_host_and_stops_on_sigterm() {
     assert!(stderr.contains("stopped by signal 15"), "{stderr}");
     assert!(stderr.contains("\"vsock\""), "no exit metrics: {stderr}");
     assert!(!uds.exists(), "vsock socket left behind");
+    // The jail's whole file system: its read-only root, the kernel, the
+    // sockets folder, a read-only procfs.
+    let mount_points: Vec<&str> = mounts.iter().map(|(point, _)| *point).collect();
+    assert_eq!(
+        mount_points,
+        ["/", "/boot/kernel", "/sock/vsock", "/proc"],
+        "{mountinfo}"
+    );
+    for (point, options) in &mounts {
+        let read_only = options.split(',').next() == Some("ro");
+        assert_eq!(read_only, *point != "/sock/vsock", "{point} {options}");
+    }
     for line in [
         format!("Uid:\t{JAIL_UID}\t{JAIL_UID}\t{JAIL_UID}\t{JAIL_UID}"),
         "CapEff:\t0000000000000000".into(),

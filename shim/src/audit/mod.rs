@@ -19,7 +19,14 @@
 //! trail is most wanted). The config is known only when the pod's first
 //! container is created (the RuntimeClass may name the file), so records
 //! of calls before that are held in memory and written first, in order.
-//! `enabled = false` keeps records in the shim's log only.
+//! `enabled = false` keeps records in the shim's log only. Security
+//! records are also published to containerd as events (topic
+//! `/cloister/security`, the record's JSON in a
+//! `google.protobuf.StringValue`), for whoever watches containerd's event
+//! stream.
+//!
+//! For the confidential-pod code: [`AuditLog::attestation_failed`] (or
+//! [`AuditEvent::AttestationFailed`]) records a failed attestation.
 //!
 //! The shim binary's `delete` subcommand, which containerd runs after each
 //! task's shim is done (and after a shim died), leaves a `task` record

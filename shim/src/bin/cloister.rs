@@ -32,6 +32,43 @@ enum Command {
     /// Print audit records (task API calls, agent requests, security
     /// events) from the audit file, filtered.
     Audit(AuditArgs),
+    /// Agent API policies (Rego, evaluated by the guest agent).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print a policy allowing exactly what a pod's manifest describes.
+    /// Each FILE is a Kubernetes manifest (Pod, Deployment, …; YAML or
+    /// JSON) or an OCI config.json (recognised by its `ociVersion`).
+    Generate {
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+        /// A command `exec` may run, as words or a JSON array; repeatable.
+        /// Without any, exec is refused.
+        #[arg(long = "exec", value_name = "COMMAND")]
+        exec: Vec<String>,
+        /// Another environment variable name (regular expression) the
+        /// containers may have, e.g. the image's own; repeatable.
+        #[arg(long = "allow-env", value_name = "REGEX")]
+        allow_env: Vec<String>,
+        /// Refuse the host reading stdout/stderr.
+        #[arg(long)]
+        deny_stdio_read: bool,
+        /// Refuse the host writing stdin.
+        #[arg(long)]
+        deny_stdin: bool,
+        /// Print base64, the value of the io.cloister.policy annotation.
+        #[arg(long)]
+        base64: bool,
+        /// The pod sandbox (pause) container's command, as words or a JSON
+        /// array: containerd's sandbox_image decides it.
+        #[arg(long, value_name = "COMMAND", default_value = "/pause")]
+        pause_command: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -84,6 +121,66 @@ fn main() -> std::process::ExitCode {
         }
         Command::Inspect { spec, json } => inspect(&spec, json),
         Command::Audit(args) => audit(&args),
+        Command::Policy {
+            command:
+                PolicyCommand::Generate {
+                    files,
+                    exec,
+                    allow_env,
+                    deny_stdio_read,
+                    deny_stdin,
+                    base64,
+                    pause_command,
+                },
+        } => {
+            let options = cloister_shim::policy_gen::GenerateOptions {
+                exec_commands: exec
+                    .iter()
+                    .map(|c| cloister_shim::policy_gen::parse_exec_command(c))
+                    .collect(),
+                allow_env,
+                allow_stdio_read: !deny_stdio_read,
+                allow_stdin: !deny_stdin,
+                pause_command: cloister_shim::policy_gen::parse_exec_command(&pause_command),
+            };
+            policy_generate(&files, &options, base64)
+        }
+    }
+}
+
+fn policy_generate(
+    files: &[std::path::PathBuf],
+    options: &cloister_shim::policy_gen::GenerateOptions,
+    base64: bool,
+) -> std::process::ExitCode {
+    use cloister_shim::policy_gen;
+    let mut sources = policy_gen::Sources::default();
+    for path in files {
+        match policy_gen::load_manifest(path) {
+            Ok(doc) if doc.get("ociVersion").is_some() => sources.oci.push(doc),
+            Ok(doc) => sources.kubernetes.push(doc),
+            Err(e) => {
+                eprintln!("cloister policy generate: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    match policy_gen::generate(&sources, options) {
+        Ok(generated) => {
+            for warning in &generated.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if base64 {
+                println!("{}", generated.base64());
+            } else {
+                print!("{}", generated.rego);
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cloister policy generate: {e}");
+            std::process::ExitCode::from(2)
+        }
     }
 }
 

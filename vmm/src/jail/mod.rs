@@ -11,7 +11,8 @@
 //!    there (they become inherited fds), then unshares mount, IPC, UTS and
 //!    network namespaces;
 //! 4. builds the root (a tmpfs with the binds of [`plan`], device nodes, a
-//!    fresh procfs), makes it read-only and pivots into it ([`root`]);
+//!    fresh read-only procfs), makes it read-only and pivots into it
+//!    ([`root`]);
 //! 5. sets resource limits and drops to the jail's uid/gid with no
 //!    capabilities (or the few a virtio-fs server needs), no_new_privs
 //!    ([`privileges`]);

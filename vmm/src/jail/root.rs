@@ -105,6 +105,10 @@ pub fn enter_root(root: &Path, plan: &JailPlan, uid: u32, gid: u32) -> Result<()
     for node in &plan.devices {
         make_device_node(root, node, uid, gid)?;
     }
+    // Read-only: a virtio-fs server runs with effective uid 0, and uid 0
+    // may write sysctls (core_pattern!) by their file mode alone. Reopening
+    // a file through /proc/self/fd for writing still works (the mode
+    // that counts is the file's mount's).
     let proc_dir = root.join("proc");
     make_folder(&proc_dir)?;
     mount(
@@ -112,7 +116,7 @@ pub fn enter_root(root: &Path, plan: &JailPlan, uid: u32, gid: u32) -> Result<()
         Some(Path::new("proc")),
         &proc_dir,
         Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
     )?;
     mount(

@@ -19,6 +19,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::VmmMetrics;
+use crate::tee::exits::ConfidentialExits;
+use crate::tee::tdx::uapi::{kvm_tdx_exit, KVM_EXIT_TDX};
 
 /// The signal that interrupts `KVM_RUN`.
 pub fn vcpu_kick_signal() -> i32 {
@@ -48,6 +50,9 @@ pub struct Vcpu {
     /// Keeps the guest memory KVM maps for this vCPU alive as long as the
     /// vCPU can run.
     pub guest_memory: vm_memory::GuestMemoryMmap,
+    /// An SEV-SNP / TDX guest's page-state, memory-fault and TDVMCALL
+    /// exits (`crate::tee::exits`).
+    pub confidential: Option<Arc<ConfidentialExits>>,
 }
 
 /// Reports a panicking vCPU thread as the VM's exit.
@@ -77,6 +82,8 @@ enum Step {
     TripleFault,
     FailEntry(u64),
     InternalError,
+    /// `KVM_EXIT_TDX`, served from `kvm_run` once the exit is released.
+    TdxVmcall,
 }
 
 impl Vcpu {
@@ -99,6 +106,10 @@ impl Vcpu {
             let step = self.run_once();
             let exit = match step {
                 Step::Continue => continue,
+                Step::TdxVmcall => {
+                    self.serve_tdx_vmcall();
+                    continue;
+                }
                 Step::Exit(exit) => exit,
                 Step::TripleFault => VmExit::TripleFault {
                     vcpu: self.index,
@@ -177,6 +188,40 @@ impl Vcpu {
                     },
                     VcpuExit::FailEntry(reason, _cpu) => Step::FailEntry(reason),
                     VcpuExit::InternalError => Step::InternalError,
+                    VcpuExit::Hypercall(call) => {
+                        match self
+                            .confidential
+                            .as_ref()
+                            .and_then(|c| c.hypercall(call.nr, &call.args))
+                        {
+                            Some(ret) => {
+                                *call.ret = ret;
+                                Step::Continue
+                            }
+                            None => Step::Exit(VmExit::VcpuError {
+                                vcpu: index,
+                                message: format!("unexpected hypercall {}", call.nr),
+                            }),
+                        }
+                    }
+                    VcpuExit::MemoryFault { flags, gpa, size } => match &self.confidential {
+                        Some(c) => match c.memory_fault(flags, gpa, size) {
+                            Ok(()) => Step::Continue,
+                            Err(e) => Step::Exit(VmExit::VcpuError {
+                                vcpu: index,
+                                message: e.to_string(),
+                            }),
+                        },
+                        None => Step::Exit(VmExit::VcpuError {
+                            vcpu: index,
+                            message: format!(
+                                "memory fault at {gpa:#x} in a VM without private memory"
+                            ),
+                        }),
+                    },
+                    VcpuExit::Unsupported(KVM_EXIT_TDX) if self.confidential.is_some() => {
+                        Step::TdxVmcall
+                    }
                     other => Step::Exit(VmExit::VcpuError {
                         vcpu: index,
                         message: format!("unexpected KVM exit {other:?}"),
@@ -189,6 +234,19 @@ impl Vcpu {
                 message: format!("KVM_RUN failed: {e}"),
             }),
         }
+    }
+
+    fn serve_tdx_vmcall(&mut self) {
+        let Some(exits) = self.confidential.clone() else {
+            return;
+        };
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_TDX, so the exit union holds
+        // the kernel's `tdx` member, which `kvm_tdx_exit` mirrors (64
+        // bytes, inside the union's 256, 8-byte aligned like the union).
+        let tdx =
+            unsafe { &mut *(std::ptr::addr_of_mut!(run.__bindgen_anon_1).cast::<kvm_tdx_exit>()) };
+        exits.tdx_vmcall(tdx);
     }
 
     /// The registers that tell where and in which mode the guest was.

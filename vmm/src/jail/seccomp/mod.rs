@@ -1,9 +1,11 @@
 //! Seccomp allowlists per thread kind, compiled with `seccompiler` when the
-//! jail is entered (before anything untrusted runs) and installed by each
-//! thread itself once its own setup is done, before it touches guest
-//! input. A call outside the list kills the whole process with SIGSYS
+//! VMM is built (`build.rs`: every thread kind for each of the 16 mixes of
+//! device kinds that change a list) and installed by each thread itself
+//! once its own setup is done, before it touches guest input. A call
+//! outside the list kills the whole process with SIGSYS
 //! (SECCOMP_RET_KILL_PROCESS), which the supervisor passes on to whoever
-//! started `cloister-vmm`.
+//! started `cloister-vmm`. Only the supervisor's filter is compiled at run
+//! time: it names the pid of its child.
 //!
 //! Filters stack: a thread inherits the filter of the thread that spawned
 //! it. The main thread therefore installs its own only after it has
@@ -12,42 +14,51 @@
 //! vhost-user server's, which is one process-wide list installed before
 //! rust-vmm's daemon starts its threads.
 //!
-//! The lists come from `strace -f` of the VMM's tests (payloads, every
-//! virtio device under a Linux guest, the vhost-user devices under a QEMU
-//! guest): see `rules.rs`.
+//! The lists come from `strace -f` of the VMM's tests: see `rules.rs`.
 
-mod rules;
+pub mod compile;
+pub mod rules;
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::{sock_filter, BpfProgram};
 
 use super::JailError;
+pub use compile::ThreadKind;
 pub use rules::DeviceKinds;
 
-#[cfg(target_arch = "x86_64")]
-const ARCH: TargetArch = TargetArch::x86_64;
-#[cfg(target_arch = "aarch64")]
-const ARCH: TargetArch = TargetArch::aarch64;
-
-/// The kinds of threads the VMM runs, each with its own allowlist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThreadKind {
-    /// The main thread once the VM runs: waits for the exit, tears down.
-    Main,
-    /// Signal watcher, metrics printer, vCPU nudger.
-    Helper,
-    /// `KVM_RUN` and the exits it hands to devices.
-    Vcpu,
-    /// The virtio event loop: every device's queues.
-    Virtio,
+mod built {
+    include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
 }
 
-/// The compiled filters of one jailed VMM.
+/// The programs `build.rs` compiled.
+static FILTER_BLOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bin"));
+
+fn kind_index(kind: ThreadKind) -> usize {
+    match kind {
+        ThreadKind::Main => 0,
+        ThreadKind::Helper => 1,
+        ThreadKind::Vcpu => 2,
+        ThreadKind::Virtio => 3,
+        ThreadKind::VhostUser => 4,
+    }
+}
+
+/// The built filter of `kind` for `devices`.
+pub fn built_filter(kind: ThreadKind, devices: DeviceKinds) -> BpfProgram {
+    let (offset, len) = built::FILTER_INDEX[kind_index(kind)][devices.mask()];
+    FILTER_BLOB[offset * 8..(offset + len) * 8]
+        .chunks_exact(8)
+        .map(|b| sock_filter {
+            code: u16::from_le_bytes([b[0], b[1]]),
+            jt: b[2],
+            jf: b[3],
+            k: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        })
+        .collect()
+}
+
+/// The filters of one jailed VMM, by thread kind.
 pub struct ThreadFilters {
     main: BpfProgram,
     helper: BpfProgram,
@@ -57,85 +68,15 @@ pub struct ThreadFilters {
 
 static FILTERS: OnceLock<ThreadFilters> = OnceLock::new();
 
-fn compile(
-    kind: &'static str,
-    rules: BTreeMap<i64, Vec<SeccompRule>>,
-) -> Result<BpfProgram, JailError> {
-    let error = |e: &dyn std::fmt::Display| JailError::Seccomp {
-        kind,
-        reason: e.to_string(),
-    };
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        ARCH,
-    )
-    .map_err(|e| error(&e))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| error(&e))
-}
-
-/// `syscalls` allowed with any arguments.
-fn allow(syscalls: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
-    syscalls.iter().map(|&nr| (nr, Vec::new())).collect()
-}
-
-/// `syscall` allowed when argument `arg` is one of `values`.
-fn allow_arg(
-    map: &mut BTreeMap<i64, Vec<SeccompRule>>,
-    syscall: i64,
-    arg: u8,
-    len: SeccompCmpArgLen,
-    values: &[u64],
-    kind: &'static str,
-) -> Result<(), JailError> {
-    let rules = values
-        .iter()
-        .map(|&value| {
-            SeccompCondition::new(arg, len.clone(), SeccompCmpOp::Eq, value)
-                .and_then(|c| SeccompRule::new(vec![c]))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| JailError::Seccomp {
-            kind,
-            reason: e.to_string(),
-        })?;
-    map.insert(syscall, rules);
-    Ok(())
-}
-
 impl ThreadFilters {
     /// The filters of a VM serving `devices`.
-    pub fn for_vm(devices: DeviceKinds) -> Result<Self, JailError> {
-        let mut vcpu = allow(&rules::vcpu(devices));
-        allow_arg(
-            &mut vcpu,
-            libc::SYS_ioctl,
-            1,
-            SeccompCmpArgLen::Dword,
-            &rules::vcpu_ioctls(devices),
-            "vcpu",
-        )?;
-        let mut virtio = allow(&rules::virtio(devices));
-        let ioctls = rules::virtio_ioctls(devices);
-        if !ioctls.is_empty() {
-            allow_arg(
-                &mut virtio,
-                libc::SYS_ioctl,
-                1,
-                SeccompCmpArgLen::Dword,
-                &ioctls,
-                "virtio",
-            )?;
+    pub fn for_vm(devices: DeviceKinds) -> Self {
+        Self {
+            main: built_filter(ThreadKind::Main, devices),
+            helper: built_filter(ThreadKind::Helper, devices),
+            vcpu: built_filter(ThreadKind::Vcpu, devices),
+            virtio: built_filter(ThreadKind::Virtio, devices),
         }
-        Ok(Self {
-            main: compile("main", allow(&rules::main(devices)))?,
-            helper: compile("helper", allow(&rules::helper()))?,
-            vcpu: compile("vcpu", vcpu)?,
-            virtio: compile("virtio", virtio)?,
-        })
     }
 
     /// Makes [`apply_to_this_thread`] install these from now on.
@@ -157,7 +98,7 @@ pub fn apply_to_this_thread(kind: ThreadKind) -> Result<(), JailError> {
         ThreadKind::Main => &filters.main,
         ThreadKind::Helper => &filters.helper,
         ThreadKind::Vcpu => &filters.vcpu,
-        ThreadKind::Virtio => &filters.virtio,
+        ThreadKind::Virtio | ThreadKind::VhostUser => &filters.virtio,
     };
     seccompiler::apply_filter(program).map_err(|e| JailError::Seccomp {
         kind: "install",
@@ -179,19 +120,7 @@ pub fn apply_to_this_thread_or_abort(kind: ThreadKind) {
 /// The vhost-user server's list, for every thread of the process
 /// (installed with TSYNC before the daemon starts its threads).
 pub fn apply_vhost_user_filter(devices: DeviceKinds) -> Result<(), JailError> {
-    let mut map = allow(&rules::vhost_user(devices));
-    let ioctls = rules::virtio_ioctls(devices);
-    if !ioctls.is_empty() {
-        allow_arg(
-            &mut map,
-            libc::SYS_ioctl,
-            1,
-            SeccompCmpArgLen::Dword,
-            &ioctls,
-            "vhost-user",
-        )?;
-    }
-    let program = compile("vhost-user", map)?;
+    let program = built_filter(ThreadKind::VhostUser, devices);
     seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Seccomp {
         kind: "vhost-user",
         reason: e.to_string(),
@@ -201,16 +130,11 @@ pub fn apply_vhost_user_filter(devices: DeviceKinds) -> Result<(), JailError> {
 /// The supervisor's list: wait for signals and the child, signal only
 /// `child`, exit (possibly by re-raising the child's signal).
 pub fn supervisor_filter(child: libc::pid_t) -> Result<BpfProgram, JailError> {
-    let mut map = allow(&rules::supervisor());
-    allow_arg(
-        &mut map,
-        libc::SYS_kill,
-        0,
-        SeccompCmpArgLen::Dword,
-        &[child as u32 as u64],
-        "supervisor",
-    )?;
-    compile("supervisor", map)
+    let error = |reason| JailError::Seccomp {
+        kind: "supervisor",
+        reason,
+    };
+    compile::compile(compile::supervisor_rules(child).map_err(error)?).map_err(error)
 }
 
 #[cfg(test)]
@@ -218,10 +142,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_filter_compiles_for_every_device_mix() {
-        for devices in [DeviceKinds::default(), DeviceKinds::all()] {
-            ThreadFilters::for_vm(devices).unwrap();
+    fn built_filters_are_the_rules_compiled_now() {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Helper,
+            ThreadKind::Vcpu,
+            ThreadKind::Virtio,
+            ThreadKind::VhostUser,
+        ] {
+            for mask in 0..1 << rules::MASK_KINDS {
+                let devices = DeviceKinds::from_mask(mask);
+                let now = compile::compile(compile::thread_rules(kind, devices).unwrap()).unwrap();
+                assert_eq!(built_filter(kind, devices), now, "{kind:?} {mask}");
+            }
         }
-        supervisor_filter(1234).unwrap();
+    }
+
+    #[test]
+    fn device_mask_roundtrips_and_rng_console_do_not_count() {
+        for mask in 0..16 {
+            assert_eq!(DeviceKinds::from_mask(mask).mask(), mask);
+        }
+        assert_eq!(DeviceKinds::all().mask(), 15);
+        let rng_only = DeviceKinds {
+            rng: true,
+            console: true,
+            ..Default::default()
+        };
+        assert_eq!(rng_only.mask(), 0);
+    }
+
+    #[test]
+    fn supervisor_filter_compiles() {
+        assert!(!supervisor_filter(1234).unwrap().is_empty());
     }
 }

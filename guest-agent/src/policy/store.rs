@@ -1,0 +1,240 @@
+//! The policy in force in this agent, and the rules for replacing it.
+//!
+//! The agent starts with the built-in default policy. The host may replace
+//! it with `SetPolicy` when the policy in force allows that
+//! (`SetPolicyRequest` rule): the default allows it, generated policies do
+//! not, so in practice a pod's policy is set once, right after the agent
+//! comes up and before `SetupSandbox`. A policy installed from init-data
+//! (confidential pods) is locked: every later `SetPolicy` is refused,
+//! whatever the rules say, because the host is not trusted there.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use cloister_protocol::agent;
+
+use super::engine::{PolicyCompileError, PolicyDenial, PolicyEngine};
+use super::input::{PolicyRequest, StreamRequest};
+
+/// The built-in default policy.
+pub const DEFAULT_POLICY: &str = include_str!("default.rego");
+
+/// Where the policy in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyOrigin {
+    /// `default.rego`, compiled into the agent.
+    BuiltIn,
+    /// A `SetPolicy` request from the host.
+    Host,
+    /// The pod's init-data (measured and attested): locked.
+    InitData,
+}
+
+impl PolicyOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyOrigin::BuiltIn => "the built-in default",
+            PolicyOrigin::Host => "the host",
+            PolicyOrigin::InitData => "init-data",
+        }
+    }
+}
+
+/// Why `SetPolicy` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetPolicyError {
+    #[error(transparent)]
+    Denied(#[from] PolicyDenial),
+    #[error("new policy refused: {0}")]
+    Compile(#[from] PolicyCompileError),
+}
+
+struct Installed {
+    engine: Arc<PolicyEngine>,
+    origin: PolicyOrigin,
+}
+
+/// The agent's policy, shared by the ttrpc service and the stdio listener.
+pub struct AgentPolicy {
+    installed: RwLock<Installed>,
+}
+
+impl std::fmt::Debug for AgentPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentPolicy")
+            .field("origin", &self.origin())
+            .finish()
+    }
+}
+
+impl AgentPolicy {
+    pub fn new(engine: PolicyEngine, origin: PolicyOrigin) -> AgentPolicy {
+        AgentPolicy {
+            installed: RwLock::new(Installed {
+                engine: Arc::new(engine),
+                origin,
+            }),
+        }
+    }
+
+    /// The agent's starting point: the built-in default policy.
+    pub fn built_in() -> Result<AgentPolicy, PolicyCompileError> {
+        Ok(AgentPolicy::new(
+            PolicyEngine::from_rego(DEFAULT_POLICY)?,
+            PolicyOrigin::BuiltIn,
+        ))
+    }
+
+    fn current(&self) -> Arc<PolicyEngine> {
+        // A panic while holding the lock cannot leave `Installed` half
+        // written (it is replaced whole), so a poisoned lock is still sound.
+        self.installed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .engine
+            .clone()
+    }
+
+    pub fn origin(&self) -> PolicyOrigin {
+        self.installed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .origin
+    }
+
+    /// The source text of the policy in force.
+    pub fn rego(&self) -> String {
+        self.current().rego().to_owned()
+    }
+
+    /// Decides one RPC request.
+    pub fn check<R: PolicyRequest>(&self, request: &R) -> Result<(), PolicyDenial> {
+        let input = request.policy_input().map_err(|e| PolicyDenial::Input {
+            request: R::RULE,
+            error: e.to_string(),
+        })?;
+        self.current().decide(R::RULE, &input)
+    }
+
+    /// Decides the opening of a stdio stream.
+    pub fn check_stream(&self, request: &StreamRequest) -> Result<(), PolicyDenial> {
+        self.current()
+            .decide(request.rule(), &request.policy_input())
+    }
+
+    /// The host's `SetPolicy`: allowed by the policy in force, never over a
+    /// locked one; the new text must compile.
+    pub fn set_from_host(&self, request: &agent::SetPolicyRequest) -> Result<(), SetPolicyError> {
+        let mut installed = self
+            .installed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if installed.origin == PolicyOrigin::InitData {
+            return Err(PolicyDenial::Locked {
+                request: <agent::SetPolicyRequest as PolicyRequest>::RULE,
+                origin: PolicyOrigin::InitData.as_str(),
+            }
+            .into());
+        }
+        let input = request.policy_input().map_err(|e| PolicyDenial::Input {
+            request: <agent::SetPolicyRequest as PolicyRequest>::RULE,
+            error: e.to_string(),
+        })?;
+        installed
+            .engine
+            .decide(<agent::SetPolicyRequest as PolicyRequest>::RULE, &input)?;
+        let engine = PolicyEngine::from_rego(&request.policy)?;
+        *installed = Installed {
+            engine: Arc::new(engine),
+            origin: PolicyOrigin::Host,
+        };
+        Ok(())
+    }
+
+    /// Installs the policy carried by the pod's init-data and locks it: the
+    /// host can no longer change it. For the attestation flow, which calls
+    /// it before the agent serves the host (or, at the latest, before the
+    /// first container), with the text init-data's digest covers.
+    pub fn install_from_init_data(&self, rego: &str) -> Result<(), PolicyCompileError> {
+        let engine = PolicyEngine::from_rego(rego)?;
+        *self
+            .installed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Installed {
+            engine: Arc::new(engine),
+            origin: PolicyOrigin::InitData,
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DENY_ALL_BUT_SET: &str = r#"
+package agent_policy
+default StartContainerRequest := false
+default SetPolicyRequest := false
+"#;
+
+    fn set_request(rego: &str) -> agent::SetPolicyRequest {
+        let mut request = agent::SetPolicyRequest::new();
+        request.policy = rego.into();
+        request
+    }
+
+    #[test]
+    fn built_in_policy_compiles_and_allows_set_policy_once_replaced_rules_decide() {
+        let policy = AgentPolicy::built_in().unwrap();
+        assert_eq!(policy.origin(), PolicyOrigin::BuiltIn);
+
+        policy
+            .set_from_host(&set_request(DENY_ALL_BUT_SET))
+            .unwrap();
+
+        assert_eq!(policy.origin(), PolicyOrigin::Host);
+        let again = policy
+            .set_from_host(&set_request(DEFAULT_POLICY))
+            .unwrap_err();
+        assert!(
+            again.to_string().starts_with(
+                "SetPolicyRequest denied by policy rule data.agent_policy.SetPolicyRequest"
+            ),
+            "{again}"
+        );
+        let mut start = agent::StartContainerRequest::new();
+        start.container_id = "c".into();
+        assert!(policy.check(&start).is_err());
+    }
+
+    #[test]
+    fn set_policy_with_bad_text_keeps_the_old_policy() {
+        let policy = AgentPolicy::built_in().unwrap();
+
+        let err = policy
+            .set_from_host(&set_request("package agent_policy\nx := \n"))
+            .unwrap_err();
+
+        assert!(matches!(err, SetPolicyError::Compile(_)), "{err}");
+        assert_eq!(policy.origin(), PolicyOrigin::BuiltIn);
+        assert_eq!(policy.rego(), DEFAULT_POLICY);
+    }
+
+    #[test]
+    fn init_data_policy_is_locked_against_the_host() {
+        let permissive = "package agent_policy\nSetPolicyRequest := true\n";
+        let policy = AgentPolicy::built_in().unwrap();
+        policy.install_from_init_data(permissive).unwrap();
+
+        let err = policy
+            .set_from_host(&set_request(DEFAULT_POLICY))
+            .unwrap_err();
+
+        assert_eq!(
+            err.to_string(),
+            "SetPolicyRequest denied: the policy was installed from init-data and is locked"
+        );
+        assert_eq!(policy.origin(), PolicyOrigin::InitData);
+        assert_eq!(policy.rego(), permissive);
+    }
+}

@@ -1,0 +1,225 @@
+//! `policy_data`: what a generated policy allows, as the document the
+//! fixed rules (`rules.rego`) read.
+
+use serde::Serialize;
+
+use crate::sandbox::GUEST_SHARED_DIR;
+
+/// containerd's default capability set (what a container gets unless the
+/// manifest adds or drops some).
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability Linux 6.x knows (a privileged container has them all).
+pub const ALL_CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// Variables a runtime or Kubernetes adds to every container, by name.
+pub const DEFAULT_ENV_NAMES: [&str; 3] = [
+    "^(PATH|HOSTNAME|HOME|TERM)$",
+    "^KUBERNETES_[A-Z0-9_]+$",
+    // Service links: FOO_SERVICE_HOST, FOO_PORT_80_TCP_ADDR, …
+    "^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT|PORT)(_[A-Z0-9_]+)?$",
+];
+
+/// One mount a container may have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowedMount {
+    pub destination: String,
+    /// The OCI mount types accepted.
+    pub types: Vec<String>,
+    /// Regular expression the whole source must match.
+    pub source: String,
+    /// Options the mount must carry (e.g. "ro").
+    pub required_options: Vec<String>,
+}
+
+impl AllowedMount {
+    fn new(destination: &str, types: &[&str], source: String, required: &[&str]) -> Self {
+        AllowedMount {
+            destination: destination.to_owned(),
+            types: types.iter().map(|t| (*t).to_owned()).collect(),
+            source,
+            required_options: required.iter().map(|o| (*o).to_owned()).collect(),
+        }
+    }
+
+    /// A pod volume: a share below the guest's shared folder, or tmpfs.
+    pub fn volume(destination: &str, read_only: bool) -> Self {
+        let required: &[&str] = if read_only { &["ro"] } else { &[] };
+        AllowedMount::new(
+            destination,
+            &["bind", "none", "tmpfs"],
+            format!("^({}/.+|tmpfs)$", regex_escape(GUEST_SHARED_DIR)),
+            required,
+        )
+    }
+
+    /// Exactly this mount (from an OCI config.json).
+    pub fn exact(destination: &str, kind: &str, source: &str, options: &[String]) -> Self {
+        AllowedMount {
+            destination: destination.to_owned(),
+            types: vec![kind.to_owned()],
+            source: format!("^{}$", regex_escape(source)),
+            required_options: options.to_vec(),
+        }
+    }
+}
+
+/// The mounts containerd and the kubelet give every container.
+pub fn default_mounts() -> Vec<AllowedMount> {
+    let shared = format!("^{}/.+$", regex_escape(GUEST_SHARED_DIR));
+    let fixed = |s: &str| format!("^{}$", regex_escape(s));
+    let bind = ["bind", "none"];
+    vec![
+        AllowedMount::new("/proc", &["proc"], fixed("proc"), &[]),
+        AllowedMount::new("/dev", &["tmpfs"], fixed("tmpfs"), &[]),
+        AllowedMount::new("/dev/pts", &["devpts"], fixed("devpts"), &[]),
+        AllowedMount::new(
+            "/dev/shm",
+            &["tmpfs", "bind", "none"],
+            format!("^(shm|{}/.+)$", regex_escape(GUEST_SHARED_DIR)),
+            &[],
+        ),
+        AllowedMount::new("/dev/mqueue", &["mqueue"], fixed("mqueue"), &[]),
+        AllowedMount::new("/sys", &["sysfs"], fixed("sysfs"), &["ro"]),
+        AllowedMount::new(
+            "/sys/fs/cgroup",
+            &["cgroup", "cgroup2"],
+            "^cgroup2?$".into(),
+            &["ro"],
+        ),
+        AllowedMount::new("/etc/hosts", &bind, shared.clone(), &[]),
+        AllowedMount::new("/etc/hostname", &bind, shared.clone(), &[]),
+        AllowedMount::new("/etc/resolv.conf", &bind, shared.clone(), &[]),
+        AllowedMount::new("/dev/termination-log", &bind, shared.clone(), &[]),
+        AllowedMount::new(
+            "/var/run/secrets/kubernetes.io/serviceaccount",
+            &bind,
+            shared,
+            &["ro"],
+        ),
+    ]
+}
+
+/// One kind of container the pod may create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowedContainer {
+    /// The manifest's container name (for people reading the policy).
+    pub name: String,
+    /// The CRI sandbox (pause) container.
+    pub sandbox: bool,
+    /// Image references accepted (empty: any).
+    pub images: Vec<String>,
+    /// The exact process.args (None: any, the manifest left it to the image).
+    pub args: Option<Vec<String>>,
+    /// `NAME=VALUE` entries that must be present, unchanged.
+    pub env: Vec<String>,
+    /// Regular expressions of further variable names accepted.
+    pub env_extra_names: Vec<String>,
+    /// Mounts besides the default ones.
+    pub mounts: Vec<AllowedMount>,
+    /// Capabilities any of the process's sets may hold.
+    pub capabilities: Vec<String>,
+}
+
+/// The whole `policy_data` document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyData {
+    pub containers: Vec<AllowedContainer>,
+    pub default_mounts: Vec<AllowedMount>,
+    /// Each an exact process.args an ExecProcess may run.
+    pub exec_commands: Vec<Vec<String>>,
+    /// Device paths a container spec may list.
+    pub devices: Vec<String>,
+    pub allow_privileged: bool,
+    /// The host may read stdout/stderr.
+    pub allow_stdio_read: bool,
+    /// The host may write stdin.
+    pub allow_stdin: bool,
+}
+
+/// `s` with regular expression metacharacters escaped.
+pub fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regex_escape_escapes_metacharacters_only() {
+        assert_eq!(regex_escape("/run/a.b+c"), "/run/a\\.b\\+c");
+        assert_eq!(regex_escape("plain/path"), "plain/path");
+    }
+
+    #[test]
+    fn read_only_volume_requires_ro() {
+        let m = AllowedMount::volume("/data", true);
+        assert_eq!(m.required_options, ["ro"]);
+        assert_eq!(m.source, "^(/run/cloister/shared/.+|tmpfs)$");
+    }
+}

@@ -1,0 +1,431 @@
+//! What a Kubernetes manifest (a Pod, or a workload with a pod template)
+//! allows its containers, and what an OCI config.json allows exactly.
+
+use serde_json::Value;
+
+use super::data::{
+    AllowedContainer, AllowedMount, ALL_CAPABILITIES, DEFAULT_CAPABILITIES, DEFAULT_ENV_NAMES,
+};
+use super::PolicyGenError;
+
+/// Allowed containers from one manifest, with warnings for what the
+/// manifest leaves open.
+#[derive(Debug, Default)]
+pub struct Derived {
+    pub containers: Vec<AllowedContainer>,
+    pub devices: Vec<String>,
+    pub privileged: bool,
+    pub warnings: Vec<String>,
+}
+
+/// `docker.io/library/busybox:latest` for `busybox`, as containerd
+/// normalises references (the CRI annotation carries the normalised one).
+pub fn normalise_image(image: &str) -> String {
+    let (name, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    let first = name.split('/').next().unwrap_or_default();
+    let has_registry =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let mut full = match (has_registry, name.contains('/')) {
+        (true, _) => name.to_owned(),
+        (false, true) => format!("docker.io/{name}"),
+        (false, false) => format!("docker.io/library/{name}"),
+    };
+    let last = full.rsplit('/').next().unwrap_or_default();
+    if digest.is_none() && !last.contains(':') {
+        full.push_str(":latest");
+    }
+    match digest {
+        Some(d) => format!("{full}@{d}"),
+        None => full,
+    }
+}
+
+fn strings(value: Option<&Value>) -> Vec<String> {
+    value
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn capability_name(name: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    if upper.starts_with("CAP_") {
+        upper
+    } else {
+        format!("CAP_{upper}")
+    }
+}
+
+/// The pod spec inside a manifest: a Pod's `spec`, or a workload's
+/// `spec.template.spec` (Deployment, Job, …) or `spec.jobTemplate.…`.
+fn pod_spec(manifest: &Value) -> Result<&Value, PolicyGenError> {
+    let kind = manifest
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let spec = manifest.get("spec");
+    let candidates = [
+        (kind == "Pod").then_some(spec).flatten(),
+        spec.and_then(|s| s.pointer("/template/spec")),
+        spec.and_then(|s| s.pointer("/jobTemplate/spec/template/spec")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|s| s.get("containers").is_some())
+        .ok_or_else(|| PolicyGenError::NoPodSpec {
+            kind: kind.to_owned(),
+        })
+}
+
+/// Containers (and init containers) of a Kubernetes manifest.
+pub fn from_kubernetes(manifest: &Value) -> Result<Derived, PolicyGenError> {
+    let spec = pod_spec(manifest)?;
+    let mut derived = Derived::default();
+    let all = ["initContainers", "containers"].iter().flat_map(|key| {
+        spec.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    });
+    for container in all {
+        let allowed = kubernetes_container(container, &mut derived)?;
+        derived.containers.push(allowed);
+    }
+    if derived.containers.is_empty() {
+        return Err(PolicyGenError::NoContainers);
+    }
+    Ok(derived)
+}
+
+fn kubernetes_container(
+    container: &Value,
+    derived: &mut Derived,
+) -> Result<AllowedContainer, PolicyGenError> {
+    let name = container
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let image = container
+        .get("image")
+        .and_then(Value::as_str)
+        .ok_or_else(|| PolicyGenError::Field {
+            container: name.clone(),
+            field: "image",
+        })?;
+    let mut images = vec![image.to_owned()];
+    let normalised = normalise_image(image);
+    if normalised != image {
+        images.push(normalised);
+    }
+
+    let command = strings(container.get("command"));
+    let args = strings(container.get("args"));
+    let args = if command.is_empty() {
+        derived.warnings.push(format!(
+            "container {name:?}: no command in the manifest, so the image's entrypoint \
+             (unknown without pulling {image}) is allowed with any arguments; \
+             add `command:` to pin it"
+        ));
+        None
+    } else {
+        Some(command.into_iter().chain(args).collect())
+    };
+
+    let mut env = Vec::new();
+    let mut env_extra_names: Vec<String> =
+        DEFAULT_ENV_NAMES.iter().map(|s| (*s).to_owned()).collect();
+    for var in container
+        .get("env")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(var_name) = var.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        match var.get("value").and_then(Value::as_str) {
+            Some(value) => env.push(format!("{var_name}={value}")),
+            // valueFrom (secrets, field refs): the value is not in the
+            // manifest; only the name is pinned.
+            None => env_extra_names.push(format!("^{}$", super::data::regex_escape(var_name))),
+        }
+    }
+    if container.get("envFrom").is_some() {
+        derived.warnings.push(format!(
+            "container {name:?}: envFrom variables are not known from the manifest and will be refused"
+        ));
+    }
+
+    let mounts = container
+        .get("volumeMounts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let path = m.get("mountPath")?.as_str()?;
+            let read_only = m.get("readOnly").and_then(Value::as_bool).unwrap_or(false);
+            Some(AllowedMount::volume(path, read_only))
+        })
+        .collect();
+
+    let security = container.get("securityContext");
+    let privileged = security
+        .and_then(|s| s.get("privileged"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let capabilities = if privileged {
+        derived.privileged = true;
+        derived.warnings.push(format!(
+            "container {name:?} is privileged: the policy allows privileged containers and every capability"
+        ));
+        ALL_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()
+    } else {
+        let caps = security.and_then(|s| s.get("capabilities"));
+        let drop: Vec<String> = strings(caps.and_then(|c| c.get("drop")))
+            .iter()
+            .map(|c| capability_name(c))
+            .collect();
+        let add: Vec<String> = strings(caps.and_then(|c| c.get("add")))
+            .iter()
+            .map(|c| capability_name(c))
+            .collect();
+        let mut set: Vec<String> = if drop.iter().any(|c| c == "CAP_ALL") {
+            Vec::new()
+        } else {
+            DEFAULT_CAPABILITIES
+                .iter()
+                .filter(|c| !drop.iter().any(|d| d == *c))
+                .map(|c| (*c).to_owned())
+                .collect()
+        };
+        for cap in add {
+            if cap == "CAP_ALL" {
+                set = ALL_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
+            } else if !set.contains(&cap) {
+                set.push(cap);
+            }
+        }
+        set
+    };
+
+    Ok(AllowedContainer {
+        name,
+        sandbox: false,
+        images,
+        args,
+        env,
+        env_extra_names,
+        mounts,
+        capabilities,
+    })
+}
+
+/// The command of the Kubernetes pause image.
+pub const PAUSE_COMMAND: &str = "/pause";
+
+/// The CRI sandbox (pause) container every pod starts with, running
+/// `command`.
+pub fn pause_container(command: &[String]) -> AllowedContainer {
+    AllowedContainer {
+        name: "pause".into(),
+        sandbox: true,
+        images: Vec::new(),
+        args: Some(command.to_vec()),
+        env: Vec::new(),
+        env_extra_names: vec!["^PATH$".into()],
+        mounts: Vec::new(),
+        capabilities: DEFAULT_CAPABILITIES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect(),
+    }
+}
+
+/// Exactly the container an OCI runtime spec describes.
+pub fn from_oci(spec: &Value) -> Result<Derived, PolicyGenError> {
+    let process = spec.get("process").ok_or(PolicyGenError::Field {
+        container: "config.json".into(),
+        field: "process",
+    })?;
+    let annotations = spec.get("annotations");
+    let image = ["io.kubernetes.cri.image-name", "io.containerd.image.name"]
+        .iter()
+        .find_map(|k| annotations?.get(k)?.as_str());
+    let sandbox = annotations
+        .and_then(|a| a.get("io.kubernetes.cri.container-type"))
+        .and_then(Value::as_str)
+        == Some("sandbox");
+    let mut derived = Derived::default();
+    if image.is_none() {
+        derived.warnings.push(
+            "config.json names no image (io.kubernetes.cri.image-name / io.containerd.image.name): any image is allowed".into(),
+        );
+    }
+    let caps = process.get("capabilities");
+    let mut capabilities: Vec<String> = Vec::new();
+    for set in [
+        "bounding",
+        "effective",
+        "permitted",
+        "inheritable",
+        "ambient",
+    ] {
+        for cap in strings(caps.and_then(|c| c.get(set))) {
+            if !capabilities.contains(&cap) {
+                capabilities.push(cap);
+            }
+        }
+    }
+    let mounts = spec
+        .get("mounts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            Some(AllowedMount::exact(
+                m.get("destination")?.as_str()?,
+                m.get("type").and_then(Value::as_str).unwrap_or_default(),
+                m.get("source").and_then(Value::as_str).unwrap_or_default(),
+                &strings(m.get("options")),
+            ))
+        })
+        .collect();
+    let linux = spec.get("linux");
+    derived.devices = linux
+        .and_then(|l| l.get("devices"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.get("path")?.as_str().map(str::to_owned))
+        .collect();
+    let empty = |key: &str| {
+        linux
+            .and_then(|l| l.get(key))
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+    };
+    if empty("maskedPaths") || empty("readonlyPaths") {
+        derived.privileged = true;
+        derived.warnings.push(
+            "config.json masks no paths or makes none read-only: the policy allows privileged containers".into(),
+        );
+    }
+    derived.containers.push(AllowedContainer {
+        name: "config.json".into(),
+        sandbox,
+        images: image.map(|i| vec![i.to_owned()]).unwrap_or_default(),
+        args: Some(strings(process.get("args"))),
+        env: strings(process.get("env")),
+        env_extra_names: Vec::new(),
+        mounts,
+        capabilities,
+    });
+    Ok(derived)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn image_names_are_normalised_like_containerd() {
+        assert_eq!(
+            normalise_image("busybox"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            normalise_image("busybox:1.36"),
+            "docker.io/library/busybox:1.36"
+        );
+        assert_eq!(normalise_image("me/app"), "docker.io/me/app:latest");
+        assert_eq!(
+            normalise_image("registry.k8s.io/pause:3.10"),
+            "registry.k8s.io/pause:3.10"
+        );
+        assert_eq!(
+            normalise_image("localhost:5000/app"),
+            "localhost:5000/app:latest"
+        );
+        assert_eq!(
+            normalise_image("busybox@sha256:ab"),
+            "docker.io/library/busybox@sha256:ab"
+        );
+    }
+
+    #[test]
+    fn pod_container_gets_command_env_mounts_and_capabilities() {
+        let pod = json!({
+            "kind": "Pod",
+            "spec": {"containers": [{
+                "name": "app",
+                "image": "busybox:1.36",
+                "command": ["sh", "-c"],
+                "args": ["sleep 1"],
+                "env": [{"name": "MODE", "value": "prod"},
+                        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+                "volumeMounts": [{"name": "cfg", "mountPath": "/cfg", "readOnly": true}],
+                "securityContext": {"capabilities": {"drop": ["NET_RAW"], "add": ["SYS_TIME"]}}
+            }]}
+        });
+
+        let derived = from_kubernetes(&pod).unwrap();
+
+        let app = &derived.containers[0];
+        assert_eq!(
+            app.images,
+            ["busybox:1.36", "docker.io/library/busybox:1.36"]
+        );
+        assert_eq!(app.args.as_deref().unwrap(), ["sh", "-c", "sleep 1"]);
+        assert_eq!(app.env, ["MODE=prod"]);
+        assert!(app.env_extra_names.contains(&"^TOKEN$".to_owned()));
+        assert_eq!(app.mounts, [AllowedMount::volume("/cfg", true)]);
+        assert!(app.capabilities.contains(&"CAP_SYS_TIME".to_owned()));
+        assert!(!app.capabilities.contains(&"CAP_NET_RAW".to_owned()));
+        assert!(derived.warnings.is_empty(), "{:?}", derived.warnings);
+        assert!(!derived.privileged);
+    }
+
+    #[test]
+    fn deployment_template_is_read_and_missing_command_warns() {
+        let deployment = json!({
+            "kind": "Deployment",
+            "spec": {"template": {"spec": {"containers": [{"name": "web", "image": "nginx"}]}}}
+        });
+
+        let derived = from_kubernetes(&deployment).unwrap();
+
+        assert_eq!(derived.containers[0].args, None);
+        assert!(derived.warnings[0].contains("no command"));
+    }
+
+    #[test]
+    fn drop_all_then_add_keeps_only_the_added() {
+        let pod = json!({"kind": "Pod", "spec": {"containers": [{
+            "name": "a", "image": "x",
+            "securityContext": {"capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}}
+        }]}});
+
+        let derived = from_kubernetes(&pod).unwrap();
+
+        assert_eq!(derived.containers[0].capabilities, ["CAP_NET_BIND_SERVICE"]);
+    }
+
+    #[test]
+    fn manifest_without_pod_spec_is_refused_naming_its_kind() {
+        let err = from_kubernetes(&json!({"kind": "Service", "spec": {}})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "manifest of kind \"Service\" has no pod spec"
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! `cloister policy generate`: an agent policy derived from a pod's
+//! manifest, after Kata's genpolicy. The printed Rego is the fixed rules of
+//! `rules.rego` followed by a `policy_data` document that lists what the
+//! pod's containers may be: images, commands, environment, mounts,
+//! capabilities, devices, privileged or not; which commands `exec` may run;
+//! whether the host may read stdio or write stdin. The policy refuses
+//! `SetPolicy`, so once installed it is final.
+//!
+//! Unlike genpolicy we do not pull images: a container whose manifest has
+//! no `command` keeps its image's entrypoint with any arguments, and the
+//! image's own environment variables must be named (`--allow-env`). Both
+//! produce warnings.
+
+pub mod data;
+pub mod manifest;
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use data::{default_mounts, PolicyData};
+
+/// The fixed rules every generated policy starts with.
+pub const RULES: &str = include_str!("rules.rego");
+
+/// Errors generating a policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyGenError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is neither YAML nor JSON: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("manifest of kind {kind:?} has no pod spec")]
+    NoPodSpec { kind: String },
+    #[error("the pod spec lists no containers")]
+    NoContainers,
+    #[error("container {container:?} has no {field}")]
+    Field {
+        container: String,
+        field: &'static str,
+    },
+    #[error("nothing to generate from: give a pod manifest or an OCI config.json")]
+    NoInput,
+    #[error("cannot encode policy data: {0}")]
+    Encode(serde_json::Error),
+}
+
+/// What the policy allows besides the manifests themselves.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Exact argument vectors `exec` may run (none: exec is refused).
+    pub exec_commands: Vec<Vec<String>>,
+    /// Extra environment variable names accepted (regular expressions,
+    /// anchored by the caller or not).
+    pub allow_env: Vec<String>,
+    pub allow_stdio_read: bool,
+    pub allow_stdin: bool,
+    /// The process.args of the CRI sandbox container (containerd's
+    /// `sandbox_image`, not the manifest's choice).
+    pub pause_command: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            exec_commands: Vec::new(),
+            allow_env: Vec::new(),
+            allow_stdio_read: true,
+            allow_stdin: true,
+            pause_command: vec![manifest::PAUSE_COMMAND.to_owned()],
+        }
+    }
+}
+
+/// The inputs to one generation.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// Kubernetes manifests (each a Pod or a workload with a pod template).
+    pub kubernetes: Vec<Value>,
+    /// OCI runtime specs (config.json), each allowed exactly.
+    pub oci: Vec<Value>,
+}
+
+/// A generated policy and what the manifests left open.
+#[derive(Debug)]
+pub struct Generated {
+    pub rego: String,
+    pub warnings: Vec<String>,
+}
+
+impl Generated {
+    /// The value of the `io.cloister.policy` annotation.
+    pub fn base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(&self.rego)
+    }
+}
+
+/// Reads a manifest file, YAML or JSON.
+pub fn load_manifest(path: &std::path::Path) -> Result<Value, PolicyGenError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyGenError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_yaml::from_str(&text).map_err(|e| PolicyGenError::Parse {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Derives the policy.
+pub fn generate(sources: &Sources, options: &GenerateOptions) -> Result<Generated, PolicyGenError> {
+    if sources.kubernetes.is_empty() && sources.oci.is_empty() {
+        return Err(PolicyGenError::NoInput);
+    }
+    let mut derived = Vec::new();
+    for m in &sources.kubernetes {
+        derived.push(manifest::from_kubernetes(m)?);
+    }
+    for spec in &sources.oci {
+        derived.push(manifest::from_oci(spec)?);
+    }
+    let mut data = PolicyData {
+        containers: Vec::new(),
+        default_mounts: default_mounts(),
+        exec_commands: options.exec_commands.clone(),
+        devices: Vec::new(),
+        allow_privileged: false,
+        allow_stdio_read: options.allow_stdio_read,
+        allow_stdin: options.allow_stdin,
+    };
+    if !sources.kubernetes.is_empty() {
+        data.containers
+            .push(manifest::pause_container(&options.pause_command));
+    }
+    let mut warnings = Vec::new();
+    for d in derived {
+        data.allow_privileged |= d.privileged;
+        data.devices.extend(d.devices);
+        warnings.extend(d.warnings);
+        data.containers.extend(d.containers);
+    }
+    for container in &mut data.containers {
+        container
+            .env_extra_names
+            .extend(options.allow_env.iter().cloned());
+    }
+    data.devices.sort();
+    data.devices.dedup();
+    let document = serde_json::to_string_pretty(&data).map_err(PolicyGenError::Encode)?;
+    // JSON is a Rego object literal.
+    let rego = format!("{RULES}\npolicy_data := {document}\n");
+    Ok(Generated { rego, warnings })
+}
+
+/// Splits an `--exec` value: a JSON array (`["sh","-c","ls /"]`) as is,
+/// anything else on whitespace.
+pub fn parse_exec_command(text: &str) -> Vec<String> {
+    if let Ok(args) = serde_json::from_str::<Vec<String>>(text) {
+        return args;
+    }
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn generated_policy_holds_rules_and_data() {
+        let sources = Sources {
+            kubernetes: vec![json!({"kind": "Pod", "spec": {"containers": [
+                {"name": "a", "image": "busybox", "command": ["sleep", "9"]}
+            ]}})],
+            oci: Vec::new(),
+        };
+        let options = GenerateOptions {
+            exec_commands: vec![parse_exec_command("ls /")],
+            ..GenerateOptions::default()
+        };
+
+        let generated = generate(&sources, &options).unwrap();
+
+        assert!(generated.rego.starts_with(RULES));
+        let data_text = generated.rego.split("policy_data := ").nth(1).unwrap();
+        let data: Value = serde_json::from_str(data_text).unwrap();
+        assert_eq!(data["containers"][0]["name"], "pause");
+        assert_eq!(data["containers"][1]["args"], json!(["sleep", "9"]));
+        assert_eq!(data["exec_commands"], json!([["ls", "/"]]));
+        assert_eq!(data["allow_privileged"], false);
+    }
+
+    #[test]
+    fn exec_commands_parse_as_json_or_words() {
+        assert_eq!(
+            parse_exec_command(r#"["sh","-c","echo a b"]"#),
+            ["sh", "-c", "echo a b"]
+        );
+        assert_eq!(
+            parse_exec_command("cat /etc/hostname"),
+            ["cat", "/etc/hostname"]
+        );
+    }
+
+    #[test]
+    fn no_sources_is_an_error() {
+        let err = generate(&Sources::default(), &GenerateOptions::default()).unwrap_err();
+        assert!(matches!(err, PolicyGenError::NoInput));
+    }
+}

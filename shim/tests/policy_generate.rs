@@ -1,0 +1,304 @@
+//! `cloister policy generate` against the real agent (host test mode, root
+//! only; SKIP otherwise): the policy generated from a pod manifest lets
+//! that pod's own requests through and denies a changed command, an extra
+//! capability, a missing variable, an exec it does not list, and its own
+//! replacement; the one generated from an OCI config.json pins that spec.
+
+mod support;
+
+use base64::Engine as _;
+use cloister_protocol::agent;
+use cloister_protocol::stdio::StreamKind;
+use cloister_shim::agent_client::{AgentClient, AgentError, TtrpcAgentClient};
+use cloister_shim::policy_gen::{self, GenerateOptions, Sources};
+use support::*;
+use tokio::io::AsyncReadExt;
+
+const POD_YAML: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  containers:
+  - name: app
+    image: busybox:1.36
+    command: ["sh", "-c"]
+    args: ["echo generated"]
+    env:
+    - name: MODE
+      value: prod
+    securityContext:
+      capabilities:
+        drop: ["NET_RAW"]
+"#;
+
+/// containerd's default capabilities less NET_RAW, as the manifest asks.
+const CAPS: [&str; 13] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The spec CRI would send for the manifest's container.
+fn pod_spec(args: &[&str]) -> serde_json::Value {
+    let mut spec = spec(args, false);
+    spec["annotations"] = serde_json::json!({
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "pod1",
+        "io.kubernetes.cri.image-name": "docker.io/library/busybox:1.36",
+    });
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin", "HOSTNAME=web", "MODE=prod"]);
+    spec["process"]["capabilities"] =
+        serde_json::json!({"bounding": CAPS, "effective": CAPS, "permitted": CAPS});
+    spec["linux"]["maskedPaths"] = serde_json::json!(["/proc/kcore"]);
+    spec["linux"]["readonlyPaths"] = serde_json::json!(["/proc/sys"]);
+    spec
+}
+
+fn generated_from_pod(exec: &[&str]) -> String {
+    let manifest: serde_json::Value = serde_yaml::from_str(POD_YAML).unwrap();
+    let options = GenerateOptions {
+        exec_commands: exec
+            .iter()
+            .map(|c| policy_gen::parse_exec_command(c))
+            .collect(),
+        ..GenerateOptions::default()
+    };
+    let sources = Sources {
+        kubernetes: vec![manifest],
+        oci: Vec::new(),
+    };
+    policy_gen::generate(&sources, &options).unwrap().rego
+}
+
+/// The PERMISSION_DENIED message, or a panic naming what came instead.
+fn denial<T: std::fmt::Debug>(result: Result<T, AgentError>) -> String {
+    match result {
+        Err(AgentError::Rpc {
+            code: Some(ttrpc::Code::PERMISSION_DENIED),
+            message,
+            ..
+        }) => message,
+        other => panic!("expected PERMISSION_DENIED, got {other:?}"),
+    }
+}
+
+async fn run_to_output(client: &TtrpcAgentClient, id: &str) -> String {
+    let mut out = client.open_stdio(id, "", StreamKind::Stdout).await.unwrap();
+    client.start_container(id).await.unwrap();
+    let mut text = String::new();
+    out.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+fn exec_request(id: &str, exec: &str, args: &[&str]) -> agent::ExecProcessRequest {
+    let mut request = agent::ExecProcessRequest::new();
+    request.container_id = id.into();
+    request.exec_id = exec.into();
+    request.process_json = serde_json::to_vec(&serde_json::json!({
+        "args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+        "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS}
+    }))
+    .unwrap();
+    request
+}
+
+#[tokio::test]
+async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
+    skip_unless_host_ready!();
+    let (host, client) = HostAgent::start().await;
+    client
+        .set_policy(generated_from_pod(&["ls /"]))
+        .await
+        .unwrap();
+
+    // The pod's own container runs and its output can be read.
+    let own = create_request(
+        "app",
+        &host.rootfs,
+        &pod_spec(&["sh", "-c", "echo generated"]),
+        false,
+        false,
+    );
+    client.create_container(own).await.unwrap();
+    assert_eq!(run_to_output(&client, "app").await, "generated\n");
+
+    let changed = create_request(
+        "changed",
+        &host.rootfs,
+        &pod_spec(&["sh", "-c", "cat /etc/passwd"]),
+        false,
+        false,
+    );
+    let mut with_admin = pod_spec(&["sh", "-c", "echo generated"]);
+    with_admin["process"]["capabilities"]["bounding"]
+        .as_array_mut()
+        .unwrap()
+        .push("CAP_SYS_ADMIN".into());
+    let with_admin = create_request("admin", &host.rootfs, &with_admin, false, false);
+    let mut without_mode = pod_spec(&["sh", "-c", "echo generated"]);
+    without_mode["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    let without_mode = create_request("nomode", &host.rootfs, &without_mode, false, false);
+
+    let changed = denial(client.create_container(changed).await);
+    let with_admin = denial(client.create_container(with_admin).await);
+    let without_mode = denial(client.create_container(without_mode).await);
+
+    assert_eq!(
+        changed,
+        "CreateContainerRequest denied by policy rule data.agent_policy.CreateContainerRequest: \
+         command [\"sh\", \"-c\", \"cat /etc/passwd\"] is not allowed for image \
+         \"docker.io/library/busybox:1.36\""
+    );
+    assert!(
+        with_admin.ends_with(": capability CAP_SYS_ADMIN is not allowed"),
+        "{with_admin}"
+    );
+    assert!(
+        without_mode.ends_with(": environment variable \"MODE\" is missing or changed"),
+        "{without_mode}"
+    );
+}
+
+#[tokio::test]
+async fn pod_policy_allows_listed_exec_only_and_cannot_be_replaced() {
+    skip_unless_host_ready!();
+    let (host, client) = HostAgent::start().await;
+    client
+        .set_policy(generated_from_pod(&["ls /"]))
+        .await
+        .unwrap();
+    let own = create_request(
+        "app",
+        &host.rootfs,
+        &pod_spec(&["sh", "-c", "echo generated"]),
+        false,
+        false,
+    );
+    client.create_container(own).await.unwrap();
+
+    let listed = client
+        .exec_process(exec_request("app", "ls", &["ls", "/"]))
+        .await;
+    let other = client
+        .exec_process(exec_request("app", "sh", &["sh"]))
+        .await;
+    let replaced = client.set_policy(base64_roundtrip(policy_gen::RULES)).await;
+
+    // The listed command passes the policy (the agent may still refuse an
+    // exec into a container it has not started, for another reason).
+    match listed {
+        Ok(_) => {}
+        Err(e) => assert_ne!(e.code(), Some(ttrpc::Code::PERMISSION_DENIED), "{e}"),
+    }
+    assert_eq!(
+        denial(other),
+        "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest: \
+         exec of [\"sh\"] is not allowed"
+    );
+    assert_eq!(
+        denial(replaced),
+        "SetPolicyRequest denied by policy rule data.agent_policy.SetPolicyRequest: \
+         this pod's policy cannot be replaced"
+    );
+}
+
+fn base64_roundtrip(text: &str) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn oci_policy_pins_the_spec_and_stdio_read_can_be_refused() {
+    skip_unless_host_ready!();
+    let (host, client) = HostAgent::start().await;
+    let spec = pod_spec(&["sh", "-c", "echo exact"]);
+    let options = GenerateOptions {
+        allow_stdio_read: false,
+        ..GenerateOptions::default()
+    };
+    let sources = Sources {
+        kubernetes: Vec::new(),
+        oci: vec![spec.clone()],
+    };
+    let generated = policy_gen::generate(&sources, &options).unwrap();
+    client.set_policy(generated.rego).await.unwrap();
+    let mut extra_mount = spec.clone();
+    extra_mount["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"destination": "/host", "type": "bind", "source": "/", "options": ["rbind"]}));
+
+    let exact = client
+        .create_container(create_request("exact", &host.rootfs, &spec, false, false))
+        .await;
+    let mounted = client
+        .create_container(create_request(
+            "mounted",
+            &host.rootfs,
+            &extra_mount,
+            false,
+            false,
+        ))
+        .await;
+    let stdout = client.open_stdio("exact", "", StreamKind::Stdout).await;
+
+    assert!(exact.unwrap() > 0);
+    assert!(
+        denial(mounted).ends_with(": mount /host (bind from \"/\") is not allowed"),
+        "mount"
+    );
+    let refused = stdout.unwrap_err().to_string();
+    assert!(
+        refused.contains(
+            "ReadStreamRequest denied by policy rule data.agent_policy.ReadStreamRequest: \
+             the host may not read stdout"
+        ),
+        "{refused}"
+    );
+}
+
+#[test]
+fn cli_prints_the_same_policy_and_its_base64() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pod.yaml");
+    std::fs::write(&manifest, POD_YAML).unwrap();
+    let cli = env!("CARGO_BIN_EXE_cloister");
+
+    let rego = std::process::Command::new(cli)
+        .args(["policy", "generate", "--exec", "ls /"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let encoded = std::process::Command::new(cli)
+        .args(["policy", "generate", "--exec", "ls /", "--base64"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+
+    assert!(rego.status.success(), "{rego:?}");
+    assert_eq!(
+        String::from_utf8(rego.stdout.clone()).unwrap(),
+        generated_from_pod(&["ls /"])
+    );
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(String::from_utf8(encoded.stdout).unwrap().trim())
+        .unwrap();
+    assert_eq!(decoded, rego.stdout);
+}
