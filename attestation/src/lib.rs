@@ -13,6 +13,8 @@ pub mod initdata;
 #[cfg(feature = "kbs-client")]
 pub mod kbs;
 pub mod measure;
+#[cfg(feature = "kbs-client")]
+pub mod pod_config;
 #[cfg(feature = "verify")]
 pub mod snp;
 #[cfg(feature = "verify")]

@@ -2,6 +2,7 @@
 //! server on vsock, containers from OCI specs, exec, stdio streams, events
 //! and stats.
 
+pub mod attest;
 pub mod cgroups;
 pub mod container;
 pub mod device_filter;

@@ -163,11 +163,36 @@ async fn serve(
     );
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let policy = Arc::new(AgentPolicy::built_in().context("built-in agent policy")?);
+    let confidential = if is_pid1 {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        // init-data's policy.rego replaces the built-in policy and locks
+        // it, before SetupSandbox answers.
+        let installer: cloister_agent::attest::PolicyInstaller = {
+            let policy = policy.clone();
+            Arc::new(move |rego: &str| {
+                policy
+                    .install_from_init_data(rego)
+                    .map_err(|e| e.to_string())
+            })
+        };
+        cloister_agent::attest::ConfidentialGuest::from_cmdline(&cmdline, Some(installer))
+            .context("confidential guest parameters")?
+            .map(Arc::new)
+    } else {
+        None
+    };
+    if let Some(guest) = &confidential {
+        tracing::info!(
+            tee = guest.tee().name(),
+            "confidential guest: containers wait for attestation"
+        );
+    }
     let service = Arc::new(AgentServer {
         manager: manager.clone(),
         is_guest_init: is_pid1,
         shutdown: shutdown.clone(),
         policy: policy.clone(),
+        confidential,
     });
 
     match stdio_listen {

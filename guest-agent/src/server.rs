@@ -24,6 +24,9 @@ pub struct AgentServer {
     /// Decides every request before it runs (shared with the stdio
     /// listener; the attestation flow installs init-data's policy here).
     pub policy: Arc<AgentPolicy>,
+    /// Set in a confidential guest (`cloister.tee=` on the kernel command
+    /// line): containers wait for attestation and get its secrets.
+    pub confidential: Option<Arc<crate::attest::ConfidentialGuest>>,
 }
 
 fn status(code: Code, message: impl ToString) -> TtrpcError {
@@ -107,17 +110,56 @@ impl AgentService for AgentServer {
     ) -> ttrpc::Result<agent::SetupSandboxResponse> {
         self.allow(&request)?;
         self.require_guest("SetupSandbox")?;
+        if self.confidential.as_ref().is_some_and(|g| g.has_begun()) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                error_chain(&crate::attest::AttestError::AlreadyBegun),
+            ));
+        }
         crate::init::setup_sandbox(&request, &self.manager)
             .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        match &self.confidential {
+            Some(guest) => guest
+                .begin(request.init_data.clone())
+                .await
+                .map_err(|e| status(Code::FAILED_PRECONDITION, error_chain(&e)))?,
+            None if !request.init_data.is_empty() => {
+                return Err(status(
+                    Code::INVALID_ARGUMENT,
+                    "init_data given, but this guest is not confidential (no cloister.tee= on its kernel command line)",
+                ))
+            }
+            None => {}
+        }
         Ok(agent::SetupSandboxResponse::new())
     }
 
     async fn create_container(
         &self,
         _ctx: &TtrpcContext,
-        request: agent::CreateContainerRequest,
+        mut request: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::CreateContainerResponse> {
         self.allow(&request)?;
+        if let Some(guest) = &self.confidential {
+            let attested = guest.attested().await.map_err(|e| {
+                status(
+                    Code::FAILED_PRECONDITION,
+                    format!("attestation failed: {}", error_chain(e.as_ref())),
+                )
+            })?;
+            request.oci_spec_json = attested
+                .resolve_spec(&request.container_id, &request.oci_spec_json)
+                .await
+                .map_err(|e| {
+                    let code = match e {
+                        crate::attest::AttestError::Resource { .. }
+                        | crate::attest::AttestError::Timeout { .. }
+                        | crate::attest::AttestError::Io { .. } => Code::FAILED_PRECONDITION,
+                        _ => Code::INVALID_ARGUMENT,
+                    };
+                    status(code, error_chain(&e))
+                })?;
+        }
         let pid = self.manager.create(request).await.map_err(to_status)?;
         let mut response = agent::CreateContainerResponse::new();
         response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);
@@ -153,9 +195,21 @@ impl AgentService for AgentServer {
     async fn exec_process(
         &self,
         _ctx: &TtrpcContext,
-        request: agent::ExecProcessRequest,
+        mut request: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ExecProcessResponse> {
         self.allow(&request)?;
+        if let Some(guest) = &self.confidential {
+            let attested = guest.attested().await.map_err(|e| {
+                status(
+                    Code::FAILED_PRECONDITION,
+                    format!("attestation failed: {}", error_chain(e.as_ref())),
+                )
+            })?;
+            request.process_json = attested
+                .resolve_process(&request.process_json)
+                .await
+                .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        }
         let pid = self.manager.exec(request).await.map_err(to_status)?;
         let mut response = agent::ExecProcessResponse::new();
         response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);

@@ -19,6 +19,10 @@ pub const TEE: &str = "io.cloister.tee";
 /// Base64 init-data (attestation policy and the secrets the pod asks for).
 pub const INIT_DATA: &str = "io.cloister.init-data";
 
+/// Kata Containers' init-data annotation (base64 of gzip'd TOML), accepted
+/// as [`INIT_DATA`] so CoCo pod specs work unchanged.
+pub const KATA_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
+
 /// Extra guest kernel command line parameters.
 pub const KERNEL_PARAMS: &str = "io.cloister.kernel-params";
 

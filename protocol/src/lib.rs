@@ -6,6 +6,7 @@
 mod generated;
 
 pub mod annotations;
+pub mod confidential;
 pub mod ports;
 pub mod stdio;
 

@@ -261,6 +261,7 @@ pub struct RuntimeConfig {
     pub network: NetworkSection,
     pub inspection: InspectionSection,
     pub audit: crate::audit::AuditSection,
+    pub confidential: crate::confidential::ConfidentialSection,
 }
 
 /// Annotations that may appear in `annotations.allowed`.

@@ -91,6 +91,11 @@ pub fn for_guest(
                     field: field.clone(),
                     reason: "a bind mount needs a source".into(),
                 })?;
+            // An attested secret is the agent's to resolve in the guest:
+            // nothing is shared from the host for it.
+            if source.starts_with(cloister_protocol::confidential::SECRET_MOUNT_SCHEME) {
+                continue;
+            }
             if !source.starts_with('/') || source.split('/').any(|part| part == "..") {
                 return Err(GuestSpecError::Invalid {
                     field,
@@ -203,5 +208,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("mounts[0].source"));
+    }
+
+    #[test]
+    fn secret_mounts_are_left_for_the_agent_and_share_nothing() {
+        let spec = json!({ "mounts": [
+            { "destination": "/s", "type": "bind", "source": "cloister-secret://token" }
+        ] });
+        let (guest, shared) = for_guest(&spec, "c1").unwrap();
+        assert!(shared.is_empty());
+        assert_eq!(guest["mounts"][0]["source"], "cloister-secret://token");
     }
 }

@@ -4,6 +4,7 @@ pub mod agent_client;
 pub mod audit;
 pub mod check;
 pub mod compat;
+pub mod confidential;
 pub mod config;
 pub mod container;
 pub mod events;

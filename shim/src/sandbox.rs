@@ -54,6 +54,10 @@ pub enum SandboxError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
+    Confidential(#[from] crate::confidential::ConfidentialError),
+    #[error(transparent)]
+    KbsForward(#[from] crate::confidential::kbs_forward::KbsForwardError),
+    #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -553,6 +557,10 @@ pub struct PodSandbox {
     pub inspection: InspectionSection,
     /// Set once the VM or the agent connection is gone.
     gone: std::sync::atomic::AtomicBool,
+    /// Confidential pods: their settings, and the KBS forwarder living as
+    /// long as the pod.
+    pub confidential: Option<crate::confidential::PodConfidential>,
+    kbs_forwarder: Option<crate::confidential::kbs_forward::KbsForwarder>,
 }
 
 impl PodSandbox {
@@ -570,7 +578,21 @@ impl PodSandbox {
             netns: None,
             inspection: InspectionSection::default(),
             gone: std::sync::atomic::AtomicBool::new(false),
+            confidential: None,
+            kbs_forwarder: None,
         }
+    }
+
+    /// Records that this pod is confidential (host shares are then checked
+    /// against its `allow_host_shares`).
+    pub fn with_confidential(
+        mut self,
+        confidential: Option<crate::confidential::PodConfidential>,
+        kbs_forwarder: Option<crate::confidential::kbs_forward::KbsForwarder>,
+    ) -> Self {
+        self.confidential = confidential;
+        self.kbs_forwarder = kbs_forwarder;
+        self
     }
 
     /// Records the network namespace plumbed for this pod, to undo on
@@ -717,12 +739,22 @@ impl SandboxLauncher for VmLauncher {
         config: &RuntimeConfig,
         audit: &crate::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError> {
-        let mut vm = config.pod_vm(&bundle_annotations(spec))?;
+        let pod_annotations = bundle_annotations(spec);
+        let mut vm = config.pod_vm(&pod_annotations)?;
         // A jailed VMM joins the pod's cgroup.
         vm.cgroups_path = spec
             .pointer("/linux/cgroupsPath")
             .and_then(|p| p.as_str())
             .map(str::to_owned);
+        let confidential =
+            crate::confidential::PodConfidential::resolve(&config.confidential, &pod_annotations)?;
+        if let Some(confidential) = &confidential {
+            if !vm.kernel_params.is_empty() {
+                vm.kernel_params.push(' ');
+            }
+            vm.kernel_params.push_str(&confidential.kernel_params());
+            vm.shared_fs = confidential.shares_anything();
+        }
         let network = plumb_network(config, spec).await?;
         let netns = network.as_ref().map(|n| n.netns.clone());
         if let Some(network) = &network {
@@ -743,11 +775,23 @@ impl SandboxLauncher for VmLauncher {
             return Err(e);
         }
         let mut hypervisor = hypervisor_for(config, &vm, dir.vm_paths());
+        let mut kbs_forwarder = None;
         let connected = async {
             hypervisor.start().await?;
-            let endpoint = AgentEndpoint::HybridVsock {
-                uds: hypervisor.vsock_uds(),
-            };
+            let uds = hypervisor.vsock_uds();
+            // Listening before the guest boots far enough to dial it.
+            if let Some((port, kbs)) = confidential.as_ref().and_then(|c| c.kbs_forward.clone()) {
+                let path = PathBuf::from(format!("{}_{port}", uds.display()));
+                // A jailed VMM connects as its own uid.
+                let owner = config
+                    .vmm
+                    .jail
+                    .then_some((config.vmm.jail_uid, config.vmm.jail_gid));
+                kbs_forwarder = Some(crate::confidential::kbs_forward::KbsForwarder::spawn(
+                    &path, kbs, None, owner,
+                )?);
+            }
+            let endpoint = AgentEndpoint::HybridVsock { uds };
             let timeout = Duration::from_secs(config.agent.connect_timeout_secs);
             // A guest that dies while booting (a kernel panic) ends the
             // wait at once, its console's last lines in the error.
@@ -773,9 +817,14 @@ impl SandboxLauncher for VmLauncher {
                 result?;
             }
             let agent = crate::audit::agent::audited_agent(Arc::new(agent), audit, sandbox_id);
-            agent
-                .setup_sandbox(setup_request(&guest_hostname(spec, sandbox_id)))
-                .await?;
+            let mut setup = setup_request(&guest_hostname(spec, sandbox_id));
+            if let Some(confidential) = &confidential {
+                if !confidential.shares_anything() {
+                    setup.mounts.clear();
+                }
+                confidential.add_to_setup(&mut setup);
+            }
+            agent.setup_sandbox(setup).await?;
             if let Some(network) = &network {
                 agent
                     .update_network(
@@ -792,7 +841,8 @@ impl SandboxLauncher for VmLauncher {
         match connected {
             Ok(agent) => Ok(PodSandbox::new(sandbox_id, agent, dir, Some(hypervisor))
                 .with_network(netns)
-                .with_inspection(config.inspection.clone())),
+                .with_inspection(config.inspection.clone())
+                .with_confidential(confidential, kbs_forwarder)),
             Err(e) => {
                 // Nothing of a failed start stays behind.
                 hypervisor.stop(VMM_STOP_GRACE).await;
@@ -815,6 +865,9 @@ impl SandboxLauncher for VmLauncher {
         mounts: &[Mount],
         root_dir: &Path,
     ) -> Result<agent::Rootfs, SandboxError> {
+        if let Some(confidential) = &sandbox.confidential {
+            confidential.check_share(crate::confidential::HostShare::Rootfs, root_dir)?;
+        }
         let target = sandbox.dir.rootfs_target(container_id);
         let shared = sandbox.dir.shared_dir();
         mount_rootfs(container_id, mounts, root_dir, &shared, &target).await?;
@@ -827,6 +880,12 @@ impl SandboxLauncher for VmLauncher {
         container_id: &str,
         mounts: &[SharedMount],
     ) -> Result<(), SandboxError> {
+        if let Some(confidential) = &sandbox.confidential {
+            for mount in mounts {
+                confidential
+                    .check_share(crate::confidential::HostShare::Bind, &mount.host_source)?;
+            }
+        }
         for mount in mounts {
             let shared = sandbox.dir.shared_dir();
             let target = shared.join(&mount.share_path);

@@ -219,6 +219,16 @@ impl AgentGuest {
         F: FnOnce(PathBuf) -> Fut,
         Fut: Future<Output = ()>,
     {
+        self.run_capturing(drive);
+    }
+
+    /// As [`Self::run`], returning the console transcript and back-end logs
+    /// (tests that search what the host saw).
+    pub fn run_capturing<F, Fut>(self, drive: F) -> String
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: Future<Output = ()>,
+    {
         let vm = QemuMicrovm::spawn(&self.qemu).expect("start QEMU");
         let vm_pid = vm.id();
         let policy = WaitPolicy {
@@ -261,6 +271,7 @@ impl AgentGuest {
             !transcript.contains("panicked"),
             "agent or back end panicked:\n{transcript}"
         );
+        transcript
     }
 }
 

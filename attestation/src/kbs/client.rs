@@ -8,7 +8,7 @@ use super::protocol::{
     Request, RuntimeData, TeeKeyPair, WireInitData, PROTOCOL_VERSION, SESSION_COOKIE,
 };
 use super::store::{check_segment, StoreError};
-use super::tls::{client_config, install_ring_provider, TlsError};
+use super::tls::{client_config, client_config_trusting_nothing, install_ring_provider, TlsError};
 use thiserror::Error;
 
 /// Errors from the client.
@@ -93,6 +93,35 @@ impl KbsClient {
                 url: base_url.to_owned(),
                 source,
             })?;
+        Ok(Self::with_http(base_url, http))
+    }
+
+    /// A client as a guest builds it from its init-data: `https://` trusting
+    /// exactly `ca_pem` (plain `http://` when none is given), and every
+    /// connection made over the Unix socket `via` when set (a forwarder to
+    /// the KBS, e.g. over vsock); TLS still runs end to end to the URL's
+    /// host name, so the forwarder only sees ciphertext.
+    pub fn for_guest(
+        base_url: &str,
+        ca_pem: Option<&[u8]>,
+        via: Option<&std::path::Path>,
+    ) -> Result<Self, KbsClientError> {
+        install_ring_provider();
+        let builder = match ca_pem {
+            Some(ca) => reqwest::Client::builder()
+                .tls_backend_preconfigured(client_config(ca)?)
+                .https_only(true),
+            None => reqwest::Client::builder()
+                .tls_backend_preconfigured(client_config_trusting_nothing()?),
+        };
+        let builder = match via {
+            Some(path) => builder.unix_socket(path),
+            None => builder,
+        };
+        let http = builder.build().map_err(|source| KbsClientError::Http {
+            url: base_url.to_owned(),
+            source,
+        })?;
         Ok(Self::with_http(base_url, http))
     }
 

@@ -109,8 +109,17 @@ pub fn client_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         .with_no_client_auth())
 }
 
-#[cfg(feature = "kbs-server")]
+/// A client config that trusts nothing: for a plain-http client, which
+/// must not go looking for a system trust store (a guest has none).
+pub fn client_config_trusting_nothing() -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 /// A listener yielding TLS streams, for `axum::serve`.
+#[cfg(feature = "kbs-server")]
 pub struct TlsListener {
     incoming: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,

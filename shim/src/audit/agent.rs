@@ -135,6 +135,9 @@ impl AuditedAgent {
     }
 }
 
+/// How the agent words a refusal because attestation failed.
+const ATTESTATION_FAILED: &str = "attestation failed: ";
+
 fn none() -> serde_json::Value {
     serde_json::Value::Null
 }
@@ -173,6 +176,18 @@ impl AgentClient for AuditedAgent {
             Err(_) => none(),
         };
         self.note("CreateContainer", &container, "", &result, details);
+        // A confidential guest refuses every container while its
+        // attestation failed, with the reason after this marker.
+        if let Err(e) = &result {
+            let text = e.to_string();
+            if let Some((_, reason)) = text.split_once(ATTESTATION_FAILED) {
+                self.log.attestation_failed(
+                    &self.pod,
+                    reason,
+                    serde_json::json!({ "container": container }),
+                );
+            }
+        }
         result
     }
 
