@@ -28,6 +28,7 @@
 //! the spec wants to know.
 
 mod capabilities;
+pub use capabilities::DEFAULT_CAPABILITIES;
 mod decide;
 mod hardening;
 mod load;

@@ -6,23 +6,8 @@ use serde::Serialize;
 use crate::sandbox::GUEST_SHARED_DIR;
 
 /// containerd's default capability set (what a container gets unless the
-/// manifest adds or drops some).
-pub const DEFAULT_CAPABILITIES: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+/// manifest adds or drops some): the baseline inspection measures against.
+pub use crate::inspect::DEFAULT_CAPABILITIES;
 
 /// Every capability Linux 6.x knows (a privileged container has them all).
 pub const ALL_CAPABILITIES: [&str; 41] = [
