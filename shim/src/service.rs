@@ -94,6 +94,15 @@ impl ServiceError {
                 Code::INVALID_ARGUMENT
             }
             ServiceError::Sandbox(SandboxError::HostNetwork) => Code::FAILED_PRECONDITION,
+            // A confidential pod's config refusing a host share is a
+            // refusal, like inspection's; bad init-data is the caller's input.
+            ServiceError::Sandbox(SandboxError::Confidential(
+                crate::confidential::ConfidentialError::ShareRefused { .. },
+            )) => Code::PERMISSION_DENIED,
+            ServiceError::Sandbox(SandboxError::Confidential(
+                crate::confidential::ConfidentialError::Read { .. },
+            )) => Code::INTERNAL,
+            ServiceError::Sandbox(SandboxError::Confidential(_)) => Code::INVALID_ARGUMENT,
             ServiceError::Sandbox(SandboxError::ForeignSandbox { .. })
             | ServiceError::NoSandbox(_) => Code::FAILED_PRECONDITION,
             ServiceError::Sandbox(_) | ServiceError::Stdio(_) => Code::INTERNAL,

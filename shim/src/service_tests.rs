@@ -1366,3 +1366,24 @@ async fn an_unwritable_audit_file_does_not_stop_the_shim() {
     );
     assert!(h.audit_records().is_empty());
 }
+
+#[test]
+fn confidential_refusals_map_to_codes_containerd_can_tell_apart() {
+    use crate::confidential::ConfidentialError;
+    let refused = ServiceError::Sandbox(SandboxError::Confidential(
+        ConfidentialError::ShareRefused {
+            what: "the container rootfs",
+            path: "/var/lib/containerd/rootfs".into(),
+            kind: "rootfs",
+        },
+    ));
+    assert_eq!(refused.code(), ttrpc::Code::PERMISSION_DENIED);
+    assert!(
+        refused.to_string().contains("allow_host_shares"),
+        "{refused}"
+    );
+    let bad_input = ServiceError::Sandbox(SandboxError::Confidential(
+        ConfidentialError::BadKbsUrl("not a url".into()),
+    ));
+    assert_eq!(bad_input.code(), ttrpc::Code::INVALID_ARGUMENT);
+}
