@@ -653,52 +653,9 @@ pub fn qemu_args(
         accel.into(),
         "-cpu".into(),
         cpu.into(),
-        "-m".into(),
-        format!("{}M", vm.memory_mib),
-        "-smp".into(),
-        vm.vcpus.to_string(),
-        "-nodefaults".into(),
-        "-no-reboot".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-monitor".into(),
-        "none".into(),
-        "-serial".into(),
-        format!("file:{}", paths.console_log().display()),
-        "-kernel".into(),
-        config.guest.kernel.display().to_string(),
-        "-initrd".into(),
-        config.guest.initramfs.display().to_string(),
-        "-append".into(),
-        join_cmdline(base, &vm.kernel_params),
-        "-chardev".into(),
-        format!(
-            "socket,id=vsock0,path={}",
-            paths.vhost_user_vsock().display()
-        ),
-        "-device".into(),
-        // The CID comes from the back end (vhost-user GET_CONFIG).
-        "vhost-user-vsock-device,chardev=vsock0".into(),
-        "-device".into(),
-        "virtio-rng-device".into(),
     ];
-    if vm.shared_fs {
-        args.extend([
-            "-chardev".into(),
-            format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
-            "-device".into(),
-            format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"),
-        ]);
-    }
-    for (index, nic) in vm.nics.iter().enumerate() {
-        args.extend([
-            "-netdev".into(),
-            format!("tap,id=net{index},fd={}", nic.tap_fd),
-            "-device".into(),
-            format!("virtio-net-device,netdev=net{index},mac={}", nic.mac),
-        ]);
-    }
+    args.extend(boot_args(config, vm, paths, base));
+    args.extend(device_args(vm, paths, VirtioBus::Mmio));
     args.into_iter().map(OsString::from).collect()
 }
 
@@ -805,6 +762,88 @@ pub fn probe_qemu_tee(qemu: &Path, tee: &QemuTee) -> Result<(), QemuTeeError> {
     qemu_supports_tee(qemu, &help, &version, tee)
 }
 
+/// What QEMU's `-m` … `-append` say in every pod: size, no defaults, the
+/// console to a file, the guest kernel, initramfs and command line.
+fn boot_args(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths, base: String) -> Vec<String> {
+    vec![
+        "-m".into(),
+        format!("{}M", vm.memory_mib),
+        "-smp".into(),
+        vm.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-reboot".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-serial".into(),
+        format!("file:{}", paths.console_log().display()),
+        "-kernel".into(),
+        config.guest.kernel.display().to_string(),
+        "-initrd".into(),
+        config.guest.initramfs.display().to_string(),
+        "-append".into(),
+        join_cmdline(base, &vm.kernel_params),
+    ]
+}
+
+/// How the pod's virtio devices sit in QEMU: on virtio-mmio (`microvm`),
+/// or on PCI with `iommu_platform=on`, which a confidential guest needs
+/// so its drivers bounce I/O through shared memory.
+#[derive(Debug, Clone, Copy)]
+enum VirtioBus {
+    Mmio,
+    PciBehindIommu,
+}
+
+impl VirtioBus {
+    /// The QEMU device name for `kind` on this bus, with its options.
+    fn device(self, kind: &str, options: &str) -> String {
+        match self {
+            VirtioBus::Mmio => format!("{kind}-device{options}"),
+            VirtioBus::PciBehindIommu => format!("{kind}-pci{options},iommu_platform=on"),
+        }
+    }
+}
+
+/// The pod's devices: our vhost-user vsock (the CID comes from the back
+/// end, vhost-user GET_CONFIG), rng, the vhost-user fs share when there is
+/// one, and a virtio-net per tap.
+fn device_args(vm: &PodVm, paths: &VmPaths, bus: VirtioBus) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-chardev".into(),
+        format!(
+            "socket,id=vsock0,path={}",
+            paths.vhost_user_vsock().display()
+        ),
+        "-device".into(),
+        bus.device("vhost-user-vsock", ",chardev=vsock0"),
+        "-device".into(),
+        bus.device("virtio-rng", ""),
+    ];
+    if vm.shared_fs {
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
+            "-device".into(),
+            bus.device(
+                "vhost-user-fs",
+                &format!(",chardev=fs0,tag={SHARED_FS_TAG}"),
+            ),
+        ]);
+    }
+    for (index, nic) in vm.nics.iter().enumerate() {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net{index},fd={}", nic.tap_fd),
+            "-device".into(),
+            bus.device("virtio-net", &format!(",netdev=net{index},mac={}", nic.mac)),
+        ]);
+    }
+    args
+}
+
 fn base64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -875,54 +914,9 @@ pub fn qemu_confidential_args(
         "kvm".into(),
         "-cpu".into(),
         "host".into(),
-        "-m".into(),
-        format!("{}M", vm.memory_mib),
-        "-smp".into(),
-        vm.vcpus.to_string(),
-        "-nodefaults".into(),
-        "-no-reboot".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-monitor".into(),
-        "none".into(),
-        "-serial".into(),
-        format!("file:{}", paths.console_log().display()),
-        "-kernel".into(),
-        config.guest.kernel.display().to_string(),
-        "-initrd".into(),
-        config.guest.initramfs.display().to_string(),
-        "-append".into(),
-        join_cmdline(base, &vm.kernel_params),
-        "-chardev".into(),
-        format!(
-            "socket,id=vsock0,path={}",
-            paths.vhost_user_vsock().display()
-        ),
-        "-device".into(),
-        "vhost-user-vsock-pci,chardev=vsock0,iommu_platform=on".into(),
-        "-device".into(),
-        "virtio-rng-pci,iommu_platform=on".into(),
     ];
-    if vm.shared_fs {
-        args.extend([
-            "-chardev".into(),
-            format!("socket,id=fs0,path={}", paths.vhost_user_fs().display()),
-            "-device".into(),
-            format!("vhost-user-fs-pci,chardev=fs0,tag={SHARED_FS_TAG},iommu_platform=on"),
-        ]);
-    }
-    for (index, nic) in vm.nics.iter().enumerate() {
-        args.extend([
-            "-netdev".into(),
-            format!("tap,id=net{index},fd={}", nic.tap_fd),
-            "-device".into(),
-            format!(
-                "virtio-net-pci,netdev=net{index},mac={},iommu_platform=on",
-                nic.mac
-            ),
-        ]);
-    }
+    args.extend(boot_args(config, vm, paths, base));
+    args.extend(device_args(vm, paths, VirtioBus::PciBehindIommu));
     Ok(args.into_iter().map(OsString::from).collect())
 }
 
