@@ -139,14 +139,7 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
             binaries.version.0
         );
         // containerd's event stream, to see the shim's security events in.
-        let events_out = tempfile::NamedTempFile::new().unwrap();
-        let mut events = containerd
-            .ctr_command(&["events"])
-            .stdin(std::process::Stdio::null())
-            .stdout(events_out.reopen().unwrap())
-            .stderr(events_out.reopen().unwrap())
-            .spawn()
-            .unwrap();
+        let mut events = containerd.watch_events().unwrap();
         let output = containerd.ctr(&[
             "run",
             "--rm",
@@ -213,9 +206,7 @@ fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing_behind() {
         // 1.x prints them; 2.x's ctr has no google.protobuf.StringValue
         // linked in and skips them with a warning naming the type (which
         // shows the event got through containerd all the same).
-        let _ = events.kill();
-        let _ = events.wait();
-        let seen = std::fs::read_to_string(events_out.path()).unwrap();
+        let seen = events.stop();
         let delivered = if binaries.version.0 >= 2 {
             seen.contains("google.protobuf.StringValue")
         } else {

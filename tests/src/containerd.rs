@@ -264,6 +264,81 @@ impl PrivateContainerd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
+
+    /// Starts `ctr events` and returns once it is subscribed: a probe
+    /// namespace is created (containerd publishes `/namespaces/create`)
+    /// until the watcher prints it. Without this wait an event published
+    /// right after the spawn (a Create's security findings) can precede the
+    /// subscription on a loaded machine and be missed.
+    pub fn watch_events(&self) -> Result<EventWatch, ContainerdError> {
+        let out = tempfile::NamedTempFile::new().map_err(io_error("create the events file"))?;
+        let reopen = || out.reopen().map_err(io_error("reopen the events file"));
+        let child = self
+            .ctr_command(&["events"])
+            .stdin(Stdio::null())
+            .stdout(reopen()?)
+            .stderr(reopen()?)
+            .spawn()
+            .map_err(io_error(format!(
+                "run {} events",
+                self.binaries.ctr.display()
+            )))?;
+        let mut watch = EventWatch { child, out };
+        let started = Instant::now();
+        for attempt in 0u32.. {
+            let probe = format!("cloister-events-probe-{}-{attempt}", std::process::id());
+            self.ctr(&["namespaces", "create", &probe]);
+            let seen_by = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < seen_by {
+                if watch.text().contains(&probe) {
+                    for n in 0..=attempt {
+                        let probe = format!("cloister-events-probe-{}-{n}", std::process::id());
+                        self.ctr(&["namespaces", "remove", &probe]);
+                    }
+                    return Ok(watch);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if started.elapsed() > START_DEADLINE {
+                break;
+            }
+        }
+        let seen = watch.stop();
+        Err(ContainerdError::Io {
+            what: format!(
+                "ctr events printed no probe event within {START_DEADLINE:?}; it printed: {seen}"
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        })
+    }
+}
+
+/// A subscribed `ctr events`, writing to a temporary file; killed on drop.
+#[derive(Debug)]
+pub struct EventWatch {
+    child: Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl EventWatch {
+    /// What the watcher printed so far.
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(self.out.path()).unwrap_or_default()
+    }
+
+    /// Stops the watcher and returns everything it printed.
+    pub fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.text()
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for PrivateContainerd {
