@@ -181,6 +181,11 @@ impl Args {
             cfg.jail = None;
         }
         cfg.validate()?;
+        if cfg.tee.is_some() {
+            // What the confidential boot cannot do (TDX with vcpus > 1),
+            // named before anything is measured or launched.
+            tee::run::tee_spec_for_vm(&cfg)?;
+        }
         if self.metrics_interval == Some(0) {
             anyhow::bail!("metrics_interval = 0: must be at least 1 second");
         }
@@ -262,15 +267,12 @@ fn run() -> anyhow::Result<ExitCode> {
         if cfg.jail.is_some() {
             anyhow::bail!("a confidential guest cannot run jailed yet (the jail exposes neither /dev/sev nor guest_memfd setup): pass --no-jail");
         }
-        if cfg.devices().count() > 0 {
-            anyhow::bail!("a confidential guest runs without virtio devices for now (they do not offer VIRTIO_F_ACCESS_PLATFORM yet): remove rng, vsock, block, console, fs and net");
-        }
         // Checks the host before it creates anything.
         let launched = tee::run::launch_on_host(&cfg)?;
         let serial = serial_writer(&cfg.serial)?;
         // SIGTERM keeps its default action here: the process ends, and
         // the kernel tears the VM down with it.
-        let exit = tee::run::run_launched(launched, serial, start)?;
+        let exit = tee::run::run_launched(launched, &cfg.devices(), serial, start)?;
         let _ = std::io::stdout().flush();
         eprintln!("cloister-vmm: confidential guest ended: {exit}");
         return Ok(if exit.is_clean() {

@@ -93,6 +93,27 @@ fn print_launch_digest_is_stable_and_follows_its_inputs() {
     assert_ne!(tdx, snp);
 }
 
+/// A TD boots one vCPU: more is a config error naming the field, also
+/// for the reference value (it would describe a TD that cannot run).
+#[test]
+fn tdx_with_two_vcpus_is_refused_by_field_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = bzimage(dir.path());
+    for extra in [&["--print-launch-digest"][..], &[]] {
+        let out = vmm()
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--tee", "tdx", "--vcpus", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("vcpus = 2"), "{stderr}");
+        assert!(stderr.contains("TDX"), "{stderr}");
+    }
+}
+
 #[test]
 fn tee_launch_on_a_host_without_the_hardware_fails_cleanly_with_exit_2() {
     for kind in [TeeKind::Snp, TeeKind::Tdx] {
