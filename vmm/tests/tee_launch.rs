@@ -142,6 +142,37 @@ fn tee_launch_on_a_host_without_the_hardware_fails_cleanly_with_exit_2() {
     }
 }
 
+/// Jailed, the host check still comes first with the same message: the
+/// jail (which would hide /sys) is not even built.
+#[test]
+fn jailed_tee_launch_checks_the_host_before_the_jail() {
+    let dir = tempfile::tempdir().unwrap();
+    let jail_root = dir.path().join("jail");
+    for kind in [TeeKind::Snp, TeeKind::Tdx] {
+        if check_host(kind, &HostRoot::real(), kvm_vm_types(Path::new("/dev/kvm"))).is_ok() {
+            eprintln!("SKIP: this host can launch {kind} guests (see the hardware test)");
+            continue;
+        }
+        let out = vmm()
+            .args([
+                "--kernel",
+                "/nonexistent/bzImage",
+                "--tee",
+                &kind.to_string(),
+            ])
+            .arg("--jail-root")
+            .arg(&jail_root)
+            .args(["--jail-uid", "64000", "--jail-gid", "64000"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("KVM_CAP_VM_TYPES"), "{stderr}");
+        assert!(!stderr.contains("jail"), "{stderr}");
+        assert!(!jail_root.exists(), "the jail was not built");
+    }
+}
+
 /// Real hardware: launch, then the guest kernel's first console line.
 #[test]
 fn hardware_launch_boots_to_the_kernel_console() {

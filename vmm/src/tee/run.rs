@@ -38,6 +38,7 @@ use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::virtio::attach::{DeviceEventRegistrar, DeviceMemoryAccess, VirtioDevices};
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::VmmMetrics;
+use crate::signals::watch_termination_signals;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu};
 
@@ -392,6 +393,15 @@ pub fn attach_confidential_devices(
         .map_err(|e| TeeRunError::Devices(Box::new(e)))
 }
 
+/// How [`run_launched`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// End the VM with [`VmExit::Terminated`] on SIGTERM, SIGINT or
+    /// SIGHUP; the caller must have blocked them first
+    /// (`crate::signals::block_termination_signals`).
+    pub stop_on_termination_signals: bool,
+}
+
 /// Runs a launched VM until the guest ends: serial console, i8042 reset
 /// and boot timer on the port bus, the config's virtio devices on the MMIO
 /// bus ([`attach_confidential_devices`]), one thread per vCPU, the
@@ -401,6 +411,7 @@ pub fn run_launched(
     devices: &VirtioDevicesConfig,
     serial_out: Box<dyn Write + Send>,
     vmm_start: Instant,
+    options: RunOptions,
 ) -> Result<VmExit, TeeRunError> {
     let LaunchedVm {
         kind,
@@ -413,6 +424,9 @@ pub fn run_launched(
     let vcpu_fds = tee.take_vcpus();
     let metrics = Arc::new(VmmMetrics::default());
     let exit = Arc::new(ExitSignal::new().map_err(io("cannot create exit eventfd"))?);
+    if options.stop_on_termination_signals {
+        watch_termination_signals(exit.clone()).map_err(io("cannot start the signal thread"))?;
+    }
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(io("cannot create serial irq eventfd"))?;
     // With TDX's split irqchip there is no in-kernel IOAPIC pin to route:

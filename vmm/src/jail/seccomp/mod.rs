@@ -25,7 +25,7 @@ use seccompiler::{sock_filter, BpfProgram};
 
 use super::JailError;
 pub use compile::ThreadKind;
-pub use rules::DeviceKinds;
+pub use rules::{DeviceKinds, TeeThreads};
 
 mod built {
     include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
@@ -46,7 +46,12 @@ fn kind_index(kind: ThreadKind) -> usize {
 
 /// The built filter of `kind` for `devices`.
 pub fn built_filter(kind: ThreadKind, devices: DeviceKinds) -> BpfProgram {
-    let (offset, len) = built::FILTER_INDEX[kind_index(kind)][devices.mask()];
+    built_tee_filter(kind, devices, TeeThreads::None)
+}
+
+/// The built filter of `kind` for `devices` in a VM confidential as `tee`.
+pub fn built_tee_filter(kind: ThreadKind, devices: DeviceKinds, tee: TeeThreads) -> BpfProgram {
+    let (offset, len) = built::FILTER_INDEX[kind_index(kind)][tee.index()][devices.mask()];
     FILTER_BLOB[offset * 8..(offset + len) * 8]
         .chunks_exact(8)
         .map(|b| sock_filter {
@@ -71,11 +76,16 @@ static FILTERS: OnceLock<ThreadFilters> = OnceLock::new();
 impl ThreadFilters {
     /// The filters of a VM serving `devices`.
     pub fn for_vm(devices: DeviceKinds) -> Self {
+        Self::for_tee_vm(devices, TeeThreads::None)
+    }
+
+    /// The filters of a VM serving `devices`, confidential as `tee` says.
+    pub fn for_tee_vm(devices: DeviceKinds, tee: TeeThreads) -> Self {
         Self {
-            main: built_filter(ThreadKind::Main, devices),
-            helper: built_filter(ThreadKind::Helper, devices),
-            vcpu: built_filter(ThreadKind::Vcpu, devices),
-            virtio: built_filter(ThreadKind::Virtio, devices),
+            main: built_tee_filter(ThreadKind::Main, devices, tee),
+            helper: built_tee_filter(ThreadKind::Helper, devices, tee),
+            vcpu: built_tee_filter(ThreadKind::Vcpu, devices, tee),
+            virtio: built_tee_filter(ThreadKind::Virtio, devices, tee),
         }
     }
 
@@ -154,6 +164,17 @@ mod tests {
                 let devices = DeviceKinds::from_mask(mask);
                 let now = compile::compile(compile::thread_rules(kind, devices).unwrap()).unwrap();
                 assert_eq!(built_filter(kind, devices), now, "{kind:?} {mask}");
+                for variant in 0..rules::TEE_VARIANTS {
+                    let tee = TeeThreads::from_index(variant);
+                    let now =
+                        compile::compile(compile::tee_thread_rules(kind, devices, tee).unwrap())
+                            .unwrap();
+                    assert_eq!(
+                        built_tee_filter(kind, devices, tee),
+                        now,
+                        "{kind:?} {tee:?} {mask}"
+                    );
+                }
             }
         }
     }
