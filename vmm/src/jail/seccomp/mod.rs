@@ -179,6 +179,94 @@ mod tests {
         }
     }
 
+    /// The built TEE vCPU filter, installed on a thread of its own: the
+    /// conversion calls and the real QGS client (against a QGS that reads
+    /// the request and hangs up) get errors from the kernel, not SIGSYS.
+    #[test]
+    fn tee_vcpu_filter_lets_conversions_and_the_qgs_client_through() {
+        use std::io::Read;
+
+        use crate::tee::tdx::quote::{QgsClient, QuoteService, QuoteServiceAddr};
+
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qgs.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let qgs = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).unwrap();
+        });
+        let program = built_tee_filter(
+            ThreadKind::Vcpu,
+            DeviceKinds::default(),
+            TeeThreads::ConfidentialWithQuoteService,
+        );
+        let vcpu = std::thread::spawn(move || {
+            seccompiler::apply_filter(&program).unwrap();
+            let errno = || std::io::Error::last_os_error().raw_os_error();
+            // SAFETY: fd -1: the kernel refuses before reading the argument.
+            let rc = unsafe { libc::ioctl(-1, rules::KVM_SET_MEMORY_ATTRIBUTES as _, 0) };
+            assert_eq!((rc, errno()), (-1, Some(libc::EBADF)));
+            // SAFETY: fd -1, no pointers.
+            let rc = unsafe {
+                libc::fallocate(
+                    -1,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096,
+                )
+            };
+            assert_eq!((rc, errno()), (-1, Some(libc::EBADF)));
+            let mut client = QgsClient::new(QuoteServiceAddr::Unix(socket));
+            // Reached the reply: connect, timeouts, request, read all ran.
+            client.get_quote(&[0u8; 1024]).unwrap_err().to_string()
+        });
+        let err = vcpu.join().expect("the filtered thread survived");
+        qgs.join().unwrap();
+        assert!(!err.is_empty());
+    }
+
+    /// Outside the list: the whole process dies with SIGSYS (in a child).
+    #[test]
+    fn tee_vcpu_filter_kills_on_other_fallocate_modes_and_without_a_tee() {
+        for (tee, mode) in [
+            (TeeThreads::Confidential, 0),
+            (
+                TeeThreads::None,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
+        ] {
+            let program = built_tee_filter(ThreadKind::Vcpu, DeviceKinds::default(), tee);
+            // SAFETY: the child only installs a prebuilt filter and makes
+            // raw system calls before _exit: no allocation, no locks.
+            match unsafe { libc::fork() } {
+                0 => {
+                    if seccompiler::apply_filter(&program).is_err() {
+                        // SAFETY: ends the child.
+                        unsafe { libc::_exit(3) };
+                    }
+                    // SAFETY: fd -1, no pointers.
+                    unsafe { libc::fallocate(-1, mode, 0, 4096) };
+                    // SAFETY: ends the child.
+                    unsafe { libc::_exit(0) };
+                }
+                pid => {
+                    assert!(pid > 0);
+                    let mut status = 0;
+                    // SAFETY: waits for our own child.
+                    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                    assert!(
+                        libc::WIFSIGNALED(status),
+                        "{tee:?} mode {mode}: {status:#x}"
+                    );
+                    assert_eq!(libc::WTERMSIG(status), libc::SIGSYS, "{tee:?} mode {mode}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn device_mask_roundtrips_and_rng_console_do_not_count() {
         for mask in 0..16 {
