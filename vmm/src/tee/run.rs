@@ -256,16 +256,10 @@ pub struct LaunchedVm {
     pub quote_service: Option<QuoteServiceAddr>,
 }
 
-/// Checks the host, then creates and launches the confidential VM: on
-/// return its memory is private and measured and its vCPUs exist.
-pub fn launch_on_host(cfg: &VmConfig) -> Result<LaunchedVm, TeeRunError> {
-    // Before anything is created: the VM type, the module, the device.
-    let spec = check_before_launch(cfg)?;
-    launch_checked(cfg, spec)
-}
-
 /// Creates and launches the confidential VM `spec` describes, once
-/// [`check_before_launch`] passed (a jailed VMM: outside the jail).
+/// [`check_before_launch`] passed (a jailed VMM: outside the jail, then
+/// this inside it): on return its memory is private and measured and its
+/// vCPUs exist.
 pub fn launch_checked(cfg: &VmConfig, spec: TeeSpec) -> Result<LaunchedVm, TeeRunError> {
     let f = files(cfg)?;
     let kvm = Kvm::new().map_err(|source| TeeRunError::Kvm {
