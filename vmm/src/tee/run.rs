@@ -89,6 +89,8 @@ pub enum TeeRunError {
     TdxVcpus(u8),
     #[error("a TDX guest cannot have virtio devices ({0}) yet: TDX allows only KVM's split irqchip, which has no in-kernel IOAPIC, so a virtio-mmio interrupt line could reach the TD only through a userspace IOAPIC that cloister-vmm does not emulate; use the qemu backend for TDX pods")]
     TdxDevices(String),
+    #[error("{count} virtio devices: an SNP guest boots without an MP table or ACPI, so device interrupts reach it only through the legacy 8259 (IRQ {VIRTIO_IRQ_FIRST} to {LAST_PIC_IRQ}): at most {max} devices", max = MAX_SNP_DEVICES)]
+    SnpTooManyDevices { count: usize },
     #[error("virtio devices of the confidential guest: {0}")]
     Devices(Box<BuildError>),
 }
@@ -138,8 +140,17 @@ pub fn check_before_launch(cfg: &VmConfig) -> Result<TeeSpec, TeeRunError> {
     Ok(spec)
 }
 
+/// The last line of the legacy 8259 pair.
+const LAST_PIC_IRQ: u32 = 15;
+/// Devices whose IRQ (`VIRTIO_IRQ_FIRST + slot`) is a PIC line.
+const MAX_SNP_DEVICES: usize = (LAST_PIC_IRQ - VIRTIO_IRQ_FIRST + 1) as usize;
+
 /// SNP has the full in-kernel irqchip (`KVM_CREATE_IRQCHIP`): a device's
-/// irqfd on its GSI raises the PIC/IOAPIC pin as in a plain VM. TDX has
+/// irqfd on its GSI raises the PIC/IOAPIC pin as in a plain VM. But the
+/// measured boot has no MP table (nor ACPI), so the guest drives no IOAPIC
+/// and takes device interrupts through the 8259: only IRQs up to 15 (a
+/// plain VM without its MP table was seen to serve all its devices on IRQs
+/// 5-10 this way on kvm_pvm). TDX has
 /// only the split irqchip: KVM's GSI routing table is empty there, so an
 /// irqfd on a pin would be accepted and never deliver anything (only MSI
 /// routes work, and virtio-mmio has no MSI). Refused rather than a guest
@@ -148,10 +159,12 @@ fn refuse_unroutable_devices(
     kind: TeeKind,
     devices: &VirtioDevicesConfig,
 ) -> Result<(), TeeRunError> {
-    if kind == TeeKind::Tdx && devices.count() > 0 {
-        return Err(TeeRunError::TdxDevices(device_names(devices).join(", ")));
+    let count = devices.count();
+    match kind {
+        TeeKind::Tdx if count > 0 => Err(TeeRunError::TdxDevices(device_names(devices).join(", "))),
+        TeeKind::Snp if count > MAX_SNP_DEVICES => Err(TeeRunError::SnpTooManyDevices { count }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The command line the guest sees, measured: the configured one plus the
@@ -721,6 +734,30 @@ mod tests {
         assert!(registrar.irqfds.borrow().is_empty());
         // No devices: nothing to refuse.
         assert!(refuse_unroutable_devices(TeeKind::Tdx, &VirtioDevicesConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn snp_takes_as_many_devices_as_the_pic_has_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = |n: usize| VirtioDevicesConfig {
+            block: (0..n)
+                .map(|i| crate::config::BlockConfig {
+                    path: dir.path().join(format!("d{i}")),
+                    read_only: false,
+                    serial: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(refuse_unroutable_devices(TeeKind::Snp, &disks(11)).is_ok());
+        let err = refuse_unroutable_devices(TeeKind::Snp, &disks(12))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("12 virtio devices"), "{err}");
+        assert!(
+            err.contains("IRQ 5 to 15") && err.contains("at most 11"),
+            "{err}"
+        );
     }
 
     #[test]
