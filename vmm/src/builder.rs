@@ -25,7 +25,9 @@ use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
-use crate::devices::virtio::attach::{AttachError, VirtioDevices};
+use crate::devices::virtio::attach::{
+    AttachError, DeviceEventRegistrar, DeviceMemoryAccess, VirtioDevices,
+};
 use crate::devices::virtio::block::{self, BlockDevice, BlockError};
 use crate::devices::virtio::console::{ConsoleDevice, ConsoleError, ConsoleOutput};
 use crate::devices::virtio::device::VirtioDevice;
@@ -211,11 +213,12 @@ pub fn run_vm(
     let mem = create_guest_memory(spec.memory_mib, spec.hugepages)?;
     let vm = Vm::new(&kvm, &mem)?;
     let mut mmio_bus = Bus::new();
-    let virtio = VirtioDevices::attach(
+    let virtio = attach_virtio_devices(
         vm.fd(),
         &mem,
         &mut mmio_bus,
-        create_virtio_devices(&spec.devices)?,
+        &spec.devices,
+        DeviceMemoryAccess::Direct,
     )?;
     let (entry, all_vcpus_start) =
         load_payload(&mem, &spec.boot, template, &virtio.cmdline_args())?;
@@ -228,11 +231,7 @@ pub fn run_vm(
     }
     let io_bus = Arc::new(legacy_io_bus(&vm, serial_out, &exit, &metrics, vmm_start)?);
     let mmio_bus = Arc::new(mmio_bus);
-    let virtio_thread = if virtio.is_empty() {
-        None
-    } else {
-        Some(VirtioThread::start(&virtio.transports())?)
-    };
+    let virtio_thread = start_virtio_thread(&virtio)?;
     let periodic_metrics = match spec.metrics_interval {
         Some(interval) => {
             let (vmm, devices) = (metrics.clone(), virtio.clone());
@@ -387,6 +386,34 @@ fn load_payload(
             Ok((BootEntry::LongMode { entry: *load_addr }, true))
         }
     }
+}
+
+/// Creates the virtio devices `config` asks for and attaches them in slot
+/// order (see [`VirtioDevices::attach`] for the layout). The one place both
+/// the plain VM and the confidential one (`crate::tee::run`, with
+/// [`DeviceMemoryAccess::Platform`]) get their devices from.
+pub fn attach_virtio_devices(
+    vm: &dyn DeviceEventRegistrar,
+    mem: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    config: &VirtioDevicesConfig,
+    access: DeviceMemoryAccess,
+) -> Result<VirtioDevices, BuildError> {
+    Ok(VirtioDevices::attach(
+        vm,
+        mem,
+        mmio_bus,
+        create_virtio_devices(config)?,
+        access,
+    )?)
+}
+
+/// The thread that serves the devices' queues, if there are any devices.
+pub fn start_virtio_thread(virtio: &VirtioDevices) -> Result<Option<VirtioThread>, BuildError> {
+    if virtio.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(VirtioThread::start(&virtio.transports())?))
 }
 
 /// The virtio devices `config` asks for, in slot order.

@@ -18,7 +18,7 @@ use cloister_vmm::cpuid::CpuTemplate;
 use cloister_vmm::devices::log_file::{BoundedLog, GUEST_LOG_FILE_LIMIT};
 use cloister_vmm::exit::VmExit;
 use cloister_vmm::jail::config::JailArgs;
-use cloister_vmm::jail::seccomp::{DeviceKinds, ThreadFilters};
+use cloister_vmm::jail::seccomp::{DeviceKinds, TeeThreads, ThreadFilters};
 use cloister_vmm::jail::{Entered, JailPlan, NO_JAIL_WARNING};
 use cloister_vmm::signals::block_termination_signals;
 use cloister_vmm::tee::{self, config::TeeConfig, TeeKind};
@@ -181,6 +181,11 @@ impl Args {
             cfg.jail = None;
         }
         cfg.validate()?;
+        if cfg.tee.is_some() {
+            // What the confidential boot cannot do (TDX with vcpus > 1),
+            // named before anything is measured or launched.
+            tee::run::tee_spec_for_vm(&cfg)?;
+        }
         if self.metrics_interval == Some(0) {
             anyhow::bail!("metrics_interval = 0: must be at least 1 second");
         }
@@ -219,6 +224,17 @@ fn device_kinds(cfg: &VmConfig) -> DeviceKinds {
     }
 }
 
+/// What the vCPU threads of `cfg`'s VM do besides a plain VM's.
+fn tee_threads(cfg: &VmConfig) -> TeeThreads {
+    match &cfg.tee {
+        None => TeeThreads::None,
+        Some(TeeConfig::Tdx(tdx)) if tdx.quote_service.is_some() => {
+            TeeThreads::ConfidentialWithQuoteService
+        }
+        Some(_) => TeeThreads::Confidential,
+    }
+}
+
 /// Enters the jail `cfg` asks for, rewriting its paths; `Some(code)` in
 /// the supervisor once the jailed VMM ended.
 fn enter_jail(cfg: &mut VmConfig) -> anyhow::Result<Option<ExitCode>> {
@@ -229,7 +245,7 @@ fn enter_jail(cfg: &mut VmConfig) -> anyhow::Result<Option<ExitCode>> {
     cloister_vmm::vstate::kvm::HostKvmKind::detect();
     let plan = JailPlan::for_vm(cfg)?;
     // Built with the VMM, installed by each thread later.
-    let filters = ThreadFilters::for_vm(device_kinds(cfg));
+    let filters = ThreadFilters::for_tee_vm(device_kinds(cfg), tee_threads(cfg));
     let inherited: Vec<i32> = cfg.net.iter().filter_map(|nic| nic.fd).collect();
     let nics = &mut cfg.net;
     match cloister_vmm::jail::enter(&jail, &plan, &inherited, || {
@@ -259,25 +275,33 @@ fn run() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if cfg.tee.is_some() {
-        if cfg.jail.is_some() {
-            anyhow::bail!("a confidential guest cannot run jailed yet (the jail exposes neither /dev/sev nor guest_memfd setup): pass --no-jail");
-        }
-        if cfg.devices().count() > 0 {
-            anyhow::bail!("a confidential guest runs without virtio devices for now (they do not offer VIRTIO_F_ACCESS_PLATFORM yet): remove rng, vsock, block, console, fs and net");
-        }
-        // Checks the host before it creates anything.
-        let launched = tee::run::launch_on_host(&cfg)?;
+        // The host first (it reads /sys, which the jail does not have):
+        // the same message jailed or not, before anything is created.
+        tee::run::check_before_launch(&cfg)?;
+        // Opened before the jail: its folder stays outside.
         let serial = serial_writer(&cfg.serial)?;
-        // SIGTERM keeps its default action here: the process ends, and
-        // the kernel tears the VM down with it.
-        let exit = tee::run::run_launched(launched, serial, start)?;
+        if let Some(code) = enter_jail(&mut cfg)? {
+            return Ok(code);
+        }
+        // Again from the config as the jail rewrote it (paths moved).
+        let spec = tee::run::tee_spec_for_vm(&cfg)?;
+        let launched = tee::run::launch_checked(&cfg, spec)?;
+        // Watched, not left to the default action: a jailed VMM is its PID
+        // namespace's init, which the kernel does not kill for a signal it
+        // has no handler for. Blocked before any thread starts.
+        block_termination_signals().context("cannot block SIGTERM/SIGINT/SIGHUP")?;
+        let exit = tee::run::run_launched(
+            launched,
+            &cfg.devices(),
+            serial,
+            start,
+            tee::run::RunOptions {
+                stop_on_termination_signals: true,
+            },
+        )?;
         let _ = std::io::stdout().flush();
         eprintln!("cloister-vmm: confidential guest ended: {exit}");
-        return Ok(if exit.is_clean() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
+        return Ok(exit_code(&exit));
     }
     // Opened before the jail: its folder stays outside.
     let serial = serial_writer(&cfg.serial)?;
@@ -305,12 +329,16 @@ fn run() -> anyhow::Result<ExitCode> {
     if !run.exit.is_clean() {
         eprintln!("cloister-vmm: {}", run.exit);
     }
-    Ok(match run.exit {
-        _ if run.exit.is_clean() => ExitCode::SUCCESS,
+    Ok(exit_code(&run.exit))
+}
+
+fn exit_code(exit: &VmExit) -> ExitCode {
+    match exit {
+        _ if exit.is_clean() => ExitCode::SUCCESS,
         // As a shell reports a process killed by the signal.
         VmExit::Terminated { signal } => ExitCode::from(128 + (signal & 0x7f) as u8),
         _ => ExitCode::from(1),
-    })
+    }
 }
 
 fn main() -> ExitCode {

@@ -93,6 +93,27 @@ fn print_launch_digest_is_stable_and_follows_its_inputs() {
     assert_ne!(tdx, snp);
 }
 
+/// A TD boots one vCPU: more is a config error naming the field, also
+/// for the reference value (it would describe a TD that cannot run).
+#[test]
+fn tdx_with_two_vcpus_is_refused_by_field_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = bzimage(dir.path());
+    for extra in [&["--print-launch-digest"][..], &[]] {
+        let out = vmm()
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--tee", "tdx", "--vcpus", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("vcpus = 2"), "{stderr}");
+        assert!(stderr.contains("TDX"), "{stderr}");
+    }
+}
+
 #[test]
 fn tee_launch_on_a_host_without_the_hardware_fails_cleanly_with_exit_2() {
     for kind in [TeeKind::Snp, TeeKind::Tdx] {
@@ -118,6 +139,37 @@ fn tee_launch_on_a_host_without_the_hardware_fails_cleanly_with_exit_2() {
         assert!(stderr.contains("KVM_CAP_VM_TYPES"), "{stderr}");
         // The host was checked before the kernel was even read.
         assert!(!stderr.contains("/nonexistent/bzImage"), "{stderr}");
+    }
+}
+
+/// Jailed, the host check still comes first with the same message: the
+/// jail (which would hide /sys) is not even built.
+#[test]
+fn jailed_tee_launch_checks_the_host_before_the_jail() {
+    let dir = tempfile::tempdir().unwrap();
+    let jail_root = dir.path().join("jail");
+    for kind in [TeeKind::Snp, TeeKind::Tdx] {
+        if check_host(kind, &HostRoot::real(), kvm_vm_types(Path::new("/dev/kvm"))).is_ok() {
+            eprintln!("SKIP: this host can launch {kind} guests (see the hardware test)");
+            continue;
+        }
+        let out = vmm()
+            .args([
+                "--kernel",
+                "/nonexistent/bzImage",
+                "--tee",
+                &kind.to_string(),
+            ])
+            .arg("--jail-root")
+            .arg(&jail_root)
+            .args(["--jail-uid", "64000", "--jail-gid", "64000"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("KVM_CAP_VM_TYPES"), "{stderr}");
+        assert!(!stderr.contains("jail"), "{stderr}");
+        assert!(!jail_root.exists(), "the jail was not built");
     }
 }
 

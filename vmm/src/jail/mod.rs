@@ -60,6 +60,13 @@ pub enum JailError {
     Seccomp { kind: &'static str, reason: String },
     #[error("jail: {0}")]
     Taps(String),
+    #[error(
+        "jail: this host has no {node} to give the jail a node of (it comes from {provided_by})"
+    )]
+    NoHostDevice {
+        node: &'static str,
+        provided_by: &'static str,
+    },
 }
 
 /// Where [`enter`] left this process.

@@ -9,13 +9,15 @@
 //! /share/N                    virtio-fs shared folders (recursive binds)
 //! /sock/NAME/                 folders holding sockets the VMM creates
 //! /log/NAME/                  folders of output files the VMM creates
-//! /dev/kvm /dev/urandom       device nodes
+//! /sock/qgs/                  the TDX quote service's folder (read-only)
+//! /dev/kvm /dev/urandom       device nodes (and /dev/sev for SEV-SNP)
 //! /proc                       a procfs of the jail's PID namespace
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use crate::config::{VirtioConsoleOutput, VmConfig};
+use crate::tee::config::TeeConfig;
 
 use super::JailError;
 
@@ -41,15 +43,26 @@ pub struct Bind {
 pub struct DeviceNode {
     pub host: &'static str,
     pub mode: u32,
+    /// What provides the node, for the error when the host has none.
+    pub provided_by: &'static str,
 }
 
 pub const KVM_NODE: DeviceNode = DeviceNode {
     host: "/dev/kvm",
     mode: 0o600,
+    provided_by: "the kvm module",
 };
 pub const URANDOM_NODE: DeviceNode = DeviceNode {
     host: "/dev/urandom",
     mode: 0o444,
+    provided_by: "the kernel",
+};
+/// The AMD Secure Processor: every SEV command the SNP launch issues hands
+/// KVM an open fd of it (`crate::tee::kvm::KvmTeeVm`).
+pub const SEV_NODE: DeviceNode = DeviceNode {
+    host: "/dev/sev",
+    mode: 0o600,
+    provided_by: "the ccp module on an SEV-SNP host (kvm_amd sev_snp=1)",
 };
 
 /// Everything the root holds besides its fixed folders.
@@ -140,6 +153,9 @@ impl JailPlan {
         if let Some(vsock) = &mut cfg.vsock {
             vsock.uds_path = plan.in_folder_of("vsock.uds_path", &vsock.uds_path, "/sock/vsock")?;
         }
+        if let Some(tee) = &mut cfg.tee {
+            plan.confidential(tee)?;
+        }
         if let Some(console) = &mut cfg.console {
             if let VirtioConsoleOutput::File(path) = &console.output {
                 console.output = VirtioConsoleOutput::File(plan.in_folder_of(
@@ -151,12 +167,52 @@ impl JailPlan {
         }
         Ok(plan)
     }
+
+    /// What a confidential VM needs besides `/dev/kvm` (guest_memfd needs
+    /// no node): `/dev/sev` for SNP, and for TDX the quote service's
+    /// socket when it is `unix:PATH` (its folder, read-only, so a QGS that
+    /// recreates its socket is still found; connecting needs no write
+    /// access to the mount). `vsock:CID:PORT` needs nothing: vsock is not
+    /// in the network namespace.
+    fn confidential(&mut self, tee: &mut TeeConfig) -> Result<(), JailError> {
+        match tee {
+            TeeConfig::Snp(_) => self.devices.push(SEV_NODE),
+            TeeConfig::Tdx(tdx) => {
+                let Some(unix) = tdx
+                    .quote_service
+                    .as_deref()
+                    .and_then(|q| q.strip_prefix("unix:"))
+                else {
+                    return Ok(());
+                };
+                let path = Path::new(unix);
+                let (Some(folder), Some(name)) = (path.parent(), path.file_name()) else {
+                    return Err(JailError::Path {
+                        field: "tee.quote_service",
+                        path: path.to_path_buf(),
+                        reason: "has no folder and file name",
+                    });
+                };
+                if !path.is_absolute() {
+                    return Err(JailError::Path {
+                        field: "tee.quote_service",
+                        path: path.to_path_buf(),
+                        reason: "must be absolute in a jail",
+                    });
+                }
+                let inside = self.folder(folder, "/sock/qgs", true).join(name);
+                tdx.quote_service = Some(format!("unix:{}", inside.display()));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{BlockConfig, CacheMode, ConsoleConfig, FsConfig, VsockConfig};
+    use crate::tee::config::TdxConfig;
 
     fn vm() -> VmConfig {
         let mut cfg = VmConfig::new("/usr/share/cloister/vmlinux");
@@ -257,6 +313,76 @@ mod tests {
 
         assert_eq!(plan.binds.len(), 1);
         assert!(!plan.serves_fs && !plan.writes_guest_files);
+    }
+
+    #[test]
+    fn snp_gets_the_sev_node_and_no_bind() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.tee = Some(TeeConfig::of_kind(crate::tee::TeeKind::Snp));
+
+        let plan = JailPlan::for_vm(&mut cfg).unwrap();
+
+        assert_eq!(plan.devices, [KVM_NODE, URANDOM_NODE, SEV_NODE]);
+        assert_eq!(plan.binds.len(), 1);
+    }
+
+    #[test]
+    fn tdx_quote_service_socket_folder_is_bound_read_only_and_the_path_rewritten() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.tee = Some(TeeConfig::Tdx(TdxConfig {
+            quote_service: Some("unix:/var/run/tdx-qgs/qgs.socket".into()),
+            ..Default::default()
+        }));
+
+        let plan = JailPlan::for_vm(&mut cfg).unwrap();
+
+        assert_eq!(plan.devices, [KVM_NODE, URANDOM_NODE]);
+        assert_eq!(
+            plan.binds[1],
+            Bind {
+                source: "/var/run/tdx-qgs".into(),
+                target: "/sock/qgs".into(),
+                kind: BindKind::Folder,
+                read_only: true,
+            }
+        );
+        let Some(TeeConfig::Tdx(tdx)) = &cfg.tee else {
+            unreachable!()
+        };
+        assert_eq!(
+            tdx.quote_service.as_deref(),
+            Some("unix:/sock/qgs/qgs.socket")
+        );
+        // Still a valid section (the shim's field, only the path moved).
+        cfg.tee.as_ref().unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn tdx_without_a_unix_quote_service_binds_nothing_and_no_tee_gets_no_sev() {
+        for quote_service in [None, Some("vsock:2:4050".to_string())] {
+            let mut cfg = VmConfig::new("/k");
+            cfg.tee = Some(TeeConfig::Tdx(TdxConfig {
+                quote_service: quote_service.clone(),
+                ..Default::default()
+            }));
+            let plan = JailPlan::for_vm(&mut cfg).unwrap();
+            assert_eq!(plan.binds.len(), 1, "{quote_service:?}");
+            assert_eq!(plan.devices, [KVM_NODE, URANDOM_NODE]);
+        }
+        let mut cfg = VmConfig::new("/k");
+        let plan = JailPlan::for_vm(&mut cfg).unwrap();
+        assert!(!plan.devices.contains(&SEV_NODE));
+    }
+
+    #[test]
+    fn relative_quote_service_socket_is_refused_naming_the_field() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.tee = Some(TeeConfig::Tdx(TdxConfig {
+            quote_service: Some("unix:qgs.socket".into()),
+            ..Default::default()
+        }));
+        let err = JailPlan::for_vm(&mut cfg).unwrap_err().to_string();
+        assert!(err.contains("tee.quote_service"), "{err}");
     }
 
     #[test]

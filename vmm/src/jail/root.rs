@@ -231,10 +231,19 @@ fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>, JailError> {
 
 fn make_device_node(root: &Path, node: &DeviceNode, uid: u32, gid: u32) -> Result<(), JailError> {
     let host = Path::new(node.host);
-    let meta = std::fs::metadata(host).map_err(|source| JailError::Step {
-        step: "stat host device",
-        value: node.host.to_string(),
-        source,
+    let meta = std::fs::metadata(host).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            JailError::NoHostDevice {
+                node: node.host,
+                provided_by: node.provided_by,
+            }
+        } else {
+            JailError::Step {
+                step: "stat host device",
+                value: node.host.to_string(),
+                source,
+            }
+        }
     })?;
     let target = inside(root, host);
     if let Some(parent) = target.parent() {
@@ -291,6 +300,25 @@ fn pivot_into(root: &Path) -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_the_host_lacks_is_named_with_what_provides_it() {
+        let root = tempfile::tempdir().unwrap();
+        let node = DeviceNode {
+            host: "/dev/cloister-test-no-such-device",
+            mode: 0o600,
+            provided_by: "the test",
+        };
+        let err = make_device_node(root.path(), &node, 0, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no /dev/cloister-test-no-such-device") && err.contains("the test"),
+            "{err}"
+        );
+        // Nothing was created.
+        assert!(!root.path().join("dev").exists());
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {

@@ -67,7 +67,14 @@ fn convert(
     }
     kvm.set_memory_attributes(gpa, size, private)
         .map_err(|failure| ExitError::Attributes { gpa, size, failure })?;
-    // The conversion stands even if the old side cannot be freed.
+    // The conversion stands even if the old side cannot be freed. Freeing
+    // never unmaps: to private, the shared mapping's pages are dropped
+    // (MADV_DONTNEED on a private anonymous mapping: still mapped, zeros
+    // until written); to shared, only guest_memfd loses the pages (hole
+    // punched). So the shared mapping the virtio devices read through
+    // (`super::run::attach_confidential_devices`) stays valid, and it is
+    // where every page the guest shares (rings, swiotlb bounce buffers)
+    // lives from the conversion on.
     if let Err(failure) = kvm.discard(gpa, size, private) {
         tracing::warn!("cannot free the old backing of {gpa:#x}+{size:#x}: {failure}");
     }

@@ -25,16 +25,20 @@ use super::snp::launch::{launch_snp, SnpLaunchError, SnpLaunchParams};
 use super::tdx::direct_boot::{tdx_direct_boot, TdxDirectBoot};
 use super::tdx::launch::{launch_tdx, tdx_guest_memory, TdxLaunchError, TdxLaunchParams};
 use super::tdx::quote::{QgsClient, QuoteService, QuoteServiceAddr};
+use super::TeeKind;
 use crate::boot::cmdline::{build_cmdline, virtio_mmio_device_arg, CmdlineError};
 use crate::boot::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW};
-use crate::config::VmConfig;
+use crate::builder::{attach_virtio_devices, start_virtio_thread, BuildError};
+use crate::config::{VirtioDevicesConfig, VmConfig};
 use crate::cpuid::{cpuid_for_vcpu, CpuTemplate};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::bus::Bus;
 use crate::devices::i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use crate::devices::virtio::attach::{DeviceEventRegistrar, DeviceMemoryAccess, VirtioDevices};
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::VmmMetrics;
+use crate::signals::watch_termination_signals;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus, Vcpu};
 
@@ -81,6 +85,86 @@ pub enum TeeRunError {
     },
     #[error("cannot place device: {0}")]
     Bus(String),
+    #[error("vcpus = {0}: a TDX guest boots one vCPU (the firmware-less boot builds no ACPI MP-wakeup mailbox for the APs): set vcpus to 1")]
+    TdxVcpus(u8),
+    #[error("a TDX guest cannot have virtio devices ({0}) yet: TDX allows only KVM's split irqchip, which has no in-kernel IOAPIC, so a virtio-mmio interrupt line could reach the TD only through a userspace IOAPIC that cloister-vmm does not emulate; use the qemu backend for TDX pods")]
+    TdxDevices(String),
+    #[error("{count} virtio devices: an SNP guest boots without an MP table or ACPI, so device interrupts reach it only through the legacy 8259 (IRQ {VIRTIO_IRQ_FIRST} to {LAST_PIC_IRQ}): at most {max} devices", max = MAX_SNP_DEVICES)]
+    SnpTooManyDevices { count: usize },
+    #[error("virtio devices of the confidential guest: {0}")]
+    Devices(Box<BuildError>),
+}
+
+/// The validated `"tee"` section of `cfg`, with what the confidential
+/// boot cannot do refused by field and value: `--print-launch-digest`,
+/// config validation in `main` and the launch all call this.
+pub fn tee_spec_for_vm(cfg: &VmConfig) -> Result<TeeSpec, TeeRunError> {
+    let spec = cfg.tee.as_ref().ok_or(TeeRunError::NoTee)?.validate()?;
+    if spec.kind() == TeeKind::Tdx && cfg.vcpus != 1 {
+        return Err(TeeRunError::TdxVcpus(cfg.vcpus));
+    }
+    Ok(spec)
+}
+
+/// The device kinds `devices` asks for, named as in the config.
+fn device_names(devices: &VirtioDevicesConfig) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for (present, name) in [
+        (devices.rng, "rng"),
+        (devices.vsock.is_some(), "vsock"),
+        (devices.console.is_some(), "console"),
+        (!devices.block.is_empty(), "block"),
+        (!devices.fs.is_empty(), "fs"),
+        (!devices.net.is_empty(), "net"),
+    ] {
+        if present {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// Everything that must hold before a confidential VM is created, in
+/// order: the config ([`tee_spec_for_vm`]), the host (`check_host`: the
+/// VM type, the module parameter, `/dev/sev`; it reads `/sys`, so a jailed
+/// VMM calls this before entering its jail and gets the same message), and
+/// what the TEE's interrupt model allows.
+pub fn check_before_launch(cfg: &VmConfig) -> Result<TeeSpec, TeeRunError> {
+    let spec = tee_spec_for_vm(cfg)?;
+    check_host(
+        spec.kind(),
+        &HostRoot::real(),
+        kvm_vm_types(Path::new("/dev/kvm")),
+    )?;
+    refuse_unroutable_devices(spec.kind(), &cfg.devices())?;
+    Ok(spec)
+}
+
+/// The last line of the legacy 8259 pair.
+const LAST_PIC_IRQ: u32 = 15;
+/// Devices whose IRQ (`VIRTIO_IRQ_FIRST + slot`) is a PIC line.
+const MAX_SNP_DEVICES: usize = (LAST_PIC_IRQ - VIRTIO_IRQ_FIRST + 1) as usize;
+
+/// SNP has the full in-kernel irqchip (`KVM_CREATE_IRQCHIP`): a device's
+/// irqfd on its GSI raises the PIC/IOAPIC pin as in a plain VM. But the
+/// measured boot has no MP table (nor ACPI), so the guest drives no IOAPIC
+/// and takes device interrupts through the 8259: only IRQs up to 15 (a
+/// plain VM without its MP table was seen to serve all its devices on IRQs
+/// 5-10 this way on kvm_pvm). TDX has
+/// only the split irqchip: KVM's GSI routing table is empty there, so an
+/// irqfd on a pin would be accepted and never deliver anything (only MSI
+/// routes work, and virtio-mmio has no MSI). Refused rather than a guest
+/// whose driver waits forever.
+fn refuse_unroutable_devices(
+    kind: TeeKind,
+    devices: &VirtioDevicesConfig,
+) -> Result<(), TeeRunError> {
+    let count = devices.count();
+    match kind {
+        TeeKind::Tdx if count > 0 => Err(TeeRunError::TdxDevices(device_names(devices).join(", "))),
+        TeeKind::Snp if count > MAX_SNP_DEVICES => Err(TeeRunError::SnpTooManyDevices { count }),
+        _ => Ok(()),
+    }
 }
 
 /// The command line the guest sees, measured: the configured one plus the
@@ -159,7 +243,7 @@ fn tdx_boot(cfg: &VmConfig, f: &Files) -> Result<TdxDirectBoot, TeeRunError> {
 
 /// The SNP launch digest or TDX MRTD `cfg` will measure to.
 pub fn launch_digest(cfg: &VmConfig) -> Result<[u8; 48], TeeRunError> {
-    let spec = cfg.tee.as_ref().ok_or(TeeRunError::NoTee)?.validate()?;
+    let spec = tee_spec_for_vm(cfg)?;
     let f = files(cfg)?;
     match spec {
         TeeSpec::Snp {
@@ -176,6 +260,7 @@ pub fn launch_digest(cfg: &VmConfig) -> Result<[u8; 48], TeeRunError> {
 
 /// A launched confidential VM, ready to run.
 pub struct LaunchedVm {
+    pub kind: TeeKind,
     pub tee: KvmTeeVm,
     /// The shared mapping of guest memory (launch sources, shared pages).
     pub memory: GuestMemoryMmap,
@@ -184,16 +269,11 @@ pub struct LaunchedVm {
     pub quote_service: Option<QuoteServiceAddr>,
 }
 
-/// Checks the host, then creates and launches the confidential VM: on
-/// return its memory is private and measured and its vCPUs exist.
-pub fn launch_on_host(cfg: &VmConfig) -> Result<LaunchedVm, TeeRunError> {
-    let spec = cfg.tee.as_ref().ok_or(TeeRunError::NoTee)?.validate()?;
-    // Before anything is created: the VM type, the module, the device.
-    check_host(
-        spec.kind(),
-        &HostRoot::real(),
-        kvm_vm_types(Path::new("/dev/kvm")),
-    )?;
+/// Creates and launches the confidential VM `spec` describes, once
+/// [`check_before_launch`] passed (a jailed VMM: outside the jail, then
+/// this inside it): on return its memory is private and measured and its
+/// vCPUs exist.
+pub fn launch_checked(cfg: &VmConfig, spec: TeeSpec) -> Result<LaunchedVm, TeeRunError> {
     let f = files(cfg)?;
     let kvm = Kvm::new().map_err(|source| TeeRunError::Kvm {
         what: "cannot open /dev/kvm",
@@ -245,6 +325,7 @@ pub fn launch_on_host(cfg: &VmConfig) -> Result<LaunchedVm, TeeRunError> {
                 hex::encode(boot.launch_digest())
             );
             Ok(LaunchedVm {
+                kind: TeeKind::Snp,
                 tee,
                 memory: mem,
                 ram: boot.image.ram.clone(),
@@ -281,6 +362,7 @@ pub fn launch_on_host(cfg: &VmConfig) -> Result<LaunchedVm, TeeRunError> {
             )?;
             tracing::info!("TD launched: MRTD {}", hex::encode(boot.mrtd()));
             Ok(LaunchedVm {
+                kind: TeeKind::Tdx,
                 tee,
                 memory: mem,
                 ram: boot.image.ram.clone(),
@@ -290,16 +372,56 @@ pub fn launch_on_host(cfg: &VmConfig) -> Result<LaunchedVm, TeeRunError> {
     }
 }
 
+/// The confidential VM's virtio devices: the builder's own attachment
+/// ([`attach_virtio_devices`]), so they take the slots, windows and IRQs
+/// [`measured_cmdline`] announced, each transport requiring
+/// `VIRTIO_F_ACCESS_PLATFORM`.
+///
+/// `memory` is the shared mapping (the `userspace_addr` of every memslot),
+/// which is where a page the guest converted to shared lives: KVM serves
+/// shared GPAs from it and private ones from guest_memfd. The exits
+/// (`super::exits`) keep that true: a conversion to private drops the
+/// mapping's pages with `MADV_DONTNEED` (on this private anonymous mapping
+/// the range stays mapped and reads back as zeros until the guest shares
+/// it again and writes it), a conversion to shared punches the hole in
+/// guest_memfd only. Neither unmaps or moves the mapping, so the
+/// `GuestMemoryMmap` the transports hold stays valid for the VM's life,
+/// and a device that follows a descriptor into a page the guest did not
+/// share reads zeros or stale bytes, never the guest's plaintext.
+pub fn attach_confidential_devices(
+    vm: &dyn DeviceEventRegistrar,
+    kind: TeeKind,
+    memory: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    devices: &VirtioDevicesConfig,
+) -> Result<VirtioDevices, TeeRunError> {
+    refuse_unroutable_devices(kind, devices)?;
+    attach_virtio_devices(vm, memory, mmio_bus, devices, DeviceMemoryAccess::Platform)
+        .map_err(|e| TeeRunError::Devices(Box::new(e)))
+}
+
+/// How [`run_launched`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// End the VM with [`VmExit::Terminated`] on SIGTERM, SIGINT or
+    /// SIGHUP; the caller must have blocked them first
+    /// (`crate::signals::block_termination_signals`).
+    pub stop_on_termination_signals: bool,
+}
+
 /// Runs a launched VM until the guest ends: serial console, i8042 reset
-/// and boot timer on the port bus (no virtio devices yet: they must offer
-/// VIRTIO_F_ACCESS_PLATFORM first), one thread per vCPU, the confidential
-/// exits served through [`ConfidentialExits`].
+/// and boot timer on the port bus, the config's virtio devices on the MMIO
+/// bus ([`attach_confidential_devices`]), one thread per vCPU, the
+/// confidential exits served through [`ConfidentialExits`].
 pub fn run_launched(
     launched: LaunchedVm,
+    devices: &VirtioDevicesConfig,
     serial_out: Box<dyn Write + Send>,
     vmm_start: Instant,
+    options: RunOptions,
 ) -> Result<VmExit, TeeRunError> {
     let LaunchedVm {
+        kind,
         mut tee,
         memory,
         ram,
@@ -309,6 +431,9 @@ pub fn run_launched(
     let vcpu_fds = tee.take_vcpus();
     let metrics = Arc::new(VmmMetrics::default());
     let exit = Arc::new(ExitSignal::new().map_err(io("cannot create exit eventfd"))?);
+    if options.stop_on_termination_signals {
+        watch_termination_signals(exit.clone()).map_err(io("cannot start the signal thread"))?;
+    }
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(io("cannot create serial irq eventfd"))?;
     // With TDX's split irqchip there is no in-kernel IOAPIC pin to route:
@@ -342,7 +467,13 @@ pub fn run_launched(
         result.map_err(|e| TeeRunError::Bus(e.to_string()))?;
     }
     let io_bus = Arc::new(bus);
-    let mmio_bus = Arc::new(Bus::new());
+    // Registered on the TEE VM's fd (irqfd, ioeventfd) before the VM
+    // handle moves into the exit handler.
+    let mut mmio_bus = Bus::new();
+    let virtio = attach_confidential_devices(tee.vm(), kind, &memory, &mut mmio_bus, devices)?;
+    let mmio_bus = Arc::new(mmio_bus);
+    let virtio_thread =
+        start_virtio_thread(&virtio).map_err(|e| TeeRunError::Devices(Box::new(e)))?;
     let quote: Option<Box<dyn QuoteService + Send>> =
         quote_service.map(|addr| Box::new(QgsClient::new(addr)) as Box<dyn QuoteService + Send>);
     let exits = Arc::new(ConfidentialExits::new(
@@ -381,8 +512,21 @@ pub fn run_launched(
             }
         }
     }
+    // Every other thread runs: the main thread's filter stacks on no one's.
+    crate::jail::seccomp::apply_to_this_thread_or_abort(crate::jail::seccomp::ThreadKind::Main);
     let end = exit.wait();
     stop_vcpus(&stop, threads);
+    // Devices stop after the vCPUs: no register access can race the end.
+    drop(virtio_thread);
+    for report in virtio.reports() {
+        if report.transport.refused_feature_negotiations > 0 {
+            tracing::warn!(
+                device = report.name,
+                "the guest's driver never accepted VIRTIO_F_ACCESS_PLATFORM ({} refusals)",
+                report.transport.refused_feature_negotiations
+            );
+        }
+    }
     Ok(end)
 }
 
@@ -392,6 +536,253 @@ mod tests {
     use crate::tee::boot_image::tests::fake_bzimage;
     use crate::tee::config::{SnpConfig, TeeConfig};
     use crate::tee::fake::RecordingKvm;
+
+    use std::cell::RefCell;
+
+    use kvm_ioctls::IoEventAddress;
+
+    use crate::devices::virtio::device::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::mmio::{reg, status};
+
+    /// Records what the attachment registers instead of issuing KVM_IRQFD
+    /// and KVM_IOEVENTFD.
+    #[derive(Default)]
+    struct RecordingRegistrar {
+        irqfds: RefCell<Vec<u32>>,
+        ioevents: RefCell<Vec<(u64, u32)>>,
+    }
+
+    impl DeviceEventRegistrar for RecordingRegistrar {
+        fn register_irqfd(&self, _event: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+            self.irqfds.borrow_mut().push(gsi);
+            Ok(())
+        }
+        fn register_ioevent(
+            &self,
+            _event: &EventFd,
+            addr: &IoEventAddress,
+            datamatch: u32,
+        ) -> Result<(), kvm_ioctls::Error> {
+            let IoEventAddress::Mmio(addr) = addr else {
+                panic!("virtio-mmio notifies by MMIO");
+            };
+            self.ioevents.borrow_mut().push((*addr, datamatch));
+            Ok(())
+        }
+    }
+
+    fn rd(bus: &Bus, addr: u64) -> u32 {
+        let mut data = [0u8; 4];
+        assert!(bus.read(addr, &mut data), "nothing at {addr:#x}");
+        u32::from_le_bytes(data)
+    }
+
+    fn wr(bus: &Bus, addr: u64, value: u32) {
+        assert!(
+            bus.write(addr, &value.to_le_bytes()),
+            "nothing at {addr:#x}"
+        );
+    }
+
+    fn offered(bus: &Bus, base: u64) -> u64 {
+        wr(bus, base + reg::DEVICE_FEATURES_SEL, 1);
+        let high = rd(bus, base + reg::DEVICE_FEATURES);
+        wr(bus, base + reg::DEVICE_FEATURES_SEL, 0);
+        (u64::from(high) << 32) | u64::from(rd(bus, base + reg::DEVICE_FEATURES))
+    }
+
+    /// What Linux's virtio_mmio does up to FEATURES_OK; the status read back.
+    fn negotiate(bus: &Bus, base: u64, accept: u64) -> u32 {
+        wr(bus, base + reg::STATUS, status::ACKNOWLEDGE);
+        wr(
+            bus,
+            base + reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        for sel in 0..2u32 {
+            wr(bus, base + reg::DRIVER_FEATURES_SEL, sel);
+            wr(
+                bus,
+                base + reg::DRIVER_FEATURES,
+                (accept >> (32 * sel)) as u32,
+            );
+        }
+        wr(
+            bus,
+            base + reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        rd(bus, base + reg::STATUS)
+    }
+
+    fn rng_and_vsock(dir: &Path) -> VmConfig {
+        let mut cfg = VmConfig::new("/k");
+        cfg.cmdline = "console=ttyS0".into();
+        cfg.rng = true;
+        cfg.vsock = Some(
+            format!("guest_cid=3,uds_path={}", dir.join("v.sock").display())
+                .parse()
+                .unwrap(),
+        );
+        cfg
+    }
+
+    /// The devices sit exactly where the measured command line says, with
+    /// their interrupt and notify eventfds registered through the VM handle
+    /// given, and every one of them requires ACCESS_PLATFORM.
+    #[test]
+    fn confidential_devices_take_the_measured_slots_and_require_access_platform() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = rng_and_vsock(dir.path());
+        let mem = create_guest_memory(4, false).unwrap();
+        let registrar = RecordingRegistrar::default();
+        let mut bus = Bus::new();
+
+        let virtio =
+            attach_confidential_devices(&registrar, TeeKind::Snp, &mem, &mut bus, &cfg.devices())
+                .unwrap();
+
+        let measured = measured_cmdline(&cfg).unwrap();
+        let announced: Vec<&str> = measured
+            .split(' ')
+            .filter(|a| a.starts_with("virtio_mmio.device="))
+            .collect();
+        assert_eq!(virtio.cmdline_args(), announced);
+        let reports = virtio.reports();
+        let names: Vec<&str> = reports.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["rng", "vsock"]);
+        let irqs: Vec<u32> = reports.iter().map(|r| r.irq).collect();
+        assert_eq!(*registrar.irqfds.borrow(), irqs);
+        assert_eq!(irqs, [VIRTIO_IRQ_FIRST, VIRTIO_IRQ_FIRST + 1]);
+        let vsock_base = VIRTIO_MMIO_START + VIRTIO_MMIO_WINDOW;
+        assert!(registrar
+            .ioevents
+            .borrow()
+            .contains(&(vsock_base + reg::QUEUE_NOTIFY, 0)));
+
+        for report in &reports {
+            let base = report.mmio_base;
+            assert_ne!(
+                offered(&bus, base) & VIRTIO_F_ACCESS_PLATFORM,
+                0,
+                "{}",
+                report.name
+            );
+            // A driver without it (it would put its rings in private
+            // memory) does not get FEATURES_OK.
+            let after = negotiate(&bus, base, VIRTIO_F_VERSION_1);
+            assert_eq!(after & status::FEATURES_OK, 0, "{}", report.name);
+            wr(&bus, base + reg::STATUS, 0);
+            let after = negotiate(&bus, base, VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM);
+            assert_ne!(after & status::FEATURES_OK, 0, "{}", report.name);
+        }
+        let refused: Vec<(String, u64)> = virtio
+            .reports()
+            .into_iter()
+            .map(|r| (r.name, r.transport.refused_feature_negotiations))
+            .collect();
+        assert_eq!(refused, [("rng".into(), 1), ("vsock".into(), 1)]);
+    }
+
+    /// The regression guard: the plain builder's devices (same shared
+    /// attachment, direct access) do not offer the bit, and a driver that
+    /// does not know it is served.
+    #[test]
+    fn plain_devices_do_not_offer_access_platform() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = rng_and_vsock(dir.path());
+        let mem = create_guest_memory(4, false).unwrap();
+        let mut bus = Bus::new();
+
+        let virtio = attach_virtio_devices(
+            &RecordingRegistrar::default(),
+            &mem,
+            &mut bus,
+            &cfg.devices(),
+            DeviceMemoryAccess::Direct,
+        )
+        .unwrap();
+
+        for report in virtio.reports() {
+            assert_eq!(
+                offered(&bus, report.mmio_base) & VIRTIO_F_ACCESS_PLATFORM,
+                0
+            );
+            let after = negotiate(&bus, report.mmio_base, VIRTIO_F_VERSION_1);
+            assert_ne!(after & status::FEATURES_OK, 0, "{}", report.name);
+        }
+    }
+
+    #[test]
+    fn tdx_refuses_devices_naming_them_and_the_irqchip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = rng_and_vsock(dir.path());
+        let mem = create_guest_memory(4, false).unwrap();
+        let registrar = RecordingRegistrar::default();
+        let err = attach_confidential_devices(
+            &registrar,
+            TeeKind::Tdx,
+            &mem,
+            &mut Bus::new(),
+            &cfg.devices(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("rng, vsock"), "{err}");
+        assert!(err.contains("split irqchip"), "{err}");
+        assert!(registrar.irqfds.borrow().is_empty());
+        // No devices: nothing to refuse.
+        assert!(refuse_unroutable_devices(TeeKind::Tdx, &VirtioDevicesConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn snp_takes_as_many_devices_as_the_pic_has_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = |n: usize| VirtioDevicesConfig {
+            block: (0..n)
+                .map(|i| crate::config::BlockConfig {
+                    path: dir.path().join(format!("d{i}")),
+                    read_only: false,
+                    serial: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(refuse_unroutable_devices(TeeKind::Snp, &disks(11)).is_ok());
+        let err = refuse_unroutable_devices(TeeKind::Snp, &disks(12))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("12 virtio devices"), "{err}");
+        assert!(
+            err.contains("IRQ 5 to 15") && err.contains("at most 11"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tdx_with_more_than_one_vcpu_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, fake_bzimage(4096)).unwrap();
+        let mut cfg = VmConfig::new(&kernel);
+        cfg.memory_mib = 32;
+        cfg.vcpus = 2;
+        cfg.tee = Some(TeeConfig::of_kind(TeeKind::Tdx));
+        let err = tee_spec_for_vm(&cfg).unwrap_err().to_string();
+        assert!(err.contains("vcpus = 2"), "{err}");
+        let err = launch_digest(&cfg).unwrap_err().to_string();
+        assert!(err.contains("vcpus = 2"), "{err}");
+        cfg.vcpus = 1;
+        assert_eq!(launch_digest(&cfg).unwrap().len(), 48);
+        // SNP boots its APs from their VMSAs: more vCPUs are fine.
+        cfg.vcpus = 2;
+        cfg.tee = Some(TeeConfig::Snp(SnpConfig {
+            vcpu_type: Some("EPYC-Milan".into()),
+            ..Default::default()
+        }));
+        assert!(launch_digest(&cfg).is_ok());
+    }
 
     #[test]
     fn measured_cmdline_has_device_args_in_slot_order_and_no_host_args() {

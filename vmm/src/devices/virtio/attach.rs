@@ -42,6 +42,47 @@ pub enum AttachError {
     Bus { device: String, source: BusError },
 }
 
+/// How the VM's devices reach guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceMemoryAccess {
+    /// All guest RAM is readable by the VMM: the plain VM.
+    Direct,
+    /// A confidential VM: only the pages the guest shared are readable, so
+    /// every transport offers and requires `VIRTIO_F_ACCESS_PLATFORM`
+    /// ([`MmioTransport::require_access_platform`]).
+    Platform,
+}
+
+/// Where a device's interrupt eventfd and queue-notify eventfds are
+/// registered: the plain VM's fd, or a confidential VM's
+/// (`crate::tee::kvm::KvmTeeVm::vm`); a recording fake in tests.
+pub trait DeviceEventRegistrar {
+    /// `KVM_IRQFD`: a write to `event` raises `gsi`.
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error>;
+    /// `KVM_IOEVENTFD`: a guest write of `datamatch` at `addr` signals `event`.
+    fn register_ioevent(
+        &self,
+        event: &EventFd,
+        addr: &IoEventAddress,
+        datamatch: u32,
+    ) -> Result<(), kvm_ioctls::Error>;
+}
+
+impl DeviceEventRegistrar for VmFd {
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        VmFd::register_irqfd(self, event, gsi)
+    }
+
+    fn register_ioevent(
+        &self,
+        event: &EventFd,
+        addr: &IoEventAddress,
+        datamatch: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        VmFd::register_ioevent(self, event, addr, datamatch)
+    }
+}
+
 /// A device in its slot.
 #[derive(Clone)]
 pub struct AttachedDevice {
@@ -60,12 +101,16 @@ pub struct VirtioDevices {
 
 impl VirtioDevices {
     /// Gives each device the next slot: its window goes on `mmio_bus`, its
-    /// irqfd and (where KVM takes them) queue ioeventfds on `vm`.
+    /// irqfd and (where KVM takes them) queue ioeventfds on `vm`. Slot `n`
+    /// is at `VIRTIO_MMIO_START + n * VIRTIO_MMIO_WINDOW` on IRQ
+    /// `VIRTIO_IRQ_FIRST + n`, the layout a confidential guest's measured
+    /// command line announces (`crate::tee::run::measured_cmdline`).
     pub fn attach(
-        vm: &VmFd,
+        vm: &dyn DeviceEventRegistrar,
         mem: &GuestMemoryMmap,
         mmio_bus: &mut Bus,
         devices: Vec<Box<dyn VirtioDevice>>,
+        access: DeviceMemoryAccess,
     ) -> Result<Self, AttachError> {
         if devices.len() > MAX_VIRTIO_DEVICES {
             return Err(AttachError::TooMany {
@@ -90,6 +135,10 @@ impl VirtioDevices {
                     source,
                 })?;
             let transport = MmioTransport::new(device, mem.clone(), irq_event)?;
+            let transport = match access {
+                DeviceMemoryAccess::Direct => transport,
+                DeviceMemoryAccess::Platform => transport.require_access_platform(),
+            };
             register_ioeventfds(vm, &transport, mmio_base);
             let transport = Arc::new(Mutex::new(transport));
             let window = MmioWindow::new(transport.clone())?;
@@ -165,7 +214,7 @@ fn report_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
 /// `QueueNotify`, without an exit to the vCPU thread. Where KVM refuses,
 /// the write reaches the transport as an MMIO exit, which signals the same
 /// eventfd.
-fn register_ioeventfds(vm: &VmFd, transport: &MmioTransport, mmio_base: u64) {
+fn register_ioeventfds(vm: &dyn DeviceEventRegistrar, transport: &MmioTransport, mmio_base: u64) {
     let notify = IoEventAddress::Mmio(mmio_base + reg::QUEUE_NOTIFY);
     for (index, event) in (0u32..).zip(transport.queue_events()) {
         if let Err(e) = vm.register_ioevent(event, &notify, index) {

@@ -40,6 +40,12 @@ use vm_memory::GuestMemoryMmap;
 
 /// `VIRTIO_F_VERSION_1`: every device we offer is a modern (1.0+) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_ACCESS_PLATFORM` (bit 33): the device reaches guest memory
+/// only the way the platform allows (DMA API, IOMMU). A confidential
+/// guest's driver then places rings and buffers in shared (decrypted)
+/// pages, the only ones the VMM can read. The transport offers it, not the
+/// devices: see `super::mmio::MmioTransport::require_access_platform`.
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 /// `VIRTIO_RING_F_EVENT_IDX`: used/avail event suppression.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 

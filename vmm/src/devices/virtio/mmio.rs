@@ -43,7 +43,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
     DeviceError, DeviceMetrics, DeviceMetricsSnapshot, QueueContext, UsedNotifier, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::bus::BusDevice;
 
@@ -206,10 +206,19 @@ pub struct TransportReport {
     pub refused_register_accesses: u64,
     /// Times the device was put into DEVICE_NEEDS_RESET.
     pub needs_reset_events: u64,
+    /// FEATURES_OK refused because the driver did not accept a feature
+    /// the transport requires (`VIRTIO_F_ACCESS_PLATFORM` in a
+    /// confidential VM). Also counted in `refused_register_accesses`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub refused_feature_negotiations: u64,
     pub status: u32,
     /// The device's own counters ([`VirtioDevice::device_specific_metrics`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_specific: Option<serde_json::Value>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One virtio device behind the virtio-mmio register window.
@@ -233,6 +242,10 @@ pub struct MmioTransport {
     activated: bool,
     refused: u64,
     needs_reset_events: u64,
+    /// Feature bits the transport offers on top of the device's and
+    /// requires the driver to accept (see [`Self::require_access_platform`]).
+    platform_features: u64,
+    refused_feature_negotiations: u64,
     log_limiter: LogLimiter,
 }
 
@@ -282,8 +295,26 @@ impl MmioTransport {
             activated: false,
             refused: 0,
             needs_reset_events: 0,
+            platform_features: 0,
+            refused_feature_negotiations: 0,
             log_limiter: LogLimiter::default(),
         })
+    }
+
+    /// For a confidential VM: offers `VIRTIO_F_ACCESS_PLATFORM` and refuses
+    /// FEATURES_OK to a driver that does not accept it. Without the bit a
+    /// Linux guest places rings and buffers wherever it likes, in private
+    /// (encrypted) memory the VMM reads as ciphertext; with it the guest's
+    /// DMA API bounces everything through shared pages (swiotlb).
+    pub fn require_access_platform(mut self) -> Self {
+        self.platform_features = VIRTIO_F_ACCESS_PLATFORM;
+        self
+    }
+
+    /// What the driver reads in `DeviceFeatures`: the device's bits plus
+    /// the ones the transport adds.
+    pub fn offered_features(&self) -> u64 {
+        self.device.features() | self.platform_features
     }
 
     pub fn name(&self) -> &str {
@@ -341,6 +372,7 @@ impl MmioTransport {
             counters,
             refused_register_accesses: self.refused,
             needs_reset_events: self.needs_reset_events,
+            refused_feature_negotiations: self.refused_feature_negotiations,
             status: self.status,
             device_specific: self.device.device_specific_metrics(),
         }
@@ -461,8 +493,8 @@ impl MmioTransport {
             reg::DEVICE_ID => self.device.device_type(),
             reg::VENDOR_ID => MMIO_VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
+                0 => self.offered_features() as u32,
+                1 => (self.offered_features() >> 32) as u32,
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
@@ -523,7 +555,7 @@ impl MmioTransport {
                 return;
             }
         };
-        let offered = self.device.features();
+        let offered = self.offered_features();
         let bank = 0xffff_ffffu64 << shift;
         let accepted = (u64::from(value) << shift) & offered;
         if u64::from(value) << shift & !offered != 0 {
@@ -650,7 +682,23 @@ impl MmioTransport {
                     ));
                     return;
                 }
-                self.device.ack_features(self.driver_features);
+                let missing = self.platform_features & !accepted;
+                if missing != 0 {
+                    self.refused_feature_negotiations += 1;
+                    // Always logged: the guest's probe of this device fails.
+                    tracing::error!(
+                        device = self.device.name(),
+                        "FEATURES_OK refused: the driver did not accept VIRTIO_F_ACCESS_PLATFORM (features {accepted:#x}, missing {missing:#x}); in a confidential VM its rings would be in private memory the device cannot read"
+                    );
+                    self.refuse(format_args!(
+                        "FEATURES_OK without VIRTIO_F_ACCESS_PLATFORM (features {accepted:#x})"
+                    ));
+                    return;
+                }
+                // The device sees only its own bits; the transport's are
+                // the transport's business.
+                self.device
+                    .ack_features(self.driver_features & self.device.features());
                 self.status = value;
             }
             (ACK_DRIVER_FEATURES, v) if v == ACK_DRIVER_FEATURES | DRIVER_OK => {

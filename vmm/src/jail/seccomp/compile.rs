@@ -11,7 +11,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use super::rules::{self, DeviceKinds};
+use super::rules::{self, DeviceKinds, TeeThreads};
 
 #[cfg(target_arch = "x86_64")]
 pub const ARCH: TargetArch = TargetArch::x86_64;
@@ -57,16 +57,49 @@ fn allow_arg(rules: &mut Rules, syscall: i64, arg: u8, values: &[u64]) -> Result
 
 /// The rules of `kind` for a VM or server with `devices`.
 pub fn thread_rules(kind: ThreadKind, devices: DeviceKinds) -> Result<Rules, String> {
-    let (syscalls, ioctls) = match kind {
-        ThreadKind::Main => (rules::main(devices), Vec::new()),
-        ThreadKind::Helper => (rules::helper(), Vec::new()),
-        ThreadKind::Vcpu => (rules::vcpu(devices), rules::vcpu_ioctls(devices)),
-        ThreadKind::Virtio => (rules::virtio(devices), rules::virtio_ioctls(devices)),
-        ThreadKind::VhostUser => (rules::vhost_user(devices), rules::virtio_ioctls(devices)),
+    tee_thread_rules(kind, devices, TeeThreads::None)
+}
+
+/// The rules of `kind` for a VM with `devices`, confidential as `tee`
+/// says: only vCPU threads get the TEE additions.
+pub fn tee_thread_rules(
+    kind: ThreadKind,
+    devices: DeviceKinds,
+    tee: TeeThreads,
+) -> Result<Rules, String> {
+    let (mut syscalls, mut ioctls, mut with_args) = match kind {
+        ThreadKind::Main => (rules::main(devices), Vec::new(), Vec::new()),
+        ThreadKind::Helper => (rules::helper(), Vec::new(), Vec::new()),
+        ThreadKind::Vcpu => (
+            rules::vcpu(devices),
+            rules::vcpu_ioctls(devices),
+            Vec::new(),
+        ),
+        ThreadKind::Virtio => (
+            rules::virtio(devices),
+            rules::virtio_ioctls(devices),
+            Vec::new(),
+        ),
+        ThreadKind::VhostUser => (
+            rules::vhost_user(devices),
+            rules::virtio_ioctls(devices),
+            Vec::new(),
+        ),
     };
+    if kind == ThreadKind::Vcpu {
+        syscalls.extend(rules::tee_vcpu(tee));
+        ioctls.extend(rules::tee_vcpu_ioctls(tee));
+        with_args.extend(rules::tee_vcpu_with_args(tee));
+    }
     let mut map = allow(&syscalls);
     if !ioctls.is_empty() {
         allow_arg(&mut map, libc::SYS_ioctl, 1, &ioctls)?;
+    }
+    for (syscall, arg, values) in with_args {
+        // Allowed with any arguments already: a condition would narrow it.
+        if !map.contains_key(&syscall) {
+            allow_arg(&mut map, syscall, arg, &values)?;
+        }
     }
     // The threads that get the device lists (the helper gets none).
     let unshare_flags = match kind {
@@ -104,6 +137,132 @@ pub fn compile(rules: Rules) -> Result<BpfProgram, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn arg_is(arg: u8, value: u64) -> SeccompRule {
+        let condition =
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value).unwrap();
+        SeccompRule::new(vec![condition]).unwrap()
+    }
+
+    /// Whether `rules` allow `syscall` with argument `arg` = `value`
+    /// (unconditionally, or by a condition on exactly that).
+    fn allows(rules: &Rules, syscall: i64, arg: u8, value: u64) -> bool {
+        rules
+            .get(&syscall)
+            .is_some_and(|r| r.is_empty() || r.contains(&arg_is(arg, value)))
+    }
+
+    const TEES: [TeeThreads; 3] = [
+        TeeThreads::None,
+        TeeThreads::Confidential,
+        TeeThreads::ConfidentialWithQuoteService,
+    ];
+    const VM_THREADS: [ThreadKind; 4] = [
+        ThreadKind::Main,
+        ThreadKind::Helper,
+        ThreadKind::Vcpu,
+        ThreadKind::Virtio,
+    ];
+
+    #[test]
+    fn tee_conversions_are_allowed_on_vcpu_threads_only_and_only_with_a_tee() {
+        let punch_hole = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
+        for kind in VM_THREADS {
+            for tee in TEES {
+                let rules = tee_thread_rules(kind, DeviceKinds::default(), tee).unwrap();
+                let expected = kind == ThreadKind::Vcpu && tee != TeeThreads::None;
+                assert_eq!(
+                    allows(&rules, libc::SYS_ioctl, 1, rules::KVM_SET_MEMORY_ATTRIBUTES),
+                    expected,
+                    "KVM_SET_MEMORY_ATTRIBUTES on {kind:?} {tee:?}"
+                );
+                assert_eq!(
+                    allows(&rules, libc::SYS_fallocate, 1, punch_hole),
+                    expected,
+                    "fallocate(PUNCH_HOLE|KEEP_SIZE) on {kind:?} {tee:?}"
+                );
+                // Only that mode: no allocation, no other hole punching.
+                assert!(
+                    !allows(&rules, libc::SYS_fallocate, 1, 0),
+                    "{kind:?} {tee:?}"
+                );
+                // The launch is done before any filter: never in a list.
+                for launch_only in [
+                    0xc008_aeba, // KVM_MEMORY_ENCRYPT_OP
+                    0xc040_aed4, // KVM_CREATE_GUEST_MEMFD
+                    0x40a0_ae49, // KVM_SET_USER_MEMORY_REGION2
+                ] {
+                    assert!(
+                        !allows(&rules, libc::SYS_ioctl, 1, launch_only),
+                        "{launch_only:#x} on {kind:?} {tee:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quote_service_calls_come_only_with_a_quote_service_on_vcpu_threads() {
+        for kind in VM_THREADS {
+            for tee in TEES {
+                let rules = tee_thread_rules(kind, DeviceKinds::default(), tee).unwrap();
+                let expected =
+                    kind == ThreadKind::Vcpu && tee == TeeThreads::ConfidentialWithQuoteService;
+                for syscall in [
+                    libc::SYS_connect,
+                    libc::SYS_setsockopt,
+                    libc::SYS_sendto,
+                    libc::SYS_recvfrom,
+                ] {
+                    assert_eq!(
+                        rules.contains_key(&syscall),
+                        expected,
+                        "syscall {syscall} on {kind:?} {tee:?}"
+                    );
+                }
+                assert_eq!(
+                    allows(&rules, libc::SYS_socket, 0, libc::AF_UNIX as u64),
+                    expected,
+                    "{kind:?} {tee:?}"
+                );
+                assert_eq!(
+                    allows(&rules, libc::SYS_socket, 0, libc::AF_VSOCK as u64),
+                    expected,
+                    "{kind:?} {tee:?}"
+                );
+                assert!(!allows(&rules, libc::SYS_socket, 0, libc::AF_INET as u64));
+            }
+        }
+    }
+
+    #[test]
+    fn tee_conditions_do_not_narrow_what_devices_allow_outright() {
+        let rules = tee_thread_rules(
+            ThreadKind::Vcpu,
+            DeviceKinds::all(),
+            TeeThreads::ConfidentialWithQuoteService,
+        )
+        .unwrap();
+        // block/fs allocate, vsock opens sockets: any arguments.
+        assert_eq!(rules.get(&libc::SYS_fallocate), Some(&Vec::new()));
+        assert_eq!(rules.get(&libc::SYS_socket), Some(&Vec::new()));
+        assert!(allows(
+            &rules,
+            libc::SYS_ioctl,
+            1,
+            rules::KVM_SET_MEMORY_ATTRIBUTES
+        ));
+    }
+
+    #[test]
+    fn kvm_set_memory_attributes_request_number_matches_the_uapi() {
+        // _IOW(KVMIO, 0xd2, struct kvm_memory_attributes)
+        let size = std::mem::size_of::<kvm_bindings::kvm_memory_attributes>() as u64;
+        assert_eq!(
+            rules::KVM_SET_MEMORY_ATTRIBUTES,
+            (1 << 30) | (size << 16) | (0xae << 8) | 0xd2
+        );
+    }
 
     #[test]
     fn unshare_is_allowed_only_with_clone_fs_and_only_with_an_fs_device() {

@@ -25,7 +25,7 @@ use seccompiler::{sock_filter, BpfProgram};
 
 use super::JailError;
 pub use compile::ThreadKind;
-pub use rules::DeviceKinds;
+pub use rules::{DeviceKinds, TeeThreads};
 
 mod built {
     include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
@@ -46,7 +46,12 @@ fn kind_index(kind: ThreadKind) -> usize {
 
 /// The built filter of `kind` for `devices`.
 pub fn built_filter(kind: ThreadKind, devices: DeviceKinds) -> BpfProgram {
-    let (offset, len) = built::FILTER_INDEX[kind_index(kind)][devices.mask()];
+    built_tee_filter(kind, devices, TeeThreads::None)
+}
+
+/// The built filter of `kind` for `devices` in a VM confidential as `tee`.
+pub fn built_tee_filter(kind: ThreadKind, devices: DeviceKinds, tee: TeeThreads) -> BpfProgram {
+    let (offset, len) = built::FILTER_INDEX[kind_index(kind)][tee.index()][devices.mask()];
     FILTER_BLOB[offset * 8..(offset + len) * 8]
         .chunks_exact(8)
         .map(|b| sock_filter {
@@ -71,11 +76,16 @@ static FILTERS: OnceLock<ThreadFilters> = OnceLock::new();
 impl ThreadFilters {
     /// The filters of a VM serving `devices`.
     pub fn for_vm(devices: DeviceKinds) -> Self {
+        Self::for_tee_vm(devices, TeeThreads::None)
+    }
+
+    /// The filters of a VM serving `devices`, confidential as `tee` says.
+    pub fn for_tee_vm(devices: DeviceKinds, tee: TeeThreads) -> Self {
         Self {
-            main: built_filter(ThreadKind::Main, devices),
-            helper: built_filter(ThreadKind::Helper, devices),
-            vcpu: built_filter(ThreadKind::Vcpu, devices),
-            virtio: built_filter(ThreadKind::Virtio, devices),
+            main: built_tee_filter(ThreadKind::Main, devices, tee),
+            helper: built_tee_filter(ThreadKind::Helper, devices, tee),
+            vcpu: built_tee_filter(ThreadKind::Vcpu, devices, tee),
+            virtio: built_tee_filter(ThreadKind::Virtio, devices, tee),
         }
     }
 
@@ -154,6 +164,105 @@ mod tests {
                 let devices = DeviceKinds::from_mask(mask);
                 let now = compile::compile(compile::thread_rules(kind, devices).unwrap()).unwrap();
                 assert_eq!(built_filter(kind, devices), now, "{kind:?} {mask}");
+                for variant in 0..rules::TEE_VARIANTS {
+                    let tee = TeeThreads::from_index(variant);
+                    let now =
+                        compile::compile(compile::tee_thread_rules(kind, devices, tee).unwrap())
+                            .unwrap();
+                    assert_eq!(
+                        built_tee_filter(kind, devices, tee),
+                        now,
+                        "{kind:?} {tee:?} {mask}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The built TEE vCPU filter, installed on a thread of its own: the
+    /// conversion calls and the real QGS client (against a QGS that reads
+    /// the request and hangs up) get errors from the kernel, not SIGSYS.
+    #[test]
+    fn tee_vcpu_filter_lets_conversions_and_the_qgs_client_through() {
+        use std::io::Read;
+
+        use crate::tee::tdx::quote::{QgsClient, QuoteService, QuoteServiceAddr};
+
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qgs.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let qgs = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).unwrap();
+        });
+        let program = built_tee_filter(
+            ThreadKind::Vcpu,
+            DeviceKinds::default(),
+            TeeThreads::ConfidentialWithQuoteService,
+        );
+        let vcpu = std::thread::spawn(move || {
+            seccompiler::apply_filter(&program).unwrap();
+            let errno = || std::io::Error::last_os_error().raw_os_error();
+            // SAFETY: fd -1: the kernel refuses before reading the argument.
+            let rc = unsafe { libc::ioctl(-1, rules::KVM_SET_MEMORY_ATTRIBUTES as _, 0) };
+            assert_eq!((rc, errno()), (-1, Some(libc::EBADF)));
+            // SAFETY: fd -1, no pointers.
+            let rc = unsafe {
+                libc::fallocate(
+                    -1,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096,
+                )
+            };
+            assert_eq!((rc, errno()), (-1, Some(libc::EBADF)));
+            let mut client = QgsClient::new(QuoteServiceAddr::Unix(socket));
+            // Reached the reply: connect, timeouts, request, read all ran.
+            client.get_quote(&[0u8; 1024]).unwrap_err().to_string()
+        });
+        let err = vcpu.join().expect("the filtered thread survived");
+        qgs.join().unwrap();
+        assert!(!err.is_empty());
+    }
+
+    /// Outside the list: the whole process dies with SIGSYS (in a child).
+    #[test]
+    fn tee_vcpu_filter_kills_on_other_fallocate_modes_and_without_a_tee() {
+        for (tee, mode) in [
+            (TeeThreads::Confidential, 0),
+            (
+                TeeThreads::None,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
+        ] {
+            let program = built_tee_filter(ThreadKind::Vcpu, DeviceKinds::default(), tee);
+            // SAFETY: the child only installs a prebuilt filter and makes
+            // raw system calls before _exit: no allocation, no locks.
+            match unsafe { libc::fork() } {
+                0 => {
+                    if seccompiler::apply_filter(&program).is_err() {
+                        // SAFETY: ends the child.
+                        unsafe { libc::_exit(3) };
+                    }
+                    // SAFETY: fd -1, no pointers.
+                    unsafe { libc::fallocate(-1, mode, 0, 4096) };
+                    // SAFETY: ends the child.
+                    unsafe { libc::_exit(0) };
+                }
+                pid => {
+                    assert!(pid > 0);
+                    let mut status = 0;
+                    // SAFETY: waits for our own child.
+                    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                    assert!(
+                        libc::WIFSIGNALED(status),
+                        "{tee:?} mode {mode}: {status:#x}"
+                    );
+                    assert_eq!(libc::WTERMSIG(status), libc::SIGSYS, "{tee:?} mode {mode}");
+                }
             }
         }
     }

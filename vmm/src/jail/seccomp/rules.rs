@@ -61,6 +61,93 @@ impl DeviceKinds {
     }
 }
 
+/// What a confidential VM adds to its threads' lists. Only what runs
+/// after a thread installed its filter counts: the launch
+/// (`KVM_CREATE_VM` with a TEE type, `KVM_CREATE_GUEST_MEMFD`,
+/// `KVM_SET_USER_MEMORY_REGION2`, `KVM_MEMORY_ENCRYPT_OP` for every SEV
+/// and TDX command, `KVM_TDX_INIT_VCPU` on the vCPU fds, `KVM_ENABLE_CAP`,
+/// `KVM_SET_CPUID2`, ...) is done by the main thread before it spawns the
+/// vCPUs and installs its own filter (`crate::tee::run::run_launched`), so
+/// no list holds those. Once the guest runs, only the vCPU threads do TEE
+/// work: they serve the conversion and GetQuote exits (`crate::tee::exits`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TeeThreads {
+    /// No `"tee"`: nothing added.
+    #[default]
+    None,
+    /// SNP, or TDX without a quote service: page conversions.
+    Confidential,
+    /// TDX with `quote_service`: conversions and the QGS client.
+    ConfidentialWithQuoteService,
+}
+
+/// How many [`TeeThreads`] variants the filters are built for.
+pub const TEE_VARIANTS: usize = 3;
+
+impl TeeThreads {
+    pub fn index(self) -> usize {
+        match self {
+            TeeThreads::None => 0,
+            TeeThreads::Confidential => 1,
+            TeeThreads::ConfidentialWithQuoteService => 2,
+        }
+    }
+
+    pub fn from_index(index: usize) -> Self {
+        match index {
+            1 => TeeThreads::Confidential,
+            2 => TeeThreads::ConfidentialWithQuoteService,
+            _ => TeeThreads::None,
+        }
+    }
+}
+
+/// `KVM_SET_MEMORY_ATTRIBUTES` (`_IOW(KVMIO, 0xd2, struct
+/// kvm_memory_attributes)`, 32 bytes): a conversion exit
+/// (`KVM_HC_MAP_GPA_RANGE`, `KVM_EXIT_MEMORY_FAULT`) sets the range
+/// private or shared from the vCPU thread that took it.
+pub const KVM_SET_MEMORY_ATTRIBUTES: u64 = 0x4020_aed2;
+
+/// ioctl requests a confidential VM's vCPU threads add.
+pub fn tee_vcpu_ioctls(tee: TeeThreads) -> Vec<u64> {
+    match tee {
+        TeeThreads::None => Vec::new(),
+        _ => vec![KVM_SET_MEMORY_ATTRIBUTES],
+    }
+}
+
+/// Calls a confidential VM's vCPU threads add with any arguments: the QGS
+/// client's (`crate::tee::tdx::quote::QgsClient`, measured with strace:
+/// connect, SO_RCVTIMEO/SO_SNDTIMEO, one request out, the reply in; the
+/// vsock variant reads and writes, which every vCPU thread may). After a
+/// conversion the old side is freed with `madvise(MADV_DONTNEED)`, which
+/// [`BASE`] already allows.
+pub fn tee_vcpu(tee: TeeThreads) -> Vec<i64> {
+    match tee {
+        TeeThreads::ConfidentialWithQuoteService => {
+            vec![SYS_connect, SYS_setsockopt, SYS_sendto, SYS_recvfrom]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Calls a confidential VM's vCPU threads add only with one argument
+/// value, as (syscall, argument index, allowed values): the guest_memfd
+/// hole punched after a conversion to shared, the QGS socket's family.
+/// Where a device's list already allows the call with any arguments
+/// (`fallocate` for block, `socket` for vsock), that stays.
+pub fn tee_vcpu_with_args(tee: TeeThreads) -> Vec<(i64, u8, Vec<u64>)> {
+    let punch_hole = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) as u64;
+    match tee {
+        TeeThreads::None => Vec::new(),
+        TeeThreads::Confidential => vec![(SYS_fallocate, 1, vec![punch_hole])],
+        TeeThreads::ConfidentialWithQuoteService => vec![
+            (SYS_fallocate, 1, vec![punch_hole]),
+            (SYS_socket, 0, vec![AF_UNIX as u64, AF_VSOCK as u64]),
+        ],
+    }
+}
+
 /// What every Rust thread needs once running: memory, locks, its own
 /// end, signal return, time, logging to stderr.
 const BASE: &[i64] = &[

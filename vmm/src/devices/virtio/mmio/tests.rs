@@ -243,6 +243,61 @@ fn mmio_features_ok_without_version_1_is_refused() {
 }
 
 #[test]
+fn plain_transport_does_not_offer_access_platform() {
+    let (mut t, _, _) = transport();
+    assert_eq!(features(&mut t) & VIRTIO_F_ACCESS_PLATFORM, 0);
+    // A driver that accepts it anyway gets it masked, as any unoffered bit.
+    negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM);
+    assert_eq!(t.acked_features(), VIRTIO_F_VERSION_1);
+    assert_eq!(
+        rd(&mut t, reg::STATUS) & status::FEATURES_OK,
+        status::FEATURES_OK
+    );
+    assert_eq!(t.report().refused_feature_negotiations, 0);
+}
+
+#[test]
+fn confidential_transport_offers_access_platform_and_refuses_a_driver_without_it() {
+    let (t, handles, _) = transport();
+    let mut t = t.require_access_platform();
+    assert_eq!(
+        features(&mut t),
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | FEATURE_TEST_BIT | VIRTIO_F_ACCESS_PLATFORM
+    );
+    negotiate(&mut t, VIRTIO_F_VERSION_1 | FEATURE_TEST_BIT);
+    assert_eq!(
+        rd(&mut t, reg::STATUS),
+        status::ACKNOWLEDGE | status::DRIVER,
+        "FEATURES_OK must not stick without ACCESS_PLATFORM"
+    );
+    let report = t.report();
+    assert_eq!(report.refused_feature_negotiations, 1);
+    assert_eq!(report.refused_register_accesses, 1);
+    // Cannot be activated past the refusal.
+    wr(&mut t, reg::STATUS, DRIVER_OK_STATUS);
+    assert_eq!(handles.activations.load(Ordering::SeqCst), 0);
+
+    // After a reset, a driver that accepts it is served.
+    wr(&mut t, reg::STATUS, 0);
+    negotiate(
+        &mut t,
+        VIRTIO_F_VERSION_1 | FEATURE_TEST_BIT | VIRTIO_F_ACCESS_PLATFORM,
+    );
+    assert_eq!(
+        rd(&mut t, reg::STATUS) & status::FEATURES_OK,
+        status::FEATURES_OK
+    );
+    assert_eq!(
+        t.acked_features(),
+        VIRTIO_F_VERSION_1 | FEATURE_TEST_BIT | VIRTIO_F_ACCESS_PLATFORM
+    );
+    setup_queue(&mut t, 0, 16, 0x1000);
+    wr(&mut t, reg::STATUS, DRIVER_OK_STATUS);
+    assert!(t.is_active());
+    assert_eq!(handles.activations.load(Ordering::SeqCst), 1);
+}
+
+#[test]
 fn mmio_status_written_out_of_order_is_refused() {
     let (mut t, handles, _) = transport();
     // DRIVER before ACKNOWLEDGE.
