@@ -405,3 +405,87 @@ fn cloister_measure_of_a_tdx_class_prints_mrtd_and_mr_config_id() {
     std::fs::write(&vm_json, hand_written.to_string()).unwrap();
     assert_eq!(measured.digest, vmm_digest(&vmm, &vm_json));
 }
+
+mod guest_support;
+
+/// `ctr run` of an SNP pod through a private containerd and our shim: the
+/// QEMU backend's refusal (QEMU 9.1 needed) and cloister-vmm's reason
+/// reach the user, and nothing is left. Needs root and containerd.
+#[test]
+fn ctr_run_of_an_snp_pod_tells_the_user_why_it_cannot_start() {
+    use cloister_e2e::containerd::{available_containerds, busybox_rootfs, PrivateContainerd};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: a private containerd needs root");
+        return;
+    }
+    let busybox = Path::new("/bin/busybox");
+    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+    if !busybox.exists() || !qemu.exists() {
+        eprintln!(
+            "SKIP: needs /bin/busybox (busybox-static) and {} (qemu-system-x86)",
+            qemu.display()
+        );
+        return;
+    }
+    let Some(vmm) = vmm_or_skip() else { return };
+    for binaries in available_containerds() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        busybox_rootfs(busybox, &rootfs).unwrap();
+        let cases = [
+            (
+                "qemu",
+                format!(
+                    "hypervisor = \"qemu\"\n[qemu]\npath = \"{}\"\n",
+                    qemu.display()
+                ),
+                vec!["QEMU 9.1 or newer is needed"],
+            ),
+            (
+                "vmm",
+                format!("[vmm]\npath = \"{}\"\n", vmm.display()),
+                vec!["cloister-vmm exited during startup (exit code 2)"],
+            ),
+        ];
+        for (name, backend, wanted) in cases {
+            let config = dir.path().join(format!("snp-{name}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "{backend}[agent]\nconnect_timeout_secs = 2\n[confidential]\ntee = \"snp\"\n{}",
+                    cloister_e2e::runtime::audit_toml(&guest_support::audit_file(dir.path()))
+                ),
+            )
+            .unwrap();
+            let containerd =
+                PrivateContainerd::start(&binaries, &[("CLOISTER_CONFIG", &config)]).unwrap();
+            let id = format!(
+                "cloister-snp-{name}-{}-{}",
+                std::process::id(),
+                binaries.version.0
+            );
+            let output = containerd.ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                env!("CARGO_BIN_EXE_containerd-shim-cloister-v2"),
+                "--rootfs",
+                &rootfs.display().to_string(),
+                &id,
+                "/bin/true",
+            ]);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{stderr}");
+            for text in wanted {
+                assert!(
+                    stderr.contains(text),
+                    "{} {name}: no {text:?} in: {stderr}\ncontainerd log:\n{}",
+                    binaries.describe(),
+                    containerd.log()
+                );
+            }
+            eprintln!("{} {name}: {}", binaries.describe(), stderr.trim());
+            guest_support::assert_nothing_left(&containerd, "default", &id);
+        }
+    }
+}
