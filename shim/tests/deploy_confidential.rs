@@ -32,6 +32,12 @@ fn snp_runtime_config_loads_and_is_measurable() {
 #[test]
 fn tdx_runtime_config_loads_with_the_qgs_socket() {
     let config = load(include_str!("../deploy/confidential/tdx.toml"), "tdx.toml");
+    // cloister-vmm cannot give a TD the agent's vsock yet.
+    assert_eq!(
+        config.hypervisor,
+        cloister_shim::config::HypervisorKind::Qemu
+    );
+    assert_eq!(config.qemu.accel, cloister_shim::config::QemuAccel::Kvm);
     let settings = config
         .confidential
         .tee_settings(&config.guest.kernel)
@@ -45,6 +51,18 @@ fn tdx_runtime_config_loads_with_the_qgs_socket() {
             quote_service: Some(QuoteService::Unix("/var/run/tdx-qgs/qgs.socket".into())),
         }
     );
+    // What the qemu backend will launch with.
+    let pod = cloister_shim::confidential::PodConfidential::resolve(
+        &config.confidential,
+        &Default::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let qemu_tee = cloister_shim::vmm_client::QemuTee::from_launch(&settings.launch(&pod)).unwrap();
+    assert!(matches!(
+        qemu_tee,
+        cloister_shim::vmm_client::QemuTee::Tdx { ref ovmf, .. } if ovmf == Path::new("/usr/share/ovmf/OVMF.inteltdx.fd")
+    ));
 }
 
 fn runtime_entry(text: &str, plugin: &str, runtime: &str) -> toml::Table {
