@@ -29,6 +29,9 @@ pub enum InitError {
     Invalid { field: String, reason: String },
 }
 
+/// Where sysfs offers configfs (present only when the kernel has it).
+const CONFIGFS_MOUNT_POINT: &str = "/sys/kernel/config";
+
 /// The file systems PID 1 mounts before anything else.
 const EARLY_MOUNTS: [(&str, &str, &str, u64, &str); 7] = [
     (
@@ -132,8 +135,9 @@ pub fn leave_initramfs_root() -> Result<bool, InitError> {
     Ok(true)
 }
 
-/// Mounts proc, sys, devtmpfs, cgroup2, /run, /dev/shm and /dev/pts. A
-/// file system that is already mounted (EBUSY) is fine.
+/// Mounts proc, sys, devtmpfs, cgroup2, /run, /dev/shm, /dev/pts and (when
+/// the kernel has it) configfs. A file system that is already mounted
+/// (EBUSY) is fine.
 pub fn early_mounts() -> Result<(), InitError> {
     for (source, target, fstype, flags, data) in EARLY_MOUNTS {
         std::fs::create_dir_all(target).map_err(|e| InitError::Io {
@@ -153,6 +157,28 @@ pub fn early_mounts() -> Result<(), InitError> {
                 return Err(InitError::Mount {
                     fstype: fstype.to_owned(),
                     target: target.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    // configfs, where a confidential guest gets its evidence (configfs-tsm
+    // reports: SNP HOST_DATA, TDX MRCONFIGID). sysfs has the mount point
+    // only when the kernel has configfs, so a kernel without it is fine.
+    let configfs = Path::new(CONFIGFS_MOUNT_POINT);
+    if configfs.is_dir() {
+        match mount(
+            Some("configfs"),
+            configfs,
+            Some("configfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ) {
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(source) => {
+                return Err(InitError::Mount {
+                    fstype: "configfs".into(),
+                    target: CONFIGFS_MOUNT_POINT.into(),
                     source,
                 })
             }

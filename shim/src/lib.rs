@@ -16,6 +16,7 @@ pub mod network;
 pub mod pod_policy;
 pub mod policy_gen;
 pub mod safe_path;
+pub mod safe_teardown;
 pub mod sandbox;
 pub mod service;
 pub mod stats;

@@ -192,7 +192,7 @@ impl Shim for CloisterShim {
         // Deepest first.
         mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for mount in mounts {
-            if let Err(e) = unmount_rootfs(&mount) {
+            if let Err(e) = unmount_rootfs(&dir.path, &mount) {
                 tracing::warn!(mount = %mount.display(), "{e}");
             }
         }

@@ -276,35 +276,21 @@ fn unescape_mountinfo(field: &str) -> String {
 /// (a bind-mounted rootfs would otherwise be deleted through the mount),
 /// and never crosses into another file system while walking.
 fn remove_tree_without_crossing_mounts(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let root_dev = std::fs::symlink_metadata(path)?.dev();
+    // Refused before anything is deleted; the walk checks again, entry by
+    // entry, for a mount that appears meanwhile.
     if let Some(mount) = mounts_below(path).first() {
         return Err(std::io::Error::other(format!(
             "{} is a mount point",
             mount.display()
         )));
     }
-    fn walk(path: &Path, dev: u64) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(path)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                if meta.dev() != dev {
-                    return Err(std::io::Error::other(format!(
-                        "{} is a mount point",
-                        entry.path().display()
-                    )));
-                }
-                walk(&entry.path(), dev)?;
-                std::fs::remove_dir(entry.path())?;
-            } else {
-                std::fs::remove_file(entry.path())?;
-            }
-        }
-        Ok(())
-    }
-    walk(path, root_dev)?;
-    std::fs::remove_dir(path)
+    crate::safe_teardown::remove_tree(path).map_err(|e| match e {
+        crate::safe_teardown::TeardownError::Io {
+            source: nix::errno::Errno::ENOENT,
+            ..
+        } => std::io::Error::from(std::io::ErrorKind::NotFound),
+        other => std::io::Error::other(other.to_string()),
+    })
 }
 
 /// The spec's `root.path`, relative to the bundle unless absolute
@@ -489,16 +475,23 @@ pub fn bind_share(
     Ok(())
 }
 
-/// Unmounts a container's rootfs (lazily: the guest may still hold files).
-pub fn unmount_rootfs(target: &Path) -> Result<(), nix::Error> {
-    loop {
-        match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
-            // Stacked mounts: repeat until nothing is mounted there.
-            Ok(()) => continue,
-            Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
+/// Unmounts everything stacked at `target`, a path below the shim's own
+/// folder `root` (lazily: the guest may still hold files). The path is
+/// walked without following symlinks: the guest can rename folders in its
+/// share between the shim reading mountinfo and unmounting
+/// ([`crate::safe_teardown`]).
+pub fn unmount_rootfs(
+    root: &Path,
+    target: &Path,
+) -> Result<(), crate::safe_teardown::TeardownError> {
+    let relative =
+        target
+            .strip_prefix(root)
+            .map_err(|_| crate::safe_teardown::TeardownError::NotBeneath {
+                path: target.to_path_buf(),
+                root: root.to_path_buf(),
+            })?;
+    crate::safe_teardown::unmount_beneath(root, relative)
 }
 
 /// The rootfs the agent gets for a container whose rootfs is in the share.
@@ -951,7 +944,7 @@ impl SandboxLauncher for VmLauncher {
         let mut mounted = mounts_below(&container_dir);
         mounted.sort_by_key(|path| std::cmp::Reverse(path.components().count()));
         for target in mounted {
-            unmount_rootfs(&target).map_err(|e| SandboxError::Rootfs {
+            unmount_rootfs(&sandbox.dir.path, &target).map_err(|e| SandboxError::Rootfs {
                 container_id: container_id.to_owned(),
                 target: target.clone(),
                 reason: format!("unmount: {e}"),
@@ -1163,13 +1156,13 @@ mod tests {
         dir.create().unwrap();
         let target = dir.rootfs_target("c1");
         // Unmounts even when an assertion fails, so no mount outlives the test.
-        struct Unmount(PathBuf);
+        struct Unmount(PathBuf, PathBuf);
         impl Drop for Unmount {
             fn drop(&mut self) {
-                let _ = unmount_rootfs(&self.0);
+                let _ = unmount_rootfs(&self.0, &self.1);
             }
         }
-        let _guard = Unmount(target.clone());
+        let _guard = Unmount(dir.path.clone(), target.clone());
         mount_rootfs(
             "c1",
             &[],
@@ -1187,7 +1180,7 @@ mod tests {
         let err = dir.remove().unwrap_err();
         assert!(err.to_string().contains("mount point"), "{err}");
         assert!(bundle.join("rootfs/etc/hostname").exists());
-        unmount_rootfs(&target).unwrap();
+        unmount_rootfs(&dir.path, &target).unwrap();
         dir.remove().unwrap();
         assert!(bundle.join("rootfs/etc/hostname").exists());
     }
@@ -1272,7 +1265,7 @@ mod tests {
         let listed = mounts_below(&shared) == vec![target.clone()];
         let read = std::fs::read_to_string(target.join("data")).ok();
         let write = std::fs::write(target.join("new"), "x");
-        unmount_rootfs(&target).unwrap();
+        unmount_rootfs(&dir.path, &target).unwrap();
         assert!(listed);
         assert_eq!(read.as_deref(), Some("d"));
         assert!(write.is_err(), "the share must be read-only");
@@ -1310,7 +1303,7 @@ mod tests {
         let mounted = mount_rootfs("c1", &[overlay], &lower, &dir.shared_dir(), &target).await;
         let read = std::fs::read_to_string(target.join("marker")).ok();
         let listed = mounts_below(&dir.shared_dir());
-        unmount_rootfs(&target).unwrap();
+        unmount_rootfs(&dir.path, &target).unwrap();
         mounted.unwrap();
         assert_eq!(read.as_deref(), Some("image\n"));
         assert_eq!(listed, vec![target]);

@@ -526,6 +526,58 @@ fn kbs_refusing_the_evidence_never_starts_a_container() {
     assert!(!audit.contains(&secret));
 }
 
+/// A guest whose command line says SEV-SNP but which runs without it (the
+/// host lied, or lost the hardware): the agent asks the kernel's
+/// configfs-tsm for a report (configfs mounted by the agent, sev-guest
+/// built in), gets none, and no container starts; the KBS is never asked.
+#[test]
+fn snp_guest_without_sev_refuses_containers_and_names_configfs_tsm() {
+    let Some(setup) = setup() else { return };
+    let secret = fresh_secret();
+    let kbs = Kbs::start(
+        &setup.kbs_binary,
+        secret.as_bytes(),
+        &[digest_of(INIT_DATA)],
+    );
+    let pod = resolve_pod(&kbs);
+    let mut guest = AgentGuest::new(setup.fixture.clone()).expect("prepare the guest");
+    guest.qemu_mut().cmdline.push_str(" cloister.tee=snp");
+    let transcript = Transcript::default();
+    let transcript_in = transcript.clone();
+    let reason = Arc::new(Mutex::new(String::new()));
+    let reason_in = reason.clone();
+    guest.run_capturing(move |uds| async move {
+        let _forward = forwarder(&uds, &pod, &transcript_in);
+        let client = connect_agent(&uds).await.expect("connect to the agent");
+        client
+            .setup_sandbox(ctx(), &setup_request(INIT_DATA.as_bytes()))
+            .await
+            .expect("setup sandbox");
+        let err = client
+            .create_container(ctx(), &create_request("reader", &reader_spec(), true))
+            .await
+            .expect_err("the container must not be created");
+        *reason_in.lock().unwrap() = err.to_string();
+        shutdown(&client).await;
+    });
+    let reason = reason.lock().unwrap().clone();
+    println!("create refused: {reason}");
+    assert!(reason.contains("attestation failed"), "{reason}");
+    assert!(reason.contains("snp"), "{reason}");
+    // configfs is mounted and configfs-tsm is in the kernel (it refused
+    // the entry for want of a TEE driver, rather than missing).
+    assert!(
+        reason.contains("/sys/kernel/config/tsm/report/"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("no TEE driver registered with configfs-tsm"),
+        "{reason}"
+    );
+    assert_eq!(transcript.lock().unwrap().len(), 0, "the kbs was contacted");
+    assert!(kbs.audit_log().is_empty(), "{}", kbs.audit_log());
+}
+
 /// `containerd-shim-cloister-v2` beside the test binary (`cargo build -p
 /// cloister-shim`).
 fn find_shim() -> Option<PathBuf> {

@@ -60,6 +60,11 @@ impl Default for ConfigfsTsm {
     }
 }
 
+/// errno "no such device or address" (the same on every Linux
+/// architecture), which configfs-tsm returns for a new report entry while
+/// no TEE driver is registered.
+const ENXIO: i32 = 6;
+
 fn platform(tee: &str, reason: String) -> AttesterError {
     AttesterError::Platform {
         tee: tee.into(),
@@ -87,8 +92,24 @@ impl TsmReports for ConfigfsTsm {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir(&dir)
-            .map_err(|e| platform("tsm", format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir(&dir).map_err(|e| {
+            // The two ways a guest ends up without reports, told apart:
+            // configfs-tsm refuses an entry while no TEE driver has
+            // registered (ENXIO); the folder is missing when configfs is
+            // not mounted or the kernel lacks TSM_REPORTS.
+            let why = match e.raw_os_error() {
+                Some(ENXIO) => {
+                    "no TEE driver registered with configfs-tsm: the kernel is not running as an SEV-SNP or TDX guest"
+                        .to_owned()
+                }
+                _ if e.kind() == std::io::ErrorKind::NotFound => format!(
+                    "{} is missing: configfs not mounted, or a kernel without CONFIG_TSM_REPORTS",
+                    self.root.display()
+                ),
+                _ => e.to_string(),
+            };
+            platform("tsm", format!("creating {}: {why}", dir.display()))
+        })?;
         let result = (|| {
             std::fs::write(dir.join("inblob"), inblob)
                 .map_err(|e| platform("tsm", format!("writing inblob: {e}")))?;
@@ -305,6 +326,7 @@ mod tests {
         let tsm = ConfigfsTsm::new(dir.path().join("absent"));
         let err = tsm.report(&[0u8; 64]).unwrap_err().to_string();
         assert!(err.contains("creating"), "{err}");
+        assert!(err.contains("CONFIG_TSM_REPORTS"), "{err}");
         // A plain directory is not configfs: no outblob appears.
         let tsm = ConfigfsTsm::new(dir.path());
         let err = tsm.report(&[0u8; 64]).unwrap_err().to_string();
