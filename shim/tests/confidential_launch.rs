@@ -431,6 +431,90 @@ fn cloister_measure_of_a_tdx_class_agrees_with_the_vmm() {
     }
 }
 
+/// An SNP class on the qemu backend: OVMF with kernel hashes over the
+/// bzImage, initramfs and `-append` QEMU gets. Equal to `cloister-kbs
+/// snp-measurement` given the same inputs by hand, when an OVMF with an
+/// SNP kernel-hashes section (`CLOISTER_SNP_OVMF`, or Ubuntu's
+/// /usr/share/ovmf/OVMF.amdsev.fd) and cloister-kbs are there; a firmware
+/// without that section is refused naming it.
+#[test]
+fn cloister_measure_of_an_snp_qemu_class_uses_ovmf_kernel_hashes() {
+    let Some((vmlinux, initramfs)) = kernel_or_skip() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let config_for = |firmware: &Path| {
+        let path = work.path().join("snp-qemu.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_vcpus = 2\n[confidential]\ntee = \"snp\"\nvcpu_type = \"EPYC-Milan\"\nfirmware = \"{}\"\n",
+                vmlinux.display(),
+                initramfs.display(),
+                firmware.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let debian_ovmf = Path::new("/usr/share/OVMF/OVMF_CODE.fd");
+    if debian_ovmf.is_file() {
+        let config = config_for(debian_ovmf);
+        let out = Command::new(env!("CARGO_BIN_EXE_cloister"))
+            .args(["measure", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("firmware /usr/share/OVMF/OVMF_CODE.fd: kernel hashes given but this ovmf has no snp_kernel_hashes section"),
+            "{stderr}"
+        );
+    }
+    let ovmf = std::env::var_os("CLOISTER_SNP_OVMF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/ovmf/OVMF.amdsev.fd"));
+    let kbs = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("cloister-kbs"))
+        .filter(|p| p.is_file());
+    let (true, Some(kbs)) = (ovmf.is_file(), kbs) else {
+        eprintln!("SKIP (digest part): needs an SNP OVMF with kernel hashes ({}, or CLOISTER_SNP_OVMF) and cloister-kbs (cargo build -p cloister-attestation --bin cloister-kbs)", ovmf.display());
+        return;
+    };
+    let config = config_for(&ovmf);
+    let measured = cloister_measure(&["--config", config.to_str().unwrap()]);
+    let append = format!(
+        "{} cloister.tee=snp",
+        guest_cmdline(RebootMethod::TripleFault, false)
+    );
+    let out = Command::new(kbs)
+        .args([
+            "snp-measurement",
+            "--vcpus",
+            "2",
+            "--vcpu-type",
+            "EPYC-Milan",
+            "--ovmf",
+        ])
+        .arg(&ovmf)
+        .arg("--kernel")
+        .arg(vmlinux.with_file_name("bzImage"))
+        .arg("--initrd")
+        .arg(&initramfs)
+        .args(["--append", &append])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(measured.digest, String::from_utf8_lossy(&out.stdout).trim());
+}
+
 mod guest_support;
 
 /// `ctr run` of an SNP pod through a private containerd and our shim: the

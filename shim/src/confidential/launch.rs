@@ -22,7 +22,8 @@ pub const SNP_POLICY_DEBUG: u64 = 1 << 19;
 pub const SNP_POLICY_MBZ: u64 = !((1 << 26) - 1);
 /// TDX ATTRIBUTES bit 0: the TD is debuggable (the host reads its state).
 pub const TDX_ATTRIBUTE_DEBUG: u64 = 1;
-/// OVMF for the `qemu` backend by default (Debian's `ovmf` package).
+/// OVMF for the `qemu` backend by default (Ubuntu's `ovmf` package paths;
+/// Debian 12 ships neither).
 pub const DEFAULT_SNP_FIRMWARE: &str = "/usr/share/ovmf/OVMF.amdsev.fd";
 pub const DEFAULT_TDX_FIRMWARE: &str = "/usr/share/ovmf/OVMF.inteltdx.fd";
 /// The SNP vCPU models the measurement knows (QEMU's names).

@@ -10,6 +10,13 @@
 //! size, vCPU count and model, and the number of virtio devices (their
 //! `virtio_mmio.device=` arguments are in the command line). HOST_DATA /
 //! MRCONFIGID (the init-data digest) are reported beside it, not in it.
+//!
+//! An SNP pod on the `qemu` backend boots OVMF with kernel hashes: its
+//! digest is OVMF's pages, the hashes of the `-kernel`/`-initrd`/`-append`
+//! QEMU is given ([`crate::vmm_client::qemu_confidential_args`], the
+//! launcher's own arguments) and one VMSA per vCPU
+//! (`cloister_attestation::measure::ovmf`); memory size and devices are
+//! not in it. TDX on QEMU (TDVF) is not computed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -88,8 +95,22 @@ pub enum MeasureError {
         "{config}: [confidential] tee is {tee}: only snp and tdx pods have a launch measurement"
     )]
     NotHardwareTee { config: PathBuf, tee: String },
-    #[error("{config}: the pod runs on the qemu backend (OVMF with kernel hashes); cloister measure computes cloister-vmm's direct-boot digest only")]
-    QemuBackend { config: PathBuf },
+    #[error("{config}: a TDX pod on the qemu backend boots TDVF, whose MRTD cloister measure does not compute")]
+    QemuTdx { config: PathBuf },
+    #[error("{config}: an SNP pod on the qemu backend runs -cpu host, whose signature is the host's: set [confidential] vcpu_type to measure it")]
+    QemuHostCpu { config: PathBuf },
+    #[error(transparent)]
+    QemuTee(#[from] crate::vmm_client::QemuTeeError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("firmware {path}: {source}")]
+    Ovmf {
+        path: PathBuf,
+        source: cloister_attestation::measure::ovmf::OvmfError,
+    },
     #[error("pod annotation {0:?}: expected KEY=VALUE")]
     BadAnnotation(String),
     #[error("cannot prepare {path}: {source}")]
@@ -170,9 +191,7 @@ pub fn measure(request: &MeasureRequest) -> Result<Measurement, MeasureError> {
         });
     };
     if vm.hypervisor == HypervisorKind::Qemu {
-        return Err(MeasureError::QemuBackend {
-            config: request.config.clone(),
-        });
+        return measure_qemu_snp(request, &config, &vm, &tee);
     }
     // Only their number is measured; the fds are never opened.
     vm.nics = (0..request.nics)
@@ -197,6 +216,75 @@ pub fn measure(request: &MeasureRequest) -> Result<Measurement, MeasureError> {
         nics: request.nics,
         kernel: tee.kernel.clone(),
         tee_section: serde_json::to_value(&json.tee).unwrap_or_default(),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, MeasureError> {
+    std::fs::read(path).map_err(|source| MeasureError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// QEMU's SEV_FEATURES for an SNP guest: SNPActive only (QEMU 9.1's
+/// default, and sev-snp-measure's and cloister-kbs's default).
+const QEMU_SNP_SEV_FEATURES: u64 = 1;
+
+/// OVMF + kernel hashes, from the arguments the launcher gives QEMU.
+fn measure_qemu_snp(
+    request: &MeasureRequest,
+    config: &RuntimeConfig,
+    vm: &crate::config::PodVm,
+    tee: &super::launch::TeeLaunch,
+) -> Result<Measurement, MeasureError> {
+    use crate::vmm_client::{qemu_confidential_args, QemuTee, VmPaths};
+    use cloister_attestation::measure::{kernel_hashes::KernelHashes, ovmf::Ovmf, vmsa};
+    let qemu_tee = QemuTee::from_launch(tee)?;
+    if matches!(qemu_tee, QemuTee::Tdx { .. }) {
+        return Err(MeasureError::QemuTdx {
+            config: request.config.clone(),
+        });
+    }
+    let paths = VmPaths {
+        dir: std::env::temp_dir(),
+    };
+    let args: Vec<String> = qemu_confidential_args(config, vm, &paths, &qemu_tee)?
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let after = |flag: &str| {
+        args.windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .unwrap_or_default()
+    };
+    let signature =
+        vmsa::qemu_cpu_signature(&after("-cpu")).ok_or_else(|| MeasureError::QemuHostCpu {
+            config: request.config.clone(),
+        })?;
+    let firmware = PathBuf::from(after("-bios"));
+    let ovmf = Ovmf::parse(read(&firmware)?).map_err(|source| MeasureError::Ovmf {
+        path: firmware.clone(),
+        source,
+    })?;
+    let kernel = read(Path::new(&after("-kernel")))?;
+    let initrd = read(Path::new(&after("-initrd")))?;
+    let hashes = KernelHashes::new(&kernel, Some(&initrd), Some(&after("-append")));
+    let digest = ovmf
+        .snp_launch_digest(vm.vcpus, signature, QEMU_SNP_SEV_FEATURES, Some(&hashes))
+        .map_err(|source| MeasureError::Ovmf {
+            path: firmware,
+            source,
+        })?;
+    Ok(Measurement {
+        tee: tee.tee(),
+        launch_digest: hex::encode(digest),
+        binding: tee.binding_hex(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        nics: request.nics,
+        kernel: tee.kernel.clone(),
+        tee_section: serde_json::json!({"qemu": after("-object")}),
     })
 }
 
@@ -280,7 +368,24 @@ mod tests {
         )))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("qemu backend"), "{err}");
+        assert!(err.contains("set [confidential] vcpu_type"), "{err}");
+        let err = measure(&request(config_file(
+            dir.path(),
+            "hypervisor = \"qemu\"\n[confidential]\ntee = \"tdx\"\n",
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("boots TDVF"), "{err}");
+        let err = measure(&request(config_file(
+            dir.path(),
+            &format!("hypervisor = \"qemu\"\n[confidential]\ntee = \"snp\"\nvcpu_type = \"EPYC-Milan\"\nfirmware = \"{}/absent.fd\"\n", dir.path().display()),
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(&format!("cannot read {}/absent.fd", dir.path().display())),
+            "{err}"
+        );
     }
 
     #[test]

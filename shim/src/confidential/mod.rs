@@ -100,8 +100,8 @@ pub struct ConfidentialSection {
     /// The bzImage an SNP/TDX guest boots (default: `bzImage` beside
     /// `[guest] kernel`).
     pub kernel: Option<PathBuf>,
-    /// OVMF for the `qemu` backend (default: Debian's OVMF.amdsev.fd for
-    /// SNP, OVMF.inteltdx.fd for TDX).
+    /// OVMF for the `qemu` backend (default: /usr/share/ovmf/OVMF.amdsev.fd
+    /// for SNP, OVMF.inteltdx.fd for TDX, as Ubuntu's ovmf installs them).
     pub firmware: Option<PathBuf>,
 }
 
