@@ -358,6 +358,7 @@ impl RuntimeConfig {
                 });
             }
         }
+        self.confidential.tee_settings(&self.guest.kernel)?;
         Ok(())
     }
 

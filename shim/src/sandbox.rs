@@ -717,6 +717,46 @@ pub trait SandboxLauncher: Send + Sync {
     fn unshare_rootfs(&self, sandbox: &PodSandbox, container_id: &str) -> Result<(), SandboxError>;
 }
 
+/// What a pod's VM is made of before its network and folder exist: its
+/// size and kernel parameters, its confidential settings, and for an
+/// SNP/TDX pod the launch (bzImage, policy, init-data binding). The
+/// launcher and `cloister measure` both start here, so the reference
+/// value is computed from the VM the shim would launch.
+#[derive(Debug, Clone)]
+pub struct PodVmPlan {
+    pub vm: crate::config::PodVm,
+    pub confidential: Option<crate::confidential::PodConfidential>,
+    pub tee: Option<crate::confidential::launch::TeeLaunch>,
+}
+
+impl PodVmPlan {
+    pub fn for_pod(
+        config: &RuntimeConfig,
+        pod_annotations: &HashMap<String, String>,
+    ) -> Result<Self, SandboxError> {
+        let mut vm = config.pod_vm(pod_annotations)?;
+        let confidential =
+            crate::confidential::PodConfidential::resolve(&config.confidential, pod_annotations)?;
+        let mut tee = None;
+        if let Some(confidential) = &confidential {
+            if !vm.kernel_params.is_empty() {
+                vm.kernel_params.push(' ');
+            }
+            vm.kernel_params.push_str(&confidential.kernel_params());
+            vm.shared_fs = confidential.shares_anything();
+            tee = config
+                .confidential
+                .tee_settings(&config.guest.kernel)?
+                .map(|settings| settings.launch(confidential));
+        }
+        Ok(Self {
+            vm,
+            confidential,
+            tee,
+        })
+    }
+}
+
 /// Starts the pod's microVM and connects to its agent.
 pub struct VmLauncher {
     pub namespace: String,
@@ -732,22 +772,16 @@ impl SandboxLauncher for VmLauncher {
         config: &RuntimeConfig,
         audit: &crate::audit::AuditLog,
     ) -> Result<PodSandbox, SandboxError> {
-        let pod_annotations = bundle_annotations(spec);
-        let mut vm = config.pod_vm(&pod_annotations)?;
+        let PodVmPlan {
+            mut vm,
+            confidential,
+            tee,
+        } = PodVmPlan::for_pod(config, &bundle_annotations(spec))?;
         // A jailed VMM joins the pod's cgroup.
         vm.cgroups_path = spec
             .pointer("/linux/cgroupsPath")
             .and_then(|p| p.as_str())
             .map(str::to_owned);
-        let confidential =
-            crate::confidential::PodConfidential::resolve(&config.confidential, &pod_annotations)?;
-        if let Some(confidential) = &confidential {
-            if !vm.kernel_params.is_empty() {
-                vm.kernel_params.push(' ');
-            }
-            vm.kernel_params.push_str(&confidential.kernel_params());
-            vm.shared_fs = confidential.shares_anything();
-        }
         let network = plumb_network(config, spec).await?;
         let netns = network.as_ref().map(|n| n.netns.clone());
         if let Some(network) = &network {
@@ -767,7 +801,18 @@ impl SandboxLauncher for VmLauncher {
             }
             return Err(e);
         }
-        let mut hypervisor = hypervisor_for(config, &vm, dir.vm_paths());
+        let mut hypervisor = match hypervisor_for(config, &vm, dir.vm_paths(), tee.as_ref()) {
+            Ok(hypervisor) => hypervisor,
+            Err(e) => {
+                if let Some(netns) = &netns {
+                    unplumb_network(netns).await;
+                }
+                if let Err(cleanup) = dir.remove() {
+                    tracing::warn!("{cleanup}");
+                }
+                return Err(e.into());
+            }
+        };
         let mut kbs_forwarder = None;
         let connected = async {
             hypervisor.start().await?;

@@ -23,6 +23,7 @@ use cloister_guest_image::cmdline::{self, RebootMethod};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::confidential::launch::{QuoteService, SnpVcpu, TeeLaunch, TeeLaunchKind};
 use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig, VmmSection};
 use crate::vmm_jail::{
     cgroup_dirs, create_cgroups, create_owned_folder, make_shared_mount, remove_cgroups,
@@ -66,6 +67,8 @@ pub enum HypervisorError {
     },
     #[error("cannot prepare the VMM's jail: {0}")]
     Jail(#[from] crate::vmm_jail::VmmJailError),
+    #[error(transparent)]
+    QemuTee(#[from] QemuTeeError),
 }
 
 /// How a supervised child ended.
@@ -310,6 +313,70 @@ pub struct VmJson {
     pub net: Vec<VmNetConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jail: Option<VmJailConfig>,
+    /// SEV-SNP / TDX launch (the VMM's `tee::config::TeeConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tee: Option<VmTeeConfig>,
+}
+
+/// `tee` section of `vm.json`. HOST_DATA and MRCONFIGID are written as
+/// the bytes themselves (`host_data`, `mr_config_id`: the VMM binds them
+/// unchanged), not as `init_data_digest`, so what the launch binds is
+/// exactly [`crate::confidential::PodConfidential::snp_host_data`] /
+/// `tdx_mr_config_id`, all zero for a pod without init-data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum VmTeeConfig {
+    Snp {
+        policy: String,
+        host_data: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        vcpu_type: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cpu_signature: Option<String>,
+    },
+    Tdx {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attributes: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        xfam: Option<String>,
+        mr_config_id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        quote_service: Option<String>,
+    },
+}
+
+impl VmTeeConfig {
+    pub fn from_launch(launch: &TeeLaunch) -> Self {
+        match &launch.kind {
+            TeeLaunchKind::Snp {
+                policy,
+                vcpu,
+                host_data,
+            } => VmTeeConfig::Snp {
+                policy: format!("{policy:#x}"),
+                host_data: hex::encode(host_data),
+                vcpu_type: match vcpu {
+                    Some(SnpVcpu::Type(name)) => Some(name.clone()),
+                    _ => None,
+                },
+                cpu_signature: match vcpu {
+                    Some(SnpVcpu::Signature(signature)) => Some(format!("{signature:#x}")),
+                    _ => None,
+                },
+            },
+            TeeLaunchKind::Tdx {
+                attributes,
+                xfam,
+                quote_service,
+                mr_config_id,
+            } => VmTeeConfig::Tdx {
+                attributes: attributes.map(|a| format!("{a:#x}")),
+                xfam: xfam.map(|x| format!("{x:#x}")),
+                mr_config_id: hex::encode(mr_config_id),
+                quote_service: quote_service.as_ref().map(QuoteService::to_string),
+            },
+        }
+    }
 }
 
 /// `jail` section of `vm.json` (the VMM's `JailConfig`).
@@ -395,13 +462,21 @@ fn join_cmdline(base: String, extra: &str) -> String {
     }
 }
 
-/// The VM config for `cloister-vmm`.
-pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> VmJson {
+/// The VM config for `cloister-vmm`; an SNP/TDX pod (`tee`) boots the
+/// bzImage and gets the `tee` section, with the same devices (the VMM
+/// offers them to a confidential guest behind VIRTIO_F_ACCESS_PLATFORM).
+/// `cloister measure` measures exactly this.
+pub fn cloister_vm_json(
+    config: &RuntimeConfig,
+    vm: &PodVm,
+    paths: &VmPaths,
+    tee: Option<&TeeLaunch>,
+) -> VmJson {
     // cloister-vmm adds the nested-KVM parameters itself when it picks the
     // nested-pvm CPU template, and resets through the i8042.
     let base = cmdline::guest_cmdline(RebootMethod::Keyboard, false);
     VmJson {
-        kernel: config.guest.kernel.clone(),
+        kernel: tee.map_or_else(|| config.guest.kernel.clone(), |t| t.kernel.clone()),
         initrd: Some(config.guest.initramfs.clone()),
         cmdline: join_cmdline(base, &vm.kernel_params),
         vcpus: vm.vcpus,
@@ -429,7 +504,20 @@ pub fn cloister_vm_json(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths) -> 
             })
             .collect(),
         jail: None,
+        tee: tee.map(VmTeeConfig::from_launch),
     }
+}
+
+/// Writes `vm.json` (the launcher's and `cloister measure`'s one writer).
+pub fn write_vm_json(json: &VmJson, path: &Path) -> Result<(), HypervisorError> {
+    let text = serde_json::to_vec_pretty(json).map_err(|e| HypervisorError::File {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(path, text).map_err(|source| HypervisorError::File {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The tap fds the VMM process must inherit.
@@ -450,10 +538,15 @@ pub struct CloisterVmm {
 }
 
 impl CloisterVmm {
-    pub fn new(config: &RuntimeConfig, vm: &PodVm, paths: VmPaths) -> Self {
+    pub fn new(
+        config: &RuntimeConfig,
+        vm: &PodVm,
+        paths: VmPaths,
+        tee: Option<&TeeLaunch>,
+    ) -> Self {
         Self {
             binary: config.vmm.path.clone(),
-            vm_json: cloister_vm_json(config, vm, &paths),
+            vm_json: cloister_vm_json(config, vm, &paths, tee),
             inherited_fds: nic_fds(vm),
             paths,
             vmm: config.vmm.clone(),
@@ -473,15 +566,7 @@ impl Hypervisor for CloisterVmm {
     async fn start(&mut self) -> Result<(), HypervisorError> {
         self.jail = prepare_jail(&self.vmm, &self.vm, &self.paths)?;
         self.vm_json.jail = self.jail.jail.clone();
-        let path = self.paths.vm_config();
-        let text = serde_json::to_vec_pretty(&self.vm_json).map_err(|e| HypervisorError::File {
-            path: path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        std::fs::write(&path, text).map_err(|source| HypervisorError::File {
-            path: path.clone(),
-            source,
-        })?;
+        write_vm_json(&self.vm_json, &self.paths.vm_config())?;
         let child = SupervisedChild::spawn(
             "cloister-vmm",
             &self.binary,
@@ -654,7 +739,7 @@ pub fn qemu_args(
         "-cpu".into(),
         cpu.into(),
     ];
-    args.extend(boot_args(config, vm, paths, base));
+    args.extend(boot_args(config, vm, paths, &config.guest.kernel, base));
     args.extend(device_args(vm, paths, VirtioBus::Mmio));
     args.into_iter().map(OsString::from).collect()
 }
@@ -674,14 +759,21 @@ pub enum QemuTee {
         /// OVMF built with `AmdSevX64.dsc` (has the SNP kernel-hashes
         /// section), e.g. `/usr/share/ovmf/OVMF.amdsev.fd`.
         ovmf: PathBuf,
+        /// The bzImage OVMF boots (and hashes).
+        kernel: PathBuf,
+        /// QEMU `-cpu` model (it is measured in the VMSAs); `None`: host.
+        cpu: Option<String>,
     },
     Tdx {
         /// MRCONFIGID: the init-data digest fitted to 48 bytes.
         mr_config_id: [u8; 48],
         /// TDVF, e.g. `/usr/share/ovmf/OVMF.inteltdx.fd`.
         ovmf: PathBuf,
-        /// Intel QGS socket for the guest's quote requests.
-        quote_socket: Option<PathBuf>,
+        kernel: PathBuf,
+        /// TD ATTRIBUTES; `None`: QEMU's default.
+        attributes: Option<u64>,
+        /// Intel QGS for the guest's quote requests.
+        quote_service: Option<QuoteService>,
     },
 }
 
@@ -708,9 +800,63 @@ pub enum QemuTeeError {
     Probe { qemu: String, reason: String },
     #[error("tee policy {0:#x}: reserved bit 17 must be set")]
     Policy(u64),
+    #[error("confidential.{key} = {value}: {reason}")]
+    Unsupported {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
 }
 
 impl QemuTee {
+    /// The QEMU view of a pod's SNP/TDX launch.
+    pub fn from_launch(launch: &TeeLaunch) -> Result<Self, QemuTeeError> {
+        Ok(match &launch.kind {
+            TeeLaunchKind::Snp {
+                policy,
+                vcpu,
+                host_data,
+            } => QemuTee::Snp {
+                policy: *policy,
+                host_data: *host_data,
+                ovmf: launch.firmware.clone(),
+                kernel: launch.kernel.clone(),
+                cpu: match vcpu {
+                    None => None,
+                    Some(SnpVcpu::Type(name)) => Some(name.clone()),
+                    Some(SnpVcpu::Signature(signature)) => {
+                        return Err(QemuTeeError::Unsupported {
+                            key: "cpu_signature",
+                            value: format!("{signature:#x}"),
+                            reason: "QEMU takes a CPU model: set confidential.vcpu_type instead",
+                        })
+                    }
+                },
+            },
+            TeeLaunchKind::Tdx {
+                attributes,
+                xfam,
+                quote_service,
+                mr_config_id,
+            } => {
+                if let Some(xfam) = xfam {
+                    return Err(QemuTeeError::Unsupported {
+                        key: "tdx_xfam",
+                        value: format!("{xfam:#x}"),
+                        reason: "QEMU derives XFAM from its -cpu features: unset it for the qemu backend",
+                    });
+                }
+                QemuTee::Tdx {
+                    mr_config_id: *mr_config_id,
+                    ovmf: launch.firmware.clone(),
+                    kernel: launch.kernel.clone(),
+                    attributes: *attributes,
+                    quote_service: quote_service.clone(),
+                }
+            }
+        })
+    }
+
     fn object(&self) -> (&'static str, &'static str) {
         match self {
             QemuTee::Snp { .. } => QEMU_SNP_OBJECT,
@@ -764,7 +910,13 @@ pub fn probe_qemu_tee(qemu: &Path, tee: &QemuTee) -> Result<(), QemuTeeError> {
 
 /// What QEMU's `-m` … `-append` say in every pod: size, no defaults, the
 /// console to a file, the guest kernel, initramfs and command line.
-fn boot_args(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths, base: String) -> Vec<String> {
+fn boot_args(
+    config: &RuntimeConfig,
+    vm: &PodVm,
+    paths: &VmPaths,
+    kernel: &Path,
+    base: String,
+) -> Vec<String> {
     vec![
         "-m".into(),
         format!("{}M", vm.memory_mib),
@@ -780,7 +932,7 @@ fn boot_args(config: &RuntimeConfig, vm: &PodVm, paths: &VmPaths, base: String) 
         "-serial".into(),
         format!("file:{}", paths.console_log().display()),
         "-kernel".into(),
-        config.guest.kernel.display().to_string(),
+        kernel.display().to_string(),
         "-initrd".into(),
         config.guest.initramfs.display().to_string(),
         "-append".into(),
@@ -861,11 +1013,13 @@ pub fn qemu_confidential_args(
     tee: &QemuTee,
 ) -> Result<Vec<OsString>, QemuTeeError> {
     let base = cmdline::guest_cmdline(RebootMethod::TripleFault, false);
-    let (machine, object, ovmf) = match tee {
+    let (machine, object, ovmf, kernel, cpu) = match tee {
         QemuTee::Snp {
             policy,
             host_data,
             ovmf,
+            kernel,
+            cpu,
         } => {
             if policy & (1 << 17) == 0 {
                 return Err(QemuTeeError::Policy(*policy));
@@ -877,24 +1031,37 @@ pub fn qemu_confidential_args(
                     base64(host_data)
                 ),
                 ovmf,
+                kernel,
+                cpu.as_deref().unwrap_or("host"),
             )
         }
         QemuTee::Tdx {
             mr_config_id,
             ovmf,
-            quote_socket,
+            kernel,
+            attributes,
+            quote_service,
         } => {
             let mut object = format!("tdx-guest,id=tdx0,mrconfigid={}", base64(mr_config_id));
-            if let Some(socket) = quote_socket {
-                object.push_str(&format!(
+            if let Some(attributes) = attributes {
+                object.push_str(&format!(",attributes={attributes:#x}"));
+            }
+            match quote_service {
+                Some(QuoteService::Unix(socket)) => object.push_str(&format!(
                     ",quote-generation-socket.type=unix,quote-generation-socket.path={}",
                     socket.display()
-                ));
+                )),
+                Some(QuoteService::Vsock { cid, port }) => object.push_str(&format!(
+                    ",quote-generation-socket.type=vsock,quote-generation-socket.cid={cid},quote-generation-socket.port={port}"
+                )),
+                None => {}
             }
             (
                 "q35,kernel-irqchip=split,confidential-guest-support=tdx0,memory-backend=ram0",
                 object,
                 ovmf,
+                kernel,
+                "host",
             )
         }
     };
@@ -913,9 +1080,9 @@ pub fn qemu_confidential_args(
         "-accel".into(),
         "kvm".into(),
         "-cpu".into(),
-        "host".into(),
+        cpu.into(),
     ];
-    args.extend(boot_args(config, vm, paths, base));
+    args.extend(boot_args(config, vm, paths, kernel, base));
     args.extend(device_args(vm, paths, VirtioBus::PciBehindIommu));
     Ok(args.into_iter().map(OsString::from).collect())
 }
@@ -1070,12 +1237,25 @@ where
     .await
 }
 
-/// The backend the pod's config names.
-pub fn hypervisor_for(config: &RuntimeConfig, vm: &PodVm, paths: VmPaths) -> Box<dyn Hypervisor> {
-    match vm.hypervisor {
-        HypervisorKind::Cloister => Box::new(CloisterVmm::new(config, vm, paths)),
-        HypervisorKind::Qemu => Box::new(Qemu::new(config, vm, paths)),
-    }
+/// The backend the pod's config names; with `tee` (an SNP/TDX pod) it
+/// launches the confidential VM. QEMU without the TEE's object is refused
+/// here, before anything starts, naming the QEMU version needed.
+pub fn hypervisor_for(
+    config: &RuntimeConfig,
+    vm: &PodVm,
+    paths: VmPaths,
+    tee: Option<&TeeLaunch>,
+) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    Ok(match (vm.hypervisor, tee) {
+        (HypervisorKind::Cloister, tee) => Box::new(CloisterVmm::new(config, vm, paths, tee)),
+        (HypervisorKind::Qemu, None) => Box::new(Qemu::new(config, vm, paths)),
+        (HypervisorKind::Qemu, Some(tee)) => Box::new(Qemu::new_confidential(
+            config,
+            vm,
+            paths,
+            &QemuTee::from_launch(tee)?,
+        )?),
+    })
 }
 
 #[cfg(test)]
@@ -1113,6 +1293,7 @@ mod tests {
             &RuntimeConfig::default(),
             &pod_vm(),
             &paths(),
+            None,
         ))
         .unwrap();
         assert_eq!(json["kernel"], "/usr/share/cloister/vmlinux");
@@ -1153,7 +1334,7 @@ mod tests {
             gid: 64000,
             cgroups: vec!["/sys/fs/cgroup/memory/default/pod1".into()],
         };
-        let mut vm_json = cloister_vm_json(&RuntimeConfig::default(), &pod_vm(), &paths());
+        let mut vm_json = cloister_vm_json(&RuntimeConfig::default(), &pod_vm(), &paths(), None);
         vm_json.jail = Some(jail.clone());
         let text = serde_json::to_string(&vm_json).unwrap();
         let config =
@@ -1210,6 +1391,7 @@ mod tests {
             &RuntimeConfig::default(),
             &pod_vm(),
             &paths(),
+            None,
         ))
         .unwrap();
         let config =
@@ -1238,8 +1420,13 @@ mod tests {
             ],
             ..pod_vm()
         };
-        let json = serde_json::to_value(cloister_vm_json(&RuntimeConfig::default(), &vm, &paths()))
-            .unwrap();
+        let json = serde_json::to_value(cloister_vm_json(
+            &RuntimeConfig::default(),
+            &vm,
+            &paths(),
+            None,
+        ))
+        .unwrap();
         assert_eq!(
             json["net"],
             serde_json::json!([
@@ -1275,7 +1462,7 @@ mod tests {
             shared_fs: false,
             ..pod_vm()
         };
-        let json = cloister_vm_json(&RuntimeConfig::default(), &vm, &paths());
+        let json = cloister_vm_json(&RuntimeConfig::default(), &vm, &paths(), None);
         assert!(json.fs.is_empty());
         let args = strings(&qemu_args(
             &RuntimeConfig::default(),
@@ -1289,7 +1476,7 @@ mod tests {
 
     #[test]
     fn cloister_vmm_is_started_with_the_config_file() {
-        let vmm = CloisterVmm::new(&RuntimeConfig::default(), &pod_vm(), paths());
+        let vmm = CloisterVmm::new(&RuntimeConfig::default(), &pod_vm(), paths(), None);
         assert_eq!(
             strings(&vmm.args()),
             ["--config", "/run/cloister/default/pod1/vm.json"]
@@ -1407,6 +1594,8 @@ mod tests {
             policy: 0x30000,
             host_data: [0; 32],
             ovmf: "/o".into(),
+            kernel: "/k/bzImage".into(),
+            cpu: None,
         };
         let args = strings(
             &qemu_confidential_args(&RuntimeConfig::default(), &vm, &paths(), &tee).unwrap(),
@@ -1455,12 +1644,182 @@ mod tests {
             .collect()
     }
 
+    /// A pod's SNP/TDX launch as the runtime config and init-data make it.
+    fn tee_launch(config_toml: &str, init_data: Option<&str>) -> (RuntimeConfig, TeeLaunch) {
+        let config = RuntimeConfig::from_toml(config_toml, Path::new("c.toml")).unwrap();
+        let annotations: std::collections::HashMap<String, String> = init_data
+            .map(|doc| {
+                use base64::Engine;
+                (
+                    cloister_protocol::annotations::INIT_DATA.to_owned(),
+                    base64::engine::general_purpose::STANDARD.encode(doc),
+                )
+            })
+            .into_iter()
+            .collect();
+        let plan = crate::sandbox::PodVmPlan::for_pod(&config, &annotations).unwrap();
+        (config, plan.tee.unwrap())
+    }
+
+    const INIT_DATA_DOC: &str =
+        "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"aa.toml\" = 'url = \"http://kbs\"'\n";
+
+    /// The vm.json `tee` section as `cloister-vmm` itself parses and
+    /// validates it.
+    fn vmm_tee_spec(json: &VmJson) -> cloister_vmm::tee::config::TeeSpec {
+        let text = serde_json::to_string(json).unwrap();
+        let parsed =
+            cloister_vmm::config::VmConfig::from_json(&text, Path::new("vm.json")).unwrap();
+        parsed.validate().unwrap();
+        parsed.tee.unwrap().validate().unwrap()
+    }
+
+    #[test]
+    fn snp_pod_vm_json_binds_host_data_to_the_init_data_digest_and_boots_the_bzimage() {
+        use cloister_vmm::tee::config::TeeSpec;
+        let toml = "[guest]\nkernel = \"/cache/kernel/current/vmlinux\"\n[confidential]\ntee = \"snp\"\nvcpu_type = \"EPYC-Milan\"\n";
+        let (config, launch) = tee_launch(toml, Some(INIT_DATA_DOC));
+        let json = cloister_vm_json(&config, &pod_vm(), &paths(), Some(&launch));
+        assert_eq!(json.kernel, PathBuf::from("/cache/kernel/current/bzImage"));
+        assert!(json.vsock.guest_cid == GUEST_CID && json.rng && json.fs.len() == 1);
+        let digest = cloister_attestation::initdata::InitData::parse(INIT_DATA_DOC.as_bytes())
+            .unwrap()
+            .digest();
+        assert_eq!(digest.len(), 48);
+        match vmm_tee_spec(&json) {
+            TeeSpec::Snp {
+                policy,
+                host_data,
+                cpu_signature,
+                vmsa_features,
+            } => {
+                assert_eq!(policy.bits(), 0x30000);
+                assert_eq!(host_data[..], digest[..32]);
+                assert_eq!(cpu_signature, Some(0x00A0_0F11));
+                assert_eq!(vmsa_features, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        let value = serde_json::to_value(&json).unwrap();
+        assert_eq!(
+            value["tee"],
+            serde_json::json!({"type": "snp", "policy": "0x30000", "host_data": hex::encode(&digest[..32]), "vcpu_type": "EPYC-Milan"})
+        );
+        // Without init-data: HOST_DATA is zero, as the agent then expects.
+        let (config, launch) = tee_launch(toml, None);
+        let json = cloister_vm_json(&config, &pod_vm(), &paths(), Some(&launch));
+        assert!(
+            matches!(vmm_tee_spec(&json), TeeSpec::Snp { host_data, .. } if host_data == [0; 32])
+        );
+    }
+
+    #[test]
+    fn tdx_pod_vm_json_binds_mr_config_id_and_the_quote_service() {
+        use cloister_vmm::tee::config::TeeSpec;
+        let toml = "[confidential]\ntee = \"tdx\"\nkernel = \"/k/bzImage-tdx\"\nquote_service = \"vsock:2:4050\"\ntdx_attributes = 0x10000000\ntdx_xfam = 0x2e7\n";
+        let (config, launch) = tee_launch(toml, Some(INIT_DATA_DOC));
+        let json = cloister_vm_json(&config, &pod_vm(), &paths(), Some(&launch));
+        assert_eq!(json.kernel, PathBuf::from("/k/bzImage-tdx"));
+        let digest = cloister_attestation::initdata::InitData::parse(INIT_DATA_DOC.as_bytes())
+            .unwrap()
+            .digest();
+        match vmm_tee_spec(&json) {
+            TeeSpec::Tdx {
+                attributes,
+                xfam,
+                mr_config_id,
+                quote_service,
+            } => {
+                assert_eq!((attributes, xfam), (0x1000_0000, 0x2e7));
+                assert_eq!(mr_config_id[..], digest[..]);
+                assert_eq!(
+                    quote_service,
+                    Some(cloister_vmm::tee::tdx::quote::QuoteServiceAddr::Vsock {
+                        cid: 2,
+                        port: 4050
+                    })
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let (config, launch) = tee_launch("[confidential]\ntee = \"tdx\"\n", None);
+        let json = cloister_vm_json(&config, &pod_vm(), &paths(), Some(&launch));
+        assert!(
+            matches!(vmm_tee_spec(&json), TeeSpec::Tdx { mr_config_id, .. } if mr_config_id == [0; 48])
+        );
+    }
+
+    /// The sample TEE keeps an ordinary VM: the vmlinux, no `tee` section,
+    /// its parameters on the command line.
+    #[test]
+    fn sample_pod_has_no_tee_section() {
+        let config =
+            RuntimeConfig::from_toml("[confidential]\ntee = \"sample\"\n", Path::new("c.toml"))
+                .unwrap();
+        let plan = crate::sandbox::PodVmPlan::for_pod(&config, &Default::default()).unwrap();
+        assert!(plan.tee.is_none());
+        let json = cloister_vm_json(&config, &plan.vm, &paths(), plan.tee.as_ref());
+        assert_eq!(json.kernel, PathBuf::from("/usr/share/cloister/vmlinux"));
+        assert!(
+            json.cmdline.ends_with("cloister.tee=sample"),
+            "{}",
+            json.cmdline
+        );
+        assert!(serde_json::to_value(&json).unwrap().get("tee").is_none());
+    }
+
+    #[test]
+    fn qemu_tee_is_built_from_the_confidential_section() {
+        let (_, launch) = tee_launch(
+            "[confidential]\ntee = \"snp\"\nsnp_policy = 0x70000\nvcpu_type = \"EPYC-Genoa\"\nfirmware = \"/fw/OVMF.fd\"\n",
+            None,
+        );
+        assert_eq!(
+            QemuTee::from_launch(&launch).unwrap(),
+            QemuTee::Snp {
+                policy: 0x70000,
+                host_data: [0; 32],
+                ovmf: "/fw/OVMF.fd".into(),
+                kernel: "/usr/share/cloister/bzImage".into(),
+                cpu: Some("EPYC-Genoa".into()),
+            }
+        );
+        let (_, launch) = tee_launch(
+            "[confidential]\ntee = \"tdx\"\ntdx_attributes = 0x10000000\nquote_service = \"unix:/run/qgs.sock\"\n",
+            None,
+        );
+        assert_eq!(
+            QemuTee::from_launch(&launch).unwrap(),
+            QemuTee::Tdx {
+                mr_config_id: [0; 48],
+                ovmf: "/usr/share/ovmf/OVMF.inteltdx.fd".into(),
+                kernel: "/usr/share/cloister/bzImage".into(),
+                attributes: Some(0x1000_0000),
+                quote_service: Some(QuoteService::Unix("/run/qgs.sock".into())),
+            }
+        );
+        let (_, launch) = tee_launch(
+            "[confidential]\ntee = \"snp\"\ncpu_signature = 0xa00f11\n",
+            None,
+        );
+        let err = QemuTee::from_launch(&launch).unwrap_err().to_string();
+        assert!(
+            err.starts_with("confidential.cpu_signature = 0xa00f11: QEMU takes a CPU model"),
+            "{err}"
+        );
+        let (_, launch) = tee_launch("[confidential]\ntee = \"tdx\"\ntdx_xfam = 0xe7\n", None);
+        let err = QemuTee::from_launch(&launch).unwrap_err().to_string();
+        assert!(err.starts_with("confidential.tdx_xfam = 0xe7"), "{err}");
+    }
+
     #[test]
     fn qemu_snp_args_carry_policy_host_data_and_kernel_hashes() {
         let tee = QemuTee::Snp {
             policy: 0x30000,
             host_data: [0xAB; 32],
             ovmf: "/usr/share/ovmf/OVMF.amdsev.fd".into(),
+            kernel: "/k/bzImage".into(),
+            cpu: Some("EPYC-Milan".into()),
         };
         let args = strings(
             &qemu_confidential_args(&RuntimeConfig::default(), &pod_vm(), &paths(), &tee).unwrap(),
@@ -1483,10 +1842,11 @@ mod tests {
             ["/usr/share/ovmf/OVMF.amdsev.fd"]
         );
         assert_eq!(arg_after(&args, "-accel"), ["kvm"]);
+        assert_eq!(arg_after(&args, "-cpu"), ["EPYC-Milan"]);
         assert!(arg_after(&args, "-device")
             .iter()
             .all(|d| d.ends_with("iommu_platform=on")));
-        assert_eq!(arg_after(&args, "-kernel").len(), 1);
+        assert_eq!(arg_after(&args, "-kernel"), ["/k/bzImage"]);
     }
 
     #[test]
@@ -1495,6 +1855,8 @@ mod tests {
             policy: 0x10000,
             host_data: [0; 32],
             ovmf: "/o".into(),
+            kernel: "/k/bzImage".into(),
+            cpu: None,
         };
         let err = qemu_confidential_args(&RuntimeConfig::default(), &pod_vm(), &paths(), &tee)
             .unwrap_err()
@@ -1504,10 +1866,12 @@ mod tests {
 
     #[test]
     fn qemu_tdx_args_carry_mrconfigid_and_the_quote_socket() {
-        let tee = QemuTee::Tdx {
+        let mut tee = QemuTee::Tdx {
             mr_config_id: [0; 48],
             ovmf: "/usr/share/ovmf/OVMF.inteltdx.fd".into(),
-            quote_socket: Some("/run/tdx-qgs/qgs.socket".into()),
+            kernel: "/k/bzImage".into(),
+            attributes: None,
+            quote_service: Some(QuoteService::Unix("/run/tdx-qgs/qgs.socket".into())),
         };
         let args = strings(
             &qemu_confidential_args(&RuntimeConfig::default(), &pod_vm(), &paths(), &tee).unwrap(),
@@ -1523,6 +1887,22 @@ mod tests {
                 "A".repeat(64)
             )
         );
+        assert_eq!(arg_after(&args, "-kernel"), ["/k/bzImage"]);
+        if let QemuTee::Tdx {
+            attributes,
+            quote_service,
+            ..
+        } = &mut tee
+        {
+            *attributes = Some(0x1000_0000);
+            *quote_service = Some(QuoteService::Vsock { cid: 2, port: 4050 });
+        }
+        let args = strings(
+            &qemu_confidential_args(&RuntimeConfig::default(), &pod_vm(), &paths(), &tee).unwrap(),
+        );
+        assert!(arg_after(&args, "-object")[0].ends_with(
+            ",attributes=0x10000000,quote-generation-socket.type=vsock,quote-generation-socket.cid=2,quote-generation-socket.port=4050"
+        ), "{args:?}");
     }
 
     #[test]
@@ -1531,6 +1911,8 @@ mod tests {
             policy: 0x30000,
             host_data: [0; 32],
             ovmf: "/o".into(),
+            kernel: "/k/bzImage".into(),
+            cpu: None,
         };
         let help_72 =
             "List of user creatable objects:\n  authz-list\n  sev-guest\n  tls-creds-x509\n";
@@ -1560,7 +1942,9 @@ mod tests {
         let tdx = QemuTee::Tdx {
             mr_config_id: [0; 48],
             ovmf: "/o".into(),
-            quote_socket: None,
+            kernel: "/k/bzImage".into(),
+            attributes: None,
+            quote_service: None,
         };
         match probe_qemu_tee(qemu, &tdx) {
             Ok(()) => eprintln!("this QEMU has tdx-guest"),
@@ -1664,6 +2048,7 @@ mod tests {
             VmPaths {
                 dir: dir.path().to_path_buf(),
             },
+            None,
         );
         let err = vmm.start().await.unwrap_err();
         let text = err.to_string();

@@ -44,7 +44,7 @@ async fn jailed_cloister_vmm_runs_in_the_pod_cgroup_and_leaves_nothing_behind() 
     let cgroups_path = format!("/cloister-jail-test-{}/sandbox", std::process::id());
     vm.cgroups_path = Some(cgroups_path.clone());
     let cgroups = cgroup_dirs(Path::new(CGROUP_ROOT), &cgroups_path).unwrap();
-    let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths());
+    let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths(), None).unwrap();
 
     let started = hypervisor.start().await;
 

@@ -6,6 +6,9 @@
 //! `cloister audit` prints the audit trail's records that match its
 //! filters (exit 0; 2 when the file or a flag cannot be read; malformed
 //! lines are reported on stderr with their number and skipped).
+//! `cloister measure --config FILE` prints the launch digest and HOST_DATA
+//! / MRCONFIGID of an SNP/TDX runtime class's pods, for the KBS (exit 0;
+//! 2 when the pod cannot be planned or measured).
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +40,31 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Print the reference values of an SNP/TDX runtime class's pod: the
+    /// launch digest (SNP MEASUREMENT / TDX MRTD) of the VM the shim would
+    /// launch, and HOST_DATA / MRCONFIGID (the init-data digest).
+    Measure(MeasureArgs),
+}
+
+#[derive(clap::Args)]
+struct MeasureArgs {
+    /// The runtime class's config (its containerd ConfigPath).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// The pod's init-data file, instead of [confidential] init_data.
+    #[arg(long, conflicts_with = "annotation")]
+    init_data: Option<std::path::PathBuf>,
+    /// The pod's io.cloister.init-data annotation (base64 of TOML or gzip'd TOML).
+    #[arg(long)]
+    annotation: Option<String>,
+    /// Another pod annotation that sizes the VM, KEY=VALUE (e.g.
+    /// io.kubernetes.cri.sandbox-memory=1073741824); repeatable.
+    #[arg(long = "pod-annotation", value_name = "KEY=VALUE")]
+    pod_annotations: Vec<String>,
+    /// The pod's network interfaces (each is a measured virtio device):
+    /// 1 under Kubernetes, 0 for `ctr run` without CNI.
+    #[arg(long, default_value_t = 1)]
+    nics: u32,
 }
 
 #[derive(Subcommand)]
@@ -121,6 +149,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Inspect { spec, json } => inspect(&spec, json),
         Command::Audit(args) => audit(&args),
+        Command::Measure(args) => measure(args),
         Command::Policy {
             command:
                 PolicyCommand::Generate {
@@ -279,5 +308,31 @@ fn inspect(path: &std::path::Path, json: bool) -> std::process::ExitCode {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
+    }
+}
+
+fn measure(args: MeasureArgs) -> std::process::ExitCode {
+    use cloister_shim::confidential::measure;
+    let pod_annotations: Result<Vec<_>, _> = args
+        .pod_annotations
+        .iter()
+        .map(|a| measure::parse_pod_annotation(a))
+        .collect();
+    let request = pod_annotations.map(|pod_annotations| measure::MeasureRequest {
+        config: args.config,
+        init_data: args.init_data,
+        annotation: args.annotation,
+        pod_annotations,
+        nics: args.nics,
+    });
+    match request.and_then(|r| measure::measure(&r)) {
+        Ok(measurement) => {
+            println!("{measurement}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cloister measure: {e}");
+            std::process::ExitCode::from(2)
+        }
     }
 }

@@ -14,6 +14,8 @@
 
 pub mod init_data;
 pub mod kbs_forward;
+pub mod launch;
+pub mod measure;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,6 +79,30 @@ pub struct ConfidentialSection {
     /// What may still be shared from the host; empty (the default) shares
     /// nothing, so the pod's images must come from inside the guest.
     pub allow_host_shares: Vec<HostShare>,
+    /// SNP guest policy (default 0x30000); bit 17 must be set, debug
+    /// (bit 19) needs `allow_debug`. See [`launch`].
+    pub snp_policy: Option<u64>,
+    /// SNP: the QEMU EPYC model the vCPUs report (EPYC, EPYC-Rome,
+    /// EPYC-Milan, EPYC-Genoa), or `cpu_signature` (CPUID 1 EAX). It is
+    /// measured; without it the digest is the host CPU's and `cloister
+    /// measure` cannot compute it.
+    pub vcpu_type: Option<String>,
+    pub cpu_signature: Option<u32>,
+    /// TDX ATTRIBUTES and XFAM (default: the VMM's, SEPT_VE_DISABLE and
+    /// 0xe7); ATTRIBUTES.DEBUG needs `allow_debug`.
+    pub tdx_attributes: Option<u64>,
+    pub tdx_xfam: Option<u64>,
+    /// TDX quote service: `unix:PATH` or `vsock:CID:PORT`.
+    pub quote_service: Option<String>,
+    /// Allow a debuggable guest (SNP policy bit 19, TDX ATTRIBUTES.DEBUG):
+    /// its memory is then readable by the host.
+    pub allow_debug: bool,
+    /// The bzImage an SNP/TDX guest boots (default: `bzImage` beside
+    /// `[guest] kernel`).
+    pub kernel: Option<PathBuf>,
+    /// OVMF for the `qemu` backend (default: /usr/share/ovmf/OVMF.amdsev.fd
+    /// for SNP, OVMF.inteltdx.fd for TDX, as Ubuntu's ovmf installs them).
+    pub firmware: Option<PathBuf>,
 }
 
 /// Why a confidential pod cannot start.
