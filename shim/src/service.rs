@@ -103,6 +103,10 @@ impl ServiceError {
                 crate::confidential::ConfidentialError::Read { .. },
             )) => Code::INTERNAL,
             ServiceError::Sandbox(SandboxError::Confidential(_)) => Code::INVALID_ARGUMENT,
+            // The host cannot launch this TEE (QEMU without the object).
+            ServiceError::Sandbox(SandboxError::Hypervisor(
+                crate::vmm_client::HypervisorError::QemuTee(_),
+            )) => Code::FAILED_PRECONDITION,
             ServiceError::Sandbox(SandboxError::ForeignSandbox { .. })
             | ServiceError::NoSandbox(_) => Code::FAILED_PRECONDITION,
             ServiceError::Sandbox(_) | ServiceError::Stdio(_) => Code::INTERNAL,

@@ -1386,4 +1386,16 @@ fn confidential_refusals_map_to_codes_containerd_can_tell_apart() {
         ConfidentialError::BadKbsUrl("not a url".into()),
     ));
     assert_eq!(bad_input.code(), ttrpc::Code::INVALID_ARGUMENT);
+    let old_qemu = ServiceError::Sandbox(SandboxError::Hypervisor(
+        crate::vmm_client::HypervisorError::QemuTee(
+            crate::vmm_client::QemuTeeError::ObjectMissing {
+                qemu: "qemu-system-x86_64".into(),
+                object: "sev-snp-guest",
+                version: "9.1",
+                found: " (found: QEMU emulator version 7.2.22)".into(),
+            },
+        ),
+    ));
+    assert_eq!(old_qemu.code(), ttrpc::Code::FAILED_PRECONDITION);
+    assert!(old_qemu.to_string().contains("9.1"), "{old_qemu}");
 }
