@@ -169,6 +169,22 @@ fn refuse_unroutable_devices(
     }
 }
 
+/// What an SNP launch with APs should tell the operator: their VMSAs are
+/// measured, but the guest finds no ACPI MADT and Linux does not scan for
+/// an MP table under SNP, so it never starts them. Not refused: the shim
+/// sizes `vcpus` from the pod's CPU quota, and such pods do run (on one
+/// vCPU).
+fn snp_idle_aps_warning(vcpus: u8) -> Option<String> {
+    (vcpus > 1).then(|| {
+        format!(
+            "vcpus = {vcpus}: the SNP guest will run on its boot vCPU only \
+             (no ACPI MADT in the measured boot, and Linux skips the MP table under SNP); \
+             the other {} vCPUs stay idle",
+            vcpus - 1
+        )
+    })
+}
+
 /// The command line the guest sees, measured: the configured one plus the
 /// `virtio_mmio.device=` argument of each device in slot order (the
 /// builder attaches them the same way). No host-dependent arguments.
@@ -326,6 +342,9 @@ pub fn launch_checked(cfg: &VmConfig, spec: TeeSpec) -> Result<LaunchedVm, TeeRu
                 "SNP guest launched: policy {policy}, measurement {}",
                 hex::encode(boot.launch_digest())
             );
+            if let Some(warning) = snp_idle_aps_warning(cfg.vcpus) {
+                tracing::warn!("{warning}");
+            }
             Ok(LaunchedVm {
                 kind: TeeKind::Snp,
                 tee,
@@ -759,6 +778,17 @@ mod tests {
         assert!(
             err.contains("IRQ 5 to 15") && err.contains("at most 11") && err.contains("MADT"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn snp_with_aps_warns_that_they_stay_idle() {
+        assert_eq!(snp_idle_aps_warning(1), None);
+        let warning = snp_idle_aps_warning(4).unwrap();
+        assert!(warning.starts_with("vcpus = 4"), "{warning}");
+        assert!(
+            warning.contains("MADT") && warning.contains("other 3 vCPUs"),
+            "{warning}"
         );
     }
 
