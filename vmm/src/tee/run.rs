@@ -89,7 +89,7 @@ pub enum TeeRunError {
     TdxVcpus(u8),
     #[error("a TDX guest cannot have virtio devices ({0}) yet: TDX allows only KVM's split irqchip, which has no in-kernel IOAPIC, so a virtio-mmio interrupt line could reach the TD only through a userspace IOAPIC that cloister-vmm does not emulate; use the qemu backend for TDX pods")]
     TdxDevices(String),
-    #[error("{count} virtio devices: an SNP guest boots without an MP table or ACPI, so device interrupts reach it only through the legacy 8259 (IRQ {VIRTIO_IRQ_FIRST} to {LAST_PIC_IRQ}): at most {max} devices", max = MAX_SNP_DEVICES)]
+    #[error("{count} virtio devices: an SNP guest boots without an ACPI MADT (and Linux skips the MP table scan under SNP), so device interrupts reach it only through the legacy 8259 (IRQ {VIRTIO_IRQ_FIRST} to {LAST_PIC_IRQ}): at most {max} devices", max = MAX_SNP_DEVICES)]
     SnpTooManyDevices { count: usize },
     #[error("virtio devices of the confidential guest: {0}")]
     Devices(Box<BuildError>),
@@ -147,8 +147,10 @@ const MAX_SNP_DEVICES: usize = (LAST_PIC_IRQ - VIRTIO_IRQ_FIRST + 1) as usize;
 
 /// SNP has the full in-kernel irqchip (`KVM_CREATE_IRQCHIP`): a device's
 /// irqfd on its GSI raises the PIC/IOAPIC pin as in a plain VM. But the
-/// measured boot has no MP table (nor ACPI), so the guest drives no IOAPIC
-/// and takes device interrupts through the 8259: only IRQs up to 15 (a
+/// measured boot has no ACPI MADT, and an MP table would not help: Linux
+/// (v6.9+, our 6.12 guest) never scans for one under SNP
+/// (`sme_early_init` makes `find_mptable` a no-op). So the guest drives no
+/// IOAPIC and takes device interrupts through the 8259: only IRQs up to 15 (a
 /// plain VM without its MP table was seen to serve all its devices on IRQs
 /// 5-10 this way on kvm_pvm). TDX has
 /// only the split irqchip: KVM's GSI routing table is empty there, so an
@@ -165,6 +167,22 @@ fn refuse_unroutable_devices(
         TeeKind::Snp if count > MAX_SNP_DEVICES => Err(TeeRunError::SnpTooManyDevices { count }),
         _ => Ok(()),
     }
+}
+
+/// What an SNP launch with APs should tell the operator: their VMSAs are
+/// measured, but the guest finds no ACPI MADT and Linux does not scan for
+/// an MP table under SNP, so it never starts them. Not refused: the shim
+/// sizes `vcpus` from the pod's CPU quota, and such pods do run (on one
+/// vCPU).
+fn snp_idle_aps_warning(vcpus: u8) -> Option<String> {
+    (vcpus > 1).then(|| {
+        format!(
+            "vcpus = {vcpus}: the SNP guest will run on its boot vCPU only \
+             (no ACPI MADT in the measured boot, and Linux skips the MP table under SNP); \
+             the other {} vCPUs stay idle",
+            vcpus - 1
+        )
+    })
 }
 
 /// The command line the guest sees, measured: the configured one plus the
@@ -324,6 +342,9 @@ pub fn launch_checked(cfg: &VmConfig, spec: TeeSpec) -> Result<LaunchedVm, TeeRu
                 "SNP guest launched: policy {policy}, measurement {}",
                 hex::encode(boot.launch_digest())
             );
+            if let Some(warning) = snp_idle_aps_warning(cfg.vcpus) {
+                tracing::warn!("{warning}");
+            }
             Ok(LaunchedVm {
                 kind: TeeKind::Snp,
                 tee,
@@ -755,8 +776,19 @@ mod tests {
             .to_string();
         assert!(err.starts_with("12 virtio devices"), "{err}");
         assert!(
-            err.contains("IRQ 5 to 15") && err.contains("at most 11"),
+            err.contains("IRQ 5 to 15") && err.contains("at most 11") && err.contains("MADT"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn snp_with_aps_warns_that_they_stay_idle() {
+        assert_eq!(snp_idle_aps_warning(1), None);
+        let warning = snp_idle_aps_warning(4).unwrap();
+        assert!(warning.starts_with("vcpus = 4"), "{warning}");
+        assert!(
+            warning.contains("MADT") && warning.contains("other 3 vCPUs"),
+            "{warning}"
         );
     }
 

@@ -12,6 +12,12 @@
 //! the CPUID and secrets pages with their types, all other RAM as `Zero`
 //! (validated and zeroed by the firmware; without firmware in the guest no
 //! one else would validate it) — then the VMSAs in vCPU order.
+//!
+//! No MP table: Linux skips the `_MP_` scan in an SNP guest
+//! (`sme_early_init` sets `x86_init.mpparse.find_mptable` to a no-op since
+//! v6.9), so it would be measured and never read. APs and the IOAPIC need
+//! an ACPI MADT reached through `boot_params.acpi_rsdp_addr` (not built
+//! yet; see the README's "Not there yet").
 
 use cloister_attestation::measure::snp::LaunchPage;
 
