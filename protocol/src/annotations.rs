@@ -19,6 +19,11 @@ pub const TEE: &str = "io.cloister.tee";
 /// Base64 init-data (attestation policy and the secrets the pod asks for).
 pub const INIT_DATA: &str = "io.cloister.init-data";
 
+/// [`INIT_DATA`] spelt without the hyphen, as the product spec names it;
+/// accepted alike (the same document under both is fine, different ones
+/// are refused).
+pub const INIT_DATA_UNHYPHENATED: &str = "io.cloister.initdata";
+
 /// Kata Containers' init-data annotation (base64 of gzip'd TOML), accepted
 /// as [`INIT_DATA`] so CoCo pod specs work unchanged.
 pub const KATA_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";

@@ -153,7 +153,11 @@ fn from_annotations(
     pod_annotations: &HashMap<String, String>,
 ) -> Result<Option<(&'static str, Vec<u8>)>, ConfidentialError> {
     let mut found: Option<(&'static str, Vec<u8>)> = None;
-    for key in [annotations::INIT_DATA, annotations::KATA_INIT_DATA] {
+    for key in [
+        annotations::INIT_DATA,
+        annotations::INIT_DATA_UNHYPHENATED,
+        annotations::KATA_INIT_DATA,
+    ] {
         let Some(value) = pod_annotations.get(key) else {
             continue;
         };
@@ -394,6 +398,31 @@ mod tests {
         config.init_data = Some(dir.path().join("absent"));
         let err = PodConfidential::resolve(&config, &HashMap::new()).unwrap_err();
         assert!(err.to_string().contains("absent"), "{err}");
+    }
+
+    #[test]
+    fn unhyphenated_annotation_is_the_same_init_data() {
+        let pod = PodConfidential::resolve(
+            &section(Some(TeeKind::Snp)),
+            &annotated(annotations::INIT_DATA_UNHYPHENATED, DOC),
+        )
+        .unwrap()
+        .unwrap();
+        let hyphenated = PodConfidential::resolve(
+            &section(Some(TeeKind::Snp)),
+            &annotated(annotations::INIT_DATA, DOC),
+        )
+        .unwrap()
+        .unwrap();
+        assert_ne!(pod.snp_host_data(), [0; 32]);
+        assert_eq!(pod.snp_host_data(), hyphenated.snp_host_data());
+        let mut both = annotated(annotations::INIT_DATA_UNHYPHENATED, DOC);
+        both.insert(
+            annotations::INIT_DATA.into(),
+            STANDARD.encode(DOC.replace("8080", "9090")),
+        );
+        let err = PodConfidential::resolve(&section(Some(TeeKind::Snp)), &both).unwrap_err();
+        assert!(err.to_string().contains("io.cloister.initdata"), "{err}");
     }
 
     #[test]
