@@ -266,6 +266,31 @@ fn vmm_digest(vmm: &Path, vm_json: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A runtime config for a cloister-vmm class (`extra`: its sections
+/// beyond `[vmm]` and `[guest]`) and an init-data file, in `dir`.
+fn cloister_vmm_class(
+    dir: &Path,
+    vmm: &Path,
+    vmlinux: &Path,
+    initramfs: &Path,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
+    let config = dir.join("class.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n{extra}",
+            vmm.display(),
+            vmlinux.display(),
+            initramfs.display()
+        ),
+    )
+    .unwrap();
+    let init_data = dir.join("init-data.toml");
+    std::fs::write(&init_data, INIT_DATA).unwrap();
+    (config, init_data)
+}
+
 #[test]
 fn cloister_measure_equals_the_vmms_digest_of_a_hand_written_vm_json() {
     let Some(vmm) = vmm_or_skip() else { return };
@@ -273,19 +298,13 @@ fn cloister_measure_equals_the_vmms_digest_of_a_hand_written_vm_json() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let config = work.path().join("snp.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[resources]\ndefault_memory_mib = 512\ndefault_vcpus = 2\n[confidential]\ntee = \"snp\"\nsnp_policy = 0x30000\nvcpu_type = \"EPYC-Milan\"\n",
-            vmm.display(),
-            vmlinux.display(),
-            initramfs.display()
-        ),
-    )
-    .unwrap();
-    let init_data = work.path().join("init-data.toml");
-    std::fs::write(&init_data, INIT_DATA).unwrap();
+    let (config, init_data) = cloister_vmm_class(
+        work.path(),
+        &vmm,
+        &vmlinux,
+        &initramfs,
+        "[resources]\ndefault_memory_mib = 512\ndefault_vcpus = 2\n[confidential]\ntee = \"snp\"\nsnp_policy = 0x30000\nvcpu_type = \"EPYC-Milan\"\n",
+    );
     let config_arg = config.to_str().unwrap();
 
     let measured = cloister_measure(&[
@@ -367,19 +386,13 @@ fn cloister_measure_of_a_tdx_class_agrees_with_the_vmm() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let config = work.path().join("tdx.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[vmm]\npath = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[confidential]\ntee = \"tdx\"\n",
-            vmm.display(),
-            vmlinux.display(),
-            initramfs.display()
-        ),
-    )
-    .unwrap();
-    let init_data = work.path().join("init-data.toml");
-    std::fs::write(&init_data, INIT_DATA).unwrap();
+    let (config, init_data) = cloister_vmm_class(
+        work.path(),
+        &vmm,
+        &vmlinux,
+        &initramfs,
+        "[confidential]\ntee = \"tdx\"\n",
+    );
     let digest = cloister_attestation::initdata::InitData::parse(INIT_DATA.as_bytes())
         .unwrap()
         .digest();
