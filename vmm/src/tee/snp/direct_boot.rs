@@ -21,7 +21,6 @@
 
 use cloister_attestation::measure::snp::LaunchPage;
 
-use crate::boot::layout::HIGH_MEMORY_START;
 use crate::tee::boot_image::{build_boot_image, BootImage, BootImageError, ReservedPages, PAGE};
 use crate::tee::kvm::VcpuBootState;
 
@@ -35,8 +34,6 @@ const CC_BLOB_GPA: u64 = SETUP_DATA_GPA + 0x40;
 pub const CPUID_PAGE_GPA: u64 = 0x4000;
 /// The SNP secrets page (filled by the firmware: VMPCKs for guest requests).
 pub const SECRETS_PAGE_GPA: u64 = 0x5000;
-/// End of the low legacy area Linux treats as RAM (the legacy hole starts).
-const LEGACY_HOLE_START: u64 = 0xA_0000;
 /// `setup_data.type` of a confidential-computing blob.
 const SETUP_CC_BLOB: u32 = 7;
 /// `cc_blob_sev_info.magic`: "AMDE".
@@ -141,18 +138,17 @@ pub fn snp_direct_boot(inputs: &SnpBootInputs<'_>) -> Result<SnpDirectBoot, Boot
     let mut spans: Vec<(u64, u64)> = loaded.iter().filter_map(extent).collect();
     spans.sort_unstable();
 
-    // RAM the guest will use, minus the legacy hole.
-    let mut ram = Vec::new();
-    for &(start, len) in &image.ram {
-        let end = start + len;
-        if start < LEGACY_HOLE_START {
-            ram.push((start, end.min(LEGACY_HOLE_START)));
-        }
-        let above = start.max(HIGH_MEMORY_START);
-        if end > above {
-            ram.push((above, end));
-        }
-    }
+    // Every page of guest memory, the legacy hole (640 KiB to 1 MiB, not
+    // RAM in the e820 map) included: a kernel with ACPI looks for the RSDP
+    // in the EBDA and at 0xE0000-0xFFFFF before anything else (the
+    // decompressor's get_rsdp_addr, when boot_params has none), and reading
+    // a page that was never validated ends an SNP guest with a #VC. Zero
+    // pages read as zeros: no RSDP, as on a machine without ACPI.
+    let ram: Vec<(u64, u64)> = image
+        .ram
+        .iter()
+        .map(|&(start, len)| (start, start + len))
+        .collect();
     let mut pages = loaded;
     for (start, end) in ram {
         let mut cursor = start;
@@ -225,8 +221,14 @@ mod tests {
             cursor = gpa + len;
             covered += len;
         }
-        // 640 KiB below the hole + (64 MiB - 1 MiB) above it.
-        assert_eq!(covered, LEGACY_HOLE_START + (64 << 20) - HIGH_MEMORY_START);
+        // All 64 MiB, the legacy hole included (validated as zero pages).
+        assert_eq!(covered, 64 << 20);
+        // The legacy hole: 640 KiB to 1 MiB.
+        let hole = 0xA_0000u64..0x10_0000;
+        assert!(boot.pages.iter().any(|p| matches!(
+            p,
+            LaunchPage::Zero { gpa, len } if *gpa <= 0xE_0000 && gpa + len >= hole.end
+        )));
         let vmsas = boot
             .pages
             .iter()
