@@ -20,7 +20,7 @@ use crate::events::{forward_to_containerd, timestamp, EventSender};
 use crate::network::{network_namespace, PodNetworkNamespace};
 use crate::sandbox::unplumb_network;
 use crate::sandbox::{
-    bundle_annotations, mounts_below, shim_grouping, unmount_rootfs, SandboxDir, VmLauncher,
+    bundle_annotations, shim_grouping, unmount_everything_below, SandboxDir, VmLauncher,
 };
 use crate::service::TaskService;
 
@@ -188,14 +188,7 @@ impl Shim for CloisterShim {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         self.audit_shim_delete();
         let dir = SandboxDir::new(Path::new(STATE_DIR), &self.namespace, &self.id);
-        let mut mounts: Vec<PathBuf> = mounts_below(&dir.path);
-        // Deepest first.
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for mount in mounts {
-            if let Err(e) = unmount_rootfs(&dir.path, &mount) {
-                tracing::warn!(mount = %mount.display(), "{e}");
-            }
-        }
+        unmount_everything_below(&dir);
         if let Err(e) = dir.remove() {
             tracing::warn!("{e}");
         }

@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{umount2, MntFlags};
 use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
@@ -31,6 +31,8 @@ pub enum TeardownError {
         "refusing to remove {path}: it is a mount point (another file system below the folder)"
     )]
     MountPoint { path: PathBuf },
+    #[error("refusing to remove {path}: folders nest deeper than {MAX_DEPTH} levels there")]
+    TooDeep { path: PathBuf },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -75,15 +77,21 @@ fn open_path(parent: impl AsFd, name: &OsStr) -> Result<OwnedFd, Errno> {
     )
 }
 
+fn is_symlink(fd: impl AsFd) -> Result<bool, Errno> {
+    let stat = fstat(fd)?;
+    Ok(SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK)
+}
+
 fn is_dir(fd: impl AsFd) -> Result<bool, Errno> {
     let stat = fstat(fd)?;
     Ok(SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)
 }
 
-/// Unmounts everything stacked at `root/relative` (lazily: the guest may
-/// still hold files), reaching it without following a symlink. A missing
-/// path, a symlink or a non-directory on the way means nothing of ours is
-/// mounted there: nothing is done. `root` is the shim's own folder.
+/// Unmounts everything stacked at `root/relative` (a folder, or a file a
+/// file was bound onto; lazily: the guest may still hold files), reaching
+/// it without following a symlink. A missing path, a symlink, or a
+/// non-folder on the way means nothing of ours is mounted there: nothing
+/// is done. `root` is the shim's own folder.
 pub fn unmount_beneath(root: &Path, relative: &Path) -> Result<(), TeardownError> {
     let path = root.join(relative);
     let mut names = plain_names(root, relative)?;
@@ -120,8 +128,9 @@ pub fn unmount_beneath(root: &Path, relative: &Path) -> Result<(), TeardownError
             Err(Errno::ENOENT) => return Ok(()),
             Err(e) => return Err(io("open", &path)(e)),
         };
-        if !is_dir(&fd).map_err(io("stat", &path))? {
-            // Our mounts are folders; a symlink here is not one of them.
+        if is_symlink(&fd).map_err(io("stat", &path))? {
+            // Our mounts are folders or files (a bind of /etc/hosts): a
+            // symlink here is the guest's, not one of them.
             return Ok(());
         }
         let magic = crate::safe_path::fd_path(fd.as_raw_fd());
@@ -161,8 +170,14 @@ pub fn remove_tree(path: &Path) -> Result<(), TeardownError> {
         Err(Errno::ENOENT) => return Ok(()),
         Err(e) => return Err(io("stat", path)(e)),
     };
-    remove_entry(&parent_fd, name, dev, path)
+    remove_entry(&parent_fd, name, dev, path, 0)
 }
+
+/// How deep [`remove_tree`] descends: each level holds a descriptor and a
+/// stack frame, and the guest decides the depth of what it writes. A
+/// deeper tree is refused (and left, named) rather than exhausting the
+/// shim's descriptors or stack.
+const MAX_DEPTH: usize = 256;
 
 /// Removes `name` in the directory `parent`: a folder on device `dev`
 /// with its contents, or anything else as a name.
@@ -171,14 +186,18 @@ fn remove_entry(
     name: &OsStr,
     dev: u64,
     path: &Path,
+    depth: usize,
 ) -> Result<(), TeardownError> {
-    let dir = match openat(
-        parent,
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) {
+    let dir = match open_dir_on_this_mount(parent, name) {
         Ok(dir) => dir,
+        // A mount point (a bind from the same file system too, which the
+        // device check below cannot tell): the guest may have moved another
+        // container's folder, mounts and all, in here.
+        Err(Errno::EXDEV) => {
+            return Err(TeardownError::MountPoint {
+                path: path.to_path_buf(),
+            })
+        }
         // Not a folder (a symlink gives ELOOP, a file ENOTDIR), whatever
         // it was a moment ago: removed as a name, its target untouched.
         Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
@@ -196,11 +215,33 @@ fn remove_entry(
         });
     }
     for entry in list(&dir).map_err(io("list", path))? {
-        remove_entry(&dir, &entry, dev, &path.join(&entry))?;
+        if depth >= MAX_DEPTH {
+            return Err(TeardownError::TooDeep {
+                path: path.to_path_buf(),
+            });
+        }
+        remove_entry(&dir, &entry, dev, &path.join(&entry), depth + 1)?;
     }
     match unlinkat(parent, name, UnlinkatFlags::RemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => Ok(()),
         Err(e) => Err(io("remove", path)(e)),
+    }
+}
+
+/// Opens the folder `name` in `parent` without following a symlink and
+/// without crossing into another mount (`openat2` `RESOLVE_NO_XDEV`:
+/// EXDEV). Kernels before 5.6 lack openat2: there only the device check
+/// of the caller stands between the walk and a mount.
+fn open_dir_on_this_mount(parent: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let how = OpenHow::new().flags(flags).resolve(
+        ResolveFlag::RESOLVE_NO_XDEV
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_BENEATH,
+    );
+    match openat2(parent, name, how) {
+        Err(Errno::ENOSYS) => openat(parent, name, flags, Mode::empty()),
+        other => other,
     }
 }
 
@@ -295,6 +336,71 @@ mod tests {
         assert!(!pod.exists());
     }
 
+    /// CRI binds files (`/etc/hosts`, `/etc/resolv.conf`) into the share.
+    #[test]
+    fn a_file_bind_mount_is_unmounted_too() {
+        if !is_root() {
+            eprintln!("SKIP: bind mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        let source = host.path().join("hosts");
+        std::fs::write(&source, "127.0.0.1 localhost\n").unwrap();
+        let target = dir.path().join("c1/mounts/0");
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(&target, "").unwrap();
+        nix::mount::mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        assert!(mounted_at(&target));
+        unmount_beneath(dir.path(), Path::new("c1/mounts/0")).unwrap();
+        assert!(!mounted_at(&target), "the file bind is still mounted");
+        remove_tree(&dir.path().join("c1")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&source).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+    }
+
+    /// Another container's folder moved in by the guest, with a writable
+    /// bind of a host folder on the same file system (a hostPath on /run
+    /// next to /run/cloister): same device, still never entered.
+    #[test]
+    fn removal_refuses_a_bind_mount_from_the_same_file_system() {
+        if !is_root() {
+            eprintln!("SKIP: bind mounting needs root");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let host = base.path().join("host-volume");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("data"), "keep me").unwrap();
+        let pod = base.path().join("pod");
+        let target = pod.join("shared/c1/moved-in/mounts/0");
+        std::fs::create_dir_all(&target).unwrap();
+        nix::mount::mount(
+            Some(&host),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+
+        let err = remove_tree(&pod.join("shared/c1")).unwrap_err();
+
+        let still = std::fs::read_to_string(host.join("data"));
+        umount2(&target, MntFlags::MNT_DETACH).unwrap();
+        assert!(matches!(err, TeardownError::MountPoint { .. }), "{err}");
+        assert_eq!(still.unwrap(), "keep me");
+    }
+
     #[test]
     fn stacked_mounts_all_go_and_a_plain_folder_is_no_error() {
         if !is_root() {
@@ -337,6 +443,23 @@ mod tests {
         unmount_beneath(dir.path(), Path::new("c2/rootfs")).unwrap();
         assert!(mounted_at(&host_mount), "the host's mount was unmounted");
         umount2(&host_mount, MntFlags::MNT_DETACH).unwrap();
+    }
+
+    #[test]
+    fn a_tree_nested_too_deep_is_refused_not_followed_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut deep = dir.path().join("c1");
+        for _ in 0..MAX_DEPTH + 2 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let err = remove_tree(&dir.path().join("c1")).unwrap_err();
+        assert!(matches!(err, TeardownError::TooDeep { .. }), "{err}");
+        // A tree within the limit goes.
+        let shallow = dir.path().join("c2/a/b/c");
+        std::fs::create_dir_all(&shallow).unwrap();
+        remove_tree(&dir.path().join("c2")).unwrap();
+        assert!(!dir.path().join("c2").exists());
     }
 
     #[test]

@@ -240,21 +240,23 @@ impl SandboxDir {
     }
 }
 
-/// Mount points at or below `path`, from `/proc/self/mountinfo`.
+/// Mount points at or below `path`, from `/proc/self/mountinfo`, read as
+/// bytes: the guest can give a folder holding a mount a name that is not
+/// UTF-8, and that must neither hide the mount nor the others.
 pub fn mounts_below(path: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    use std::os::unix::ffi::OsStringExt;
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    info.lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+    info.split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(|field| PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(field))))
         .filter(|mount_point| mount_point.starts_with(path))
         .collect()
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
+fn unescape_mountinfo(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -269,7 +271,7 @@ fn unescape_mountinfo(field: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// `rm -r` that refuses to start while anything is mounted below `path`
@@ -475,6 +477,19 @@ pub fn bind_share(
     Ok(())
 }
 
+/// Unmounts every mount below the sandbox folder, deepest first (after
+/// its VM has stopped); failures are logged, the folder's removal then
+/// names what is left.
+pub fn unmount_everything_below(dir: &SandboxDir) {
+    let mut mounts = mounts_below(&dir.path);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for mount in mounts {
+        if let Err(e) = unmount_rootfs(&dir.path, &mount) {
+            tracing::warn!(mount = %mount.display(), "{e}");
+        }
+    }
+}
+
 /// Unmounts everything stacked at `target`, a path below the shim's own
 /// folder `root` (lazily: the guest may still hold files). The path is
 /// walked without following symlinks: the guest can rename folders in its
@@ -639,6 +654,9 @@ impl PodSandbox {
         if let Some(netns) = &self.netns {
             unplumb_network(netns).await;
         }
+        // Containers are unshared as they go, but the guest may have moved
+        // a folder holding a mount where their unshare no longer looked.
+        unmount_everything_below(&self.dir);
         self.dir.remove()
     }
 }
@@ -1136,9 +1154,10 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
+        assert_eq!(unescape_mountinfo(b"/a\\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(b"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(b"/end\\"), b"/end\\");
+        assert_eq!(unescape_mountinfo(b"/x\\377y"), b"/x\xffy");
         assert!(mounts_below(Path::new("/proc")).contains(&PathBuf::from("/proc")));
     }
 
