@@ -103,6 +103,9 @@ pub fn tee_spec_for_vm(cfg: &VmConfig) -> Result<TeeSpec, TeeRunError> {
     if spec.kind() == TeeKind::Tdx && cfg.vcpus != 1 {
         return Err(TeeRunError::TdxVcpus(cfg.vcpus));
     }
+    // Here rather than at launch only: a reference value for a VM that
+    // can never launch would mislead whoever configures the KBS.
+    refuse_unroutable_devices(spec.kind(), &cfg.devices())?;
     Ok(spec)
 }
 
@@ -125,10 +128,10 @@ fn device_names(devices: &VirtioDevicesConfig) -> Vec<&'static str> {
 }
 
 /// Everything that must hold before a confidential VM is created, in
-/// order: the config ([`tee_spec_for_vm`]), the host (`check_host`: the
-/// VM type, the module parameter, `/dev/sev`; it reads `/sys`, so a jailed
-/// VMM calls this before entering its jail and gets the same message), and
-/// what the TEE's interrupt model allows.
+/// order: the config ([`tee_spec_for_vm`], with what the TEE's interrupt
+/// model allows) and the host (`check_host`: the VM type, the module
+/// parameter, `/dev/sev`; it reads `/sys`, so a jailed VMM calls this
+/// before entering its jail and gets the same message).
 pub fn check_before_launch(cfg: &VmConfig) -> Result<TeeSpec, TeeRunError> {
     let spec = tee_spec_for_vm(cfg)?;
     check_host(
@@ -136,7 +139,6 @@ pub fn check_before_launch(cfg: &VmConfig) -> Result<TeeSpec, TeeRunError> {
         &HostRoot::real(),
         kvm_vm_types(Path::new("/dev/kvm")),
     )?;
-    refuse_unroutable_devices(spec.kind(), &cfg.devices())?;
     Ok(spec)
 }
 
@@ -858,6 +860,18 @@ mod tests {
         };
         launch_snp(&mut kvm, &mem, &boot, &[], &params).unwrap();
         assert_eq!(kvm.snp_measurement(), Some(printed));
+    }
+
+    /// `--print-launch-digest` gives no reference value for a VM the
+    /// launch would refuse.
+    #[test]
+    fn no_reference_value_for_a_tdx_vm_with_devices() {
+        let mut cfg = VmConfig::new("/nonexistent/bzImage");
+        cfg.vsock = Some("guest_cid=3,uds_path=/tmp/v.sock".parse().unwrap());
+        cfg.tee = Some(TeeConfig::Tdx(Default::default()));
+        let err = launch_digest(&cfg).unwrap_err();
+        assert!(matches!(err, TeeRunError::TdxDevices(_)), "{err}");
+        assert!(err.to_string().contains("vsock"), "{err}");
     }
 
     #[test]
