@@ -685,11 +685,16 @@ impl MmioTransport {
                 let missing = self.platform_features & !accepted;
                 if missing != 0 {
                     self.refused_feature_negotiations += 1;
-                    // Always logged: the guest's probe of this device fails.
-                    tracing::error!(
+                    // The first is an error (the guest's probe of this
+                    // device fails); repeats are the guest's to make and go
+                    // through the rate limit of `refuse`, so a loop cannot
+                    // fill the host's log.
+                    if self.refused_feature_negotiations == 1 {
+                        tracing::error!(
                         device = self.device.name(),
                         "FEATURES_OK refused: the driver did not accept VIRTIO_F_ACCESS_PLATFORM (features {accepted:#x}, missing {missing:#x}); in a confidential VM its rings would be in private memory the device cannot read"
                     );
+                    }
                     self.refuse(format_args!(
                         "FEATURES_OK without VIRTIO_F_ACCESS_PLATFORM (features {accepted:#x})"
                     ));

@@ -111,9 +111,40 @@ impl QgsClient {
                 s.set_write_timeout(Some(self.timeout))?;
                 Ok(Box::new(s))
             }
-            QuoteServiceAddr::Vsock { cid, port } => Ok(Box::new(vsock_connect(*cid, *port)?)),
+            QuoteServiceAddr::Vsock { cid, port } => {
+                let s = vsock_connect(*cid, *port)?;
+                // As for the Unix socket: a hung QGS must not hold the
+                // vCPU thread that asked for the quote forever.
+                set_timeouts(&s, self.timeout)?;
+                Ok(Box::new(s))
+            }
         }
     }
+}
+
+/// SO_RCVTIMEO and SO_SNDTIMEO of a socket held as a `File`.
+fn set_timeouts(socket: &std::fs::File, timeout: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: a valid socket fd and a timeval of the given size.
+        let ret = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn vsock_connect(cid: u32, port: u32) -> Result<std::fs::File, QuoteError> {
@@ -281,6 +312,25 @@ pub fn handle_get_quote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A QGS that accepts and then says nothing lets the read end.
+    #[test]
+    fn socket_timeouts_end_a_silent_read() {
+        use std::io::Read;
+        let (ours, _silent_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut file = std::fs::File::from(std::os::fd::OwnedFd::from(ours));
+        set_timeouts(&file, Duration::from_millis(50)).unwrap();
+        let started = std::time::Instant::now();
+        let err = file.read(&mut [0u8; 4]).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
     use crate::vstate::memory::create_guest_memory;
 
     struct FakeService {
