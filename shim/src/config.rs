@@ -359,6 +359,54 @@ impl RuntimeConfig {
             }
         }
         self.confidential.tee_settings(&self.guest.kernel)?;
+        self.validate_measured_launch()?;
+        Ok(())
+    }
+
+    /// An SNP/TDX class: pods may not override what is measured beyond
+    /// their size (the kernel command line, the backend), and the keys
+    /// the class's backend cannot honour are refused here, when the
+    /// config is read, rather than failing every pod.
+    fn validate_measured_launch(&self) -> Result<(), ConfigError> {
+        use crate::confidential::TeeKind;
+        let Some(tee @ (TeeKind::Snp | TeeKind::Tdx)) = self.confidential.tee else {
+            return Ok(());
+        };
+        for key in [annotations::KERNEL_PARAMS, annotations::HYPERVISOR] {
+            if self.annotations.allowed.iter().any(|a| a == key) {
+                return Err(ConfigError::Invalid {
+                    key: "annotations.allowed",
+                    value: key.into(),
+                    reason: format!(
+                        "a {} pod's launch is measured: a per-pod override of it would only fail attestation",
+                        tee.as_str()
+                    ),
+                });
+            }
+        }
+        if self.hypervisor == HypervisorKind::Qemu {
+            let qemu_refuses = [
+                (
+                    "confidential.cpu_signature",
+                    self.confidential.cpu_signature.map(|v| format!("{v:#x}")),
+                    "QEMU takes a CPU model: set confidential.vcpu_type instead",
+                ),
+                (
+                    "confidential.tdx_xfam",
+                    self.confidential.tdx_xfam.map(|v| format!("{v:#x}")),
+                    "QEMU derives XFAM from its -cpu features: unset it for the qemu backend",
+                ),
+            ];
+            for (key, value, reason) in qemu_refuses {
+                if let Some(value) = value {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        value,
+                        reason: reason.into(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -626,6 +674,37 @@ allowed = ["io.cloister.vcpus"]
 [agent]
 connect_timeout_secs = 10
 "#;
+
+    #[test]
+    fn confidential_class_refuses_overrides_of_measured_inputs_and_keys_its_backend_ignores() {
+        let err = parse(
+            "[annotations]\nallowed = [\"io.cloister.kernel-params\"]\n[confidential]\ntee = \"snp\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("annotations.allowed"), "{err}");
+        assert!(err.contains("io.cloister.kernel-params"), "{err}");
+        // Sizing stays a pod's choice (each size is a digest of its own).
+        parse("[annotations]\nallowed = [\"io.cloister.vcpus\"]\n[confidential]\ntee = \"snp\"\n")
+            .unwrap();
+        // The sample TEE measures nothing.
+        parse("[annotations]\nallowed = [\"io.cloister.kernel-params\"]\n[confidential]\ntee = \"sample\"\n")
+            .unwrap();
+        let err = parse(
+            "hypervisor = \"qemu\"\n[confidential]\ntee = \"snp\"\ncpu_signature = 0xa00f11\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("confidential.cpu_signature = 0xa00f11"),
+            "{err}"
+        );
+        let err = parse("hypervisor = \"qemu\"\n[confidential]\ntee = \"tdx\"\ntdx_xfam = 0xe7\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("confidential.tdx_xfam = 0xe7"), "{err}");
+        parse("[confidential]\ntee = \"snp\"\ncpu_signature = 0xa00f11\n").unwrap();
+    }
 
     #[test]
     fn full_file_parses_every_section() {
