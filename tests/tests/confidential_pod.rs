@@ -40,6 +40,7 @@ use cloister_e2e::agent_guest::{
     AgentGuestFixture,
 };
 use cloister_protocol::agent;
+use cloister_protocol::agent_ttrpc::AgentServiceClient;
 use cloister_protocol::annotations;
 use cloister_shim::confidential::kbs_forward::{KbsForwarder, Transcript};
 use cloister_shim::confidential::{ConfidentialSection, PodConfidential, TeeKind};
@@ -354,20 +355,7 @@ fn attested_pod_reads_its_secret_and_the_host_never_sees_it() {
     let console = guest.run_capturing(move |uds| async move {
         let _forward = forwarder(&uds, &pod, &transcript_in);
         let client = connect_agent(&uds).await.expect("connect to the agent");
-        let mut setup_req = setup_request(&[]);
-        pod.add_to_setup(&mut setup_req);
-        client
-            .setup_sandbox(ctx(), &setup_req)
-            .await
-            .expect("setup sandbox");
-        let (out, status) = run_to_exit(
-            &client,
-            &uds,
-            create_request("reader", &reader_spec(), true),
-        )
-        .await;
-        println!("container output:\n{out}");
-        assert_eq!(status, 0, "{out}");
+        let out = read_secrets_in_a_container(&client, &uds, &pod).await;
         *stdout_in.lock().unwrap() = out;
 
         // What the host side holds while the guest still runs: the
@@ -435,11 +423,43 @@ fn attested_pod_reads_its_secret_and_the_host_never_sees_it() {
     assert_eq!(stored, 1, "positive control: the kbs resource file");
 }
 
-/// Boots a guest, delivers `delivered` as init-data, and returns the
-/// CreateContainer error (panics if the container is created).
+/// SetupSandbox with the pod's init-data, then the reader container run to
+/// its end; returns its output (it must exit 0).
+async fn read_secrets_in_a_container(
+    client: &AgentServiceClient,
+    uds: &Path,
+    pod: &PodConfidential,
+) -> String {
+    let mut setup_req = setup_request(&[]);
+    pod.add_to_setup(&mut setup_req);
+    client
+        .setup_sandbox(ctx(), &setup_req)
+        .await
+        .expect("setup sandbox");
+    let (out, status) =
+        run_to_exit(client, uds, create_request("reader", &reader_spec(), true)).await;
+    println!("container output:\n{out}");
+    assert_eq!(status, 0, "{out}");
+    out
+}
+
+/// Boots a guest bound to the pod's init-data, delivers `delivered` as
+/// init-data, and returns the CreateContainer error (panics if the
+/// container is created).
 fn refused_create(setup: &Setup, kbs: &Kbs, delivered: &'static str) -> (String, String, usize) {
     let pod = resolve_pod(kbs);
     let guest = launch(&setup.fixture, &pod);
+    refused_create_in(guest, pod, delivered)
+}
+
+/// [`refused_create`] in a guest prepared by the caller: returns the
+/// CreateContainer error, the console and the bytes the forwarder carried
+/// to the KBS.
+fn refused_create_in(
+    guest: AgentGuest,
+    pod: PodConfidential,
+    delivered: &'static str,
+) -> (String, String, usize) {
     let transcript = Transcript::default();
     let transcript_in = transcript.clone();
     let reason = Arc::new(Mutex::new(String::new()));
@@ -542,26 +562,7 @@ fn snp_guest_without_sev_refuses_containers_and_names_configfs_tsm() {
     let pod = resolve_pod(&kbs);
     let mut guest = AgentGuest::new(setup.fixture.clone()).expect("prepare the guest");
     guest.qemu_mut().cmdline.push_str(" cloister.tee=snp");
-    let transcript = Transcript::default();
-    let transcript_in = transcript.clone();
-    let reason = Arc::new(Mutex::new(String::new()));
-    let reason_in = reason.clone();
-    guest.run_capturing(move |uds| async move {
-        let _forward = forwarder(&uds, &pod, &transcript_in);
-        let client = connect_agent(&uds).await.expect("connect to the agent");
-        client
-            .setup_sandbox(ctx(), &setup_request(INIT_DATA.as_bytes()))
-            .await
-            .expect("setup sandbox");
-        let err = client
-            .create_container(ctx(), &create_request("reader", &reader_spec(), true))
-            .await
-            .expect_err("the container must not be created");
-        *reason_in.lock().unwrap() = err.to_string();
-        shutdown(&client).await;
-    });
-    let reason = reason.lock().unwrap().clone();
-    println!("create refused: {reason}");
+    let (reason, _console, kbs_bytes) = refused_create_in(guest, pod, INIT_DATA);
     assert!(reason.contains("attestation failed"), "{reason}");
     assert!(reason.contains("snp"), "{reason}");
     // configfs is mounted and configfs-tsm is in the kernel (it refused
@@ -574,7 +575,7 @@ fn snp_guest_without_sev_refuses_containers_and_names_configfs_tsm() {
         reason.contains("no TEE driver registered with configfs-tsm"),
         "{reason}"
     );
-    assert_eq!(transcript.lock().unwrap().len(), 0, "the kbs was contacted");
+    assert_eq!(kbs_bytes, 0, "the kbs was contacted");
     assert!(kbs.audit_log().is_empty(), "{}", kbs.audit_log());
 }
 
@@ -983,20 +984,7 @@ fn attested_pod_over_tls_leaves_the_host_only_ciphertext() {
     let console = guest.run_capturing(move |uds| async move {
         let _forward = forwarder(&uds, &pod, &transcript_in);
         let client = connect_agent(&uds).await.expect("connect to the agent");
-        let mut setup_req = setup_request(&[]);
-        pod.add_to_setup(&mut setup_req);
-        client
-            .setup_sandbox(ctx(), &setup_req)
-            .await
-            .expect("setup sandbox");
-        let (out, status) = run_to_exit(
-            &client,
-            &uds,
-            create_request("reader", &reader_spec(), true),
-        )
-        .await;
-        println!("container output:\n{out}");
-        assert_eq!(status, 0, "{out}");
+        let out = read_secrets_in_a_container(&client, &uds, &pod).await;
         *stdout_in.lock().unwrap() = out;
         shutdown(&client).await;
     });
