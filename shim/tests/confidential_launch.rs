@@ -216,12 +216,18 @@ struct MeasureOutput {
     binding: String,
 }
 
-fn cloister_measure(args: &[&str]) -> MeasureOutput {
-    let out = Command::new(env!("CARGO_BIN_EXE_cloister"))
+/// `cloister measure args…`, whatever its outcome.
+fn run_cloister_measure(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cloister"))
         .arg("measure")
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `cloister measure args…`, which must succeed, parsed.
+fn cloister_measure(args: &[&str]) -> MeasureOutput {
+    let out = run_cloister_measure(args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -251,13 +257,20 @@ fn cloister_measure(args: &[&str]) -> MeasureOutput {
     }
 }
 
-fn vmm_digest(vmm: &Path, vm_json: &Path) -> String {
-    let out = Command::new(vmm)
+/// `cloister-vmm --config vm_json --print-launch-digest`, whatever its
+/// outcome.
+fn run_print_launch_digest(vmm: &Path, vm_json: &Path) -> std::process::Output {
+    Command::new(vmm)
         .arg("--config")
         .arg(vm_json)
         .arg("--print-launch-digest")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// The digest `cloister-vmm` prints for `vm_json` (it must succeed).
+fn vmm_digest(vmm: &Path, vm_json: &Path) -> String {
+    let out = run_print_launch_digest(vmm, vm_json);
     assert!(
         out.status.success(),
         "{}",
@@ -408,12 +421,7 @@ fn cloister_measure_of_a_tdx_class_agrees_with_the_vmm() {
     });
     let vm_json = work.path().join("vm.json");
     std::fs::write(&vm_json, hand_written.to_string()).unwrap();
-    let vmm_out = Command::new(&vmm)
-        .arg("--config")
-        .arg(&vm_json)
-        .arg("--print-launch-digest")
-        .output()
-        .unwrap();
+    let vmm_out = run_print_launch_digest(&vmm, &vm_json);
     let args = [
         "--config",
         config.to_str().unwrap(),
@@ -429,11 +437,7 @@ fn cloister_measure_of_a_tdx_class_agrees_with_the_vmm() {
     let reason = String::from_utf8_lossy(&vmm_out.stderr).trim().to_owned();
     assert_eq!(vmm_out.status.code(), Some(2), "{reason}");
     assert!(reason.contains("rng, vsock"), "{reason}");
-    let out = Command::new(env!("CARGO_BIN_EXE_cloister"))
-        .arg("measure")
-        .args(args)
-        .output()
-        .unwrap();
+    let out = run_cloister_measure(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(&reason), "{stderr}\nwant: {reason}");
@@ -468,10 +472,7 @@ fn cloister_measure_of_an_snp_qemu_class_uses_ovmf_kernel_hashes() {
     let debian_ovmf = Path::new("/usr/share/OVMF/OVMF_CODE.fd");
     if debian_ovmf.is_file() {
         let config = config_for(debian_ovmf);
-        let out = Command::new(env!("CARGO_BIN_EXE_cloister"))
-            .args(["measure", "--config", config.to_str().unwrap()])
-            .output()
-            .unwrap();
+        let out = run_cloister_measure(&["--config", config.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(
