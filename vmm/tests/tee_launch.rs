@@ -114,24 +114,41 @@ fn tdx_with_two_vcpus_is_refused_by_field_and_value() {
     }
 }
 
+/// `cloister-vmm --tee KIND` of a kernel that does not exist, jailed
+/// under `jail_root` if given: its stderr, once it exited 2; `None` (with
+/// the reason printed) where this host can launch such guests.
+fn launch_without_the_hardware(kind: TeeKind, jail_root: Option<&Path>) -> Option<String> {
+    if check_host(kind, &HostRoot::real(), kvm_vm_types(Path::new("/dev/kvm"))).is_ok() {
+        eprintln!("SKIP: this host can launch {kind} guests (see the hardware test)");
+        return None;
+    }
+    let mut command = vmm();
+    command.args([
+        "--kernel",
+        "/nonexistent/bzImage",
+        "--tee",
+        &kind.to_string(),
+    ]);
+    if let Some(jail_root) = jail_root {
+        command.arg("--jail-root").arg(jail_root).args([
+            "--jail-uid",
+            "64000",
+            "--jail-gid",
+            "64000",
+        ]);
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    Some(stderr)
+}
+
 #[test]
 fn tee_launch_on_a_host_without_the_hardware_fails_cleanly_with_exit_2() {
     for kind in [TeeKind::Snp, TeeKind::Tdx] {
-        if check_host(kind, &HostRoot::real(), kvm_vm_types(Path::new("/dev/kvm"))).is_ok() {
-            eprintln!("SKIP: this host can launch {kind} guests (see the hardware test)");
+        let Some(stderr) = launch_without_the_hardware(kind, None) else {
             continue;
-        }
-        let out = vmm()
-            .args([
-                "--kernel",
-                "/nonexistent/bzImage",
-                "--tee",
-                &kind.to_string(),
-            ])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        };
         assert!(
             stderr.contains("KVM on this host does not offer VM type KVM_X86_"),
             "{stderr}"
@@ -149,24 +166,9 @@ fn jailed_tee_launch_checks_the_host_before_the_jail() {
     let dir = tempfile::tempdir().unwrap();
     let jail_root = dir.path().join("jail");
     for kind in [TeeKind::Snp, TeeKind::Tdx] {
-        if check_host(kind, &HostRoot::real(), kvm_vm_types(Path::new("/dev/kvm"))).is_ok() {
-            eprintln!("SKIP: this host can launch {kind} guests (see the hardware test)");
+        let Some(stderr) = launch_without_the_hardware(kind, Some(&jail_root)) else {
             continue;
-        }
-        let out = vmm()
-            .args([
-                "--kernel",
-                "/nonexistent/bzImage",
-                "--tee",
-                &kind.to_string(),
-            ])
-            .arg("--jail-root")
-            .arg(&jail_root)
-            .args(["--jail-uid", "64000", "--jail-gid", "64000"])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        };
         assert!(stderr.contains("KVM_CAP_VM_TYPES"), "{stderr}");
         assert!(!stderr.contains("jail"), "{stderr}");
         assert!(!jail_root.exists(), "the jail was not built");
