@@ -99,6 +99,21 @@ impl AgentServer {
             ),
         ))
     }
+
+    /// In a confidential guest, the outcome of attestation (waited for):
+    /// FAILED_PRECONDITION naming the reason when it failed. `None` in an
+    /// ordinary guest.
+    async fn attested(&self) -> ttrpc::Result<Option<Arc<crate::attest::Attested>>> {
+        let Some(guest) = &self.confidential else {
+            return Ok(None);
+        };
+        guest.attested().await.map(Some).map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("attestation failed: {}", error_chain(e.as_ref())),
+            )
+        })
+    }
 }
 
 #[async_trait]
@@ -140,13 +155,7 @@ impl AgentService for AgentServer {
         mut request: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::CreateContainerResponse> {
         self.allow(&request)?;
-        if let Some(guest) = &self.confidential {
-            let attested = guest.attested().await.map_err(|e| {
-                status(
-                    Code::FAILED_PRECONDITION,
-                    format!("attestation failed: {}", error_chain(e.as_ref())),
-                )
-            })?;
+        if let Some(attested) = self.attested().await? {
             request.oci_spec_json = attested
                 .resolve_spec(&request.container_id, &request.oci_spec_json)
                 .await
@@ -198,13 +207,7 @@ impl AgentService for AgentServer {
         mut request: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ExecProcessResponse> {
         self.allow(&request)?;
-        if let Some(guest) = &self.confidential {
-            let attested = guest.attested().await.map_err(|e| {
-                status(
-                    Code::FAILED_PRECONDITION,
-                    format!("attestation failed: {}", error_chain(e.as_ref())),
-                )
-            })?;
+        if let Some(attested) = self.attested().await? {
             request.process_json = attested
                 .resolve_process(&request.process_json)
                 .await
