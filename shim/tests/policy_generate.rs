@@ -116,16 +116,14 @@ fn exec_request(id: &str, exec: &str, args: &[&str]) -> agent::ExecProcessReques
     request
 }
 
-#[tokio::test]
-async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
-    skip_unless_host_ready!();
+/// A host agent under the policy generated from the pod (exec of `ls /`
+/// listed), with the pod's own container `app` created.
+async fn agent_with_the_pods_policy_and_container() -> (HostAgent, TtrpcAgentClient) {
     let (host, client) = HostAgent::start().await;
     client
         .set_policy(generated_from_pod(&["ls /"]))
         .await
         .unwrap();
-
-    // The pod's own container runs and its output can be read.
     let own = create_request(
         "app",
         &host.rootfs,
@@ -134,6 +132,14 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
         false,
     );
     client.create_container(own).await.unwrap();
+    (host, client)
+}
+
+#[tokio::test]
+async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
+    skip_unless_host_ready!();
+    // The pod's own container runs and its output can be read.
+    let (host, client) = agent_with_the_pods_policy_and_container().await;
     assert_eq!(run_to_output(&client, "app").await, "generated\n");
 
     let changed = create_request(
@@ -198,19 +204,7 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
 #[tokio::test]
 async fn pod_policy_allows_listed_exec_only_and_cannot_be_replaced() {
     skip_unless_host_ready!();
-    let (host, client) = HostAgent::start().await;
-    client
-        .set_policy(generated_from_pod(&["ls /"]))
-        .await
-        .unwrap();
-    let own = create_request(
-        "app",
-        &host.rootfs,
-        &pod_spec(&["sh", "-c", "echo generated"]),
-        false,
-        false,
-    );
-    client.create_container(own).await.unwrap();
+    let (_host, client) = agent_with_the_pods_policy_and_container().await;
 
     let listed = client
         .exec_process(exec_request("app", "ls", &["ls", "/"]))
