@@ -767,10 +767,7 @@ fn ctr_run_of_a_confidential_pod_through_the_shim() {
     ];
     let mut searched = 0;
     let mut leaks = Vec::new();
-    for folder in [
-        Path::new("/run/cloister/pods"),
-        containerd_dir(&pod.containerd),
-    ] {
+    for folder in [Path::new("/run/cloister/pods"), pod.containerd.dir()] {
         for file in files_below(folder) {
             searched += 1;
             let bytes = std::fs::read(&file).unwrap_or_default();
@@ -847,11 +844,6 @@ fn ctr_run_without_an_allowed_rootfs_share_is_refused() {
     assert!(!output.status.success(), "{context}");
     assert!(stderr.contains("allow_host_shares"), "{context}");
     assert!(stderr.contains("rootfs"), "{context}");
-}
-
-/// The private containerd's folder (root, state, log).
-fn containerd_dir(containerd: &cloister_e2e::containerd::PrivateContainerd) -> &Path {
-    containerd.dir()
 }
 
 /// A CA and a KBS certificate for `kbs.cloister.test` (openssl CLI, P-256):
