@@ -182,7 +182,8 @@ impl Args {
         }
         cfg.validate()?;
         if cfg.tee.is_some() {
-            // What the confidential boot cannot do (TDX with vcpus > 1),
+            // What the confidential boot cannot do (TDX with vcpus > 1 or
+            // any device, SNP with more devices than the 8259 has lines),
             // named before anything is measured or launched.
             tee::run::tee_spec_for_vm(&cfg)?;
         }
