@@ -249,7 +249,11 @@ fn jailed_vmm_opens_its_tap_in_the_given_netns_and_runs_in_a_fresh_one() {
     let vmm_pid = loop {
         let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
         if let Some(vmm) = children.ok().and_then(|c| c.trim().parse::<u32>().ok()) {
-            if tap_dir.exists() {
+            // The tap is opened before the VMM leaves the given namespace:
+            // wait for its seccomp filter, the last step of the jail.
+            let status = std::fs::read_to_string(format!("/proc/{vmm}/status"));
+            let jailed = status.is_ok_and(|s| s.contains("Seccomp:\t2"));
+            if tap_dir.exists() && jailed {
                 break Some(vmm);
             }
         }
@@ -271,8 +275,9 @@ fn jailed_vmm_opens_its_tap_in_the_given_netns_and_runs_in_a_fresh_one() {
     let output = child.wait_with_output().unwrap();
 
     let (_, stderr) = text(&output);
-    let (host_ns, vmm_ns) =
-        namespaces.unwrap_or_else(|| panic!("tap {tap} never appeared: {stderr}"));
+    let (host_ns, vmm_ns) = namespaces.unwrap_or_else(|| {
+        panic!("tap {tap} never appeared or the VMM never installed its seccomp filter: {stderr}")
+    });
     assert_ne!(
         host_ns, vmm_ns,
         "the VMM runs in the host's network namespace"
