@@ -83,7 +83,7 @@ pub fn tee_thread_rules(
         ThreadKind::VhostUser => (
             rules::vhost_user(devices),
             rules::virtio_ioctls(devices),
-            Vec::new(),
+            rules::vhost_user_with_args(),
         ),
     };
     if kind == ThreadKind::Vcpu {
@@ -109,6 +109,7 @@ pub fn tee_thread_rules(
     if !unshare_flags.is_empty() {
         allow_arg(&mut map, libc::SYS_unshare, 0, &unshare_flags)?;
     }
+    refuse_exec_prot(&mut map)?;
     Ok(map)
 }
 
@@ -116,7 +117,56 @@ pub fn tee_thread_rules(
 pub fn supervisor_rules(child: libc::pid_t) -> Result<Rules, String> {
     let mut map = allow(&rules::supervisor());
     allow_arg(&mut map, libc::SYS_kill, 0, &[child as u32 as u64])?;
+    refuse_exec_prot(&mut map)?;
     Ok(map)
+}
+
+/// Narrows the calls of [`rules::NO_EXEC_PROT`] that `rules` allow to a
+/// `prot` (argument 2) without PROT_EXEC. Its low 32 bits are enough: the
+/// kernel reads PROT_EXEC from bit 2 and nothing above bit 31 makes a
+/// mapping executable.
+fn refuse_exec_prot(rules: &mut Rules) -> Result<(), String> {
+    for syscall in rules::NO_EXEC_PROT {
+        let Some(existing) = rules.get_mut(syscall) else {
+            continue;
+        };
+        // Narrowing conditional rules would need the condition on each:
+        // no list has any, so refuse rather than silently widen or drop.
+        if !existing.is_empty() {
+            return Err(format!(
+                "syscall {syscall} already has argument conditions: cannot add the PROT_EXEC one"
+            ));
+        }
+        let no_exec = SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| e.to_string())?;
+        *existing = vec![no_exec];
+    }
+    Ok(())
+}
+
+/// BPF that answers `clone3` with ENOSYS and allows everything else: the
+/// vhost-user server installs it before its allowlist (which allows
+/// `clone3` for that reason), so glibc's `pthread_create` falls back to
+/// `clone`, whose flags the allowlist can check. One seccompiler filter
+/// has one match action, hence a second filter rather than a rule.
+pub fn clone3_enosys() -> Result<BpfProgram, String> {
+    let rules = Rules::from([(libc::SYS_clone3, Vec::new())]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        ARCH,
+    )
+    .map_err(|e| e.to_string())?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 /// BPF that allows `rules` and kills the process (SIGSYS) on anything

@@ -12,11 +12,16 @@
 //! spawned every other thread ([`apply_to_this_thread`] is a no-op
 //! outside a jail), and no filter uses SECCOMP_FILTER_FLAG_TSYNC except the
 //! vhost-user server's, which is one process-wide list installed before
-//! rust-vmm's daemon starts its threads.
+//! rust-vmm's daemon starts its threads. The server is also the only one
+//! that starts threads under its filter, so it alone stacks a second,
+//! smaller filter under its list: `clone3` answered with ENOSYS, so that
+//! glibc starts threads with `clone`, whose flags a filter can check.
 //!
 //! The lists come from `strace -f` of the VMM's tests: see `rules.rs`.
 
 pub mod compile;
+#[cfg(test)]
+mod narrowed_tests;
 pub mod rules;
 
 use std::sync::OnceLock;
@@ -127,14 +132,28 @@ pub fn apply_to_this_thread_or_abort(kind: ThreadKind) {
     }
 }
 
-/// The vhost-user server's list, for every thread of the process
+/// The vhost-user server's filters in the order they are installed: the
+/// one answering `clone3` with ENOSYS, then the built allowlist (which
+/// allows `clone3` only because the first one answers it; installing the
+/// first after the allowlist would need `seccomp` in the allowlist).
+pub fn vhost_user_filters(devices: DeviceKinds) -> Result<[BpfProgram; 2], JailError> {
+    let clone3 = compile::clone3_enosys().map_err(|reason| JailError::Seccomp {
+        kind: "vhost-user clone3",
+        reason,
+    })?;
+    Ok([clone3, built_filter(ThreadKind::VhostUser, devices)])
+}
+
+/// The vhost-user server's filters, for every thread of the process
 /// (installed with TSYNC before the daemon starts its threads).
 pub fn apply_vhost_user_filter(devices: DeviceKinds) -> Result<(), JailError> {
-    let program = built_filter(ThreadKind::VhostUser, devices);
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Seccomp {
-        kind: "vhost-user",
-        reason: e.to_string(),
-    })
+    for program in vhost_user_filters(devices)? {
+        seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Seccomp {
+            kind: "vhost-user",
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// The supervisor's list: wait for signals and the child, signal only

@@ -9,6 +9,23 @@
 //! the shim's guest and containerd tests) fail with SIGSYS if a list
 //! misses a call. To re-derive: `strace -f -qq -o OUT <test binary>`,
 //! group the calls by the thread names `prctl(PR_SET_NAME)` shows.
+//!
+//! Three calls are allowed only with some arguments, also measured:
+//! - `mmap`/`mprotect` never with PROT_EXEC ([`NO_EXEC_PROT`]): in every
+//!   trace the only executable mappings are ld.so loading the binary and
+//!   its libraries, long before any filter, so a thread that maps
+//!   executable memory is running injected code.
+//! - `clone` only with the flags of glibc's `pthread_create`
+//!   ([`THREAD_CLONE_FLAGS`]), and `clone3` answered with ENOSYS by a
+//!   second filter (`compile::clone3_enosys`): clone3 takes its flags in
+//!   memory, where no filter can read them, and glibc falls back to
+//!   `clone` on ENOSYS. Only the vhost-user servers start threads after
+//!   their filter (rust-vmm's daemon starts its vring workers); strace
+//!   shows each `clone3` with exactly those flags.
+//! - `prctl` only with the options a list names ([`vhost_user_with_args`]):
+//!   the servers' threads call only PR_SET_NAME (std naming the vring
+//!   workers); the jail's PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS,
+//!   PR_SET_DUMPABLE, PR_SET_PDEATHSIG, PR_SET_SECUREBITS all come before.
 
 use libc::*;
 
@@ -148,8 +165,29 @@ pub fn tee_vcpu_with_args(tee: TeeThreads) -> Vec<(i64, u8, Vec<u64>)> {
     }
 }
 
-/// What every Rust thread needs once running: memory, locks, its own
-/// end, signal return, time, logging to stderr.
+/// Calls whose `prot` (argument 2) may never hold PROT_EXEC, in every
+/// list that has them: nothing maps code once the filters are in place.
+/// PROT_READ never implies PROT_EXEC here: that takes the
+/// READ_IMPLIES_EXEC personality, which x86-64 binaries with a
+/// non-executable stack do not get and no list lets a thread set.
+pub const NO_EXEC_PROT: &[i64] = &[SYS_mmap, SYS_mprotect, SYS_pkey_mprotect];
+
+/// The one `clone` a thread may make: glibc's `pthread_create` (its
+/// `create_thread`, after `clone3` failed with ENOSYS). Anything else (a
+/// fork, new namespaces, a thread sharing less) is refused.
+pub const THREAD_CLONE_FLAGS: u64 = (CLONE_VM
+    | CLONE_FS
+    | CLONE_FILES
+    | CLONE_SIGHAND
+    | CLONE_THREAD
+    | CLONE_SYSVSEM
+    | CLONE_SETTLS
+    | CLONE_PARENT_SETTID
+    | CLONE_CHILD_CLEARTID) as u64;
+
+/// What every Rust thread needs once running: memory (never executable:
+/// [`NO_EXEC_PROT`]), locks, its own end, signal return, time, logging to
+/// stderr.
 const BASE: &[i64] = &[
     SYS_brk,
     SYS_mmap,
@@ -389,7 +427,8 @@ pub fn virtio(devices: DeviceKinds) -> Vec<i64> {
 /// A vhost-user server from the moment it creates its socket: rust-vmm's
 /// daemon (listening, accepting the front end, its messages with fds,
 /// mapping guest memory from them, its worker threads with their signal
-/// handler) and the device's own calls.
+/// handler) and the device's own calls. Its thread starts and names are
+/// in [`vhost_user_with_args`].
 pub fn vhost_user(devices: DeviceKinds) -> Vec<i64> {
     let mut list = BASE.to_vec();
     list.extend_from_slice(EVENT_LOOP);
@@ -403,11 +442,14 @@ pub fn vhost_user(devices: DeviceKinds) -> Vec<i64> {
         SYS_epoll_create1,
         SYS_eventfd2,
         SYS_fcntl,
+        // Allowed here only because the filter installed before this one
+        // answers it with ENOSYS (`compile::clone3_enosys`): the kernel
+        // takes the most restrictive answer of all filters, and an errno
+        // beats allow. Left out, it would kill the server instead of
+        // letting glibc fall back to `clone`.
         SYS_clone3,
-        SYS_clone,
         SYS_set_robust_list,
         SYS_rseq,
-        SYS_prctl,
         SYS_fstat,
         SYS_newfstatat,
         SYS_statx,
@@ -427,6 +469,18 @@ pub fn vhost_user(devices: DeviceKinds) -> Vec<i64> {
         SYS_madvise,
     ]);
     with_devices(list, devices)
+}
+
+/// Calls of a vhost-user server allowed only with one argument value, as
+/// (syscall, argument index, allowed values): its worker threads' start
+/// (`clone` as `pthread_create` makes it) and name (`prctl(PR_SET_NAME)`;
+/// other options would let a compromised server make itself dumpable,
+/// change its securebits or its parent-death signal, ...).
+pub fn vhost_user_with_args() -> Vec<(i64, u8, Vec<u64>)> {
+    vec![
+        (SYS_clone, 0, vec![THREAD_CLONE_FLAGS]),
+        (SYS_prctl, 0, vec![PR_SET_NAME as u64]),
+    ]
 }
 
 /// The supervisor: waits, forwards signals, exits or dies like the VMM.
