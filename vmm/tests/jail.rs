@@ -2,7 +2,8 @@
 //! the jail and serve their devices; the jailed process cannot open a
 //! host file outside its root, cannot exec, and dies with SIGSYS (seen
 //! here, on the pid this test started) when it makes a call outside its
-//! seccomp allowlist; the jail folder is empty on the host afterwards.
+//! seccomp allowlist or maps executable memory; the jail folder is empty
+//! on the host afterwards.
 //!
 //! Needs root (namespaces, mounts, uid change) and `/dev/kvm`; the
 //! selftest cases need the `jail-selftest` feature
@@ -540,10 +541,28 @@ mod selftest {
         assert_eq!(output.status.signal(), Some(libc::SIGSYS), "{stderr}");
         assert!(!stderr.contains("ptrace returned"), "{stderr}");
     }
+
+    #[test]
+    fn jailed_vmm_maps_data_but_dies_with_sigsys_mapping_code() {
+        if !can_jail() {
+            return;
+        }
+
+        let (output, stderr) = run_selftest("map-exec");
+
+        assert!(
+            stderr.contains("selftest: mmap read-write page: mapped=true"),
+            "{stderr}"
+        );
+        assert_eq!(output.status.signal(), Some(libc::SIGSYS), "{stderr}");
+        assert!(!stderr.contains("executable page"), "{stderr}");
+    }
 }
 
 #[cfg(not(feature = "jail-selftest"))]
 #[test]
 fn selftests_need_the_jail_selftest_feature() {
-    eprintln!("SKIP: open/exec/forbidden-syscall jail tests need `--features jail-selftest`");
+    eprintln!(
+        "SKIP: open/exec/forbidden-syscall/map-exec jail tests need `--features jail-selftest`"
+    );
 }

@@ -7,7 +7,9 @@
 //! - `exec:PATH` installs the main thread's seccomp filter and execs PATH
 //!   (seccomp kills the process with SIGSYS);
 //! - `forbidden` installs the main thread's filter and calls `ptrace`,
-//!   which no list allows (SIGSYS).
+//!   which no list allows (SIGSYS);
+//! - `map-exec` installs the main thread's filter, maps a read-write page
+//!   (allowed) and then an executable one (SIGSYS).
 //!
 //! Everything runs inside the jail, after privileges are dropped: the
 //! actions can show what the jail allows, never widen it.
@@ -47,6 +49,25 @@ pub fn run_from_env() -> Result<(), JailError> {
         // SAFETY: PTRACE_TRACEME takes no pointers.
         let rc = unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
         eprintln!("selftest: ptrace returned {rc}");
+    } else if action == "map-exec" {
+        for (name, prot) in [
+            ("read-write", libc::PROT_READ | libc::PROT_WRITE),
+            ("executable", libc::PROT_READ | libc::PROT_EXEC),
+        ] {
+            // SAFETY: a new anonymous private page at no fixed address.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    prot,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            let mapped = addr != libc::MAP_FAILED;
+            eprintln!("selftest: mmap {name} page: mapped={mapped}");
+        }
     }
     Ok(())
 }
