@@ -150,15 +150,15 @@ fn refuse_exec_prot(rules: &mut Rules) -> Result<(), String> {
     Ok(())
 }
 
-/// BPF that answers `clone3` with ENOSYS and allows everything else: the
-/// vhost-user server installs it before its allowlist (which allows
-/// `clone3` for that reason), so glibc's `pthread_create` falls back to
-/// `clone`, whose flags the allowlist can check. One seccompiler filter
-/// has one match action, hence a second filter rather than a rule.
-pub fn clone3_enosys() -> Result<BpfProgram, String> {
-    let rules = Rules::from([(libc::SYS_clone3, Vec::new())]);
+/// BPF that answers [`rules::vhost_user_enosys`] with ENOSYS and allows
+/// everything else: the vhost-user server installs it before its
+/// allowlist (which allows those calls for that reason), so glibc's
+/// `pthread_create` falls back to `clone`, whose flags the allowlist can
+/// check, and malloc does without the overcommit setting. One seccompiler
+/// filter has one match action, hence a second filter rather than rules.
+pub fn vhost_user_enosys(devices: DeviceKinds) -> Result<BpfProgram, String> {
     let filter = SeccompFilter::new(
-        rules,
+        allow(&rules::vhost_user_enosys(devices)),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         ARCH,

@@ -15,7 +15,9 @@
 //! rust-vmm's daemon starts its threads. The server is also the only one
 //! that starts threads under its filter, so it alone stacks a second,
 //! smaller filter under its list: `clone3` answered with ENOSYS, so that
-//! glibc starts threads with `clone`, whose flags a filter can check.
+//! glibc starts threads with `clone`, whose flags a filter can check (and
+//! `openat` in servers that serve no files, which glibc's malloc tries
+//! once: `rules::vhost_user_enosys`).
 //!
 //! The lists come from `strace -f` of the VMM's tests: see `rules.rs`.
 
@@ -133,15 +135,16 @@ pub fn apply_to_this_thread_or_abort(kind: ThreadKind) {
 }
 
 /// The vhost-user server's filters in the order they are installed: the
-/// one answering `clone3` with ENOSYS, then the built allowlist (which
-/// allows `clone3` only because the first one answers it; installing the
-/// first after the allowlist would need `seccomp` in the allowlist).
+/// one answering `clone3` (and `openat` without an fs device) with
+/// ENOSYS, then the built allowlist (which allows those only because the
+/// first one answers them; installing the first after the allowlist would
+/// need `seccomp` in the allowlist).
 pub fn vhost_user_filters(devices: DeviceKinds) -> Result<[BpfProgram; 2], JailError> {
-    let clone3 = compile::clone3_enosys().map_err(|reason| JailError::Seccomp {
-        kind: "vhost-user clone3",
+    let enosys = compile::vhost_user_enosys(devices).map_err(|reason| JailError::Seccomp {
+        kind: "vhost-user enosys",
         reason,
     })?;
-    Ok([clone3, built_filter(ThreadKind::VhostUser, devices)])
+    Ok([enosys, built_filter(ThreadKind::VhostUser, devices)])
 }
 
 /// The vhost-user server's filters, for every thread of the process
