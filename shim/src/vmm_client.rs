@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::confidential::launch::{QuoteService, SnpVcpu, TeeLaunch, TeeLaunchKind};
 use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig, VmmSection};
+use crate::jail_ids::{JailIdLease, JailIdRange, JAIL_ID_LEASES};
 use crate::vmm_jail::{
     cgroup_dirs, create_cgroups, create_owned_folder, make_shared_mount, remove_cgroups,
     CGROUP_ROOT,
@@ -67,6 +68,8 @@ pub enum HypervisorError {
     },
     #[error("cannot prepare the VMM's jail: {0}")]
     Jail(#[from] crate::vmm_jail::VmmJailError),
+    #[error("cannot prepare the VMM's jail: {0}")]
+    JailIds(#[from] crate::jail_ids::JailIdError),
     #[error(transparent)]
     QemuTee(#[from] QemuTeeError),
 }
@@ -272,6 +275,11 @@ pub trait Hypervisor: Send + Sync {
     async fn stop(&self, grace: Duration);
     /// Host pids of the VM's processes (for Pids and cgroup placement).
     fn pids(&self) -> Vec<u32>;
+    /// The uid/gid the VM's jailed processes run as, once started (none
+    /// without a jail): whoever serves them a socket lets only that in.
+    fn jail_ids(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// `vsock` section of `vm.json`.
@@ -414,14 +422,18 @@ impl VmJailConfig {
 pub struct PreparedJail {
     pub jail: Option<VmJailConfig>,
     pub created_cgroups: Vec<PathBuf>,
+    /// The pod's own uid/gid, held until the VMM processes are gone.
+    pub ids: Option<JailIdLease>,
 }
 
 /// Prepares the sockets folder and, with `[vmm] jail` (the default), the
-/// jail: the shared folder as a shared mount, the pod's cgroups.
+/// jail: a uid/gid of the pod's own (leased in `leases`), the shared
+/// folder as a shared mount, the pod's cgroups.
 pub fn prepare_jail(
     vmm: &VmmSection,
     vm: &PodVm,
     paths: &VmPaths,
+    leases: &Path,
 ) -> Result<PreparedJail, HypervisorError> {
     let sockets = paths.sockets_dir();
     if !vmm.jail {
@@ -434,7 +446,13 @@ pub fn prepare_jail(
         })?;
         return Ok(PreparedJail::default());
     }
-    create_owned_folder(&sockets, vmm.jail_uid, vmm.jail_gid)?;
+    let range = JailIdRange {
+        first_uid: vmm.jail_uid,
+        first_gid: vmm.jail_gid,
+        count: vmm.jail_id_count,
+    };
+    let ids = range.lease(leases, &paths.dir.display().to_string())?;
+    create_owned_folder(&sockets, ids.uid, ids.gid)?;
     if vm.shared_fs {
         make_shared_mount(&paths.shared_dir())?;
     }
@@ -446,11 +464,12 @@ pub fn prepare_jail(
     Ok(PreparedJail {
         jail: Some(VmJailConfig {
             root: paths.jail_root(),
-            uid: vmm.jail_uid,
-            gid: vmm.jail_gid,
+            uid: ids.uid,
+            gid: ids.gid,
             cgroups,
         }),
         created_cgroups,
+        ids: Some(ids),
     })
 }
 
@@ -564,7 +583,7 @@ impl CloisterVmm {
 #[async_trait]
 impl Hypervisor for CloisterVmm {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        self.jail = prepare_jail(&self.vmm, &self.vm, &self.paths)?;
+        self.jail = prepare_jail(&self.vmm, &self.vm, &self.paths, Path::new(JAIL_ID_LEASES))?;
         self.vm_json.jail = self.jail.jail.clone();
         write_vm_json(&self.vm_json, &self.paths.vm_config())?;
         let child = SupervisedChild::spawn(
@@ -602,6 +621,10 @@ impl Hypervisor for CloisterVmm {
 
     fn pids(&self) -> Vec<u32> {
         self.child.iter().map(|c| c.pid).collect()
+    }
+
+    fn jail_ids(&self) -> Option<(u32, u32)> {
+        self.jail.jail.as_ref().map(|jail| (jail.uid, jail.gid))
     }
 }
 
@@ -1145,7 +1168,12 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        self.jail = prepare_jail(&self.vmm_section, &self.vm, &self.paths)?;
+        self.jail = prepare_jail(
+            &self.vmm_section,
+            &self.vm,
+            &self.paths,
+            Path::new(JAIL_ID_LEASES),
+        )?;
         let jail_args = self
             .jail
             .jail
@@ -1217,6 +1245,10 @@ impl Hypervisor for Qemu {
             .chain(self.backends.iter())
             .map(|c| c.pid)
             .collect()
+    }
+
+    fn jail_ids(&self) -> Option<(u32, u32)> {
+        self.jail.jail.as_ref().map(|jail| (jail.uid, jail.gid))
     }
 }
 
@@ -1361,13 +1393,34 @@ mod tests {
         dir.create().unwrap();
         let paths = dir.vm_paths();
 
-        let prepared = prepare_jail(&VmmSection::default(), &pod_vm(), &paths).unwrap();
+        let leases = state.path().join("jail-ids");
+
+        let prepared = prepare_jail(&VmmSection::default(), &pod_vm(), &paths, &leases).unwrap();
 
         use std::os::unix::fs::MetadataExt;
         let sockets = std::fs::metadata(paths.sockets_dir()).unwrap();
-        assert_eq!((sockets.uid(), sockets.gid()), (64000, 64000));
-        assert_eq!(sockets.mode() & 0o777, 0o700);
         let jail = prepared.jail.unwrap();
+        assert!((64000..65024).contains(&jail.uid), "{}", jail.uid);
+        assert_eq!(
+            jail.gid, jail.uid,
+            "the default ranges start at the same id"
+        );
+        assert_eq!((sockets.uid(), sockets.gid()), (jail.uid, jail.gid));
+        assert_eq!(sockets.mode() & 0o777, 0o700);
+        let lease = std::fs::read_to_string(leases.join(jail.uid.to_string())).unwrap();
+        assert_eq!(lease.trim_end(), paths.dir.display().to_string());
+        // A second pod prepared meanwhile runs as another uid.
+        let other = crate::sandbox::SandboxDir::new(state.path(), "default", "jail-test-2");
+        other.create().unwrap();
+        let second = prepare_jail(
+            &VmmSection::default(),
+            &pod_vm(),
+            &other.vm_paths(),
+            &leases,
+        )
+        .unwrap();
+        assert_ne!(second.jail.unwrap().uid, jail.uid);
+        other.remove().unwrap();
         assert_eq!(jail.root, paths.jail_root());
         assert!(jail.cgroups.is_empty());
         let mounts = crate::sandbox::mounts_below(&dir.path);

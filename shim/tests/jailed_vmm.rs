@@ -1,6 +1,6 @@
 //! The shim's `cloister` backend launches `cloister-vmm` jailed (the
 //! default `[vmm] jail = true`): vm.json carries the jail, the VMM comes
-//! up in the pod's cgroup as the jail uid under seccomp and serves its
+//! up in the pod's cgroup as the pod's own jail uid under seccomp and serves its
 //! vsock socket in the sandbox's sockets folder, and once it is stopped
 //! nothing of the jail outlives the sandbox (cgroups the shim created,
 //! the shared folder's mount, the jail folder). The guest only has to get
@@ -80,16 +80,20 @@ async fn jailed_cloister_vmm_runs_in_the_pod_cgroup_and_leaves_nothing_behind() 
         }
     }
     let own_cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let (uid, gid) = hypervisor.jail_ids().expect("a jailed VM has its ids");
     hypervisor.stop(Duration::from_secs(5)).await;
     started.unwrap_or_else(|e| panic!("jailed cloister-vmm did not start: {e}\n{log}"));
 
     let vm_json = std::fs::read_to_string(paths.vm_config()).unwrap();
     assert!(vm_json.contains("\"jail\""), "{vm_json}");
     assert!(log.contains("jailed in"), "{log}");
+    // The pod's own ids, leased from the default range.
+    assert!((64000..65024).contains(&uid), "{uid}");
+    assert_eq!(gid, uid);
     assert!(
         // Real and saved uid the jail's; effective 0 because the VM
         // serves virtio-fs (see cloister-vmm's `jail::privileges`).
-        vmm_status.contains("Uid:\t64000\t0\t64000\t0"),
+        vmm_status.contains(&format!("Uid:\t{uid}\t0\t{uid}\t0")),
         "{vmm_status}"
     );
     assert!(
