@@ -2052,13 +2052,21 @@ mod tests {
             Path::new("/bin/sh"),
             &[
                 "-c".into(),
-                "trap '' TERM; while :; do sleep 0.05; done".into(),
+                "trap '' TERM; echo ready; while :; do sleep 0.05; done".into(),
             ],
             &dir.path().join("log"),
             &[],
         )
         .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SIGTERM before the trap is set would end it at once.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(dir.path().join("log")).is_ok_and(|l| l.contains("ready")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell never set its trap"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let started = std::time::Instant::now();
         let exit = child.stop(Duration::from_millis(300)).await;
         assert_eq!(exit, ChildExit::Signal(libc::SIGKILL));
