@@ -113,10 +113,42 @@ impl SupervisedChild {
         log: &Path,
         inherit: &[i32],
     ) -> Result<Self, HypervisorError> {
+        Self::spawn_in_cgroups(name, program, args, log, inherit, &[])
+    }
+
+    /// [`Self::spawn`], the child moved into each of `cgroups` (folders
+    /// that exist) before it executes anything, so all it allocates is
+    /// charged there.
+    pub fn spawn_in_cgroups(
+        name: &str,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+        inherit: &[i32],
+        cgroups: &[PathBuf],
+    ) -> Result<Self, HypervisorError> {
         let file_error = |source| HypervisorError::File {
             path: log.to_path_buf(),
             source,
         };
+        // Checked and made C strings here: between fork and exec nothing
+        // may allocate, and a failure there could not name the folder.
+        let mut procs_files = Vec::with_capacity(cgroups.len());
+        for cgroup in cgroups {
+            let procs = cgroup.join("cgroup.procs");
+            std::fs::metadata(&procs).map_err(|source| HypervisorError::File {
+                path: procs.clone(),
+                source,
+            })?;
+            let c_path =
+                std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).map_err(|_| {
+                    HypervisorError::File {
+                        path: procs.clone(),
+                        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                    }
+                })?;
+            procs_files.push(c_path);
+        }
         let out = std::fs::File::create(log).map_err(file_error)?;
         let err = out.try_clone().map_err(file_error)?;
         let mut command = tokio::process::Command::new(program);
@@ -130,9 +162,24 @@ impl SupervisedChild {
         // SAFETY: prctl with integer arguments between fork and exec
         // touches no memory of the parent.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writer (v1 and v2 alike). open, write and
+                // close are async-signal-safe; the paths were built before
+                // the fork.
+                for procs in &procs_files {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let error = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(error);
+                    }
                 }
                 Ok(())
             });
@@ -1110,6 +1157,21 @@ pub fn qemu_confidential_args(
     Ok(args.into_iter().map(OsString::from).collect())
 }
 
+/// What confines QEMU where `[vmm] jail` confines cloister-vmm (QEMU
+/// cannot take our jail: it opens its devices, files and sockets as root
+/// and then drops): the pod's own uid/gid once it is set up (`-runas`;
+/// no capabilities left, and none to be had again), and QEMU's own
+/// seccomp sandbox refusing obsolete calls, fork/exec and
+/// scheduler/resource changes. Its cgroups are joined before exec.
+pub fn qemu_confinement_args(jail: &VmJailConfig) -> Vec<OsString> {
+    vec![
+        "-runas".into(),
+        format!("{}:{}", jail.uid, jail.gid).into(),
+        "-sandbox".into(),
+        "on,obsolete=deny,spawn=deny,resourcecontrol=deny".into(),
+    ]
+}
+
 /// QEMU with our vhost-user vsock and fs backends.
 pub struct Qemu {
     qemu: PathBuf,
@@ -1204,12 +1266,19 @@ impl Hypervisor for Qemu {
             self.backends.push(backend);
             ready?;
         }
-        let qemu = SupervisedChild::spawn(
+        let mut args = self.args.clone();
+        let mut cgroups: &[PathBuf] = &[];
+        if let Some(jail) = &self.jail.jail {
+            args.extend(qemu_confinement_args(jail));
+            cgroups = &jail.cgroups;
+        }
+        let qemu = SupervisedChild::spawn_in_cgroups(
             "qemu",
             &self.qemu,
-            &self.args,
+            &args,
             &self.paths.qemu_log(),
             &self.inherited_fds,
+            cgroups,
         )?;
         self.qemu_child = Some(qemu);
         Ok(())
