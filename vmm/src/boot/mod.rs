@@ -1,5 +1,6 @@
 //! Getting a guest from reset to its kernel's entry point.
 
+pub mod acpi;
 pub mod cmdline;
 pub mod gdt;
 pub mod layout;
