@@ -370,7 +370,7 @@ mod tests {
         let err = "root".parse::<ExecUser>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--exec-user \"root\" is not UID or UID:GID (numbers)"
+            "exec user \"root\" is not UID or UID:GID (numbers)"
         );
     }
 

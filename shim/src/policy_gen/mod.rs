@@ -68,7 +68,7 @@ pub enum PolicyGenError {
     },
     #[error("nothing to generate from: give a pod manifest or an OCI config.json")]
     NoInput,
-    #[error("--exec-user {value:?} is not UID or UID:GID (numbers)")]
+    #[error("exec user {value:?} is not UID or UID:GID (numbers)")]
     ExecUser { value: String },
     #[error("cannot encode policy data: {0}")]
     Encode(serde_json::Error),
