@@ -41,7 +41,9 @@ fn agent_binary_size_and_idle_rss() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..200 {
+    // Up to 30 s: the measurement starts once it serves, however slow
+    // the machine.
+    for _ in 0..3000 {
         if socket.exists() {
             break;
         }

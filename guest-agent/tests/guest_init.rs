@@ -73,7 +73,7 @@ impl Pid1Agent {
             .unwrap();
         let address = format!("unix://{}", socket.display());
         let mut client = None;
-        for _ in 0..300 {
+        for _ in 0..1500 {
             if socket.exists() {
                 if let Ok(c) = ttrpc::r#async::Client::connect(&address).await {
                     client = Some(c);
@@ -379,7 +379,7 @@ async fn pid1_agent_on_a_tmpfs_root_leaves_it_and_containers_use_pivot_root() {
     let socket = sock.join("agent.sock");
     let address = format!("unix://{}", socket.display());
     let mut client = None;
-    for _ in 0..300 {
+    for _ in 0..1500 {
         if socket.exists() {
             if let Ok(c) = ttrpc::r#async::Client::connect(&address).await {
                 client = Some(c);

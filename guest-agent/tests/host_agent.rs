@@ -7,7 +7,7 @@ mod support;
 use cloister_protocol::agent;
 use cloister_protocol::stdio::StreamKind;
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn run_to_completion(agent: &TestAgent, id: &str, args: &[&str]) -> (String, String, u32) {
     let request = create_request(
@@ -568,19 +568,48 @@ async fn remove_leaves_no_mounts_or_processes() {
     assert!(error_text(&err).contains("NOT_FOUND"));
 }
 
-#[tokio::test]
-async fn events_stream_reports_exits() {
-    skip_unless_host_ready!();
-    let agent = TestAgent::start().await;
-    let events_client = agent.connect().await;
-    let mut stream = events_client
+/// An Events stream known to be live: the agent subscribes when it serves
+/// the call, which may be after `events()` returned, and events published
+/// before that are gone. A probe container's exit seen on the stream
+/// proves the subscription (the client is returned to keep it open).
+async fn subscribed_events(
+    agent: &TestAgent,
+) -> (
+    cloister_protocol::agent_ttrpc::AgentServiceClient,
+    ttrpc::r#async::ClientStreamReceiver<agent::Event>,
+) {
+    let client = agent.connect().await;
+    let mut stream = client
         .events(
             ttrpc::context::with_timeout(0),
             &agent::EventsRequest::new(),
         )
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for attempt in 0.. {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Events stream never reported a probe container's exit"
+        );
+        let probe = format!("events-probe-{attempt}");
+        run_to_completion(agent, &probe, &["true"]).await;
+        while let Ok(Ok(Some(event))) =
+            tokio::time::timeout(std::time::Duration::from_millis(500), stream.recv()).await
+        {
+            if event.has_exited() && event.exited().container_id == probe {
+                return (client, stream);
+            }
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
+#[tokio::test]
+async fn events_stream_reports_exits() {
+    skip_unless_host_ready!();
+    let agent = TestAgent::start().await;
+    let (_events_client, mut stream) = subscribed_events(&agent).await;
     run_to_completion(&agent, "ev", &["sh", "-c", "exit 7"]).await;
     let event = tokio::time::timeout(std::time::Duration::from_secs(10), stream.recv())
         .await
@@ -816,14 +845,7 @@ async fn memory_limited_process_is_oom_killed_and_reported() {
         );
         return;
     }
-    let events_client = agent.connect().await;
-    let mut events = events_client
-        .events(
-            ttrpc::context::with_timeout(0),
-            &agent::EventsRequest::new(),
-        )
-        .await
-        .unwrap();
+    let (_events_client, mut events) = subscribed_events(&agent).await;
     // dd touches its whole 64 MiB buffer, twice the limit (a shell variable
     // filled from /dev/zero never grows: shells drop NUL bytes).
     let mut s = spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
@@ -943,7 +965,7 @@ async fn close_stdin_ends_cat_and_exec_with_tty_works() {
         .await
         .unwrap();
     let mut input = agent.attach("closer", "", StreamKind::Stdin).await.unwrap();
-    let output = agent
+    let mut output = agent
         .attach("closer", "", StreamKind::Stdout)
         .await
         .unwrap();
@@ -952,15 +974,22 @@ async fn close_stdin_ends_cat_and_exec_with_tty_works() {
     agent.client.start_container(ctx(), &start).await.unwrap();
     input.write_all(b"before close\n").await.unwrap();
     input.flush().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // cat echoed it: the line went through before stdin is closed (the
+    // stream and CloseStdin travel on different connections).
+    let mut echoed = [0u8; 13];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        output.read_exact(&mut echoed),
+    )
+    .await
+    .expect("cat did not echo its input")
+    .unwrap();
+    assert_eq!(&echoed, b"before close\n");
     // The host keeps its stream open; CloseStdin alone must end cat.
     let mut close = agent::CloseStdinRequest::new();
     close.container_id = "closer".into();
     agent.client.close_stdin(ctx(), &close).await.unwrap();
-    assert_eq!(
-        String::from_utf8(read_all(output).await).unwrap(),
-        "before close\n"
-    );
+    assert_eq!(String::from_utf8(read_all(output).await).unwrap(), "");
     assert_eq!(wait(&agent, "closer", "").await.unwrap(), 0);
     remove(&agent, "closer", false).await.unwrap();
 

@@ -98,10 +98,20 @@ pub struct VmmSection {
     /// /etc/passwd, but no other process should run as them.
     pub jail_uid: u32,
     pub jail_gid: u32,
+    /// How many uid/gid pairs, from `jail_uid`/`jail_gid` on, pods lease:
+    /// each pod's VMM gets its own (`crate::jail_ids`). 1 makes every pod
+    /// share one uid, which lets an escaped VMM reach its neighbours.
+    pub jail_id_count: u32,
 }
 
 /// The default uid/gid of jailed VMMs.
 pub const DEFAULT_JAIL_ID: u32 = 64000;
+/// Pods that can run jailed at once with the default range
+/// (64000–65023, below nobody's 65534).
+pub const DEFAULT_JAIL_ID_COUNT: u32 = 1024;
+/// The most ids a range may hold (Linux's uid space is 32-bit; more
+/// than this many VMs on one host is not a real configuration).
+pub const MAX_JAIL_ID_COUNT: u32 = 65536;
 
 impl Default for VmmSection {
     fn default() -> Self {
@@ -110,6 +120,7 @@ impl Default for VmmSection {
             jail: true,
             jail_uid: DEFAULT_JAIL_ID,
             jail_gid: DEFAULT_JAIL_ID,
+            jail_id_count: DEFAULT_JAIL_ID_COUNT,
         }
     }
 }
@@ -331,6 +342,14 @@ impl RuntimeConfig {
                 reason: "must be between 1 and 3600".into(),
             });
         }
+        let count = self.vmm.jail_id_count;
+        if count == 0 || count > MAX_JAIL_ID_COUNT {
+            return Err(ConfigError::Invalid {
+                key: "vmm.jail_id_count",
+                value: count.to_string(),
+                reason: format!("must be between 1 and {MAX_JAIL_ID_COUNT}"),
+            });
+        }
         for (key, id) in [
             ("vmm.jail_uid", self.vmm.jail_uid),
             ("vmm.jail_gid", self.vmm.jail_gid),
@@ -340,6 +359,17 @@ impl RuntimeConfig {
                     key,
                     value: id.to_string(),
                     reason: "a jailed VMM must not run as root".into(),
+                });
+            }
+            // u32::MAX is the kernel's "no id" (-1): setuid refuses it.
+            if id.checked_add(count).is_none() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: id.to_string(),
+                    reason: format!(
+                        "with vmm.jail_id_count = {count} the range passes the last uid {}",
+                        u32::MAX - 1
+                    ),
                 });
             }
         }
@@ -727,6 +757,32 @@ connect_timeout_secs = 10
         assert_eq!((config.vmm.jail_uid, config.vmm.jail_gid), (1000, 1001));
         let err = parse("[vmm]\njail_gid = 0\n").unwrap_err();
         assert!(err.to_string().contains("vmm.jail_gid = 0"), "{err}");
+    }
+
+    #[test]
+    fn jail_id_range_must_fit_below_the_no_id_uid() {
+        assert_eq!(parse("").unwrap().vmm.jail_id_count, 1024);
+        let config = parse("[vmm]\njail_uid = 4294967294\njail_gid = 5\njail_id_count = 1\n");
+        assert_eq!(config.unwrap().vmm.jail_uid, u32::MAX - 1);
+        let err = parse("[vmm]\njail_uid = 4294967295\njail_id_count = 1\n").unwrap_err();
+        assert!(
+            err.to_string().contains("vmm.jail_uid = 4294967295"),
+            "{err}"
+        );
+        let err = parse("[vmm]\njail_gid = 4294967000\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("vmm.jail_gid = 4294967000: with vmm.jail_id_count = 1024"),
+            "{err}"
+        );
+        for count in ["0", "65537"] {
+            let err = parse(&format!("[vmm]\njail_id_count = {count}\n")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("vmm.jail_id_count = {count}")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

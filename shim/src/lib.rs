@@ -11,6 +11,7 @@ pub mod events;
 pub mod guest_spec;
 pub mod inspect;
 pub mod io;
+pub mod jail_ids;
 pub mod lifecycle;
 pub mod network;
 pub mod pod_policy;

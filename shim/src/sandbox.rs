@@ -838,11 +838,8 @@ impl SandboxLauncher for VmLauncher {
             // Listening before the guest boots far enough to dial it.
             if let Some((port, kbs)) = confidential.as_ref().and_then(|c| c.kbs_forward.clone()) {
                 let path = PathBuf::from(format!("{}_{port}", uds.display()));
-                // A jailed VMM connects as its own uid.
-                let owner = config
-                    .vmm
-                    .jail
-                    .then_some((config.vmm.jail_uid, config.vmm.jail_gid));
+                // A jailed VMM connects as the pod's own uid.
+                let owner = hypervisor.jail_ids();
                 kbs_forwarder = Some(crate::confidential::kbs_forward::KbsForwarder::spawn(
                     &path, kbs, None, owner,
                 )?);

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::confidential::launch::{QuoteService, SnpVcpu, TeeLaunch, TeeLaunchKind};
 use crate::config::{HypervisorKind, PodVm, QemuAccel, RuntimeConfig, VmmSection};
+use crate::jail_ids::{JailIdLease, JailIdRange, JAIL_ID_LEASES};
 use crate::vmm_jail::{
     cgroup_dirs, create_cgroups, create_owned_folder, make_shared_mount, remove_cgroups,
     CGROUP_ROOT,
@@ -67,6 +68,8 @@ pub enum HypervisorError {
     },
     #[error("cannot prepare the VMM's jail: {0}")]
     Jail(#[from] crate::vmm_jail::VmmJailError),
+    #[error("cannot prepare the VMM's jail: {0}")]
+    JailIds(#[from] crate::jail_ids::JailIdError),
     #[error(transparent)]
     QemuTee(#[from] QemuTeeError),
 }
@@ -110,10 +113,42 @@ impl SupervisedChild {
         log: &Path,
         inherit: &[i32],
     ) -> Result<Self, HypervisorError> {
+        Self::spawn_in_cgroups(name, program, args, log, inherit, &[])
+    }
+
+    /// [`Self::spawn`], the child moved into each of `cgroups` (folders
+    /// that exist) before it executes anything, so all it allocates is
+    /// charged there.
+    pub fn spawn_in_cgroups(
+        name: &str,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+        inherit: &[i32],
+        cgroups: &[PathBuf],
+    ) -> Result<Self, HypervisorError> {
         let file_error = |source| HypervisorError::File {
             path: log.to_path_buf(),
             source,
         };
+        // Checked and made C strings here: between fork and exec nothing
+        // may allocate, and a failure there could not name the folder.
+        let mut procs_files = Vec::with_capacity(cgroups.len());
+        for cgroup in cgroups {
+            let procs = cgroup.join("cgroup.procs");
+            std::fs::metadata(&procs).map_err(|source| HypervisorError::File {
+                path: procs.clone(),
+                source,
+            })?;
+            let c_path =
+                std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).map_err(|_| {
+                    HypervisorError::File {
+                        path: procs.clone(),
+                        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                    }
+                })?;
+            procs_files.push(c_path);
+        }
         let out = std::fs::File::create(log).map_err(file_error)?;
         let err = out.try_clone().map_err(file_error)?;
         let mut command = tokio::process::Command::new(program);
@@ -127,9 +162,24 @@ impl SupervisedChild {
         // SAFETY: prctl with integer arguments between fork and exec
         // touches no memory of the parent.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writer (v1 and v2 alike). open, write and
+                // close are async-signal-safe; the paths were built before
+                // the fork.
+                for procs in &procs_files {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let error = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(error);
+                    }
                 }
                 Ok(())
             });
@@ -272,6 +322,11 @@ pub trait Hypervisor: Send + Sync {
     async fn stop(&self, grace: Duration);
     /// Host pids of the VM's processes (for Pids and cgroup placement).
     fn pids(&self) -> Vec<u32>;
+    /// The uid/gid the VM's jailed processes run as, once started (none
+    /// without a jail): whoever serves them a socket lets only that in.
+    fn jail_ids(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// `vsock` section of `vm.json`.
@@ -414,14 +469,18 @@ impl VmJailConfig {
 pub struct PreparedJail {
     pub jail: Option<VmJailConfig>,
     pub created_cgroups: Vec<PathBuf>,
+    /// The pod's own uid/gid, held until the VMM processes are gone.
+    pub ids: Option<JailIdLease>,
 }
 
 /// Prepares the sockets folder and, with `[vmm] jail` (the default), the
-/// jail: the shared folder as a shared mount, the pod's cgroups.
+/// jail: a uid/gid of the pod's own (leased in `leases`), the shared
+/// folder as a shared mount, the pod's cgroups.
 pub fn prepare_jail(
     vmm: &VmmSection,
     vm: &PodVm,
     paths: &VmPaths,
+    leases: &Path,
 ) -> Result<PreparedJail, HypervisorError> {
     let sockets = paths.sockets_dir();
     if !vmm.jail {
@@ -434,7 +493,13 @@ pub fn prepare_jail(
         })?;
         return Ok(PreparedJail::default());
     }
-    create_owned_folder(&sockets, vmm.jail_uid, vmm.jail_gid)?;
+    let range = JailIdRange {
+        first_uid: vmm.jail_uid,
+        first_gid: vmm.jail_gid,
+        count: vmm.jail_id_count,
+    };
+    let ids = range.lease(leases, &paths.dir.display().to_string())?;
+    create_owned_folder(&sockets, ids.uid, ids.gid)?;
     if vm.shared_fs {
         make_shared_mount(&paths.shared_dir())?;
     }
@@ -446,11 +511,12 @@ pub fn prepare_jail(
     Ok(PreparedJail {
         jail: Some(VmJailConfig {
             root: paths.jail_root(),
-            uid: vmm.jail_uid,
-            gid: vmm.jail_gid,
+            uid: ids.uid,
+            gid: ids.gid,
             cgroups,
         }),
         created_cgroups,
+        ids: Some(ids),
     })
 }
 
@@ -564,7 +630,7 @@ impl CloisterVmm {
 #[async_trait]
 impl Hypervisor for CloisterVmm {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        self.jail = prepare_jail(&self.vmm, &self.vm, &self.paths)?;
+        self.jail = prepare_jail(&self.vmm, &self.vm, &self.paths, Path::new(JAIL_ID_LEASES))?;
         self.vm_json.jail = self.jail.jail.clone();
         write_vm_json(&self.vm_json, &self.paths.vm_config())?;
         let child = SupervisedChild::spawn(
@@ -602,6 +668,10 @@ impl Hypervisor for CloisterVmm {
 
     fn pids(&self) -> Vec<u32> {
         self.child.iter().map(|c| c.pid).collect()
+    }
+
+    fn jail_ids(&self) -> Option<(u32, u32)> {
+        self.jail.jail.as_ref().map(|jail| (jail.uid, jail.gid))
     }
 }
 
@@ -1087,6 +1157,21 @@ pub fn qemu_confidential_args(
     Ok(args.into_iter().map(OsString::from).collect())
 }
 
+/// What confines QEMU where `[vmm] jail` confines cloister-vmm (QEMU
+/// cannot take our jail: it opens its devices, files and sockets as root
+/// and then drops): the pod's own uid/gid once it is set up (`-runas`;
+/// no capabilities left, and none to be had again), and QEMU's own
+/// seccomp sandbox refusing obsolete calls, fork/exec and
+/// scheduler/resource changes. Its cgroups are joined before exec.
+pub fn qemu_confinement_args(jail: &VmJailConfig) -> Vec<OsString> {
+    vec![
+        "-runas".into(),
+        format!("{}:{}", jail.uid, jail.gid).into(),
+        "-sandbox".into(),
+        "on,obsolete=deny,spawn=deny,resourcecontrol=deny".into(),
+    ]
+}
+
 /// QEMU with our vhost-user vsock and fs backends.
 pub struct Qemu {
     qemu: PathBuf,
@@ -1145,7 +1230,12 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        self.jail = prepare_jail(&self.vmm_section, &self.vm, &self.paths)?;
+        self.jail = prepare_jail(
+            &self.vmm_section,
+            &self.vm,
+            &self.paths,
+            Path::new(JAIL_ID_LEASES),
+        )?;
         let jail_args = self
             .jail
             .jail
@@ -1176,12 +1266,19 @@ impl Hypervisor for Qemu {
             self.backends.push(backend);
             ready?;
         }
-        let qemu = SupervisedChild::spawn(
+        let mut args = self.args.clone();
+        let mut cgroups: &[PathBuf] = &[];
+        if let Some(jail) = &self.jail.jail {
+            args.extend(qemu_confinement_args(jail));
+            cgroups = &jail.cgroups;
+        }
+        let qemu = SupervisedChild::spawn_in_cgroups(
             "qemu",
             &self.qemu,
-            &self.args,
+            &args,
             &self.paths.qemu_log(),
             &self.inherited_fds,
+            cgroups,
         )?;
         self.qemu_child = Some(qemu);
         Ok(())
@@ -1217,6 +1314,10 @@ impl Hypervisor for Qemu {
             .chain(self.backends.iter())
             .map(|c| c.pid)
             .collect()
+    }
+
+    fn jail_ids(&self) -> Option<(u32, u32)> {
+        self.jail.jail.as_ref().map(|jail| (jail.uid, jail.gid))
     }
 }
 
@@ -1361,13 +1462,34 @@ mod tests {
         dir.create().unwrap();
         let paths = dir.vm_paths();
 
-        let prepared = prepare_jail(&VmmSection::default(), &pod_vm(), &paths).unwrap();
+        let leases = state.path().join("jail-ids");
+
+        let prepared = prepare_jail(&VmmSection::default(), &pod_vm(), &paths, &leases).unwrap();
 
         use std::os::unix::fs::MetadataExt;
         let sockets = std::fs::metadata(paths.sockets_dir()).unwrap();
-        assert_eq!((sockets.uid(), sockets.gid()), (64000, 64000));
-        assert_eq!(sockets.mode() & 0o777, 0o700);
         let jail = prepared.jail.unwrap();
+        assert!((64000..65024).contains(&jail.uid), "{}", jail.uid);
+        assert_eq!(
+            jail.gid, jail.uid,
+            "the default ranges start at the same id"
+        );
+        assert_eq!((sockets.uid(), sockets.gid()), (jail.uid, jail.gid));
+        assert_eq!(sockets.mode() & 0o777, 0o700);
+        let lease = std::fs::read_to_string(leases.join(jail.uid.to_string())).unwrap();
+        assert_eq!(lease.trim_end(), paths.dir.display().to_string());
+        // A second pod prepared meanwhile runs as another uid.
+        let other = crate::sandbox::SandboxDir::new(state.path(), "default", "jail-test-2");
+        other.create().unwrap();
+        let second = prepare_jail(
+            &VmmSection::default(),
+            &pod_vm(),
+            &other.vm_paths(),
+            &leases,
+        )
+        .unwrap();
+        assert_ne!(second.jail.unwrap().uid, jail.uid);
+        other.remove().unwrap();
         assert_eq!(jail.root, paths.jail_root());
         assert!(jail.cgroups.is_empty());
         let mounts = crate::sandbox::mounts_below(&dir.path);
@@ -1999,13 +2121,21 @@ mod tests {
             Path::new("/bin/sh"),
             &[
                 "-c".into(),
-                "trap '' TERM; while :; do sleep 0.05; done".into(),
+                "trap '' TERM; echo ready; while :; do sleep 0.05; done".into(),
             ],
             &dir.path().join("log"),
             &[],
         )
         .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SIGTERM before the trap is set would end it at once.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(dir.path().join("log")).is_ok_and(|l| l.contains("ready")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell never set its trap"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let started = std::time::Instant::now();
         let exit = child.stop(Duration::from_millis(300)).await;
         assert_eq!(exit, ChildExit::Signal(libc::SIGKILL));

@@ -580,8 +580,11 @@ fn a_guest_kernel_panic_at_boot_is_recorded_in_the_audit_trail() {
         .parse()
         .unwrap();
     config["guest"]["initramfs"] = toml::Value::String(bogus.display().to_string());
-    // Bounds the test should the shim wait for the agent after all.
-    config["agent"]["connect_timeout_secs"] = toml::Value::Integer(20);
+    // Bounds the test should the shim wait for the agent after all; as
+    // long as a healthy guest may take to boot on a loaded machine (the
+    // shim ends the wait as soon as the VM dies, so a pass is no slower).
+    config["agent"]["connect_timeout_secs"] =
+        toml::Value::Integer(cloister_e2e::agent_guest::AGENT_DEADLINE.as_secs() as i64);
     let panic_config = dir.join("panic.toml");
     std::fs::write(&panic_config, toml::to_string(&config).unwrap()).unwrap();
     for binaries in available_containerds() {

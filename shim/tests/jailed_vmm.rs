@@ -1,6 +1,6 @@
 //! The shim's `cloister` backend launches `cloister-vmm` jailed (the
 //! default `[vmm] jail = true`): vm.json carries the jail, the VMM comes
-//! up in the pod's cgroup as the jail uid under seccomp and serves its
+//! up in the pod's cgroup as the pod's own jail uid under seccomp and serves its
 //! vsock socket in the sandbox's sockets folder, and once it is stopped
 //! nothing of the jail outlives the sandbox (cgroups the shim created,
 //! the shared folder's mount, the jail folder). The guest only has to get
@@ -80,16 +80,20 @@ async fn jailed_cloister_vmm_runs_in_the_pod_cgroup_and_leaves_nothing_behind() 
         }
     }
     let own_cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let (uid, gid) = hypervisor.jail_ids().expect("a jailed VM has its ids");
     hypervisor.stop(Duration::from_secs(5)).await;
     started.unwrap_or_else(|e| panic!("jailed cloister-vmm did not start: {e}\n{log}"));
 
     let vm_json = std::fs::read_to_string(paths.vm_config()).unwrap();
     assert!(vm_json.contains("\"jail\""), "{vm_json}");
     assert!(log.contains("jailed in"), "{log}");
+    // The pod's own ids, leased from the default range.
+    assert!((64000..65024).contains(&uid), "{uid}");
+    assert_eq!(gid, uid);
     assert!(
         // Real and saved uid the jail's; effective 0 because the VM
         // serves virtio-fs (see cloister-vmm's `jail::privileges`).
-        vmm_status.contains("Uid:\t64000\t0\t64000\t0"),
+        vmm_status.contains(&format!("Uid:\t{uid}\t0\t{uid}\t0")),
         "{vmm_status}"
     );
     assert!(
@@ -122,4 +126,80 @@ async fn jailed_cloister_vmm_runs_in_the_pod_cgroup_and_leaves_nothing_behind() 
     dir.remove().unwrap();
     assert!(!dir.path.exists());
     assert!(cloister_shim::sandbox::mounts_below(state.path()).is_empty());
+}
+
+/// The `qemu` backend under `[vmm] jail`: QEMU itself runs as the pod's
+/// own uid/gid with no capabilities under its seccomp sandbox, in the
+/// pod's cgroup from its first instruction; its vhost-user servers are
+/// jailed as that same uid. The guest need not boot far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_qemu_runs_as_the_pods_uid_in_its_cgroup_under_seccomp() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: confining QEMU needs root");
+        return;
+    }
+    let config = match guest_support::guest_config() {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let state = tempfile::tempdir().unwrap();
+    let dir = SandboxDir::new(state.path(), "default", "jailed-qemu");
+    dir.create().unwrap();
+    let mut vm = guest_support::guest_vm();
+    let cgroups_path = format!("/cloister-qemu-jail-test-{}/sandbox", std::process::id());
+    vm.cgroups_path = Some(cgroups_path.clone());
+    let cgroups = cgroup_dirs(Path::new(CGROUP_ROOT), &cgroups_path).unwrap();
+    let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths(), None).unwrap();
+
+    let started = hypervisor.start().await;
+    let (uid, gid) = hypervisor.jail_ids().expect("a jailed VM has its ids");
+    let pids = hypervisor.pids();
+    // QEMU drops to the uid once its devices are set up.
+    let qemu = pids[0];
+    let expected_uid = format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut status = String::new();
+    while std::time::Instant::now() < deadline {
+        status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+        if status.contains(&expected_uid) || status.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let qemu_cgroups = std::fs::read_to_string(format!("/proc/{qemu}/cgroup")).unwrap_or_default();
+    // The vsock server: a supervisor that forks the jailed server.
+    let backend = pids[1];
+    let backend_status =
+        std::fs::read_to_string(format!("/proc/{backend}/task/{backend}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().map(str::to_owned))
+            .and_then(|child| std::fs::read_to_string(format!("/proc/{child}/status")).ok())
+            .unwrap_or_default();
+    let log = std::fs::read_to_string(dir.vm_paths().qemu_log()).unwrap_or_default();
+    hypervisor.stop(Duration::from_secs(5)).await;
+    started.unwrap_or_else(|e| panic!("jailed QEMU did not start: {e}\n{log}"));
+
+    assert!(status.contains(&expected_uid), "{status}\nlog:\n{log}");
+    assert!(
+        status.contains(&format!("Gid:\t{gid}\t{gid}\t{gid}\t{gid}")),
+        "{status}"
+    );
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert!(
+        qemu_cgroups.contains(&cgroups_path),
+        "QEMU not in {cgroups_path}: {qemu_cgroups}"
+    );
+    assert!(
+        backend_status.contains(&format!("Uid:\t{uid}\t")),
+        "the vsock server does not run as the pod's uid: {backend_status}"
+    );
+    for cgroup in &cgroups {
+        assert!(!cgroup.exists(), "{} outlived the VM", cgroup.display());
+    }
+    dir.remove().unwrap();
 }

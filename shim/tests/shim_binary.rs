@@ -153,6 +153,11 @@ struct ShimGuard(u32);
 
 impl Drop for ShimGuard {
     fn drop(&mut self) {
+        // Only a shim still running: its pid may belong to another process
+        // by now.
+        if exited(self.0) {
+            return;
+        }
         if let Ok(pid) = i32::try_from(self.0) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -176,15 +181,20 @@ async fn connect(address: &str) -> TaskClient {
     panic!("no shim at {address}");
 }
 
+/// Gone, or a zombie its new parent (init, a subreaper) has yet to reap.
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.contains(") Z "))
+}
+
 async fn wait_gone(pid: u32) {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    for _ in 0..250 {
-        if !proc.exists() {
-            return;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !exited(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shim {pid} did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("shim {pid} did not exit");
 }
 
 #[tokio::test]

@@ -108,7 +108,15 @@ fn jailed_linux_virtio_drivers_probe_and_use_every_device() {
 
 const JAIL_ID: u32 = 64000;
 
+/// One guest at a time: two emulated-kernel boots side by side on two
+/// cores would each take twice as long against the same timeout.
+static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 fn probe_every_device(jailed: bool) {
+    // A failed test poisons the lock; the next one still runs.
+    let _one_guest = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(e) = KvmContext::open() {
         eprintln!("SKIP: needs a usable /dev/kvm: {e}");
         return;
@@ -190,7 +198,7 @@ fn probe_every_device(jailed: bool) {
     let console = Arc::new(Mutex::new(String::new()));
     let stdout = child.0.stdout.take().expect("stdout piped");
     let console_writer = console.clone();
-    std::thread::spawn(move || {
+    let console_reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let mut text = console_writer.lock().unwrap();
             text.push_str(&line);
@@ -229,6 +237,9 @@ fn probe_every_device(jailed: bool) {
     }
     let elapsed = started.elapsed();
     drop(child);
+    // The process group is gone: the pipe ends and the reader has every
+    // line the guest printed.
+    let _ = console_reader.join();
     let console = console.lock().unwrap().clone();
     let devices = last.unwrap_or_else(|| {
         panic!("no metrics line with devices on stderr:\n{log}\nconsole:\n{console}")

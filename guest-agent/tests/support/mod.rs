@@ -139,7 +139,8 @@ impl TestAgent {
             .unwrap();
         let address = format!("unix://{}", socket.display());
         let mut client = None;
-        for _ in 0..200 {
+        // 30 s: an agent start is milliseconds, but not on a loaded machine.
+        for _ in 0..1500 {
             if socket.exists() {
                 if let Ok(c) = ttrpc::r#async::Client::connect(&address).await {
                     client = Some(c);

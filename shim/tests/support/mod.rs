@@ -130,7 +130,7 @@ impl HostAgent {
             .unwrap();
         let endpoint = AgentEndpoint::Unix { agent: socket };
         let client = endpoint
-            .connect_until(Duration::from_secs(10))
+            .connect_until(Duration::from_secs(30))
             .await
             .unwrap();
         (

@@ -385,11 +385,16 @@ mod tests {
         fail.store(true, Ordering::SeqCst);
         host.write(1).unwrap();
         assert!(wait_for(|| count() == 3));
+        // The count moves inside the failing call; the status is set by
+        // the virtio thread after it returns.
+        let needs_reset = || lock(&transport).status() & status::DEVICE_NEEDS_RESET != 0;
+        assert!(
+            wait_for(needs_reset),
+            "the failed device does not need a reset"
+        );
         host.write(1).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(count(), 3);
-        let st = lock(&transport).status();
-        assert_eq!(st & status::DEVICE_NEEDS_RESET, status::DEVICE_NEEDS_RESET);
 
         // After a reset and a new bring-up the device works again.
         fail.store(false, Ordering::SeqCst);
