@@ -154,7 +154,8 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         mut request: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::CreateContainerResponse> {
-        self.allow(&request)?;
+        let decided = self.policy.check_create(&request).map_err(policy_status)?;
+        let id = request.container_id.clone();
         if let Some(attested) = self.attested().await? {
             request.oci_spec_json = attested
                 .resolve_spec(&request.container_id, &request.oci_spec_json)
@@ -170,6 +171,8 @@ impl AgentService for AgentServer {
                 })?;
         }
         let pid = self.manager.create(request).await.map_err(to_status)?;
+        // What the policy allowed it as: exec and update rules read it.
+        self.policy.remember_created(&id, decided);
         let mut response = agent::CreateContainerResponse::new();
         response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);
         Ok(response)
@@ -198,6 +201,7 @@ impl AgentService for AgentServer {
             .remove(&request.container_id, request.force)
             .await
             .map_err(to_status)?;
+        self.policy.forget_created(&request.container_id);
         Ok(agent::RemoveContainerResponse::new())
     }
 

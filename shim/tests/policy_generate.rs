@@ -2,7 +2,10 @@
 //! only; SKIP otherwise): the policy generated from a pod manifest lets
 //! that pod's own requests through and denies a changed command, an extra
 //! capability, a missing variable, an exec it does not list, and its own
-//! replacement; the one generated from an OCI config.json pins that spec.
+//! replacement; a sandbox set-up with more than the shim's mounts; an
+//! update of a container the agent did not create or of more than resource
+//! limits; an exec with another environment or user than its container's.
+//! The one generated from an OCI config.json pins that spec.
 
 mod support;
 
@@ -69,7 +72,11 @@ fn pod_spec(args: &[&str]) -> serde_json::Value {
 }
 
 fn generated_from_pod(exec: &[&str]) -> String {
-    let manifest: serde_json::Value = serde_yaml::from_str(POD_YAML).unwrap();
+    generated_from(POD_YAML, exec)
+}
+
+fn generated_from(pod_yaml: &str, exec: &[&str]) -> String {
+    let manifest: serde_json::Value = serde_yaml::from_str(pod_yaml).unwrap();
     let options = GenerateOptions {
         exec_commands: exec
             .iter()
@@ -104,35 +111,160 @@ async fn run_to_output(client: &TtrpcAgentClient, id: &str) -> String {
     text
 }
 
+/// An exec as CRI sends it: the container's process (as `pod_spec` makes
+/// it) with other args.
 fn exec_request(id: &str, exec: &str, args: &[&str]) -> agent::ExecProcessRequest {
+    exec_request_with(id, exec, args, |_| {})
+}
+
+fn exec_request_with(
+    id: &str,
+    exec: &str,
+    args: &[&str],
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> agent::ExecProcessRequest {
+    let mut process = serde_json::json!({
+        "args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+        "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
+        "noNewPrivileges": true
+    });
+    edit(&mut process);
     let mut request = agent::ExecProcessRequest::new();
     request.container_id = id.into();
     request.exec_id = exec.into();
-    request.process_json = serde_json::to_vec(&serde_json::json!({
-        "args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
-        "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS}
-    }))
-    .unwrap();
+    request.process_json = serde_json::to_vec(&process).unwrap();
     request
 }
 
 /// A host agent under the policy generated from the pod (exec of `ls /`
 /// listed), with the pod's own container `app` created.
 async fn agent_with_the_pods_policy_and_container() -> (HostAgent, TtrpcAgentClient) {
+    agent_with_policy_and_app(
+        generated_from_pod(&["ls /"]),
+        pod_spec(&["sh", "-c", "echo generated"]),
+    )
+    .await
+}
+
+async fn agent_with_policy_and_app(
+    rego: String,
+    app: serde_json::Value,
+) -> (HostAgent, TtrpcAgentClient) {
     let (host, client) = HostAgent::start().await;
-    client
-        .set_policy(generated_from_pod(&["ls /"]))
-        .await
-        .unwrap();
-    let own = create_request(
-        "app",
-        &host.rootfs,
-        &pod_spec(&["sh", "-c", "echo generated"]),
-        false,
-        false,
-    );
+    client.set_policy(rego).await.unwrap();
+    let own = create_request("app", &host.rootfs, &app, false, false);
     client.create_container(own).await.unwrap();
     (host, client)
+}
+
+/// Passed the policy: allowed, or refused by the agent for another reason
+/// (a host agent makes no sandbox; an exec needs a started container).
+fn passed_policy<T: std::fmt::Debug>(result: Result<T, AgentError>) {
+    if let Err(e) = result {
+        assert_ne!(e.code(), Some(ttrpc::Code::PERMISSION_DENIED), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn pod_policy_allows_the_shims_sandbox_setup_and_refuses_an_extra_mount() {
+    skip_unless_host_ready!();
+    let (_host, client) = agent_with_the_pods_policy_and_container().await;
+    let shims = cloister_shim::sandbox::setup_request("web");
+    let mut extra = shims.clone();
+    let mut disk = agent::GuestMount::new();
+    disk.fstype = "ext4".into();
+    disk.source = "/dev/vdb".into();
+    disk.target = "/mnt".into();
+    extra.mounts.push(disk);
+
+    let shims = client.setup_sandbox(shims).await;
+    let extra = client.setup_sandbox(extra).await;
+
+    // The host agent refuses any set-up after the policy: it is no guest.
+    assert_eq!(
+        shims.unwrap_err().code(),
+        Some(ttrpc::Code::FAILED_PRECONDITION)
+    );
+    assert_eq!(
+        denial(extra),
+        "SetupSandboxRequest denied by policy rule data.agent_policy.SetupSandboxRequest: \
+         sandbox mount /mnt (ext4 from \"/dev/vdb\", options []) is not allowed"
+    );
+}
+
+#[tokio::test]
+async fn pod_policy_allows_limit_updates_of_its_own_containers_only() {
+    skip_unless_host_ready!();
+    let (_host, client) = agent_with_the_pods_policy_and_container().await;
+    let limits = |id: &str| {
+        let resources = serde_json::json!({"memory": {"limit": 268435456}, "pids": {"limit": 64}});
+        (id.to_owned(), serde_json::to_vec(&resources).unwrap())
+    };
+    let (app, app_limits) = limits("app");
+    let (ghost, ghost_limits) = limits("ghost");
+    let block_io = serde_json::to_vec(&serde_json::json!({"blockIO": {"weight": 10}})).unwrap();
+    let all_devices =
+        serde_json::to_vec(&serde_json::json!({"devices": [{"allow": true, "access": "rwm"}]}))
+            .unwrap();
+
+    let allowed = client.update_container(&app, app_limits).await;
+    let unknown = client.update_container(&ghost, ghost_limits).await;
+    let block_io = client.update_container("app", block_io).await;
+    let all_devices = client.update_container("app", all_devices).await;
+
+    passed_policy(allowed);
+    assert_eq!(
+        denial(unknown),
+        "UpdateContainerRequest denied by policy rule data.agent_policy.UpdateContainerRequest: \
+         container \"ghost\" was not created by this agent"
+    );
+    assert!(
+        denial(block_io).ends_with(": update of linux.resources.blockIO is not allowed"),
+        "blockIO"
+    );
+    assert!(
+        denial(all_devices).ends_with(": an update may not change the container's device rules"),
+        "devices"
+    );
+}
+
+#[tokio::test]
+async fn pod_policy_exec_refuses_ld_preload_and_another_user() {
+    skip_unless_host_ready!();
+    let rego = generated_from(
+        &POD_YAML.replace("runAsUser: 0", "runAsUser: 1000"),
+        &["ls /"],
+    );
+    let mut app = pod_spec(&["sh", "-c", "echo generated"]);
+    app["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+    let (_host, client) = agent_with_policy_and_app(rego, app).await;
+    let as_app =
+        |p: &mut serde_json::Value| p["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+
+    let own_user = client
+        .exec_process(exec_request_with("app", "own", &["ls", "/"], as_app))
+        .await;
+    let preload = client
+        .exec_process(exec_request_with("app", "preload", &["ls", "/"], |p| {
+            as_app(p);
+            p["env"] = serde_json::json!(["PATH=/bin", "LD_PRELOAD=/tmp/evil.so"]);
+        }))
+        .await;
+    let as_root = client
+        .exec_process(exec_request("app", "root", &["ls", "/"]))
+        .await;
+
+    passed_policy(own_user);
+    assert_eq!(
+        denial(preload),
+        "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest: \
+         exec with environment variable \"LD_PRELOAD\" is not allowed"
+    );
+    assert_eq!(
+        denial(as_root),
+        "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest: \
+         exec as user 0:0 (groups []) is not allowed: the container runs as 1000:1000 (groups [])"
+    );
 }
 
 #[tokio::test]
@@ -214,12 +346,7 @@ async fn pod_policy_allows_listed_exec_only_and_cannot_be_replaced() {
         .await;
     let replaced = client.set_policy(base64_roundtrip(policy_gen::RULES)).await;
 
-    // The listed command passes the policy (the agent may still refuse an
-    // exec into a container it has not started, for another reason).
-    match listed {
-        Ok(_) => {}
-        Err(e) => assert_ne!(e.code(), Some(ttrpc::Code::PERMISSION_DENIED), "{e}"),
-    }
+    passed_policy(listed);
     assert_eq!(
         denial(other),
         "ExecProcessRequest denied by policy rule data.agent_policy.ExecProcessRequest: \

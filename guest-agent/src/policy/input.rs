@@ -20,6 +20,13 @@
 //!   pods pin commands and mounts too.)
 //! - `CreateContainerRequest.rootfs` is `{"kind": "virtio_fs"|"block"|
 //!   "directory"|"none"|"unknown", …the variant's fields}`.
+//! - `ExecProcessRequest.container` and `UpdateContainerRequest.container`
+//!   are added by the agent, not sent by the host: the
+//!   `CreateContainerRequest` input (as above, as the policy decided it)
+//!   that created the named container in this agent, or `null` when this
+//!   agent created no such container. What an exec or an update may do
+//!   depends on what the container was allowed to be (its user, its
+//!   environment, its device rules), which the request alone does not say.
 //! - Stdio streams, which are not RPCs, are decided as `ReadStreamRequest`
 //!   (the host reads stdout/stderr) and `WriteStreamRequest` (the host
 //!   writes stdin), input `{"container_id", "exec_id", "stream"}` with
@@ -49,6 +56,13 @@ pub trait PolicyRequest {
     /// is also the proto message name.
     const RULE: &'static str;
     fn policy_input(&self) -> Result<Value, InputError>;
+
+    /// The container whose creation input the agent adds to this request's
+    /// input as `container` (see the module documentation); None for
+    /// requests whose rules need no more than the request.
+    fn created_container(&self) -> Option<&str> {
+        None
+    }
 }
 
 fn parse_json(field: &'static str, bytes: &[u8]) -> Result<Value, InputError> {
@@ -117,6 +131,10 @@ impl PolicyRequest for agent::ExecProcessRequest {
             "stdio": stdio_json(self.stdio.as_ref()),
         }))
     }
+
+    fn created_container(&self) -> Option<&str> {
+        Some(&self.container_id)
+    }
 }
 
 impl PolicyRequest for agent::UpdateContainerRequest {
@@ -126,6 +144,10 @@ impl PolicyRequest for agent::UpdateContainerRequest {
             "container_id": self.container_id,
             "resources": parse_json("resources_json", &self.resources_json)?,
         }))
+    }
+
+    fn created_container(&self) -> Option<&str> {
+        Some(&self.container_id)
     }
 }
 

@@ -7,10 +7,16 @@
 //! comes up and before `SetupSandbox`. A policy installed from init-data
 //! (confidential pods) is locked: every later `SetPolicy` is refused,
 //! whatever the rules say, because the host is not trusted there.
+//!
+//! It also remembers, for each container it let the agent create, the
+//! input that creation was decided on: exec and update rules read it as
+//! `input.container` (see [`super::input`]), whichever policy is in force.
 
-use std::sync::{Arc, PoisonError, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use cloister_protocol::agent;
+use serde_json::Value;
 
 use super::engine::{PolicyCompileError, PolicyDenial, PolicyEngine};
 use super::input::{PolicyRequest, StreamRequest};
@@ -56,6 +62,8 @@ struct Installed {
 /// The agent's policy, shared by the ttrpc service and the stdio listener.
 pub struct AgentPolicy {
     installed: RwLock<Installed>,
+    /// The `CreateContainerRequest` input of each live container, by id.
+    created: Mutex<HashMap<String, Value>>,
 }
 
 impl std::fmt::Debug for AgentPolicy {
@@ -73,6 +81,7 @@ impl AgentPolicy {
                 engine: Arc::new(engine),
                 origin,
             }),
+            created: Mutex::new(HashMap::new()),
         }
     }
 
@@ -108,11 +117,58 @@ impl AgentPolicy {
 
     /// Decides one RPC request.
     pub fn check<R: PolicyRequest>(&self, request: &R) -> Result<(), PolicyDenial> {
-        let input = request.policy_input().map_err(|e| PolicyDenial::Input {
+        self.decide(request).map(drop)
+    }
+
+    /// Decides a CreateContainer request; on success returns the input it
+    /// was decided on, which [`AgentPolicy::remember_created`] keeps once
+    /// the container exists.
+    pub fn check_create(
+        &self,
+        request: &agent::CreateContainerRequest,
+    ) -> Result<Value, PolicyDenial> {
+        self.decide(request)
+    }
+
+    /// The input of a request, with the named container's creation input
+    /// as `container` when its rules read it, decided by the policy in
+    /// force.
+    fn decide<R: PolicyRequest>(&self, request: &R) -> Result<Value, PolicyDenial> {
+        let mut input = request.policy_input().map_err(|e| PolicyDenial::Input {
             request: R::RULE,
             error: e.to_string(),
         })?;
-        self.current().decide(R::RULE, &input)
+        if let Some(id) = request.created_container() {
+            let created = self
+                .created
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(id)
+                .cloned()
+                .unwrap_or(Value::Null);
+            if let Value::Object(fields) = &mut input {
+                fields.insert("container".to_owned(), created);
+            }
+        }
+        self.current().decide(R::RULE, &input)?;
+        Ok(input)
+    }
+
+    /// Keeps what container `id` was created with, for the rules of later
+    /// requests that name it.
+    pub fn remember_created(&self, id: &str, create_input: Value) {
+        self.created
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned(), create_input);
+    }
+
+    /// Container `id` is gone: a later one may reuse its id.
+    pub fn forget_created(&self, id: &str) {
+        self.created
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
     }
 
     /// Decides the opening of a stdio stream.
@@ -218,6 +274,61 @@ default SetPolicyRequest := false
         assert!(matches!(err, SetPolicyError::Compile(_)), "{err}");
         assert_eq!(policy.origin(), PolicyOrigin::BuiltIn);
         assert_eq!(policy.rego(), DEFAULT_POLICY);
+    }
+
+    /// Allows exec only into a container created with `sleep`, and says
+    /// what it saw as `input.container`.
+    const EXEC_INTO_SLEEP: &str = r#"
+package agent_policy
+default CreateContainerRequest := true
+default RemoveContainerRequest := true
+default ExecProcessRequest := false
+ExecProcessRequest if input.container.oci.process.args[0] == "sleep"
+deny_reasons contains sprintf("container is %v", [input.container])
+"#;
+
+    fn create_request(id: &str, args: &[&str]) -> agent::CreateContainerRequest {
+        let mut request = agent::CreateContainerRequest::new();
+        request.container_id = id.into();
+        request.oci_spec_json =
+            serde_json::to_vec(&serde_json::json!({"process": {"args": args}})).unwrap();
+        request
+    }
+
+    fn exec_request(id: &str) -> agent::ExecProcessRequest {
+        let mut request = agent::ExecProcessRequest::new();
+        request.container_id = id.into();
+        request.process_json = br#"{"args":["ls"]}"#.to_vec();
+        request
+    }
+
+    #[test]
+    fn exec_input_carries_the_named_containers_creation_until_it_is_forgotten() {
+        let policy = AgentPolicy::built_in().unwrap();
+        policy.set_from_host(&set_request(EXEC_INTO_SLEEP)).unwrap();
+        let sleeper = create_request("s", &["sleep", "9"]);
+        let created = policy.check_create(&sleeper).unwrap();
+        policy.remember_created("s", created.clone());
+        let other = create_request("o", &["sh"]);
+        policy.remember_created("o", policy.check_create(&other).unwrap());
+
+        let into_sleeper = policy.check(&exec_request("s"));
+        let into_other = policy.check(&exec_request("o")).unwrap_err();
+        policy.forget_created("s");
+        let after_removal = policy.check(&exec_request("s")).unwrap_err();
+
+        assert_eq!(into_sleeper, Ok(()));
+        assert_eq!(created["oci"]["process"]["args"][0], "sleep");
+        assert!(
+            into_other
+                .to_string()
+                .starts_with("ExecProcessRequest denied by policy rule"),
+            "{into_other}"
+        );
+        assert!(
+            after_removal.to_string().ends_with(": container is null"),
+            "{after_removal}"
+        );
     }
 
     #[test]

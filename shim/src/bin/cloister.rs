@@ -79,6 +79,10 @@ enum PolicyCommand {
         /// Without any, exec is refused.
         #[arg(long = "exec", value_name = "COMMAND")]
         exec: Vec<String>,
+        /// A user exec may run as in any container, besides the
+        /// container's own; the gid defaults to the uid; repeatable.
+        #[arg(long = "exec-user", value_name = "UID[:GID]")]
+        exec_user: Vec<cloister_shim::policy_gen::data::ExecUser>,
         /// Another environment variable name (regular expression) the
         /// containers may have, e.g. the image's own; repeatable.
         #[arg(long = "allow-env", value_name = "REGEX")]
@@ -155,6 +159,7 @@ fn main() -> std::process::ExitCode {
                 PolicyCommand::Generate {
                     files,
                     exec,
+                    exec_user,
                     allow_env,
                     deny_stdio_read,
                     deny_stdin,
@@ -167,6 +172,7 @@ fn main() -> std::process::ExitCode {
                     .iter()
                     .map(|c| cloister_shim::policy_gen::parse_exec_command(c))
                     .collect(),
+                exec_users: exec_user,
                 allow_env,
                 allow_stdio_read: !deny_stdio_read,
                 allow_stdin: !deny_stdin,

@@ -1,8 +1,11 @@
 //! `policy_data`: what a generated policy allows, as the document the
 //! fixed rules (`rules.rego`) read.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
+use super::PolicyGenError;
 use crate::sandbox::GUEST_SHARED_DIR;
 
 /// containerd's default capability set (what a container gets unless the
@@ -169,13 +172,157 @@ pub struct AllowedContainer {
     pub no_new_privileges: bool,
 }
 
+/// One file system SetupSandbox may mount in the guest, in the shape of
+/// the agent's input (every field compared exactly).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowedGuestMount {
+    pub fstype: String,
+    pub source: String,
+    pub target: String,
+    pub options: Vec<String>,
+}
+
+/// The guest's resolver settings SetupSandbox may write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowedDns {
+    pub nameservers: Vec<String>,
+    pub searches: Vec<String>,
+    pub options: Vec<String>,
+}
+
+/// What SetupSandbox may ask of the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowedSandbox {
+    /// Regular expressions for the guest's host name (one must match).
+    pub hostnames: Vec<String>,
+    /// The only mounts it may make (a subset, each target once).
+    pub mounts: Vec<AllowedGuestMount>,
+    /// The resolver settings, exactly.
+    pub dns: AllowedDns,
+    /// Guest-wide sysctls it may set, with their values.
+    pub sysctls: BTreeMap<String, String>,
+}
+
+impl AllowedSandbox {
+    /// Exactly what the shim's SetupSandbox carries
+    /// ([`crate::sandbox::setup_request`]: the shared folder, no DNS, no
+    /// sysctls), with host names matching `hostnames`. A confidential pod
+    /// that shares nothing sends no mount, which this allows too.
+    pub fn as_the_shim_sends(hostnames: Vec<String>) -> Self {
+        let request = crate::sandbox::setup_request("");
+        let dns = request.dns.clone().unwrap_or_default();
+        AllowedSandbox {
+            hostnames,
+            mounts: request
+                .mounts
+                .iter()
+                .map(|m| AllowedGuestMount {
+                    fstype: m.fstype.clone(),
+                    source: m.source.clone(),
+                    target: m.target.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
+            dns: AllowedDns {
+                nameservers: dns.nameservers,
+                searches: dns.searches,
+                options: dns.options,
+            },
+            sysctls: request.sysctls.into_iter().collect(),
+        }
+    }
+}
+
+/// A user an exec may run as in any container besides the container's
+/// own (`--exec-user UID[:GID]`; the gid defaults to the uid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ExecUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::str::FromStr for ExecUser {
+    type Err = PolicyGenError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || PolicyGenError::ExecUser {
+            value: text.to_owned(),
+        };
+        let (uid, gid) = text.split_once(':').unwrap_or((text, text));
+        Ok(ExecUser {
+            uid: uid.parse().map_err(|_| bad())?,
+            gid: gid.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// The OCI linux.resources fields an UpdateContainer may carry: limits,
+/// and the device rules only unchanged (the rules check that).
+pub const UPDATABLE_RESOURCES: [&str; 6] = [
+    "memory",
+    "cpu",
+    "pids",
+    "hugepageLimits",
+    "unified",
+    "devices",
+];
+
+/// cgroup v2 files an update may write through linux.resources.unified:
+/// the limits kubelet sets (in-place resize, memory QoS, OOM grouping),
+/// never `cgroup.*` files that move or kill processes.
+pub const UPDATABLE_CGROUP_FILES: [&str; 15] = [
+    "memory.min",
+    "memory.low",
+    "memory.high",
+    "memory.max",
+    "memory.swap.max",
+    "memory.swap.high",
+    "memory.oom.group",
+    "cpu.weight",
+    "cpu.weight.nice",
+    "cpu.max",
+    "cpu.max.burst",
+    "cpu.idle",
+    "cpuset.cpus",
+    "cpuset.mems",
+    "pids.max",
+];
+
+/// What an UpdateContainer may change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowedUpdate {
+    /// Top-level keys of linux.resources.
+    pub resources: Vec<String>,
+    /// Keys of linux.resources.unified.
+    pub unified_files: Vec<String>,
+}
+
+impl Default for AllowedUpdate {
+    fn default() -> Self {
+        AllowedUpdate {
+            resources: UPDATABLE_RESOURCES
+                .iter()
+                .map(|r| (*r).to_owned())
+                .collect(),
+            unified_files: UPDATABLE_CGROUP_FILES
+                .iter()
+                .map(|f| (*f).to_owned())
+                .collect(),
+        }
+    }
+}
+
 /// The whole `policy_data` document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PolicyData {
     pub containers: Vec<AllowedContainer>,
     pub default_mounts: Vec<AllowedMount>,
+    pub sandbox: AllowedSandbox,
+    pub update: AllowedUpdate,
     /// Each an exact process.args an ExecProcess may run.
     pub exec_commands: Vec<Vec<String>>,
+    /// Users an exec may run as besides the container's own.
+    pub exec_users: Vec<ExecUser>,
     /// Device paths a container spec may list.
     pub devices: Vec<String>,
     pub allow_privileged: bool,
@@ -205,6 +352,42 @@ mod tests {
     fn regex_escape_escapes_metacharacters_only() {
         assert_eq!(regex_escape("/run/a.b+c"), "/run/a\\.b\\+c");
         assert_eq!(regex_escape("plain/path"), "plain/path");
+    }
+
+    #[test]
+    fn exec_user_parses_uid_or_uid_and_gid() {
+        assert_eq!(
+            "0".parse::<ExecUser>().unwrap(),
+            ExecUser { uid: 0, gid: 0 }
+        );
+        assert_eq!(
+            "1000:100".parse::<ExecUser>().unwrap(),
+            ExecUser {
+                uid: 1000,
+                gid: 100
+            }
+        );
+        let err = "root".parse::<ExecUser>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "exec user \"root\" is not UID or UID:GID (numbers)"
+        );
+    }
+
+    #[test]
+    fn sandbox_allows_the_shims_shared_folder_and_nothing_else() {
+        let sandbox = AllowedSandbox::as_the_shim_sends(vec!["^web$".into()]);
+
+        assert_eq!(
+            sandbox.mounts,
+            [AllowedGuestMount {
+                fstype: "virtiofs".into(),
+                source: crate::sandbox::SHARED_FS_TAG.into(),
+                target: GUEST_SHARED_DIR.into(),
+                options: Vec::new(),
+            }]
+        );
+        assert!(sandbox.dns.nameservers.is_empty() && sandbox.sysctls.is_empty());
     }
 
     #[test]

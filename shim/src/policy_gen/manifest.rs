@@ -13,6 +13,8 @@ use super::PolicyGenError;
 #[derive(Debug, Default)]
 pub struct Derived {
     pub containers: Vec<AllowedContainer>,
+    /// A regular expression for the guest's host name.
+    pub hostname: String,
     pub devices: Vec<String>,
     pub privileged: bool,
     pub warnings: Vec<String>,
@@ -85,10 +87,63 @@ fn pod_spec(manifest: &Value) -> Result<&Value, PolicyGenError> {
         })
 }
 
+/// Any host name kubelet gives a pod: a DNS label (RFC 1123).
+pub const ANY_POD_HOSTNAME: &str = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+
+/// Any host name a node may have (a pod on the host's network gets it).
+pub const ANY_HOSTNAME: &str = "^[A-Za-z0-9]([-A-Za-z0-9.]{0,62}[A-Za-z0-9])?$";
+
+/// The shim's host name for a sandbox whose spec names none: the first 12
+/// characters of the sandbox's containerd id.
+pub const SANDBOX_ID_HOSTNAME: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,11}$";
+
+/// The label kubelet makes of a pod's name: at most 63 characters, no
+/// trailing '-' or '.' after the cut.
+fn kubelet_hostname(name: &str) -> String {
+    if name.len() <= 63 {
+        return name.to_owned();
+    }
+    let mut cut: String = name.chars().take(63).collect();
+    while cut.ends_with(['-', '.']) {
+        cut.pop();
+    }
+    cut
+}
+
+/// The guest host name kubelet asks for the pod: its `hostname`, else a
+/// Pod's name; a pattern when the manifest leaves it open (a workload's
+/// pods get generated names; a host-network pod gets the node's).
+fn pod_hostname(manifest: &Value, spec: &Value, warnings: &mut Vec<String>) -> String {
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        warnings.push("hostNetwork: the guest may have any host name (the node's)".to_owned());
+        return ANY_HOSTNAME.to_owned();
+    }
+    let is_pod = manifest.get("kind").and_then(Value::as_str) == Some("Pod");
+    let named = spec
+        .get("hostname")
+        .and_then(Value::as_str)
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            is_pod
+                .then(|| manifest.pointer("/metadata/name")?.as_str())
+                .flatten()
+        });
+    let Some(name) = named else {
+        return ANY_POD_HOSTNAME.to_owned();
+    };
+    let label = super::data::regex_escape(&kubelet_hostname(name));
+    if spec.get("setHostnameAsFQDN").and_then(Value::as_bool) == Some(true) {
+        // hostname.subdomain.namespace.svc.<cluster domain>
+        return format!("^{label}(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$");
+    }
+    format!("^{label}$")
+}
+
 /// Containers (and init containers) of a Kubernetes manifest.
 pub fn from_kubernetes(manifest: &Value) -> Result<Derived, PolicyGenError> {
     let spec = pod_spec(manifest)?;
     let mut derived = Derived::default();
+    derived.hostname = pod_hostname(manifest, spec, &mut derived.warnings);
     let all = ["initContainers", "containers"].iter().flat_map(|key| {
         spec.get(key)
             .and_then(Value::as_array)
@@ -289,7 +344,14 @@ pub fn from_oci(spec: &Value) -> Result<Derived, PolicyGenError> {
         .and_then(|a| a.get("io.kubernetes.cri.container-type"))
         .and_then(Value::as_str)
         == Some("sandbox");
-    let mut derived = Derived::default();
+    let hostname = match spec.get("hostname").and_then(Value::as_str) {
+        Some(name) if !name.is_empty() => format!("^{}$", super::data::regex_escape(name)),
+        _ => SANDBOX_ID_HOSTNAME.to_owned(),
+    };
+    let mut derived = Derived {
+        hostname,
+        ..Derived::default()
+    };
     if image.is_none() {
         derived.warnings.push(
             "config.json names no image (io.kubernetes.cri.image-name / io.containerd.image.name): any image is allowed".into(),
@@ -452,6 +514,32 @@ mod tests {
         let derived = from_kubernetes(&pod).unwrap();
 
         assert_eq!(derived.containers[0].capabilities, ["CAP_NET_BIND_SERVICE"]);
+    }
+
+    #[test]
+    fn hostname_is_the_pods_own_or_a_pattern_for_generated_names() {
+        let pod = |spec: Value| json!({"kind": "Pod", "metadata": {"name": "web"}, "spec": spec});
+        let containers = json!([{"name": "a", "image": "x"}]);
+        let hostname = |m: Value| from_kubernetes(&m).unwrap().hostname;
+
+        assert_eq!(hostname(pod(json!({"containers": containers}))), "^web$");
+        assert_eq!(
+            hostname(pod(json!({"containers": containers, "hostname": "db.0"}))),
+            "^db\\.0$"
+        );
+        assert_eq!(
+            hostname(json!({"kind": "Deployment", "metadata": {"name": "web"},
+                "spec": {"template": {"spec": {"containers": containers}}}})),
+            ANY_POD_HOSTNAME
+        );
+        assert_eq!(
+            hostname(pod(json!({"containers": containers, "hostNetwork": true}))),
+            ANY_HOSTNAME
+        );
+        assert_eq!(
+            kubelet_hostname(&format!("{}-b", "a".repeat(62))),
+            "a".repeat(62)
+        );
     }
 
     #[test]

@@ -1,11 +1,33 @@
 //! `cloister policy generate`: an agent policy derived from a pod's
 //! manifest, after Kata's genpolicy. The printed Rego is the fixed rules of
 //! `rules.rego` followed by a `policy_data` document that lists what the
-//! pod's containers may be: images, commands, environment, mounts,
-//! capabilities, devices, privileged or not (and never OCI hooks, which
-//! would run as root in the guest); which commands `exec` may run;
-//! whether the host may read stdio or write stdin. The policy refuses
-//! `SetPolicy`, so once installed it is final.
+//! pod may do, request by request:
+//!
+//! - CreateContainer: what the pod's containers may be: images, commands,
+//!   environment, mounts, capabilities, user, devices, privileged or not
+//!   (and never OCI hooks, which would run as root in the guest).
+//! - SetupSandbox: what the shim sends for the pod and nothing more: the
+//!   host name kubelet gives it (the Pod's `hostname` or name; any DNS
+//!   label for a workload's generated pod names), only the shared-folder
+//!   mount, no DNS settings, no guest-wide sysctls.
+//! - ExecProcess: only the listed commands (`--exec`), only in a container
+//!   the agent created under one of the policy's entries, with the
+//!   environment, capabilities and noNewPrivileges that entry allows the
+//!   container itself (so no `LD_PRELOAD=` it does not name), as the
+//!   container's own user (uid, gid, groups among its own) unless
+//!   `--exec-user` grants another.
+//! - UpdateContainer: only for a container the agent created under one of
+//!   the entries, and only resource limits (memory, cpu, pids, hugepages,
+//!   the cgroup limit files of [`data::UPDATABLE_CGROUP_FILES`]); its
+//!   device rules only resent unchanged. The request carries nothing but
+//!   linux.resources, so no other part of a spec can change.
+//! - The streams: whether the host may read stdio or write stdin.
+//! - SetPolicy: refused, so once installed the policy is final.
+//!
+//! Start, signal, wait, stats, pause, remove, tty resizes, interface and
+//! route updates stay allowed: they change no container's make-up (the
+//! network requests carry what the host's CNI decided, which a manifest
+//! does not say).
 //!
 //! Unlike genpolicy we do not pull images: a container whose manifest has
 //! no `command` keeps its image's entrypoint with any arguments, and the
@@ -14,11 +36,13 @@
 
 pub mod data;
 pub mod manifest;
+#[cfg(test)]
+mod rules_tests;
 
 use base64::Engine as _;
 use serde_json::Value;
 
-use data::{default_mounts, PolicyData};
+use data::{default_mounts, AllowedSandbox, AllowedUpdate, ExecUser, PolicyData};
 
 /// The fixed rules every generated policy starts with.
 pub const RULES: &str = include_str!("rules.rego");
@@ -44,6 +68,8 @@ pub enum PolicyGenError {
     },
     #[error("nothing to generate from: give a pod manifest or an OCI config.json")]
     NoInput,
+    #[error("exec user {value:?} is not UID or UID:GID (numbers)")]
+    ExecUser { value: String },
     #[error("cannot encode policy data: {0}")]
     Encode(serde_json::Error),
 }
@@ -53,6 +79,9 @@ pub enum PolicyGenError {
 pub struct GenerateOptions {
     /// Exact argument vectors `exec` may run (none: exec is refused).
     pub exec_commands: Vec<Vec<String>>,
+    /// Users an exec may run as in any container, besides the container's
+    /// own.
+    pub exec_users: Vec<ExecUser>,
     /// Extra environment variable names accepted (regular expressions,
     /// anchored by the caller or not).
     pub allow_env: Vec<String>,
@@ -67,6 +96,7 @@ impl Default for GenerateOptions {
     fn default() -> Self {
         GenerateOptions {
             exec_commands: Vec::new(),
+            exec_users: Vec::new(),
             allow_env: Vec::new(),
             allow_stdio_read: true,
             allow_stdin: true,
@@ -122,10 +152,16 @@ pub fn generate(sources: &Sources, options: &GenerateOptions) -> Result<Generate
     for spec in &sources.oci {
         derived.push(manifest::from_oci(spec)?);
     }
+    let mut hostnames: Vec<String> = derived.iter().map(|d| d.hostname.clone()).collect();
+    hostnames.sort();
+    hostnames.dedup();
     let mut data = PolicyData {
         containers: Vec::new(),
         default_mounts: default_mounts(),
+        sandbox: AllowedSandbox::as_the_shim_sends(hostnames),
+        update: AllowedUpdate::default(),
         exec_commands: options.exec_commands.clone(),
+        exec_users: options.exec_users.clone(),
         devices: Vec::new(),
         allow_privileged: false,
         allow_stdio_read: options.allow_stdio_read,
@@ -190,6 +226,16 @@ mod tests {
         assert_eq!(data["containers"][0]["name"], "pause");
         assert_eq!(data["containers"][1]["args"], json!(["sleep", "9"]));
         assert_eq!(data["exec_commands"], json!([["ls", "/"]]));
+        assert_eq!(data["exec_users"], json!([]));
+        assert_eq!(
+            data["sandbox"]["hostnames"],
+            json!(["^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"])
+        );
+        assert_eq!(
+            data["sandbox"]["mounts"][0]["target"],
+            "/run/cloister/shared"
+        );
+        assert_eq!(data["update"]["resources"][0], "memory");
         assert_eq!(data["allow_privileged"], false);
     }
 

@@ -15,79 +15,83 @@ default CreateContainerRequest := false
 # everything about it.
 CreateContainerRequest if {
 	some allowed in policy_data.containers
-	container_matches(allowed)
+	container_matches(allowed, input)
 	not privileged_refused
 	devices_allowed
 	not has_hooks
 }
 
-container_matches(allowed) if {
-	container_type_matches(allowed)
-	image_matches(allowed)
-	args_match(allowed)
-	env_matches(allowed)
-	mounts_match(allowed)
-	capabilities_match(allowed)
-	user_matches(allowed)
-	root_matches(allowed)
-	no_new_privileges_matches(allowed)
+# `created` is a CreateContainerRequest input: this request's, or for an
+# exec or an update the one that created the container it names
+# (`input.container`), so that both find the same entries.
+container_matches(allowed, created) if {
+	container_type_matches(allowed, created)
+	image_matches(allowed, created)
+	args_match(allowed, created)
+	env_matches(allowed, created)
+	mounts_match(allowed, created)
+	capabilities_match(allowed, created)
+	user_matches(allowed, created)
+	root_matches(allowed, created)
+	no_new_privileges_matches(allowed, oci_process(created))
 }
 
-spec_annotations := object.get(input.oci, "annotations", {})
+oci_process(created) := object.get(created.oci, "process", {})
 
-process := object.get(input.oci, "process", {})
-
-linux := object.get(input.oci, "linux", {})
+oci_linux(created) := object.get(created.oci, "linux", {})
 
 # CRI marks the pod's sandbox (pause) container.
-container_type := object.get(spec_annotations, "io.kubernetes.cri.container-type", "")
+container_type(created) := object.get(object.get(created.oci, "annotations", {}), "io.kubernetes.cri.container-type", "")
 
-container_type_matches(allowed) if {
+container_type_matches(allowed, created) if {
 	allowed.sandbox
-	container_type == "sandbox"
+	container_type(created) == "sandbox"
 }
 
-container_type_matches(allowed) if {
+container_type_matches(allowed, created) if {
 	not allowed.sandbox
-	container_type != "sandbox"
+	container_type(created) != "sandbox"
 }
 
 # An empty list allows any image.
-image_matches(allowed) if count(allowed.images) == 0
+image_matches(allowed, created) if count(allowed.images) == 0
 
-image_matches(allowed) if input.image in allowed.images
+image_matches(allowed, created) if created.image in allowed.images
 
 # null allows any command (the manifest left it to the image).
-args_match(allowed) if allowed.args == null
+args_match(allowed, created) if allowed.args == null
 
-args_match(allowed) if object.get(process, "args", []) == allowed.args
+args_match(allowed, created) if object.get(oci_process(created), "args", []) == allowed.args
+
+process_user(process) := object.get(process, "user", {})
+
+process_uid(process) := object.get(process_user(process), "uid", 0)
 
 # runAsUser (null: the image decides).
-spec_uid := object.get(object.get(process, "user", {}), "uid", 0)
+user_matches(allowed, created) if allowed.uid == null
 
-user_matches(allowed) if allowed.uid == null
-
-user_matches(allowed) if spec_uid == allowed.uid
+user_matches(allowed, created) if process_uid(oci_process(created)) == allowed.uid
 
 # readOnlyRootFilesystem.
-root_matches(allowed) if not allowed.read_only_root
+root_matches(allowed, created) if not allowed.read_only_root
 
-root_matches(allowed) if object.get(object.get(input.oci, "root", {}), "readonly", false) == true
+root_matches(allowed, created) if object.get(object.get(created.oci, "root", {}), "readonly", false) == true
 
-# allowPrivilegeEscalation: false.
-no_new_privileges_matches(allowed) if not allowed.no_new_privileges
+# allowPrivilegeEscalation: false (for a container's process and its execs).
+no_new_privileges_matches(allowed, process) if not allowed.no_new_privileges
 
-no_new_privileges_matches(allowed) if object.get(process, "noNewPrivileges", false) == true
+no_new_privileges_matches(allowed, process) if object.get(process, "noNewPrivileges", false) == true
 
-spec_env := object.get(process, "env", [])
+process_env(process) := object.get(process, "env", [])
 
 # The manifest's variables must all be there, unchanged; others only by
 # name pattern (PATH, HOSTNAME, Kubernetes service links, …).
-env_matches(allowed) if {
+env_matches(allowed, created) if {
+	env := process_env(oci_process(created))
 	every required in allowed.env {
-		required in spec_env
+		required in env
 	}
-	every entry in spec_env {
+	every entry in env {
 		env_entry_allowed(allowed, entry)
 	}
 }
@@ -100,10 +104,10 @@ env_entry_allowed(allowed, entry) if {
 	regex.match(pattern, name)
 }
 
-spec_mounts := object.get(input.oci, "mounts", [])
+oci_mounts(created) := object.get(created.oci, "mounts", [])
 
-mounts_match(allowed) if {
-	every mount in spec_mounts {
+mounts_match(allowed, created) if {
+	every mount in oci_mounts(created) {
 		mount_allowed(allowed, mount)
 	}
 }
@@ -121,16 +125,25 @@ mount_allowed(allowed, mount) if {
 
 capability_sets := ["bounding", "effective", "permitted", "inheritable", "ambient"]
 
-spec_capabilities := {cap |
+process_capabilities(process) := {cap |
 	some set in capability_sets
 	some cap in object.get(object.get(process, "capabilities", {}), set, [])
 }
 
-capabilities_match(allowed) if {
-	every cap in spec_capabilities {
+capabilities_match(allowed, created) if {
+	every cap in process_capabilities(oci_process(created)) {
 		cap in allowed.capabilities
 	}
 }
+
+# This request's spec, for the rules below and the reasons.
+linux := oci_linux(input)
+
+spec_process := oci_process(input)
+
+spec_env := process_env(spec_process)
+
+spec_uid := process_uid(spec_process)
 
 # What containerd does for `privileged: true`: nothing masked, nothing
 # read-only.
@@ -160,8 +173,8 @@ devices_allowed if {
 # was not allowed.
 image_candidates := [c |
 	some c in policy_data.containers
-	container_type_matches(c)
-	image_matches(c)
+	container_type_matches(c, input)
+	image_matches(c, input)
 ]
 
 deny_reasons contains sprintf("image %q is not allowed", [input.image]) if {
@@ -169,11 +182,11 @@ deny_reasons contains sprintf("image %q is not allowed", [input.image]) if {
 	count(image_candidates) == 0
 }
 
-deny_reasons contains sprintf("command %v is not allowed for image %q", [object.get(process, "args", []), input.image]) if {
+deny_reasons contains sprintf("command %v is not allowed for image %q", [object.get(spec_process, "args", []), input.image]) if {
 	input.oci
 	count(image_candidates) > 0
 	every c in image_candidates {
-		not args_match(c)
+		not args_match(c, input)
 	}
 }
 
@@ -196,7 +209,7 @@ deny_reasons contains sprintf("environment variable %q is missing or changed", [
 deny_reasons contains sprintf("mount %v (%v from %q) is not allowed", [mount.destination, object.get(mount, "type", ""), object.get(mount, "source", "")]) if {
 	input.oci
 	count(image_candidates) > 0
-	some mount in spec_mounts
+	some mount in oci_mounts(input)
 	every c in image_candidates {
 		not mount_allowed(c, mount)
 	}
@@ -205,7 +218,7 @@ deny_reasons contains sprintf("mount %v (%v from %q) is not allowed", [mount.des
 deny_reasons contains sprintf("capability %v is not allowed", [cap]) if {
 	input.oci
 	count(image_candidates) > 0
-	some cap in spec_capabilities
+	some cap in process_capabilities(spec_process)
 	every c in image_candidates {
 		not cap in c.capabilities
 	}
@@ -220,7 +233,7 @@ deny_reasons contains sprintf("user %v is not allowed", [spec_uid]) if {
 	input.oci
 	count(image_candidates) > 0
 	every c in image_candidates {
-		not user_matches(c)
+		not user_matches(c, input)
 	}
 }
 
@@ -228,7 +241,7 @@ deny_reasons contains "the root file system must be read-only" if {
 	input.oci
 	count(image_candidates) > 0
 	every c in image_candidates {
-		not root_matches(c)
+		not root_matches(c, input)
 	}
 }
 
@@ -236,7 +249,7 @@ deny_reasons contains "noNewPrivileges must be set" if {
 	input.oci
 	count(image_candidates) > 0
 	every c in image_candidates {
-		not no_new_privileges_matches(c)
+		not no_new_privileges_matches(c, spec_process)
 	}
 }
 
@@ -259,40 +272,166 @@ default PauseContainerRequest := true
 
 default ResumeContainerRequest := true
 
-default UpdateContainerRequest := true
-
 default StatsContainerRequest := true
 
 default ListProcessesRequest := true
 
+# ------------------------------------------------- the container named
+
+# An exec or an update names a container; the agent adds how it was
+# created as `input.container` (null when it created no such container).
+named_container := input.container if is_object(input.container)
+
+# The entries of policy_data.containers that container matches: what it
+# was allowed to be, and so what its execs may be.
+named_container_entries := [c |
+	some c in policy_data.containers
+	container_matches(c, named_container)
+]
+
+deny_reasons contains sprintf("container %q was not created by this agent", [input.container_id]) if {
+	object.get(input, "container", false) == null
+}
+
+deny_reasons contains sprintf("container %q matches no container of this policy", [input.container_id]) if {
+	named_container
+	count(named_container_entries) == 0
+}
+
+# ------------------------------------------------------------ updates
+
+# An update carries only the OCI linux.resources of a container this agent
+# created under an entry of the policy: the limits (memory, cpu, pids,
+# hugepages, and the cgroup files in policy_data.update.unified_files),
+# and the container's device rules unchanged (containerd resends them with
+# every update). Nothing else in the spec can change after creation.
+default UpdateContainerRequest := false
+
+UpdateContainerRequest if {
+	count(named_container_entries) > 0
+	is_object(input.resources)
+	every key, _ in input.resources {
+		key in policy_data.update.resources
+	}
+	every file, _ in object.get(input.resources, "unified", {}) {
+		file in policy_data.update.unified_files
+	}
+	update_devices_unchanged
+}
+
+update_devices := object.get(input.resources, "devices", [])
+
+created_devices := object.get(object.get(oci_linux(named_container), "resources", {}), "devices", [])
+
+# An empty list leaves the container's device rules alone.
+update_devices_unchanged if update_devices == null
+
+update_devices_unchanged if update_devices == []
+
+update_devices_unchanged if update_devices == created_devices
+
+deny_reasons contains sprintf("update of linux.resources.%v is not allowed", [key]) if {
+	is_object(input.resources)
+	some key, _ in input.resources
+	not key in policy_data.update.resources
+}
+
+deny_reasons contains sprintf("update of cgroup file %q is not allowed", [file]) if {
+	is_object(input.resources)
+	some file, _ in object.get(input.resources, "unified", {})
+	not file in policy_data.update.unified_files
+}
+
+deny_reasons contains "an update may not change the container's device rules" if {
+	is_object(input.resources)
+	named_container
+	not update_devices_unchanged
+}
+
 # ------------------------------------------------------------ processes
 
+# An exec runs a listed command in a container this agent created under an
+# entry of the policy, with what that entry allows the container's own
+# process: environment (same rules as at creation), capabilities,
+# noNewPrivileges; and as the container's user (uid, gid, groups among
+# its own) or one that policy_data.exec_users grants.
 default ExecProcessRequest := false
-
-all_capabilities := {cap |
-	some c in policy_data.containers
-	some cap in c.capabilities
-}
-
-exec_capabilities := {cap |
-	some set in capability_sets
-	some cap in object.get(object.get(input.process, "capabilities", {}), set, [])
-}
 
 ExecProcessRequest if {
 	input.process.args in policy_data.exec_commands
-	every cap in exec_capabilities {
-		cap in all_capabilities
+	some allowed in named_container_entries
+	exec_matches(allowed)
+	exec_user_allowed
+}
+
+exec_matches(allowed) if {
+	every entry in process_env(input.process) {
+		env_entry_allowed(allowed, entry)
 	}
+	every cap in process_capabilities(input.process) {
+		cap in allowed.capabilities
+	}
+	no_new_privileges_matches(allowed, input.process)
+}
+
+exec_user := process_user(input.process)
+
+created_user := process_user(oci_process(named_container))
+
+exec_groups_are_the_containers if {
+	every gid in object.get(exec_user, "additionalGids", []) {
+		gid in object.get(created_user, "additionalGids", [])
+	}
+}
+
+exec_user_allowed if {
+	object.get(exec_user, "uid", 0) == object.get(created_user, "uid", 0)
+	object.get(exec_user, "gid", 0) == object.get(created_user, "gid", 0)
+	exec_groups_are_the_containers
+}
+
+exec_user_allowed if {
+	some granted in policy_data.exec_users
+	object.get(exec_user, "uid", 0) == granted.uid
+	object.get(exec_user, "gid", 0) == granted.gid
+	exec_groups_are_the_containers
 }
 
 deny_reasons contains sprintf("exec of %v is not allowed", [input.process.args]) if {
 	not input.process.args in policy_data.exec_commands
 }
 
+deny_reasons contains sprintf("exec with environment variable %q is not allowed", [split(entry, "=")[0]]) if {
+	count(named_container_entries) > 0
+	some entry in process_env(input.process)
+	every c in named_container_entries {
+		not env_entry_allowed(c, entry)
+	}
+}
+
 deny_reasons contains sprintf("exec with capability %v is not allowed", [cap]) if {
-	some cap in exec_capabilities
-	not cap in all_capabilities
+	count(named_container_entries) > 0
+	some cap in process_capabilities(input.process)
+	every c in named_container_entries {
+		not cap in c.capabilities
+	}
+}
+
+deny_reasons contains "exec without noNewPrivileges is not allowed" if {
+	is_object(input.process)
+	count(named_container_entries) > 0
+	every c in named_container_entries {
+		not no_new_privileges_matches(c, input.process)
+	}
+}
+
+deny_reasons contains sprintf("exec as user %v:%v (groups %v) is not allowed: the container runs as %v:%v (groups %v)", [
+	object.get(exec_user, "uid", 0), object.get(exec_user, "gid", 0), object.get(exec_user, "additionalGids", []),
+	object.get(created_user, "uid", 0), object.get(created_user, "gid", 0), object.get(created_user, "additionalGids", [])
+]) if {
+	is_object(input.process)
+	named_container
+	not exec_user_allowed
 }
 
 default SignalProcessRequest := true
@@ -323,9 +462,62 @@ deny_reasons contains "the host may not write stdin of this pod's processes" if 
 	not policy_data.allow_stdin
 }
 
-# ------------------------------------------------------------ sandbox, agent
+# ------------------------------------------------------------ sandbox
 
-default SetupSandboxRequest := true
+# SetupSandbox as the shim sends it for this pod: its host name, exactly
+# the guest mounts it makes (the shared folder), no DNS settings and no
+# guest-wide sysctls beyond policy_data.sandbox's, each target mounted once.
+default SetupSandboxRequest := false
+
+SetupSandboxRequest if {
+	sandbox_hostname_allowed
+	every mount in input.mounts {
+		mount in policy_data.sandbox.mounts
+	}
+	count({mount.target | some mount in input.mounts}) == count(input.mounts)
+	input.dns == policy_data.sandbox.dns
+	every key, value in input.sysctls {
+		object.get(policy_data.sandbox.sysctls, key, null) == value
+	}
+}
+
+sandbox_hostname_allowed if {
+	some pattern in policy_data.sandbox.hostnames
+	regex.match(pattern, input.hostname)
+}
+
+deny_reasons contains sprintf("host name %q is not allowed", [input.hostname]) if {
+	is_string(input.hostname)
+	not sandbox_hostname_allowed
+}
+
+deny_reasons contains sprintf("sandbox mount %v (%v from %q, options %v) is not allowed", [mount.target, mount.fstype, mount.source, mount.options]) if {
+	is_string(input.hostname)
+	some mount in input.mounts
+	not mount in policy_data.sandbox.mounts
+}
+
+deny_reasons contains sprintf("sandbox mount target %v is given twice", [target]) if {
+	is_string(input.hostname)
+	some i, first in input.mounts
+	some j, second in input.mounts
+	i < j
+	first.target == second.target
+	target := first.target
+}
+
+deny_reasons contains sprintf("DNS settings %v are not allowed", [input.dns]) if {
+	is_string(input.hostname)
+	input.dns != policy_data.sandbox.dns
+}
+
+deny_reasons contains sprintf("sysctl %v=%q is not allowed", [key, value]) if {
+	is_string(input.hostname)
+	some key, value in input.sysctls
+	object.get(policy_data.sandbox.sysctls, key, null) != value
+}
+
+# ------------------------------------------------------------ agent
 
 default UpdateInterfacesRequest := true
 
