@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cloister_attestation::measure::snp::LaunchPage;
+use cloister_vmm::boot::acpi::VirtioMmioWindow;
 use cloister_vmm::tee::snp::direct_boot::{snp_direct_boot, SnpBootInputs};
 
 const TOOL_VERSION: &str = "0.0.13";
@@ -110,9 +111,14 @@ fn our_direct_boot_page_list_measures_the_same_in_sev_snp_measure() {
     let boot = snp_direct_boot(&SnpBootInputs {
         kernel: &kernel,
         initrd: Some(&initrd),
-        cmdline: "console=hvc0 quiet virtio_mmio.device=4K@0xd0000000:5",
+        cmdline: "console=hvc0 quiet",
         memory_mib: 64,
         vcpus: 3,
+        virtio_devices: &[VirtioMmioWindow {
+            base: 0xd000_0000,
+            len: 0x1000,
+            irq: 5,
+        }],
         cpu_signature: 0x00A0_0F11,
         vmsa_features: 0,
     })

@@ -7,8 +7,8 @@
 //!
 //! What is measured and what is not: the SNP launch digest (MEASUREMENT)
 //! and the TDX MRTD cover the bzImage, initramfs, command line, memory
-//! size, vCPU count and model, and the number of virtio devices (their
-//! `virtio_mmio.device=` arguments are in the command line). HOST_DATA /
+//! size, vCPU count and model, and (SNP) the number of virtio devices
+//! (they are listed in the measured ACPI tables). HOST_DATA /
 //! MRCONFIGID (the init-data digest) are reported beside it, not in it.
 //!
 //! An SNP pod on the `qemu` backend boots OVMF with kernel hashes: its

@@ -33,6 +33,8 @@ pub enum BootImageError {
     CmdlineTooLong(usize),
     #[error("guest memory too small: {0}")]
     Memory(String),
+    #[error(transparent)]
+    Acpi(#[from] crate::boot::acpi::AcpiError),
 }
 
 /// A run of guest-physical pages with the bytes to load there (a whole
@@ -93,7 +95,8 @@ pub fn guest_ram(memory_mib: u32) -> Vec<(u64, u64)> {
 
 /// Builds the pages of a direct boot. `reserved` is left out of the e820
 /// RAM map; `setup_data` is the GPA of a `setup_data` chain to link from
-/// `boot_params` (0 for none).
+/// `boot_params` (0 for none); `acpi_rsdp` that of the ACPI RSDP (0: the
+/// guest finds no ACPI).
 pub fn build_boot_image(
     kernel: &[u8],
     initrd: Option<&[u8]>,
@@ -101,6 +104,7 @@ pub fn build_boot_image(
     memory_mib: u32,
     reserved: ReservedPages,
     setup_data: u64,
+    acpi_rsdp: u64,
 ) -> Result<BootImage, BootImageError> {
     if kernel.len() < 0x268 {
         return Err(BootImageError::NotBzImage("shorter than its setup header"));
@@ -171,6 +175,9 @@ pub fn build_boot_image(
     }
     bp[0x228..0x22c].copy_from_slice(&(CMDLINE_START as u32).to_le_bytes());
     bp[0x250..0x258].copy_from_slice(&setup_data.to_le_bytes());
+    // acpi_rsdp_addr (protocol 2.14; older kernels ignore it and find no
+    // ACPI, as before).
+    bp[0x070..0x078].copy_from_slice(&acpi_rsdp.to_le_bytes());
     let e820 = e820_map(&ram, reserved);
     bp[0x1e8] = e820.len() as u8;
     for (i, (addr, size, kind)) in e820.iter().enumerate() {
@@ -257,9 +264,15 @@ pub(crate) mod tests {
             128,
             RESERVED,
             0x3000,
+            0x6000,
         )
         .unwrap();
         let bp = &image.boot_params.data;
+        assert_eq!(
+            u64::from_le_bytes(bp[0x070..0x078].try_into().unwrap()),
+            0x6000,
+            "acpi_rsdp_addr"
+        );
         assert_eq!(u32_at(bp, 0x202), HDR_MAGIC);
         assert_eq!(bp[0x210], 0xff);
         assert_eq!(u32_at(bp, 0x228), CMDLINE_START as u32);
@@ -281,18 +294,19 @@ pub(crate) mod tests {
 
     #[test]
     fn a_vmlinux_or_old_kernel_is_refused_by_name() {
-        let err = build_boot_image(b"\x7fELF", None, "", 128, RESERVED, 0).unwrap_err();
+        let err = build_boot_image(b"\x7fELF", None, "", 128, RESERVED, 0, 0).unwrap_err();
         assert!(err.to_string().contains("not a bzImage"), "{err}");
         let mut old = fake_bzimage(100);
         old[0x206..0x208].copy_from_slice(&0x0209u16.to_le_bytes());
-        let err = build_boot_image(&old, None, "", 128, RESERVED, 0).unwrap_err();
+        let err = build_boot_image(&old, None, "", 128, RESERVED, 0, 0).unwrap_err();
         assert!(err.to_string().contains("0x209"), "{err}");
     }
 
     #[test]
     fn initramfs_stays_below_initrd_addr_max() {
         let kernel = fake_bzimage(4096);
-        let image = build_boot_image(&kernel, Some(&[1u8; 4096]), "", 4096, RESERVED, 0).unwrap();
+        let image =
+            build_boot_image(&kernel, Some(&[1u8; 4096]), "", 4096, RESERVED, 0, 0).unwrap();
         assert_eq!(image.initrd.unwrap().gpa, 0x8000_0000 - 4096);
     }
 

@@ -26,7 +26,8 @@ use super::tdx::direct_boot::{tdx_direct_boot, TdxDirectBoot};
 use super::tdx::launch::{launch_tdx, tdx_guest_memory, TdxLaunchError, TdxLaunchParams};
 use super::tdx::quote::{QgsClient, QuoteService, QuoteServiceAddr};
 use super::TeeKind;
-use crate::boot::cmdline::{build_cmdline, virtio_mmio_device_arg, CmdlineError};
+use crate::boot::acpi::VirtioMmioWindow;
+use crate::boot::cmdline::{build_cmdline, CmdlineError};
 use crate::boot::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW};
 use crate::builder::{attach_virtio_devices, start_virtio_thread, BuildError};
 use crate::config::{VirtioDevicesConfig, VmConfig};
@@ -89,8 +90,6 @@ pub enum TeeRunError {
     TdxVcpus(u8),
     #[error("a TDX guest cannot have virtio devices ({0}) yet: TDX allows only KVM's split irqchip, which has no in-kernel IOAPIC, so a virtio-mmio interrupt line could reach the TD only through a userspace IOAPIC that cloister-vmm does not emulate; use the qemu backend for TDX pods")]
     TdxDevices(String),
-    #[error("{count} virtio devices: an SNP guest boots without an ACPI MADT (and Linux skips the MP table scan under SNP), so device interrupts reach it only through the legacy 8259 (IRQ {VIRTIO_IRQ_FIRST} to {LAST_PIC_IRQ}): at most {max} devices", max = MAX_SNP_DEVICES)]
-    SnpTooManyDevices { count: usize },
     #[error("virtio devices of the confidential guest: {0}")]
     Devices(Box<BuildError>),
 }
@@ -142,71 +141,50 @@ pub fn check_before_launch(cfg: &VmConfig) -> Result<TeeSpec, TeeRunError> {
     Ok(spec)
 }
 
-/// The last line of the legacy 8259 pair.
-const LAST_PIC_IRQ: u32 = 15;
-/// Devices whose IRQ (`VIRTIO_IRQ_FIRST + slot`) is a PIC line.
-const MAX_SNP_DEVICES: usize = (LAST_PIC_IRQ - VIRTIO_IRQ_FIRST + 1) as usize;
-
 /// SNP has the full in-kernel irqchip (`KVM_CREATE_IRQCHIP`): a device's
-/// irqfd on its GSI raises the PIC/IOAPIC pin as in a plain VM. But the
-/// measured boot has no ACPI MADT, and an MP table would not help: Linux
-/// (v6.9+, our 6.12 guest) never scans for one under SNP
-/// (`sme_early_init` makes `find_mptable` a no-op). So the guest drives no
-/// IOAPIC and takes device interrupts through the 8259: only IRQs up to 15 (a
-/// plain VM without its MP table was seen to serve all its devices on IRQs
-/// 5-10 this way on kvm_pvm). TDX has
-/// only the split irqchip: KVM's GSI routing table is empty there, so an
-/// irqfd on a pin would be accepted and never deliver anything (only MSI
-/// routes work, and virtio-mmio has no MSI). Refused rather than a guest
-/// whose driver waits forever.
+/// irqfd on its GSI raises its I/O APIC pin as in a plain VM, and the
+/// measured ACPI tables tell the guest which pin each device has (as many
+/// devices as a plain VM may have). TDX has only the split irqchip: KVM's
+/// GSI routing table is empty there, so an irqfd on a pin would be
+/// accepted and never deliver anything (only MSI routes work, and
+/// virtio-mmio has no MSI). Refused rather than a guest whose driver
+/// waits forever.
 fn refuse_unroutable_devices(
     kind: TeeKind,
     devices: &VirtioDevicesConfig,
 ) -> Result<(), TeeRunError> {
-    let count = devices.count();
     match kind {
-        TeeKind::Tdx if count > 0 => Err(TeeRunError::TdxDevices(device_names(devices).join(", "))),
-        TeeKind::Snp if count > MAX_SNP_DEVICES => Err(TeeRunError::SnpTooManyDevices { count }),
+        TeeKind::Tdx if devices.count() > 0 => {
+            Err(TeeRunError::TdxDevices(device_names(devices).join(", ")))
+        }
         _ => Ok(()),
     }
 }
 
-/// What an SNP launch with APs should tell the operator: their VMSAs are
-/// measured, but the guest finds no ACPI MADT and Linux does not scan for
-/// an MP table under SNP, so it never starts them. Not refused: the shim
-/// sizes `vcpus` from the pod's CPU quota, and such pods do run (on one
-/// vCPU).
-fn snp_idle_aps_warning(vcpus: u8) -> Option<String> {
-    (vcpus > 1).then(|| {
-        format!(
-            "vcpus = {vcpus}: the SNP guest will run on its boot vCPU only \
-             (no ACPI MADT in the measured boot, and Linux skips the MP table under SNP); \
-             the other {} vCPUs stay idle",
-            vcpus - 1
-        )
-    })
-}
-
-/// The command line the guest sees, measured: the configured one plus the
-/// `virtio_mmio.device=` argument of each device in slot order (the
-/// builder attaches them the same way). No host-dependent arguments.
+/// The command line the guest sees, measured: the configured one, checked
+/// as the plain boot checks it. No host-dependent arguments, and no
+/// devices: an SNP guest finds them in its measured ACPI tables
+/// ([`virtio_windows`]), a TDX guest has none.
 pub fn measured_cmdline(cfg: &VmConfig) -> Result<String, CmdlineError> {
-    let count = u32::try_from(cfg.devices().count()).unwrap_or(u32::MAX);
-    let args: Vec<String> = (0..count)
-        .map(|slot| {
-            virtio_mmio_device_arg(
-                VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_WINDOW,
-                VIRTIO_MMIO_WINDOW,
-                VIRTIO_IRQ_FIRST + slot,
-            )
-        })
-        .collect();
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cmdline = build_cmdline(&cfg.cmdline, &refs)?;
+    let cmdline = build_cmdline(&cfg.cmdline, &[])?;
     Ok(cmdline
         .as_cstring()
         .map(|c| c.to_string_lossy().into_owned())
         .unwrap_or_default())
+}
+
+/// Where the confidential guest's virtio devices are, in slot order: the
+/// windows and pins the builder's own attachment gives them
+/// ([`attach_confidential_devices`]), which the ACPI tables announce.
+pub fn virtio_windows(cfg: &VmConfig) -> Vec<VirtioMmioWindow> {
+    let count = u32::try_from(cfg.devices().count()).unwrap_or(u32::MAX);
+    (0..count)
+        .map(|slot| VirtioMmioWindow {
+            base: VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_WINDOW,
+            len: VIRTIO_MMIO_WINDOW,
+            irq: VIRTIO_IRQ_FIRST + slot,
+        })
+        .collect()
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TeeRunError> {
@@ -247,6 +225,7 @@ fn snp_boot(
         cmdline: &f.cmdline,
         memory_mib: cfg.memory_mib,
         vcpus: cfg.vcpus,
+        virtio_devices: &virtio_windows(cfg),
         cpu_signature: signature,
         vmsa_features,
     })?)
@@ -344,9 +323,6 @@ pub fn launch_checked(cfg: &VmConfig, spec: TeeSpec) -> Result<LaunchedVm, TeeRu
                 "SNP guest launched: policy {policy}, measurement {}",
                 hex::encode(boot.launch_digest())
             );
-            if let Some(warning) = snp_idle_aps_warning(cfg.vcpus) {
-                tracing::warn!("{warning}");
-            }
             Ok(LaunchedVm {
                 kind: TeeKind::Snp,
                 tee,
@@ -397,7 +373,7 @@ pub fn launch_checked(cfg: &VmConfig, spec: TeeSpec) -> Result<LaunchedVm, TeeRu
 
 /// The confidential VM's virtio devices: the builder's own attachment
 /// ([`attach_virtio_devices`]), so they take the slots, windows and IRQs
-/// [`measured_cmdline`] announced, each transport requiring
+/// [`virtio_windows`] (the measured ACPI tables) announced, each transport requiring
 /// `VIRTIO_F_ACCESS_PLATFORM`.
 ///
 /// `memory` is the shared mapping (the `userspace_addr` of every memslot),
@@ -665,13 +641,13 @@ mod tests {
             attach_confidential_devices(&registrar, TeeKind::Snp, &mem, &mut bus, &cfg.devices())
                 .unwrap();
 
-        let measured = measured_cmdline(&cfg).unwrap();
-        let announced: Vec<&str> = measured
-            .split(' ')
-            .filter(|a| a.starts_with("virtio_mmio.device="))
-            .collect();
-        assert_eq!(virtio.cmdline_args(), announced);
         let reports = virtio.reports();
+        let attached: Vec<(u64, u32)> = reports.iter().map(|r| (r.mmio_base, r.irq)).collect();
+        let announced: Vec<(u64, u32)> = virtio_windows(&cfg)
+            .iter()
+            .map(|w| (w.base, w.irq))
+            .collect();
+        assert_eq!(attached, announced);
         let names: Vec<&str> = reports.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["rng", "vsock"]);
         let irqs: Vec<u32> = reports.iter().map(|r| r.irq).collect();
@@ -760,38 +736,34 @@ mod tests {
     }
 
     #[test]
-    fn snp_takes_as_many_devices_as_the_pic_has_lines() {
+    fn snp_takes_as_many_devices_as_a_plain_vm_and_measures_each() {
         let dir = tempfile::tempdir().unwrap();
-        let disks = |n: usize| VirtioDevicesConfig {
-            block: (0..n)
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, fake_bzimage(4096)).unwrap();
+        let with_disks = |n: usize| {
+            let mut cfg = VmConfig::new(&kernel);
+            cfg.memory_mib = 32;
+            cfg.tee = Some(TeeConfig::Snp(SnpConfig {
+                vcpu_type: Some("EPYC-Milan".into()),
+                ..Default::default()
+            }));
+            cfg.block = (0..n)
                 .map(|i| crate::config::BlockConfig {
                     path: dir.path().join(format!("d{i}")),
                     read_only: false,
                     serial: None,
                 })
-                .collect(),
-            ..Default::default()
+                .collect();
+            cfg
         };
-        assert!(refuse_unroutable_devices(TeeKind::Snp, &disks(11)).is_ok());
-        let err = refuse_unroutable_devices(TeeKind::Snp, &disks(12))
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("12 virtio devices"), "{err}");
-        assert!(
-            err.contains("IRQ 5 to 15") && err.contains("at most 11") && err.contains("MADT"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn snp_with_aps_warns_that_they_stay_idle() {
-        assert_eq!(snp_idle_aps_warning(1), None);
-        let warning = snp_idle_aps_warning(4).unwrap();
-        assert!(warning.starts_with("vcpus = 4"), "{warning}");
-        assert!(
-            warning.contains("MADT") && warning.contains("other 3 vCPUs"),
-            "{warning}"
-        );
+        let most = crate::boot::layout::MAX_VIRTIO_DEVICES;
+        assert!(refuse_unroutable_devices(TeeKind::Snp, &with_disks(most).devices()).is_ok());
+        let windows = virtio_windows(&with_disks(most));
+        assert_eq!(windows.last().map(|w| w.irq), Some(23));
+        // Each device is in the measured ACPI tables.
+        let digest = |n| launch_digest(&with_disks(n)).unwrap();
+        assert_ne!(digest(most), digest(most - 1));
+        assert_ne!(digest(1), digest(0));
     }
 
     #[test]
@@ -819,14 +791,20 @@ mod tests {
     }
 
     #[test]
-    fn measured_cmdline_has_device_args_in_slot_order_and_no_host_args() {
+    fn measured_cmdline_is_the_configured_one_and_devices_are_in_slot_order() {
         let mut cfg = VmConfig::new("/k");
         cfg.cmdline = "console=hvc0".into();
         cfg.rng = true;
         cfg.vsock = Some("guest_cid=3,uds_path=/tmp/v.sock".parse().unwrap());
+        assert_eq!(measured_cmdline(&cfg).unwrap(), "console=hvc0");
+        let window = |base, irq| VirtioMmioWindow {
+            base,
+            len: 0x1000,
+            irq,
+        };
         assert_eq!(
-            measured_cmdline(&cfg).unwrap(),
-            "console=hvc0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+            virtio_windows(&cfg),
+            [window(0xd000_0000, 5), window(0xd000_1000, 6)]
         );
     }
 

@@ -1,10 +1,10 @@
 //! The one function that turns an SNP guest's direct boot (kernel,
 //! initramfs, command line, `boot_params` with a `SETUP_CC_BLOB`
-//! `setup_data` entry, CPUID and secrets pages, one VMSA per vCPU) into
-//! the ordered [`LaunchPage`] list. The launcher loads exactly this list
-//! with `SNP_LAUNCH_UPDATE` (VMSAs: measured by KVM at `LAUNCH_FINISH`
-//! from the registers in [`SnpDirectBoot::vcpu_states`]) and
-//! `cloister-vmm --print-launch-digest` hands it to
+//! `setup_data` entry, CPUID and secrets pages, the ACPI tables, one VMSA
+//! per vCPU) into the ordered [`LaunchPage`] list. The launcher loads
+//! exactly this list with `SNP_LAUNCH_UPDATE` (VMSAs: measured by KVM at
+//! `LAUNCH_FINISH` from the registers in [`SnpDirectBoot::vcpu_states`])
+//! and `cloister-vmm --print-launch-digest` hands it to
 //! [`cloister_attestation::measure::snp::launch_digest`]: the VMM and the
 //! verifier agree by construction.
 //!
@@ -15,12 +15,13 @@
 //!
 //! No MP table: Linux skips the `_MP_` scan in an SNP guest
 //! (`sme_early_init` sets `x86_init.mpparse.find_mptable` to a no-op since
-//! v6.9), so it would be measured and never read. APs and the IOAPIC need
-//! an ACPI MADT reached through `boot_params.acpi_rsdp_addr` (not built
-//! yet; see the README's "Not there yet").
+//! v6.9), so it would be measured and never read. The guest learns its
+//! vCPUs, the I/O APIC and its virtio devices from the measured ACPI page
+//! ([`crate::boot::acpi`]) that `boot_params.acpi_rsdp_addr` points to.
 
 use cloister_attestation::measure::snp::LaunchPage;
 
+use crate::boot::acpi::{build_acpi_tables, VirtioMmioWindow};
 use crate::tee::boot_image::{build_boot_image, BootImage, BootImageError, ReservedPages, PAGE};
 use crate::tee::kvm::VcpuBootState;
 
@@ -34,6 +35,8 @@ const CC_BLOB_GPA: u64 = SETUP_DATA_GPA + 0x40;
 pub const CPUID_PAGE_GPA: u64 = 0x4000;
 /// The SNP secrets page (filled by the firmware: VMPCKs for guest requests).
 pub const SECRETS_PAGE_GPA: u64 = 0x5000;
+/// The ACPI tables (RSDP first).
+pub const ACPI_TABLES_GPA: u64 = 0x6000;
 /// `setup_data.type` of a confidential-computing blob.
 const SETUP_CC_BLOB: u32 = 7;
 /// `cc_blob_sev_info.magic`: "AMDE".
@@ -49,6 +52,8 @@ pub struct SnpBootInputs<'a> {
     pub cmdline: &'a str,
     pub memory_mib: u32,
     pub vcpus: u8,
+    /// The virtio-mmio devices, in slot order: the DSDT lists them.
+    pub virtio_devices: &'a [VirtioMmioWindow],
     /// CPUID Fn0000_0001 EAX of the vCPUs (in each VMSA's RDX at reset).
     pub cpu_signature: u32,
     /// `KVM_SEV_INIT2` `vmsa_features`.
@@ -110,10 +115,12 @@ pub fn snp_direct_boot(inputs: &SnpBootInputs<'_>) -> Result<SnpDirectBoot, Boot
         inputs.memory_mib,
         ReservedPages {
             start: SETUP_DATA_GPA,
-            end: SECRETS_PAGE_GPA + PAGE,
+            end: ACPI_TABLES_GPA + PAGE,
         },
         SETUP_DATA_GPA,
+        ACPI_TABLES_GPA,
     )?;
+    let acpi = build_acpi_tables(ACPI_TABLES_GPA, inputs.vcpus, inputs.virtio_devices)?;
     let mut loaded = vec![
         LaunchPage::Normal {
             gpa: SETUP_DATA_GPA,
@@ -124,6 +131,10 @@ pub fn snp_direct_boot(inputs: &SnpBootInputs<'_>) -> Result<SnpDirectBoot, Boot
         },
         LaunchPage::Secrets {
             gpa: SECRETS_PAGE_GPA,
+        },
+        LaunchPage::Normal {
+            gpa: ACPI_TABLES_GPA,
+            data: acpi,
         },
     ];
     for range in [&image.boot_params, &image.cmdline, &image.kernel]
@@ -202,6 +213,7 @@ mod tests {
             cmdline: "console=hvc0",
             memory_mib: 64,
             vcpus: 2,
+            virtio_devices: &[],
             cpu_signature: 0x00A0_0F11,
             vmsa_features: 0,
         }
@@ -236,6 +248,45 @@ mod tests {
             .count();
         assert_eq!(vmsas, 2);
         assert!(matches!(boot.pages.last(), Some(LaunchPage::Vmsa(_))));
+    }
+
+    #[test]
+    fn acpi_tables_are_a_measured_page_boot_params_point_to() {
+        let kernel = fake_bzimage(20_000);
+        let devices = [VirtioMmioWindow {
+            base: 0xd000_0000,
+            len: 0x1000,
+            irq: 5,
+        }];
+        let mut i = inputs(&kernel, None);
+        i.virtio_devices = &devices;
+        let boot = snp_direct_boot(&i).unwrap();
+
+        let acpi = boot.pages.iter().find_map(|p| match p {
+            LaunchPage::Normal { gpa, data } if *gpa == ACPI_TABLES_GPA => Some(data),
+            _ => None,
+        });
+        let acpi = acpi.expect("the ACPI page is loaded and measured");
+        assert_eq!(
+            acpi,
+            &build_acpi_tables(ACPI_TABLES_GPA, 2, &devices).unwrap()
+        );
+        let bp = &boot.image.boot_params.data;
+        assert_eq!(&bp[0x070..0x078], &ACPI_TABLES_GPA.to_le_bytes());
+        // Kept out of the guest's RAM map with the other boot pages.
+        let e820_reserved = &bp[0x2d0 + 20..0x2d0 + 40];
+        assert_eq!(&e820_reserved[0..8], &SETUP_DATA_GPA.to_le_bytes());
+        assert_eq!(
+            &e820_reserved[8..16],
+            &(ACPI_TABLES_GPA + PAGE - SETUP_DATA_GPA).to_le_bytes()
+        );
+        // A device more or less is another measurement.
+        assert_ne!(
+            boot.launch_digest(),
+            snp_direct_boot(&inputs(&kernel, None))
+                .unwrap()
+                .launch_digest()
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn setup(vcpus: u8) -> Setup {
         cmdline: "console=hvc0 quiet",
         memory_mib: MEMORY_MIB,
         vcpus,
+        virtio_devices: &[],
         cpu_signature: SIGNATURE,
         vmsa_features: 0,
     })

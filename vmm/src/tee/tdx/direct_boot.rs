@@ -74,6 +74,8 @@ pub fn tdx_direct_boot(
             end: 0x4000,
         },
         0,
+        // No ACPI: TDX guests here have one vCPU and no devices.
+        0,
     )?;
     let mut loaded: Vec<TdxRegion> = [&image.boot_params, &image.cmdline, &image.kernel]
         .into_iter()
