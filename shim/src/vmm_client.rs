@@ -1159,17 +1159,41 @@ pub fn qemu_confidential_args(
 
 /// What confines QEMU where `[vmm] jail` confines cloister-vmm (QEMU
 /// cannot take our jail: it opens its devices, files and sockets as root
-/// and then drops): the pod's own uid/gid once it is set up (`-runas`;
-/// no capabilities left, and none to be had again), and QEMU's own
-/// seccomp sandbox refusing obsolete calls, fork/exec and
-/// scheduler/resource changes. Its cgroups are joined before exec.
-pub fn qemu_confinement_args(jail: &VmJailConfig) -> Vec<OsString> {
+/// and then drops): the pod's own uid/gid once it is set up (no
+/// capabilities left, and none to be had again), and QEMU's own seccomp
+/// sandbox refusing obsolete calls, fork/exec and scheduler/resource
+/// changes. Its cgroups are joined before exec. The uid switch is
+/// `-run-with user=` where QEMU has it (9.1 on, which deprecated
+/// `-runas`; TDX needs 10.1), `-runas` before.
+pub fn qemu_confinement_args(jail: &VmJailConfig, has_run_with: bool) -> Vec<OsString> {
+    let ids = format!("{}:{}", jail.uid, jail.gid);
+    let (option, value) = if has_run_with {
+        ("-run-with", format!("user={ids}"))
+    } else {
+        ("-runas", ids)
+    };
     vec![
-        "-runas".into(),
-        format!("{}:{}", jail.uid, jail.gid).into(),
+        option.into(),
+        value.into(),
         "-sandbox".into(),
         "on,obsolete=deny,spawn=deny,resourcecontrol=deny".into(),
     ]
+}
+
+/// Whether `qemu` takes `-run-with` (its `-help` lists it). A QEMU that
+/// cannot even print its help is taken for an old one: starting it fails
+/// with its own message.
+pub fn qemu_has_run_with(qemu: &Path) -> bool {
+    std::process::Command::new(qemu)
+        .arg("-help")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|line| line.starts_with("-run-with "))
+        })
 }
 
 /// QEMU with our vhost-user vsock and fs backends.
@@ -1269,7 +1293,7 @@ impl Hypervisor for Qemu {
         let mut args = self.args.clone();
         let mut cgroups: &[PathBuf] = &[];
         if let Some(jail) = &self.jail.jail {
-            args.extend(qemu_confinement_args(jail));
+            args.extend(qemu_confinement_args(jail, qemu_has_run_with(&self.qemu)));
             cgroups = &jail.cgroups;
         }
         let qemu = SupervisedChild::spawn_in_cgroups(
@@ -1449,6 +1473,56 @@ mod tests {
             strings(&jail.args()).join(" "),
             "--jail-root /run/cloister/default/pod1/jail --jail-uid 64000 --jail-gid 64000 --jail-cgroup /sys/fs/cgroup/memory/default/pod1"
         );
+    }
+
+    #[test]
+    fn qemu_is_confined_with_the_uid_option_its_version_has() {
+        let jail = VmJailConfig {
+            root: "/run/cloister/default/pod1/jail".into(),
+            uid: 64007,
+            gid: 64007,
+            cgroups: Vec::new(),
+        };
+        let joined = |args: Vec<OsString>| {
+            args.iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let sandbox = "-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny";
+        assert_eq!(
+            joined(qemu_confinement_args(&jail, false)),
+            format!("-runas 64007:64007 {sandbox}")
+        );
+        assert_eq!(
+            joined(qemu_confinement_args(&jail, true)),
+            format!("-run-with user=64007:64007 {sandbox}")
+        );
+
+        // Told apart by the help text, as QEMU 7.2 and 10.1 print it.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = |name: &str, help: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\nprintf '%s\\n' {help}\n")).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            path
+        };
+        let old = fake("qemu-7.2", "'-runas user     change to user id user'");
+        let new = fake(
+            "qemu-10.1",
+            "'-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]'",
+        );
+        assert!(!qemu_has_run_with(&old));
+        // Retried: a child another test thread forks while the script is
+        // still open for writing makes its exec fail (ETXTBSY) for a moment.
+        let answers = || {
+            (0..50).any(|_| {
+                qemu_has_run_with(&new) || (std::thread::sleep(Duration::from_millis(20)), false).1
+            })
+        };
+        assert!(answers());
+        assert!(!qemu_has_run_with(&dir.path().join("no-such-qemu")));
     }
 
     #[test]
