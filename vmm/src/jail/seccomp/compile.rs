@@ -33,6 +33,17 @@ pub enum ThreadKind {
     VhostUser,
 }
 
+impl ThreadKind {
+    /// Every kind, for what is built or checked per kind.
+    pub const ALL: [ThreadKind; 5] = [
+        ThreadKind::Main,
+        ThreadKind::Helper,
+        ThreadKind::Vcpu,
+        ThreadKind::Virtio,
+        ThreadKind::VhostUser,
+    ];
+}
+
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
 /// `syscalls` allowed with any arguments.

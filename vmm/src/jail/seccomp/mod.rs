@@ -175,13 +175,7 @@ mod tests {
 
     #[test]
     fn built_filters_are_the_rules_compiled_now() {
-        for kind in [
-            ThreadKind::Main,
-            ThreadKind::Helper,
-            ThreadKind::Vcpu,
-            ThreadKind::Virtio,
-            ThreadKind::VhostUser,
-        ] {
+        for kind in ThreadKind::ALL {
             for mask in 0..1 << rules::MASK_KINDS {
                 let devices = DeviceKinds::from_mask(mask);
                 let now = compile::compile(compile::thread_rules(kind, devices).unwrap()).unwrap();

@@ -210,13 +210,7 @@ fn exec_prot_is_refused_in_every_rule_set_that_allows_mmap_or_mprotect() {
         "supervisor".to_string(),
         compile::supervisor_rules(1).unwrap(),
     )];
-    for kind in [
-        ThreadKind::Main,
-        ThreadKind::Helper,
-        ThreadKind::Vcpu,
-        ThreadKind::Virtio,
-        ThreadKind::VhostUser,
-    ] {
+    for kind in ThreadKind::ALL {
         for mask in 0..1 << rules::MASK_KINDS {
             for variant in 0..rules::TEE_VARIANTS {
                 let tee = rules::TeeThreads::from_index(variant);
