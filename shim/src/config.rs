@@ -99,15 +99,17 @@ pub struct VmmSection {
     pub jail_uid: u32,
     pub jail_gid: u32,
     /// How many uid/gid pairs, from `jail_uid`/`jail_gid` on, pods lease:
-    /// each pod's VMM gets its own (`crate::jail_ids`). 1 makes every pod
-    /// share one uid, which lets an escaped VMM reach its neighbours.
+    /// each jailed pod's VMM gets its own (`crate::jail_ids`), so this is
+    /// also how many jailed pods the host runs at once.
     pub jail_id_count: u32,
 }
 
-/// The default uid/gid of jailed VMMs.
-pub const DEFAULT_JAIL_ID: u32 = 64000;
-/// Pods that can run jailed at once with the default range
-/// (64000–65023, below nobody's 65534).
+/// The first uid/gid of jailed VMMs: above the ranges systemd hands out
+/// on its own (DynamicUser 61184–65519, containers 524288–1879048191),
+/// which only skip ids in NSS or their own locks, not ours, and below
+/// 2^31, where some tools read ids as signed.
+pub const DEFAULT_JAIL_ID: u32 = 2_000_000_000;
+/// Pods that can run jailed at once with the default range.
 pub const DEFAULT_JAIL_ID_COUNT: u32 = 1024;
 /// The most ids a range may hold (Linux's uid space is 32-bit; more
 /// than this many VMs on one host is not a real configuration).

@@ -9,8 +9,9 @@
 //! shim that dies, however it dies, frees its lease with its fds. A uid
 //! some process still runs as (a VMM that outlived its shim, or an
 //! unrelated process someone gave that uid) is skipped, so a lease is
-//! never handed out while the uid is alive. Each lease file names its pod,
-//! for an operator asking who holds which uid.
+//! never handed out while the uid or gid is alive (as far as the shim's
+//! PID namespace shows: run it in the host's). Each lease file names its
+//! pod (`namespace/id`), for an operator asking who holds which uid.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -34,6 +35,8 @@ pub enum JailIdError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot tell which uids are in use: read /proc: {0}")]
+    Proc(std::io::Error),
 }
 
 /// A uid/gid pair leased to one pod; the lease ends when this is dropped.
@@ -81,7 +84,7 @@ impl JailIdRange {
             .map_err(io(leases))?;
         let count = self.count.max(1);
         let start = fnv1a(pod.as_bytes()) % count;
-        let busy = ids_in_use();
+        let busy = ids_in_use().map_err(JailIdError::Proc)?;
         for step in 0..count {
             let offset = (start + step) % count;
             let (uid, gid) = (self.first_uid + offset, self.first_gid + offset);
@@ -100,10 +103,11 @@ impl JailIdRange {
             let Ok(mut lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
                 continue;
             };
-            // A process may have taken the uid between the scan and the
+            // A process may have taken the ids between the scan and the
             // lock (a VMM of a pod whose lease was just dropped cannot: its
             // shim stops it before the lease goes).
-            if ids_in_use().uids.contains(&uid) {
+            let now = ids_in_use().map_err(JailIdError::Proc)?;
+            if now.uids.contains(&uid) || now.gids.contains(&gid) {
                 continue;
             }
             lock.set_len(0).map_err(io(&path))?;
@@ -132,12 +136,11 @@ struct IdsInUse {
     gids: std::collections::HashSet<u32>,
 }
 
-fn ids_in_use() -> IdsInUse {
+/// Fails rather than answer "none" when /proc cannot be read: an id
+/// handed out then might be a running VMM's.
+fn ids_in_use() -> std::io::Result<IdsInUse> {
     let mut ids = IdsInUse::default();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return ids;
-    };
-    for entry in entries.flatten() {
+    for entry in std::fs::read_dir("/proc")?.flatten() {
         let name = entry.file_name();
         if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
@@ -161,7 +164,7 @@ fn ids_in_use() -> IdsInUse {
             );
         }
     }
-    ids
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -21,5 +21,6 @@ pub mod safe_teardown;
 pub mod sandbox;
 pub mod service;
 pub mod stats;
+pub mod vm_processes;
 pub mod vmm_client;
 pub mod vmm_jail;

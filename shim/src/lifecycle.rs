@@ -183,11 +183,16 @@ impl Shim for CloisterShim {
         Ok(address)
     }
 
-    /// After the shim died: its VM died with it (PDEATHSIG), so what is
-    /// left are the sandbox folder and the rootfs mounts in it.
+    /// After the shim died: its VM died with it (PDEATHSIG) unless it
+    /// had changed credentials since (QEMU's `-runas`), so what is left
+    /// are such processes, the sandbox folder and the rootfs mounts in it.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         self.audit_shim_delete();
         let dir = SandboxDir::new(Path::new(STATE_DIR), &self.namespace, &self.id);
+        let record = dir.vm_paths().vm_processes();
+        tokio::task::spawn_blocking(move || crate::vm_processes::kill_recorded(&record))
+            .await
+            .unwrap_or_default();
         unmount_everything_below(&dir);
         if let Err(e) = dir.remove() {
             tracing::warn!("{e}");

@@ -47,6 +47,15 @@ pub enum HypervisorError {
         program: PathBuf,
         source: std::io::Error,
     },
+    /// The error may be the join's: the child writes its cgroups before
+    /// exec, and a refusal there (EBUSY on a v2 folder with children)
+    /// reaches the parent as the spawn's.
+    #[error("spawn {program} in cgroups {cgroups}: {source}")]
+    SpawnInCgroups {
+        program: PathBuf,
+        cgroups: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     File {
         path: PathBuf,
@@ -185,9 +194,22 @@ impl SupervisedChild {
             });
         }
         crate::network::tap::inherit_in_child(command.as_std_mut(), inherit);
-        let mut child = command.spawn().map_err(|source| HypervisorError::Spawn {
-            program: program.to_path_buf(),
-            source,
+        let mut child = command.spawn().map_err(|source| {
+            let program = program.to_path_buf();
+            if cgroups.is_empty() {
+                HypervisorError::Spawn { program, source }
+            } else {
+                let cgroups = cgroups
+                    .iter()
+                    .map(|c| c.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                HypervisorError::SpawnInCgroups {
+                    program,
+                    cgroups,
+                    source,
+                }
+            }
         })?;
         let pid = child.id().unwrap_or(0);
         let (tx, rx) = watch::channel(None);
@@ -306,6 +328,19 @@ impl VmPaths {
     }
     pub fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
+    }
+    /// The VM's host processes (`crate::vm_processes`), for `shim delete`.
+    pub fn vm_processes(&self) -> PathBuf {
+        self.dir.join("vm.pids")
+    }
+}
+
+/// Notes `child` in the sandbox's record of VM processes; a process the
+/// record misses would only lack the `shim delete` backstop, so a failure
+/// is logged, not fatal.
+fn record_vm_process(paths: &VmPaths, child: &SupervisedChild) {
+    if let Err(e) = crate::vm_processes::record(&paths.vm_processes(), child.pid) {
+        tracing::warn!(name = %child.name, pid = child.pid, "cannot record the VM process: {e}");
     }
 }
 
@@ -498,7 +533,11 @@ pub fn prepare_jail(
         first_gid: vmm.jail_gid,
         count: vmm.jail_id_count,
     };
-    let ids = range.lease(leases, &paths.dir.display().to_string())?;
+    // The sandbox folder's `pod` file holds `namespace/id`.
+    let pod = std::fs::read_to_string(paths.dir.join("pod"))
+        .map(|pod| pod.trim().to_owned())
+        .unwrap_or_else(|_| paths.dir.display().to_string());
+    let ids = range.lease(leases, &pod)?;
     create_owned_folder(&sockets, ids.uid, ids.gid)?;
     if vm.shared_fs {
         make_shared_mount(&paths.shared_dir())?;
@@ -643,6 +682,7 @@ impl Hypervisor for CloisterVmm {
         // The vsock socket appears once the VMM built its devices; a VMM
         // that refuses its config exits first.
         let ready = wait_for_socket(&child, &self.paths.vsock_uds(), "vsock socket").await;
+        record_vm_process(&self.paths, &child);
         self.child = Some(child);
         ready
     }
@@ -1287,6 +1327,7 @@ impl Hypervisor for Qemu {
             let backend = SupervisedChild::spawn(name, &self.vmm, &args, &log, &[])?;
             // QEMU connects to the backends' sockets at start: they must exist.
             let ready = wait_for_socket(&backend, &socket, what).await;
+            record_vm_process(&self.paths, &backend);
             self.backends.push(backend);
             ready?;
         }
@@ -1304,6 +1345,7 @@ impl Hypervisor for Qemu {
             &self.inherited_fds,
             cgroups,
         )?;
+        record_vm_process(&self.paths, &qemu);
         self.qemu_child = Some(qemu);
         Ok(())
     }
@@ -1543,7 +1585,12 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let sockets = std::fs::metadata(paths.sockets_dir()).unwrap();
         let jail = prepared.jail.unwrap();
-        assert!((64000..65024).contains(&jail.uid), "{}", jail.uid);
+        let first = crate::config::DEFAULT_JAIL_ID;
+        assert!(
+            (first..first + crate::config::DEFAULT_JAIL_ID_COUNT).contains(&jail.uid),
+            "{}",
+            jail.uid
+        );
         assert_eq!(
             jail.gid, jail.uid,
             "the default ranges start at the same id"
@@ -1551,7 +1598,11 @@ mod tests {
         assert_eq!((sockets.uid(), sockets.gid()), (jail.uid, jail.gid));
         assert_eq!(sockets.mode() & 0o777, 0o700);
         let lease = std::fs::read_to_string(leases.join(jail.uid.to_string())).unwrap();
-        assert_eq!(lease.trim_end(), paths.dir.display().to_string());
+        assert_eq!(
+            lease.trim_end(),
+            "default/jail-test",
+            "the lease names the pod"
+        );
         // A second pod prepared meanwhile runs as another uid.
         let other = crate::sandbox::SandboxDir::new(state.path(), "default", "jail-test-2");
         other.create().unwrap();
@@ -2185,6 +2236,43 @@ mod tests {
         assert_eq!(child.wait().await, ChildExit::Code(7));
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("out\n") && text.contains("err\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_child_that_cannot_join_its_cgroup_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A "cgroup" whose cgroup.procs cannot be opened for writing.
+        let cgroup = dir.path().join("pod");
+        std::fs::create_dir_all(cgroup.join("cgroup.procs")).unwrap();
+        let missing = dir.path().join("gone");
+
+        let refused = SupervisedChild::spawn_in_cgroups(
+            "true",
+            Path::new("/bin/true"),
+            &[],
+            &dir.path().join("log"),
+            &[],
+            std::slice::from_ref(&cgroup),
+        );
+        let absent = SupervisedChild::spawn_in_cgroups(
+            "true",
+            Path::new("/bin/true"),
+            &[],
+            &dir.path().join("log"),
+            &[],
+            &[missing.clone()],
+        );
+
+        let err = refused.err().expect("the join fails").to_string();
+        assert!(
+            err.starts_with(&format!("spawn /bin/true in cgroups {}:", cgroup.display())),
+            "{err}"
+        );
+        let err = absent.err().expect("no such cgroup").to_string();
+        assert!(
+            err.contains(&missing.join("cgroup.procs").display().to_string()),
+            "{err}"
+        );
     }
 
     #[tokio::test]

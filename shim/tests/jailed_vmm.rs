@@ -88,7 +88,9 @@ async fn jailed_cloister_vmm_runs_in_the_pod_cgroup_and_leaves_nothing_behind() 
     assert!(vm_json.contains("\"jail\""), "{vm_json}");
     assert!(log.contains("jailed in"), "{log}");
     // The pod's own ids, leased from the default range.
-    assert!((64000..65024).contains(&uid), "{uid}");
+    let first = cloister_shim::config::DEFAULT_JAIL_ID;
+    let count = cloister_shim::config::DEFAULT_JAIL_ID_COUNT;
+    assert!((first..first + count).contains(&uid), "{uid}");
     assert_eq!(gid, uid);
     assert!(
         // Real and saved uid the jail's; effective 0 because the VM
@@ -155,6 +157,11 @@ async fn jailed_qemu_runs_as_the_pods_uid_in_its_cgroup_under_seccomp() {
     let mut hypervisor = hypervisor_for(&config, &vm, dir.vm_paths(), None).unwrap();
 
     let started = hypervisor.start().await;
+    if let Err(e) = &started {
+        let log = std::fs::read_to_string(dir.vm_paths().qemu_log()).unwrap_or_default();
+        hypervisor.stop(Duration::from_secs(5)).await;
+        panic!("jailed QEMU did not start: {e}\n{log}");
+    }
     let (uid, gid) = hypervisor.jail_ids().expect("a jailed VM has its ids");
     let pids = hypervisor.pids();
     // QEMU drops to the uid once its devices are set up.
@@ -179,8 +186,17 @@ async fn jailed_qemu_runs_as_the_pods_uid_in_its_cgroup_under_seccomp() {
             .and_then(|child| std::fs::read_to_string(format!("/proc/{child}/status")).ok())
             .unwrap_or_default();
     let log = std::fs::read_to_string(dir.vm_paths().qemu_log()).unwrap_or_default();
+    // Having changed its uid, QEMU no longer dies with its parent: what
+    // `shim delete` does after a shim died ends it and the servers.
+    let record = dir.vm_paths().vm_processes();
+    let killed =
+        tokio::task::spawn_blocking(move || cloister_shim::vm_processes::kill_recorded(&record))
+            .await
+            .unwrap();
+    let exits = tokio::time::timeout(Duration::from_secs(10), hypervisor.wait_exit()).await;
     hypervisor.stop(Duration::from_secs(5)).await;
-    started.unwrap_or_else(|e| panic!("jailed QEMU did not start: {e}\n{log}"));
+    assert_eq!(killed, pids.len(), "QEMU and its servers are recorded");
+    assert!(exits.is_ok(), "the recorded processes did not end");
 
     assert!(status.contains(&expected_uid), "{status}\nlog:\n{log}");
     assert!(

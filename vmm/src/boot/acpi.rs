@@ -91,10 +91,15 @@ fn fix_checksum(table: &mut [u8]) {
 /// `\_SB` with COM1 and one `LNRO0005` device per virtio-mmio window
 /// (the ACPI id Linux's virtio_mmio driver matches).
 fn dsdt(devices: &[VirtioMmioWindow]) -> Result<Vec<u8>, AcpiError> {
+    // Each device has a pin of its own, so there are at most 23 of them
+    // before anything is built (names V000.., `_UID` bytes).
+    let mut pins = std::collections::HashSet::new();
     for (index, d) in devices.iter().enumerate() {
         let reason = if d.irq >= IOAPIC_PINS || d.irq == COM1_IRQ {
             Some(format!("irq {} is not a free I/O APIC pin", d.irq))
-        } else if u32::try_from(d.base).is_err() || u32::try_from(d.len).is_err() {
+        } else if !pins.insert(d.irq) {
+            Some(format!("irq {} is another device's", d.irq))
+        } else if d.len == 0 || d.base.checked_add(d.len).is_none_or(|end| end > 1 << 32) {
             Some(format!(
                 "window {:#x}+{:#x} is not below 4 GiB",
                 d.base, d.len
@@ -407,7 +412,35 @@ mod tests {
             err.to_string(),
             "virtio device 1: irq 4 is not a free I/O APIC pin"
         );
+        devices[1].irq = 5;
+        let err = build_acpi_tables(0x6000, 1, &devices).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "virtio device 1: irq 5 is another device's"
+        );
         devices[1].irq = 6;
+        devices[0].len = 0x2000;
+        devices[0].base = 0xffff_f000;
+        let err = build_acpi_tables(0x6000, 1, &devices).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("virtio device 0: window 0xfffff000+0x2000"),
+            "{err}"
+        );
+        // More devices than pins: refused before any name is made.
+        let many: Vec<VirtioMmioWindow> = (0..300u32)
+            .map(|i| VirtioMmioWindow {
+                base: 0xd000_0000 + u64::from(i) * 0x1000,
+                len: 0x1000,
+                irq: 5 + i % 19,
+            })
+            .collect();
+        let err = build_acpi_tables(0x6000, 1, &many).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "virtio device 19: irq 5 is another device's"
+        );
+        devices[0].len = 0x1000;
         devices[0].base = 1 << 32;
         let err = build_acpi_tables(0x6000, 1, &devices).unwrap_err();
         assert!(
