@@ -2260,15 +2260,21 @@ mod tests {
             &[],
             &dir.path().join("log"),
             &[],
-            &[missing.clone()],
+            std::slice::from_ref(&missing),
         );
 
-        let err = refused.err().expect("the join fails").to_string();
+        let Err(err) = refused else {
+            panic!("the join should fail")
+        };
+        let err = err.to_string();
         assert!(
             err.starts_with(&format!("spawn /bin/true in cgroups {}:", cgroup.display())),
             "{err}"
         );
-        let err = absent.err().expect("no such cgroup").to_string();
+        let Err(err) = absent else {
+            panic!("there is no such cgroup")
+        };
+        let err = err.to_string();
         assert!(
             err.contains(&missing.join("cgroup.procs").display().to_string()),
             "{err}"
