@@ -89,10 +89,10 @@ pub fn enter(
     open_taps: impl FnOnce() -> Result<(), JailError>,
 ) -> Result<Entered, JailError> {
     privileges::join_cgroups(&jail.cgroups)?;
-    match process::fork_into_pid_namespace()? {
+    let link = match process::fork_into_pid_namespace()? {
         Forked::Supervisor(code) => return Ok(Entered::Supervisor(code)),
-        Forked::Vmm => {}
-    }
+        Forked::Vmm(link) => link,
+    };
     if let Some(netns) = &jail.netns {
         process::join_netns(netns)?;
     }
@@ -102,7 +102,7 @@ pub fn enter(
     root::enter_root(&jail.root, plan, jail.uid, jail.gid)?;
     privileges::set_limits(plan.writes_guest_files)?;
     privileges::drop_privileges(jail.uid, jail.gid, plan.serves_fs)?;
-    process::die_with_supervisor()?;
+    process::die_with_supervisor(link)?;
     Ok(Entered::Jailed)
 }
 

@@ -31,10 +31,15 @@ fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
     }
 }
 
+/// The VMM's end of a pipe whose other end only the supervisor holds:
+/// it hangs up when the supervisor is gone, which the parent-death signal
+/// cannot tell a VMM that arms it only after its last credential change.
+pub struct SupervisorLink(std::os::fd::OwnedFd);
+
 /// Which side of the fork this process is.
 pub enum Forked {
     /// The jailed VMM, PID 1 of its namespace: continue setting up.
-    Vmm,
+    Vmm(SupervisorLink),
     /// The supervisor, after the VMM ended: exit with this.
     Supervisor(ExitCode),
 }
@@ -64,18 +69,40 @@ pub fn fork_into_pid_namespace() -> Result<Forked, JailError> {
             source: std::io::Error::from_raw_os_error(rc),
         });
     }
+    let mut ends = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two new fds into `ends`.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(step("create the supervisor pipe"));
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: both fds were just created and are owned by nothing else.
+    let (vmm_end, supervisor_end) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(ends[0]),
+            std::os::fd::OwnedFd::from_raw_fd(ends[1]),
+        )
+    };
     // SAFETY: the process has a single thread, so the child is a complete
     // copy; it continues in Rust code that allocates freely.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(step("fork into PID namespace")),
         0 => {
+            drop(supervisor_end);
             let chld = signal_set(&[libc::SIGCHLD]);
             // SAFETY: as above.
             unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut()) };
-            Ok(Forked::Vmm)
+            Ok(Forked::Vmm(SupervisorLink(vmm_end)))
         }
-        child => Ok(Forked::Supervisor(supervise(child))),
+        child => {
+            drop(vmm_end);
+            // Held, never written, until the supervisor exits: released as
+            // a raw fd, since dropping it under the supervisor's seccomp
+            // filter would make calls (fcntl in debug builds) it forbids.
+            use std::os::fd::IntoRawFd;
+            let _held = supervisor_end.into_raw_fd();
+            Ok(Forked::Supervisor(supervise(child)))
+        }
     }
 }
 
@@ -234,8 +261,10 @@ pub fn unshare_namespaces() -> Result<(), JailError> {
 }
 
 /// The VMM dies with its supervisor (set after the last credential
-/// change, which clears it).
-pub fn die_with_supervisor() -> Result<(), JailError> {
+/// change, which clears it). A supervisor that died before that (its own
+/// caller died, and it with it) left the pipe hung up: the VMM then stops
+/// here instead of running unwatched.
+pub fn die_with_supervisor(link: SupervisorLink) -> Result<(), JailError> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(JailError::Step {
@@ -244,7 +273,28 @@ pub fn die_with_supervisor() -> Result<(), JailError> {
             source: std::io::Error::last_os_error(),
         });
     }
+    if supervisor_gone(&link) {
+        return Err(JailError::Step {
+            step: "check the supervisor",
+            value: String::new(),
+            source: std::io::Error::other("it died while the jail was being set up"),
+        });
+    }
     Ok(())
+}
+
+/// Whether the supervisor's end of the link is closed (it never writes,
+/// so the read end only ever shows a hang-up).
+fn supervisor_gone(link: &SupervisorLink) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: link.0.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd given, without waiting.
+    // A poll that fails (-1) says nothing about the supervisor.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }
 
 extern "C" fn exit_on_signal(signal: libc::c_int) {
@@ -277,4 +327,34 @@ pub fn exit_on_termination_signals() -> Result<(), JailError> {
     // SAFETY: `set` is initialised; the old mask is not wanted.
     unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    fn link_and_supervisor_end() -> (SupervisorLink, OwnedFd) {
+        let mut ends = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two new fds into `ends`.
+        assert_eq!(
+            unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: both fds were just created and are owned by nothing else.
+        unsafe {
+            (
+                SupervisorLink(OwnedFd::from_raw_fd(ends[0])),
+                OwnedFd::from_raw_fd(ends[1]),
+            )
+        }
+    }
+
+    #[test]
+    fn a_vmm_knows_its_supervisor_is_gone_when_the_link_hangs_up() {
+        let (link, supervisor_end) = link_and_supervisor_end();
+        assert!(!supervisor_gone(&link), "the supervisor holds its end");
+        drop(supervisor_end);
+        assert!(supervisor_gone(&link), "its end closed with it");
+    }
 }
