@@ -42,7 +42,9 @@ mod rules_tests;
 use base64::Engine as _;
 use serde_json::Value;
 
-use data::{default_mounts, AllowedSandbox, AllowedUpdate, ExecUser, PolicyData};
+use data::{
+    default_device_rules, default_mounts, AllowedSandbox, AllowedUpdate, ExecUser, PolicyData,
+};
 
 /// The fixed rules every generated policy starts with.
 pub const RULES: &str = include_str!("rules.rego");
@@ -163,13 +165,17 @@ pub fn generate(sources: &Sources, options: &GenerateOptions) -> Result<Generate
         exec_commands: options.exec_commands.clone(),
         exec_users: options.exec_users.clone(),
         devices: Vec::new(),
+        default_device_rules: default_device_rules(),
         allow_privileged: false,
         allow_stdio_read: options.allow_stdio_read,
         allow_stdin: options.allow_stdin,
     };
-    if !sources.kubernetes.is_empty() {
-        data.containers
-            .push(manifest::pause_container(&options.pause_command));
+    // One sandbox container per distinct pod make-up.
+    for pod in derived.iter().filter_map(|d| d.pod.as_ref()) {
+        let pause = manifest::pause_container(&options.pause_command, pod);
+        if !data.containers.contains(&pause) {
+            data.containers.push(pause);
+        }
     }
     let mut warnings = Vec::new();
     for d in derived {
