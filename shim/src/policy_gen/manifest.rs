@@ -128,6 +128,26 @@ impl PodSettings {
     }
 }
 
+/// Seccomp actions that refuse nothing.
+const PERMISSIVE_SECCOMP_ACTIONS: [&str; 2] = ["SCMP_ACT_ALLOW", "SCMP_ACT_LOG"];
+
+/// Whether an OCI seccomp profile refuses anything (as the rules'
+/// `seccomp_refuses_something` decides it).
+fn seccomp_refuses_something(profile: &Value) -> bool {
+    let refuses = |action: Option<&Value>| {
+        let action = action.and_then(Value::as_str).unwrap_or("SCMP_ACT_ALLOW");
+        !PERMISSIVE_SECCOMP_ACTIONS.contains(&action)
+    };
+    profile.is_object()
+        && (refuses(profile.get("defaultAction"))
+            || profile
+                .get("syscalls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|rule| refuses(rule.get("action"))))
+}
+
 /// The seccomp rule of a `securityContext` (None or no profile: any).
 fn seccomp_rule(security: Option<&Value>) -> SeccompRule {
     match security
@@ -590,10 +610,11 @@ pub fn from_oci(spec: &Value) -> Result<Derived, PolicyGenError> {
         .flatten()
         .filter_map(DeviceCgroupRule::from_oci)
         .collect();
-    // A profile is required when the spec has one; its text is not pinned.
+    // A profile that refuses something is required when the spec has one;
+    // its text is not pinned.
     let seccomp = if linux
         .and_then(|l| l.get("seccomp"))
-        .is_some_and(Value::is_object)
+        .is_some_and(seccomp_refuses_something)
     {
         SeccompRule::Localhost
     } else {
@@ -737,6 +758,96 @@ mod tests {
             kubelet_hostname(&format!("{}-b", "a".repeat(62))),
             "a".repeat(62)
         );
+    }
+
+    #[test]
+    fn pod_settings_shape_namespaces_sysctls_and_seccomp() {
+        let pod = json!({"kind": "Pod", "spec": {
+        "hostNetwork": true, "hostPID": true,
+        "securityContext": {"sysctls": [{"name": "kernel.shm_rmid_forced", "value": "1"}],
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {"name": "a", "image": "x"},
+            {"name": "b", "image": "x",
+             "securityContext": {"seccompProfile": {"type": "Unconfined"}}}
+        ]}});
+
+        let derived = from_kubernetes(&pod).unwrap();
+        let settings = derived.pod.unwrap();
+        let pause = pause_container(&["/pause".to_owned()], &settings);
+
+        let kinds = |c: &AllowedContainer| c.namespaces.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(kinds(&pause), ["cgroup", "ipc", "mount"]);
+        assert_eq!(derived.containers[0].namespaces["pid"], NamespaceRule::Join);
+        assert_eq!(derived.containers[0].namespaces["ipc"], NamespaceRule::Join);
+        // hostNetwork: no containerd sysctls.
+        assert_eq!(
+            pause.sysctls.into_iter().collect::<Vec<_>>(),
+            [("kernel.shm_rmid_forced".to_owned(), "1".to_owned())]
+        );
+        assert_eq!(pause.seccomp, SeccompRule::RuntimeDefault);
+        assert_eq!(derived.containers[0].seccomp, SeccompRule::RuntimeDefault);
+        assert_eq!(derived.containers[1].seccomp, SeccompRule::Any);
+    }
+
+    #[test]
+    fn plain_pod_sandbox_gets_its_own_namespaces_and_containerds_sysctls() {
+        let pod = json!({"kind": "Pod", "spec": {"containers": [{"name": "a", "image": "x"}]}});
+
+        let derived = from_kubernetes(&pod).unwrap();
+        let pause = pause_container(&["/pause".to_owned()], derived.pod.as_ref().unwrap());
+
+        assert_eq!(pause.namespaces["pid"], NamespaceRule::New);
+        assert_eq!(pause.namespaces["uts"], NamespaceRule::New);
+        assert_eq!(derived.containers[0].namespaces["pid"], NamespaceRule::New);
+        assert!(!derived.containers[0].namespaces.contains_key("network"));
+        assert_eq!(pause.sysctls.len(), CONTAINERD_SANDBOX_SYSCTLS.len());
+        assert!(derived.containers[0].sysctls.is_empty());
+    }
+
+    #[test]
+    fn config_json_pins_its_namespaces_sysctls_device_rules_and_seccomp() {
+        let spec = json!({
+            "process": {"args": ["sh"]},
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                               {"type": "network", "path": "/var/run/netns/x"}, {"type": "cgroup"}],
+                "sysctl": {"net.ipv4.ip_forward": "1"},
+                "resources": {"devices": [{"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm"}]},
+                "seccomp": {"defaultAction": "SCMP_ACT_ALLOW",
+                            "syscalls": [{"names": ["reboot"], "action": "SCMP_ACT_ERRNO"}]},
+                "maskedPaths": ["/proc/kcore"], "readonlyPaths": ["/proc/sys"]
+            }
+        });
+
+        let derived = from_oci(&spec).unwrap();
+        let c = &derived.containers[0];
+
+        assert_eq!(
+            c.namespaces
+                .iter()
+                .map(|(k, r)| (k.as_str(), *r))
+                .collect::<Vec<_>>(),
+            [
+                ("cgroup", NamespaceRule::NewOrAbsent),
+                ("ipc", NamespaceRule::Join),
+                ("pid", NamespaceRule::New)
+            ]
+        );
+        assert_eq!(c.sysctls["net.ipv4.ip_forward"], "1");
+        assert_eq!(
+            c.device_rules,
+            [DeviceCgroupRule {
+                allow: true,
+                kind: "c".into(),
+                major: 10,
+                minor: 200,
+                access: "rwm".into()
+            }]
+        );
+        assert_eq!(c.seccomp, SeccompRule::Localhost);
+        let no_op = json!({"defaultAction": "SCMP_ACT_ALLOW"});
+        assert!(!seccomp_refuses_something(&no_op));
     }
 
     #[test]

@@ -430,10 +430,13 @@ fn host_namespaces_in_the_manifest_let_the_sandbox_container_go_without() {
     });
 
     assert_eq!(create(&host, &sandbox_on_the_guest), Ok(()));
-    // What CRI sends for hostPID: no pid namespace of the sandbox's own.
-    assert!(
-        denied(create(&host, &pause_spec())).contains(": namespace pid (new) is not allowed"),
-        "own pid namespace under hostPID"
+    // What CRI sends for hostPID and hostIPC: no pid or ipc namespace of
+    // the sandbox's own.
+    assert_eq!(
+        denied(create(&host, &pause_spec())),
+        format!(
+            "{CREATE_DENIED}namespace ipc (new) is not allowed; namespace pid (new) is not allowed"
+        )
     );
     let refused = denied(create(&normal, &sandbox_on_the_guest));
     assert!(
