@@ -247,8 +247,9 @@ impl DeviceCgroupRule {
 /// (all CRI sends for a container that asks for no device) and allow
 /// rules for what the agent gives every container anyway (its
 /// `DEFAULT_ALLOWED`, after runc: mknod, /dev/null, zero, full, random,
-/// urandom, tty, console, ptmx, the pts), which `ctr run` spells out.
-/// They grant nothing a container does not already have.
+/// urandom, tty, console, ptmx, the pts; as runtimes that spell the
+/// defaults out write them). They grant nothing a container does not
+/// already have.
 pub fn default_device_rules() -> Vec<DeviceCgroupRule> {
     let mut rules = vec![
         DeviceCgroupRule::new(false, "a", -1, -1, "rwm"),
