@@ -3,12 +3,14 @@
 //! containerd's CRI (as kubelet drives it) into the pod's microVM: the
 //! pod's sandbox and its own containers run, the listed exec runs and
 //! a resource update applies, while an exec not listed, an update of a
-//! `cgroup.*` file and a container with another command are refused with
-//! the rule and the reason, and the pod leaves nothing behind. This is
+//! `cgroup.*` file, a container with another command, one sharing the
+//! pod's pid namespace and one with a device node are refused with the
+//! rule and the reason, and the pod leaves nothing behind. This is
 //! what shows that generated policies accept the requests containerd
-//! really sends (the sandbox set-up, the mounts, environment and
-//! capabilities of both the pause and the workload container, an exec's
-//! process, an update's resources). Needs root, QEMU, the guest image,
+//! really sends (the sandbox set-up, the mounts, environment,
+//! capabilities, namespaces, sysctls, device rules and seccomp settings
+//! of both the pause and the workload container, an exec's process, an
+//! update's resources). Needs root, QEMU, the guest image,
 //! busybox-static and the CNI plugins.
 
 mod guest_support;
@@ -235,11 +237,21 @@ async fn create_and_start(
     name: &str,
     command: &[&str],
 ) -> (String, Result<(), String>) {
+    let container = container_config(name, command);
+    create_and_start_config(client, sandbox_id, config, container).await
+}
+
+async fn create_and_start_config(
+    client: &mut CriClient,
+    sandbox_id: &str,
+    config: &cri::PodSandboxConfig,
+    container: cri::ContainerConfig,
+) -> (String, Result<(), String>) {
     let id = client
         .runtime
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: sandbox_id.into(),
-            config: Some(container_config(name, command)),
+            config: Some(container),
             sandbox_config: Some(config.clone()),
         })
         .await
@@ -315,6 +327,7 @@ async fn drive_pod(containerd: &PrivateContainerd, dir: &Path) -> String {
             .remove_container(cri::RemoveContainerRequest { container_id: id })
             .await;
     }
+    refuse_what_the_manifest_does_not_ask_for(&mut client, &sandbox_id, &config).await;
 
     client
         .runtime
@@ -331,6 +344,53 @@ async fn drive_pod(containerd: &PrivateContainerd, dir: &Path) -> String {
         .await
         .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}"));
     sandbox_id
+}
+
+/// Containers containerd makes with what the manifest does not ask for: the
+/// pod's pid namespace shared (shareProcessNamespace) and a device node;
+/// refused naming them.
+async fn refuse_what_the_manifest_does_not_ask_for(
+    client: &mut CriClient,
+    sandbox_id: &str,
+    config: &cri::PodSandboxConfig,
+) {
+    let command = ["sleep", "3600"];
+    let mut shared_pid = container_config("shared-pid", &command);
+    if let Some(options) = shared_pid
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        options.pid = cri::NamespaceMode::Pod as i32;
+    }
+    let mut with_device = container_config("device", &command);
+    with_device.devices = vec![cri::Device {
+        container_path: "/dev/extra-null".into(),
+        host_path: "/dev/null".into(),
+        permissions: "rwm".into(),
+    }];
+    for (container, reason) in [
+        (shared_pid, "namespace pid (path \"/proc/"),
+        (with_device, "device /dev/extra-null is not allowed"),
+    ] {
+        let (id, refused) = create_and_start_config(client, sandbox_id, config, container).await;
+        let message = refused.expect_err("a container the manifest does not ask for started");
+        println!("refused: {message}");
+        assert!(
+            message.contains(
+                "CreateContainerRequest denied by policy rule \
+                 data.agent_policy.CreateContainerRequest: "
+            ) && message.contains(reason),
+            "{message}"
+        );
+        if !id.is_empty() {
+            let _ = client
+                .runtime
+                .remove_container(cri::RemoveContainerRequest { container_id: id })
+                .await;
+        }
+    }
 }
 
 /// The manifest's long-running container: the listed exec runs (as the

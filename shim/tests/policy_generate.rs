@@ -55,9 +55,27 @@ const CAPS: [&str; 13] = [
     "CAP_AUDIT_WRITE",
 ];
 
-/// The spec CRI would send for the manifest's container.
+/// The spec CRI would send for the manifest's container, as the shim
+/// passes it on: no host name (the sandbox container's uts namespace has
+/// it), its own pid and mount namespaces, the sandbox container's ipc and
+/// uts by path (here this test process's, standing in for the pause
+/// container's), no network namespace.
 fn pod_spec(args: &[&str]) -> serde_json::Value {
+    pod_spec_joining(args, std::process::id())
+}
+
+/// pod_spec joining the ipc and uts namespaces of process `sandbox_pid`.
+fn pod_spec_joining(args: &[&str], sandbox_pid: u32) -> serde_json::Value {
     let mut spec = spec(args, false);
+    spec.as_object_mut().unwrap().remove("hostname");
+    spec["linux"]["namespaces"] = serde_json::json!([
+        {"type": "pid"},
+        {"type": "ipc", "path": format!("/proc/{sandbox_pid}/ns/ipc")},
+        {"type": "uts", "path": format!("/proc/{sandbox_pid}/ns/uts")},
+        {"type": "mount"}
+    ]);
+    spec["linux"]["resources"] =
+        serde_json::json!({"devices": [{"allow": false, "access": "rwm"}]});
     spec["annotations"] = serde_json::json!({
         "io.kubernetes.cri.container-type": "container",
         "io.kubernetes.cri.sandbox-id": "pod1",
@@ -357,6 +375,146 @@ async fn pod_policy_allows_listed_exec_only_and_cannot_be_replaced() {
         "SetPolicyRequest denied by policy rule data.agent_policy.SetPolicyRequest: \
          this pod's policy cannot be replaced"
     );
+}
+
+/// POD_YAML with a pod-level sysctl and the runtime's seccomp profile.
+fn confined_pod_yaml() -> String {
+    POD_YAML.replace(
+        "spec:\n  containers:",
+        "spec:\n  securityContext:\n    sysctls:\n    - name: kernel.shm_rmid_forced\n      \
+         value: \"1\"\n    seccompProfile:\n      type: RuntimeDefault\n  containers:",
+    )
+}
+
+/// pod_spec with the confined pod's sysctl and a profile that refuses
+/// what it does not list, joining `sandbox`'s namespaces.
+fn confined_pod_spec(args: &[&str], sandbox: u32) -> serde_json::Value {
+    let mut spec = pod_spec_joining(args, sandbox);
+    spec["linux"]["sysctl"] = serde_json::json!({"kernel.shm_rmid_forced": "1"});
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"}]
+    });
+    spec
+}
+
+/// A process with ipc and uts namespaces of its own, standing in for the
+/// pod's sandbox container (so the pod's sysctl lands in its ipc
+/// namespace, not this host's); killed on drop.
+struct SandboxStandIn(std::process::Child);
+
+impl SandboxStandIn {
+    fn start() -> SandboxStandIn {
+        let child = std::process::Command::new("unshare")
+            .args(["--ipc", "--uts", "sleep", "120"])
+            .spawn()
+            .unwrap();
+        let own = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+        let its = format!("/proc/{}/ns/ipc", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_link(&its).ok().as_ref() == Some(&own) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unshare did not unshare"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        SandboxStandIn(child)
+    }
+}
+
+impl Drop for SandboxStandIn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn pod_policy_refuses_other_namespaces_sysctls_device_rules_and_no_seccomp() {
+    skip_unless_host_ready!();
+    let sandbox = SandboxStandIn::start();
+    let sandbox_pid = sandbox.0.id();
+    let args = ["sh", "-c", "echo generated"];
+    let (host, client) = HostAgent::start().await;
+    client
+        .set_policy(generated_from(&confined_pod_yaml(), &[]))
+        .await
+        .unwrap();
+    let own = create_request(
+        "app",
+        &host.rootfs,
+        &confined_pod_spec(&args, sandbox_pid),
+        false,
+        false,
+    );
+    passed_policy(client.create_container(own).await);
+    let variant = |id: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut spec = confined_pod_spec(&args, sandbox_pid);
+        edit(&mut spec["linux"]);
+        create_request(id, &host.rootfs, &spec, false, false)
+    };
+    let without_pid = variant("nopid", &|l| {
+        l["namespaces"].as_array_mut().unwrap().remove(0);
+    });
+    let guest_pid = variant("guestpid", &|l| {
+        l["namespaces"][0]["path"] = "/proc/1/ns/pid".into();
+    });
+    let changed_sysctl = variant("sysctl0", &|l| {
+        l["sysctl"]["kernel.shm_rmid_forced"] = "0".into();
+    });
+    let extra_sysctl = variant("sysctlx", &|l| {
+        l["sysctl"]["kernel.core_pattern"] = "|/bin/sh".into();
+    });
+    let all_devices = variant("devices", &|l| {
+        l["resources"]["devices"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"allow": true, "type": "a", "access": "rwm"}));
+    });
+    let unconfined = variant("unconfined", &|l| {
+        l.as_object_mut().unwrap().remove("seccomp");
+    });
+
+    let refusals = [
+        (
+            without_pid,
+            "the pid namespace is missing: the manifest gives the container its own",
+        ),
+        (
+            guest_pid,
+            "namespace pid (path \"/proc/1/ns/pid\") is not allowed",
+        ),
+        (
+            changed_sysctl,
+            "sysctl kernel.shm_rmid_forced=\"0\" is not allowed",
+        ),
+        (
+            extra_sysctl,
+            "sysctl kernel.core_pattern=\"|/bin/sh\" is not allowed",
+        ),
+        (
+            all_devices,
+            "device cgroup rule a *:* rwm (allow) is not allowed",
+        ),
+        (
+            unconfined,
+            "the container must have a seccomp profile whose default action refuses \
+             (seccompProfile RuntimeDefault)",
+        ),
+    ];
+    for (request, reason) in refusals {
+        let id = request.container_id.clone();
+        assert_eq!(
+            denial(client.create_container(request).await),
+            format!(
+                "CreateContainerRequest denied by policy rule \
+                 data.agent_policy.CreateContainerRequest: {reason}"
+            ),
+            "{id}"
+        );
+    }
 }
 
 fn base64_roundtrip(text: &str) -> String {

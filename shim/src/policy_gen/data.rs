@@ -170,6 +170,123 @@ pub struct AllowedContainer {
     pub read_only_root: bool,
     /// The process must run with no_new_privs.
     pub no_new_privileges: bool,
+    /// linux.namespaces by type; a type not listed must be absent.
+    pub namespaces: BTreeMap<String, NamespaceRule>,
+    /// linux.sysctl entries the spec may carry, with their values.
+    pub sysctls: BTreeMap<String, String>,
+    /// Device cgroup rules (linux.resources.devices) besides
+    /// `policy_data.default_device_rules`.
+    pub device_rules: Vec<DeviceCgroupRule>,
+    /// What linux.seccomp must be.
+    pub seccomp: SeccompRule,
+}
+
+/// What one kind of namespace in linux.namespaces must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NamespaceRule {
+    /// Present, without a path: the container's own.
+    New,
+    /// Present, with a path `/proc/<pid>/ns/<kind>`: the pod's sandbox
+    /// container's (CRI names it by the sandbox's guest pid).
+    Join,
+    /// A new one or none (containerd adds a cgroup namespace on cgroup v2
+    /// hosts only).
+    NewOrAbsent,
+}
+
+/// One device cgroup rule, as the rules compare it: OCI's
+/// `LinuxDeviceCgroup` with its defaults filled in (type `a`, `-1` for a
+/// wildcard number).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct DeviceCgroupRule {
+    pub allow: bool,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub major: i64,
+    pub minor: i64,
+    pub access: String,
+}
+
+impl DeviceCgroupRule {
+    fn new(allow: bool, kind: &str, major: i64, minor: i64, access: &str) -> Self {
+        DeviceCgroupRule {
+            allow,
+            kind: kind.to_owned(),
+            major,
+            minor,
+            access: access.to_owned(),
+        }
+    }
+
+    /// A rule of an OCI spec (None when it is not one).
+    pub fn from_oci(rule: &serde_json::Value) -> Option<Self> {
+        let number = |key: &str| match rule.get(key) {
+            None | Some(serde_json::Value::Null) => Some(-1),
+            Some(n) => n.as_i64(),
+        };
+        Some(DeviceCgroupRule {
+            allow: rule.get("allow")?.as_bool()?,
+            kind: rule
+                .get("type")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("a")
+                .to_owned(),
+            major: number("major")?,
+            minor: number("minor")?,
+            access: rule
+                .get("access")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+        })
+    }
+}
+
+/// The device cgroup rules any container may carry: containerd's deny-all
+/// (all CRI sends for a container that asks for no device) and allow
+/// rules for what the agent gives every container anyway (its
+/// `DEFAULT_ALLOWED`, after runc: mknod, /dev/null, zero, full, random,
+/// urandom, tty, console, ptmx, the pts; as runtimes that spell the
+/// defaults out write them). They grant nothing a container does not
+/// already have.
+pub fn default_device_rules() -> Vec<DeviceCgroupRule> {
+    let mut rules = vec![
+        DeviceCgroupRule::new(false, "a", -1, -1, "rwm"),
+        DeviceCgroupRule::new(true, "c", -1, -1, "m"),
+        DeviceCgroupRule::new(true, "b", -1, -1, "m"),
+        DeviceCgroupRule::new(true, "c", 136, -1, "rwm"),
+    ];
+    for (major, minor) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+    ] {
+        rules.push(DeviceCgroupRule::new(true, "c", major, minor, "rwm"));
+    }
+    rules
+}
+
+/// What a container's linux.seccomp must be, from the manifest's
+/// `seccompProfile` (the container's, else the pod's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompRule {
+    /// Unconfined, or not said (kubelet's default depends on its
+    /// `--seccomp-default`): any profile or none.
+    #[default]
+    Any,
+    /// RuntimeDefault: a profile whose default action refuses (the
+    /// runtime's default profile allows a list and refuses the rest).
+    RuntimeDefault,
+    /// Localhost: a profile that refuses something (its text is on the
+    /// node, not in the manifest).
+    Localhost,
 }
 
 /// One file system SetupSandbox may mount in the guest, in the shape of
@@ -325,6 +442,8 @@ pub struct PolicyData {
     pub exec_users: Vec<ExecUser>,
     /// Device paths a container spec may list.
     pub devices: Vec<String>,
+    /// Device cgroup rules every container may carry.
+    pub default_device_rules: Vec<DeviceCgroupRule>,
     pub allow_privileged: bool,
     /// The host may read stdout/stderr.
     pub allow_stdio_read: bool,

@@ -1,10 +1,13 @@
 //! What a Kubernetes manifest (a Pod, or a workload with a pod template)
 //! allows its containers, and what an OCI config.json allows exactly.
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 use super::data::{
-    AllowedContainer, AllowedMount, ALL_CAPABILITIES, DEFAULT_CAPABILITIES, DEFAULT_ENV_NAMES,
+    AllowedContainer, AllowedMount, DeviceCgroupRule, NamespaceRule, SeccompRule, ALL_CAPABILITIES,
+    DEFAULT_CAPABILITIES, DEFAULT_ENV_NAMES,
 };
 use super::PolicyGenError;
 
@@ -18,6 +21,143 @@ pub struct Derived {
     pub devices: Vec<String>,
     pub privileged: bool,
     pub warnings: Vec<String>,
+    /// What the pod's sandbox (pause) container may be, for a Kubernetes
+    /// manifest.
+    pub pod: Option<PodSettings>,
+}
+
+/// The pod-level settings that shape its containers' specs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodSettings {
+    pub host_pid: bool,
+    pub host_ipc: bool,
+    pub host_network: bool,
+    pub share_process_namespace: bool,
+    /// `securityContext.sysctls`.
+    pub sysctls: BTreeMap<String, String>,
+    /// `securityContext.seccompProfile`.
+    pub seccomp: SeccompRule,
+}
+
+/// The sysctls containerd 2 adds to every sandbox container not on the
+/// host's network (1.x when `enable_unprivileged_ports` /
+/// `enable_unprivileged_icmp` are set), unless the pod sets them.
+pub const CONTAINERD_SANDBOX_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv4.ip_unprivileged_port_start", "0"),
+    ("net.ipv4.ping_group_range", "0 2147483647"),
+];
+
+impl PodSettings {
+    fn from_pod_spec(spec: &Value) -> PodSettings {
+        let flag = |key: &str| spec.get(key).and_then(Value::as_bool) == Some(true);
+        let security = spec.get("securityContext");
+        let sysctls = security
+            .and_then(|s| s.get("sysctls"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.get("name")?.as_str()?;
+                let value = entry.get("value")?.as_str()?;
+                Some((name.to_owned(), value.to_owned()))
+            })
+            .collect();
+        PodSettings {
+            host_pid: flag("hostPID"),
+            host_ipc: flag("hostIPC"),
+            host_network: flag("hostNetwork"),
+            share_process_namespace: flag("shareProcessNamespace"),
+            sysctls,
+            seccomp: seccomp_rule(security),
+        }
+    }
+
+    /// A workload container's namespaces as CRI and the shim send them:
+    /// its own mount namespace (and pid, unless the pod shares one or the
+    /// host's), the sandbox container's ipc and uts by path, no network
+    /// namespace (the shim drops CRI's: the pod's network is the guest's),
+    /// a cgroup namespace or not.
+    fn container_namespaces(&self) -> BTreeMap<String, NamespaceRule> {
+        let pid = if self.host_pid || self.share_process_namespace {
+            NamespaceRule::Join
+        } else {
+            NamespaceRule::New
+        };
+        [
+            ("mount", NamespaceRule::New),
+            ("pid", pid),
+            ("ipc", NamespaceRule::Join),
+            ("uts", NamespaceRule::Join),
+            ("cgroup", NamespaceRule::NewOrAbsent),
+        ]
+        .into_iter()
+        .map(|(kind, rule)| (kind.to_owned(), rule))
+        .collect()
+    }
+
+    /// The sandbox container's: its own mount, pid, ipc and uts namespaces,
+    /// except those the pod takes from the host (the guest), which CRI
+    /// leaves out (hostNetwork drops uts too).
+    fn sandbox_namespaces(&self) -> BTreeMap<String, NamespaceRule> {
+        let mut namespaces = BTreeMap::new();
+        namespaces.insert("mount".to_owned(), NamespaceRule::New);
+        namespaces.insert("cgroup".to_owned(), NamespaceRule::NewOrAbsent);
+        for (kind, from_host) in [
+            ("pid", self.host_pid),
+            ("ipc", self.host_ipc),
+            ("uts", self.host_network),
+        ] {
+            if !from_host {
+                namespaces.insert(kind.to_owned(), NamespaceRule::New);
+            }
+        }
+        namespaces
+    }
+
+    /// The sandbox container's sysctls: the pod's and containerd's own.
+    fn sandbox_sysctls(&self) -> BTreeMap<String, String> {
+        let mut sysctls = self.sysctls.clone();
+        if !self.host_network {
+            for (name, value) in CONTAINERD_SANDBOX_SYSCTLS {
+                sysctls
+                    .entry(name.to_owned())
+                    .or_insert_with(|| value.to_owned());
+            }
+        }
+        sysctls
+    }
+}
+
+/// Seccomp actions that refuse nothing.
+const PERMISSIVE_SECCOMP_ACTIONS: [&str; 2] = ["SCMP_ACT_ALLOW", "SCMP_ACT_LOG"];
+
+/// Whether an OCI seccomp profile refuses anything (as the rules'
+/// `seccomp_refuses_something` decides it).
+fn seccomp_refuses_something(profile: &Value) -> bool {
+    let refuses = |action: Option<&Value>| {
+        let action = action.and_then(Value::as_str).unwrap_or("SCMP_ACT_ALLOW");
+        !PERMISSIVE_SECCOMP_ACTIONS.contains(&action)
+    };
+    profile.is_object()
+        && (refuses(profile.get("defaultAction"))
+            || profile
+                .get("syscalls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|rule| refuses(rule.get("action"))))
+}
+
+/// The seccomp rule of a `securityContext` (None or no profile: any).
+fn seccomp_rule(security: Option<&Value>) -> SeccompRule {
+    match security
+        .and_then(|s| s.pointer("/seccompProfile/type"))
+        .and_then(Value::as_str)
+    {
+        Some("RuntimeDefault") => SeccompRule::RuntimeDefault,
+        Some("Localhost") => SeccompRule::Localhost,
+        _ => SeccompRule::Any,
+    }
 }
 
 /// `docker.io/library/busybox:latest` for `busybox`, as containerd
@@ -144,6 +284,7 @@ pub fn from_kubernetes(manifest: &Value) -> Result<Derived, PolicyGenError> {
     let spec = pod_spec(manifest)?;
     let mut derived = Derived::default();
     derived.hostname = pod_hostname(manifest, spec, &mut derived.warnings);
+    let pod = PodSettings::from_pod_spec(spec);
     let all = ["initContainers", "containers"].iter().flat_map(|key| {
         spec.get(key)
             .and_then(Value::as_array)
@@ -151,18 +292,21 @@ pub fn from_kubernetes(manifest: &Value) -> Result<Derived, PolicyGenError> {
             .flatten()
     });
     for container in all {
-        let allowed = kubernetes_container(container, spec.get("securityContext"), &mut derived)?;
+        let allowed =
+            kubernetes_container(container, spec.get("securityContext"), &pod, &mut derived)?;
         derived.containers.push(allowed);
     }
     if derived.containers.is_empty() {
         return Err(PolicyGenError::NoContainers);
     }
+    derived.pod = Some(pod);
     Ok(derived)
 }
 
 fn kubernetes_container(
     container: &Value,
     pod_security: Option<&Value>,
+    pod: &PodSettings,
     derived: &mut Derived,
 ) -> Result<AllowedContainer, PolicyGenError> {
     let name = container
@@ -290,6 +434,23 @@ fn kubernetes_container(
         .and_then(|s| s.get("allowPrivilegeEscalation"))
         .and_then(Value::as_bool)
         == Some(false);
+    let seccomp = if security.and_then(|s| s.get("seccompProfile")).is_some() {
+        seccomp_rule(security)
+    } else {
+        pod.seccomp
+    };
+    // containerd: a privileged container may use every device.
+    let device_rules = if privileged {
+        vec![DeviceCgroupRule {
+            allow: true,
+            kind: "a".into(),
+            major: -1,
+            minor: -1,
+            access: "rwm".into(),
+        }]
+    } else {
+        Vec::new()
+    };
 
     Ok(AllowedContainer {
         name,
@@ -303,6 +464,10 @@ fn kubernetes_container(
         uid,
         read_only_root,
         no_new_privileges,
+        namespaces: pod.container_namespaces(),
+        sysctls: pod.sysctls.clone(),
+        device_rules,
+        seccomp,
     })
 }
 
@@ -310,8 +475,8 @@ fn kubernetes_container(
 pub const PAUSE_COMMAND: &str = "/pause";
 
 /// The CRI sandbox (pause) container every pod starts with, running
-/// `command`.
-pub fn pause_container(command: &[String]) -> AllowedContainer {
+/// `command`, as the pod's settings make it.
+pub fn pause_container(command: &[String], pod: &PodSettings) -> AllowedContainer {
     AllowedContainer {
         name: "pause".into(),
         sandbox: true,
@@ -327,6 +492,10 @@ pub fn pause_container(command: &[String]) -> AllowedContainer {
         uid: None,
         read_only_root: false,
         no_new_privileges: false,
+        namespaces: pod.sandbox_namespaces(),
+        sysctls: pod.sandbox_sysctls(),
+        device_rules: Vec::new(),
+        seccomp: pod.seccomp,
     }
 }
 
@@ -406,6 +575,51 @@ pub fn from_oci(spec: &Value) -> Result<Derived, PolicyGenError> {
             "config.json masks no paths or makes none read-only: the policy allows privileged containers".into(),
         );
     }
+    let namespaces = linux
+        .and_then(|l| l.get("namespaces"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|ns| {
+            let kind = ns.get("type")?.as_str()?;
+            let joined = ns
+                .get("path")
+                .and_then(Value::as_str)
+                .is_some_and(|p| !p.is_empty());
+            let rule = match (kind, joined) {
+                // The shim drops a network namespace given by path.
+                ("network", true) => return None,
+                ("cgroup", false) => NamespaceRule::NewOrAbsent,
+                (_, false) => NamespaceRule::New,
+                (_, true) => NamespaceRule::Join,
+            };
+            Some((kind.to_owned(), rule))
+        })
+        .collect();
+    let sysctls = linux
+        .and_then(|l| l.get("sysctl"))
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned())))
+        .collect();
+    let device_rules = linux
+        .and_then(|l| l.pointer("/resources/devices"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(DeviceCgroupRule::from_oci)
+        .collect();
+    // A profile that refuses something is required when the spec has one;
+    // its text is not pinned.
+    let seccomp = if linux
+        .and_then(|l| l.get("seccomp"))
+        .is_some_and(seccomp_refuses_something)
+    {
+        SeccompRule::Localhost
+    } else {
+        SeccompRule::Any
+    };
     derived.containers.push(AllowedContainer {
         name: "config.json".into(),
         sandbox,
@@ -421,6 +635,10 @@ pub fn from_oci(spec: &Value) -> Result<Derived, PolicyGenError> {
             .and_then(|u| u32::try_from(u).ok()),
         read_only_root: spec.pointer("/root/readonly").and_then(Value::as_bool) == Some(true),
         no_new_privileges: process.get("noNewPrivileges").and_then(Value::as_bool) == Some(true),
+        namespaces,
+        sysctls,
+        device_rules,
+        seccomp,
     });
     Ok(derived)
 }
@@ -540,6 +758,96 @@ mod tests {
             kubelet_hostname(&format!("{}-b", "a".repeat(62))),
             "a".repeat(62)
         );
+    }
+
+    #[test]
+    fn pod_settings_shape_namespaces_sysctls_and_seccomp() {
+        let pod = json!({"kind": "Pod", "spec": {
+        "hostNetwork": true, "hostPID": true,
+        "securityContext": {"sysctls": [{"name": "kernel.shm_rmid_forced", "value": "1"}],
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {"name": "a", "image": "x"},
+            {"name": "b", "image": "x",
+             "securityContext": {"seccompProfile": {"type": "Unconfined"}}}
+        ]}});
+
+        let derived = from_kubernetes(&pod).unwrap();
+        let settings = derived.pod.unwrap();
+        let pause = pause_container(&["/pause".to_owned()], &settings);
+
+        let kinds = |c: &AllowedContainer| c.namespaces.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(kinds(&pause), ["cgroup", "ipc", "mount"]);
+        assert_eq!(derived.containers[0].namespaces["pid"], NamespaceRule::Join);
+        assert_eq!(derived.containers[0].namespaces["ipc"], NamespaceRule::Join);
+        // hostNetwork: no containerd sysctls.
+        assert_eq!(
+            pause.sysctls.into_iter().collect::<Vec<_>>(),
+            [("kernel.shm_rmid_forced".to_owned(), "1".to_owned())]
+        );
+        assert_eq!(pause.seccomp, SeccompRule::RuntimeDefault);
+        assert_eq!(derived.containers[0].seccomp, SeccompRule::RuntimeDefault);
+        assert_eq!(derived.containers[1].seccomp, SeccompRule::Any);
+    }
+
+    #[test]
+    fn plain_pod_sandbox_gets_its_own_namespaces_and_containerds_sysctls() {
+        let pod = json!({"kind": "Pod", "spec": {"containers": [{"name": "a", "image": "x"}]}});
+
+        let derived = from_kubernetes(&pod).unwrap();
+        let pause = pause_container(&["/pause".to_owned()], derived.pod.as_ref().unwrap());
+
+        assert_eq!(pause.namespaces["pid"], NamespaceRule::New);
+        assert_eq!(pause.namespaces["uts"], NamespaceRule::New);
+        assert_eq!(derived.containers[0].namespaces["pid"], NamespaceRule::New);
+        assert!(!derived.containers[0].namespaces.contains_key("network"));
+        assert_eq!(pause.sysctls.len(), CONTAINERD_SANDBOX_SYSCTLS.len());
+        assert!(derived.containers[0].sysctls.is_empty());
+    }
+
+    #[test]
+    fn config_json_pins_its_namespaces_sysctls_device_rules_and_seccomp() {
+        let spec = json!({
+            "process": {"args": ["sh"]},
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                               {"type": "network", "path": "/var/run/netns/x"}, {"type": "cgroup"}],
+                "sysctl": {"net.ipv4.ip_forward": "1"},
+                "resources": {"devices": [{"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm"}]},
+                "seccomp": {"defaultAction": "SCMP_ACT_ALLOW",
+                            "syscalls": [{"names": ["reboot"], "action": "SCMP_ACT_ERRNO"}]},
+                "maskedPaths": ["/proc/kcore"], "readonlyPaths": ["/proc/sys"]
+            }
+        });
+
+        let derived = from_oci(&spec).unwrap();
+        let c = &derived.containers[0];
+
+        assert_eq!(
+            c.namespaces
+                .iter()
+                .map(|(k, r)| (k.as_str(), *r))
+                .collect::<Vec<_>>(),
+            [
+                ("cgroup", NamespaceRule::NewOrAbsent),
+                ("ipc", NamespaceRule::Join),
+                ("pid", NamespaceRule::New)
+            ]
+        );
+        assert_eq!(c.sysctls["net.ipv4.ip_forward"], "1");
+        assert_eq!(
+            c.device_rules,
+            [DeviceCgroupRule {
+                allow: true,
+                kind: "c".into(),
+                major: 10,
+                minor: 200,
+                access: "rwm".into()
+            }]
+        );
+        assert_eq!(c.seccomp, SeccompRule::Localhost);
+        let no_op = json!({"defaultAction": "SCMP_ACT_ALLOW"});
+        assert!(!seccomp_refuses_something(&no_op));
     }
 
     #[test]

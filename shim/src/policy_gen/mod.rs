@@ -5,7 +5,26 @@
 //!
 //! - CreateContainer: what the pod's containers may be: images, commands,
 //!   environment, mounts, capabilities, user, devices, privileged or not
-//!   (and never OCI hooks, which would run as root in the guest).
+//!   (and never OCI hooks, which would run as root in the guest); and
+//!   - linux.namespaces exactly as CRI and the shim make them for the pod
+//!     ([`data::NamespaceRule`] per kind): a workload container its own
+//!     mount and pid namespaces, the sandbox container's ipc and uts by
+//!     `/proc/<pid>/ns/<kind>` (pid too under shareProcessNamespace or
+//!     hostPID); the sandbox container its own mount, pid, ipc, uts but
+//!     for those hostPID, hostIPC, hostNetwork (uts) leave to the guest; a
+//!     cgroup namespace or none; never a network (the shim drops CRI's),
+//!     user or time namespace. Which process a joined path names is not
+//!     in the spec (the sandbox's guest pid is known only at run time);
+//!   - linux.sysctl: the pod's securityContext.sysctls with their values
+//!     (the sandbox container also containerd's own two,
+//!     [`manifest::CONTAINERD_SANDBOX_SYSCTLS`]);
+//!   - linux.resources.devices: [`data::default_device_rules`] (deny-all,
+//!     and allow rules granting only what the agent gives every container),
+//!     allow-all for a privileged container; the update rule then keeps
+//!     them as created;
+//!   - linux.seccomp: a profile that refuses by default for RuntimeDefault,
+//!     one that refuses something for Localhost, anything for Unconfined or
+//!     unset ([`data::SeccompRule`]; the syscall list is not checked).
 //! - SetupSandbox: what the shim sends for the pod and nothing more: the
 //!   host name kubelet gives it (the Pod's `hostname` or name; any DNS
 //!   label for a workload's generated pod names), only the shared-folder
@@ -42,7 +61,9 @@ mod rules_tests;
 use base64::Engine as _;
 use serde_json::Value;
 
-use data::{default_mounts, AllowedSandbox, AllowedUpdate, ExecUser, PolicyData};
+use data::{
+    default_device_rules, default_mounts, AllowedSandbox, AllowedUpdate, ExecUser, PolicyData,
+};
 
 /// The fixed rules every generated policy starts with.
 pub const RULES: &str = include_str!("rules.rego");
@@ -163,13 +184,17 @@ pub fn generate(sources: &Sources, options: &GenerateOptions) -> Result<Generate
         exec_commands: options.exec_commands.clone(),
         exec_users: options.exec_users.clone(),
         devices: Vec::new(),
+        default_device_rules: default_device_rules(),
         allow_privileged: false,
         allow_stdio_read: options.allow_stdio_read,
         allow_stdin: options.allow_stdin,
     };
-    if !sources.kubernetes.is_empty() {
-        data.containers
-            .push(manifest::pause_container(&options.pause_command));
+    // One sandbox container per distinct pod make-up.
+    for pod in derived.iter().filter_map(|d| d.pod.as_ref()) {
+        let pause = manifest::pause_container(&options.pause_command, pod);
+        if !data.containers.contains(&pause) {
+            data.containers.push(pause);
+        }
     }
     let mut warnings = Vec::new();
     for d in derived {
@@ -237,6 +262,13 @@ mod tests {
         );
         assert_eq!(data["update"]["resources"][0], "memory");
         assert_eq!(data["allow_privileged"], false);
+        assert_eq!(
+            data["default_device_rules"][0],
+            json!({"allow": false, "type": "a", "major": -1, "minor": -1, "access": "rwm"})
+        );
+        assert_eq!(data["containers"][0]["namespaces"]["pid"], "new");
+        assert_eq!(data["containers"][1]["namespaces"]["ipc"], "join");
+        assert_eq!(data["containers"][1]["seccomp"], "any");
     }
 
     #[test]

@@ -34,6 +34,10 @@ container_matches(allowed, created) if {
 	user_matches(allowed, created)
 	root_matches(allowed, created)
 	no_new_privileges_matches(allowed, oci_process(created))
+	namespaces_match(allowed, created)
+	sysctls_match(allowed, created)
+	device_rules_match(allowed, created)
+	seccomp_matches(allowed, created)
 }
 
 oci_process(created) := object.get(created.oci, "process", {})
@@ -134,6 +138,122 @@ capabilities_match(allowed, created) if {
 	every cap in process_capabilities(oci_process(created)) {
 		cap in allowed.capabilities
 	}
+}
+
+# linux.namespaces: each type at most once, each as allowed.namespaces
+# says ("new": without a path; "join": the path /proc/<pid>/ns/<kind>, as
+# CRI names the sandbox container's; "new_or_absent"), every "new" and
+# "join" one present, no other type. Which process a joined path's pid is
+# cannot be told from the spec: the sandbox container's guest pid is known
+# only once it runs.
+oci_namespaces(created) := object.get(oci_linux(created), "namespaces", [])
+
+namespace_path(ns) := object.get(ns, "path", "")
+
+proc_ns_names := {"ipc": "ipc", "uts": "uts", "pid": "pid", "mount": "mnt", "network": "net", "cgroup": "cgroup", "user": "user", "time": "time"}
+
+namespace_allowed(allowed, ns) if {
+	object.get(allowed.namespaces, ns.type, "") in {"new", "new_or_absent"}
+	namespace_path(ns) == ""
+}
+
+namespace_allowed(allowed, ns) if {
+	object.get(allowed.namespaces, ns.type, "") == "join"
+	regex.match(sprintf("^/proc/[1-9][0-9]*/ns/%s$", [proc_ns_names[ns.type]]), namespace_path(ns))
+}
+
+namespace_present(kind, created) if {
+	some ns in oci_namespaces(created)
+	ns.type == kind
+}
+
+namespaces_match(allowed, created) if {
+	namespaces := oci_namespaces(created)
+	count({ns.type | some ns in namespaces}) == count(namespaces)
+	every ns in namespaces {
+		namespace_allowed(allowed, ns)
+	}
+	every kind, rule in allowed.namespaces {
+		namespace_required_present(kind, rule, created)
+	}
+}
+
+# "absent": an entry that does not list the type (for the reasons).
+namespace_required_present(_, rule, _) if rule in {"new_or_absent", "absent"}
+
+namespace_required_present(kind, rule, created) if {
+	rule in {"new", "join"}
+	namespace_present(kind, created)
+}
+
+# linux.sysctl: only names the entry lists, with its values.
+oci_sysctls(created) := object.get(oci_linux(created), "sysctl", {})
+
+sysctls_match(allowed, created) if {
+	every name, value in oci_sysctls(created) {
+		object.get(allowed.sysctls, name, null) == value
+	}
+}
+
+# linux.resources.devices: each rule, its defaults filled in, one of the
+# rules any container may carry or one the entry adds (the agent starts
+# from deny-all, so no rules at all is deny-all too). The update rule
+# keeps them as created.
+oci_device_rules(created) := object.get(object.get(oci_linux(created), "resources", {}), "devices", [])
+
+device_rule_number(rule, key) := -1 if object.get(rule, key, null) == null
+
+device_rule_number(rule, key) := rule[key] if object.get(rule, key, null) != null
+
+normalised_device_rule(rule) := {
+	"allow": object.get(rule, "allow", false),
+	"type": object.get(rule, "type", "a"),
+	"major": device_rule_number(rule, "major"),
+	"minor": device_rule_number(rule, "minor"),
+	"access": object.get(rule, "access", ""),
+}
+
+device_rule_allowed(allowed, rule) if normalised_device_rule(rule) in policy_data.default_device_rules
+
+device_rule_allowed(allowed, rule) if normalised_device_rule(rule) in allowed.device_rules
+
+device_rules_match(allowed, created) if {
+	every rule in oci_device_rules(created) {
+		device_rule_allowed(allowed, rule)
+	}
+}
+
+# linux.seccomp: for RuntimeDefault a profile whose default action refuses
+# (the runtime's allows a list and refuses the rest); for Localhost one
+# that refuses something (its text is on the node, not in the manifest).
+# Which syscalls it lists is not checked.
+oci_seccomp(created) := object.get(oci_linux(created), "seccomp", null)
+
+permissive_actions := {"SCMP_ACT_ALLOW", "SCMP_ACT_LOG"}
+
+seccomp_default_refuses(profile) if {
+	is_object(profile)
+	not object.get(profile, "defaultAction", "SCMP_ACT_ALLOW") in permissive_actions
+}
+
+seccomp_refuses_something(profile) if seccomp_default_refuses(profile)
+
+seccomp_refuses_something(profile) if {
+	is_object(profile)
+	some syscall in object.get(profile, "syscalls", [])
+	not object.get(syscall, "action", "SCMP_ACT_ALLOW") in permissive_actions
+}
+
+seccomp_matches(allowed, created) if allowed.seccomp == "any"
+
+seccomp_matches(allowed, created) if {
+	allowed.seccomp == "runtime_default"
+	seccomp_default_refuses(oci_seccomp(created))
+}
+
+seccomp_matches(allowed, created) if {
+	allowed.seccomp == "localhost"
+	seccomp_refuses_something(oci_seccomp(created))
 }
 
 # This request's spec, for the rules below and the reasons.
@@ -251,6 +371,88 @@ deny_reasons contains "noNewPrivileges must be set" if {
 	every c in image_candidates {
 		not no_new_privileges_matches(c, spec_process)
 	}
+}
+
+namespace_text(ns) := sprintf("%v (path %q)", [ns.type, namespace_path(ns)]) if namespace_path(ns) != ""
+
+namespace_text(ns) := sprintf("%v (new)", [ns.type]) if namespace_path(ns) == ""
+
+deny_reasons contains sprintf("namespace %v is not allowed", [namespace_text(ns)]) if {
+	input.oci
+	count(image_candidates) > 0
+	some ns in oci_namespaces(input)
+	every c in image_candidates {
+		not namespace_allowed(c, ns)
+	}
+}
+
+deny_reasons contains sprintf("namespace %v is listed twice", [kind]) if {
+	input.oci
+	some i, first in oci_namespaces(input)
+	some j, second in oci_namespaces(input)
+	i < j
+	first.type == second.type
+	kind := first.type
+}
+
+namespace_rule_text := {"new": "its own", "join": "the pod's"}
+
+deny_reasons contains sprintf("the %v namespace is missing: the manifest gives the container %v", [kind, namespace_rule_text[rule]]) if {
+	input.oci
+	count(image_candidates) > 0
+	some c in image_candidates
+	some kind, rule in c.namespaces
+	rule != "new_or_absent"
+	not namespace_present(kind, input)
+	every other in image_candidates {
+		not namespace_required_present(kind, object.get(other.namespaces, kind, "absent"), input)
+	}
+}
+
+deny_reasons contains sprintf("sysctl %v=%q is not allowed", [name, value]) if {
+	input.oci
+	count(image_candidates) > 0
+	some name, value in oci_sysctls(input)
+	every c in image_candidates {
+		object.get(c.sysctls, name, null) != value
+	}
+}
+
+device_rule_text(rule) := text if {
+	r := normalised_device_rule(rule)
+	verdict := {true: "allow", false: "deny"}[r.allow]
+	text := sprintf("%v %v:%v %v (%v)", [
+		r.type,
+		device_rule_number_text(r.major), device_rule_number_text(r.minor),
+		r.access, verdict,
+	])
+}
+
+device_rule_number_text(n) := "*" if n == -1
+
+device_rule_number_text(n) := sprintf("%v", [n]) if n != -1
+
+deny_reasons contains sprintf("device cgroup rule %v is not allowed", [device_rule_text(rule)]) if {
+	input.oci
+	count(image_candidates) > 0
+	some rule in oci_device_rules(input)
+	every c in image_candidates {
+		not device_rule_allowed(c, rule)
+	}
+}
+
+seccomp_requirement := {
+	"runtime_default": "a seccomp profile whose default action refuses (seccompProfile RuntimeDefault)",
+	"localhost": "a seccomp profile that refuses something (seccompProfile Localhost)",
+}
+
+deny_reasons contains sprintf("the container must have %v", [seccomp_requirement[c.seccomp]]) if {
+	input.oci
+	count(image_candidates) > 0
+	every other in image_candidates {
+		not seccomp_matches(other, input)
+	}
+	some c in image_candidates
 }
 
 deny_reasons contains "OCI hooks are not allowed" if {

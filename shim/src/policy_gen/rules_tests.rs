@@ -59,6 +59,7 @@ fn app_spec() -> Value {
         "root": {"path": "rootfs"},
         "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
         "linux": {
+            "namespaces": container_namespaces(),
             "maskedPaths": ["/proc/kcore"],
             "readonlyPaths": ["/proc/sys"],
             "resources": {"devices": device_rules()}
@@ -66,11 +67,49 @@ fn app_spec() -> Value {
     })
 }
 
-/// The agent's policy store under the policy generated from POD, with the
-/// manifest's container `app` created.
-fn policy_with_app(options: GenerateOptions) -> AgentPolicy {
+/// A container's namespaces as CRI names them and the shim passes them
+/// on: its own pid and mount namespaces, the sandbox container's (guest
+/// pid 42) ipc and uts; CRI's network namespace path is dropped.
+fn container_namespaces() -> Value {
+    json!([
+        {"type": "pid"},
+        {"type": "ipc", "path": "/proc/42/ns/ipc"},
+        {"type": "uts", "path": "/proc/42/ns/uts"},
+        {"type": "mount"}
+    ])
+}
+
+/// The sandbox (pause) container as containerd 2 makes it: its own
+/// namespaces, its own sysctls, deny-all device rules.
+fn pause_spec() -> Value {
+    json!({
+        "ociVersion": "1.1.0",
+        "annotations": {"io.kubernetes.cri.container-type": "sandbox"},
+        "hostname": "web",
+        "process": {
+            "args": ["/pause"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": ["CAP_CHOWN"]}
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "sysctl": {
+                "net.ipv4.ip_unprivileged_port_start": "0",
+                "net.ipv4.ping_group_range": "0 2147483647"
+            },
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"],
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]}
+        }
+    })
+}
+
+/// The agent's policy store under the policy generated from `pod_yaml`.
+fn policy_from(pod_yaml: &str, options: GenerateOptions) -> AgentPolicy {
     let sources = Sources {
-        kubernetes: vec![serde_yaml::from_str(POD).unwrap()],
+        kubernetes: vec![serde_yaml::from_str(pod_yaml).unwrap()],
         oci: Vec::new(),
     };
     let generated = generate(&sources, &options).unwrap();
@@ -78,6 +117,21 @@ fn policy_with_app(options: GenerateOptions) -> AgentPolicy {
     let mut set = agent::SetPolicyRequest::new();
     set.policy = generated.rego;
     policy.set_from_host(&set).unwrap();
+    policy
+}
+
+/// The CreateContainer decision on `spec`.
+fn create(policy: &AgentPolicy, spec: &Value) -> Result<(), PolicyDenial> {
+    let mut request = agent::CreateContainerRequest::new();
+    request.container_id = "c".into();
+    request.oci_spec_json = serde_json::to_vec(spec).unwrap();
+    policy.check(&request)
+}
+
+/// The agent's policy store under the policy generated from POD, with the
+/// manifest's container `app` created.
+fn policy_with_app(options: GenerateOptions) -> AgentPolicy {
+    let policy = policy_from(POD, options);
     let mut create = agent::CreateContainerRequest::new();
     create.container_id = "app".into();
     create.oci_spec_json = serde_json::to_vec(&app_spec()).unwrap();
@@ -295,4 +349,240 @@ fn exec_user_option_grants_that_user_in_every_container() {
         denied(root_with_other_gid).contains(": exec as user 0:5 (groups []) is not allowed"),
         "gid"
     );
+}
+
+/// `spec` with `edit` applied to its linux section.
+fn edited(mut spec: Value, edit: impl FnOnce(&mut Value)) -> Value {
+    edit(&mut spec["linux"]);
+    spec
+}
+
+const CREATE_DENIED: &str =
+    "CreateContainerRequest denied by policy rule data.agent_policy.CreateContainerRequest: ";
+
+#[test]
+fn namespaces_must_be_the_ones_cri_gives_a_pod_container() {
+    let policy = policy_from(POD, GenerateOptions::default());
+    let pid_shared_with_guest = edited(app_spec(), |l| {
+        l["namespaces"].as_array_mut().unwrap().remove(0);
+    });
+    let guest_pid_namespace = edited(app_spec(), |l| {
+        l["namespaces"][0]["path"] = "/proc/1/ns/pid".into();
+    });
+    let other_path = edited(app_spec(), |l| {
+        l["namespaces"][1]["path"] = "/run/netns/other".into();
+    });
+    let network_by_path = edited(app_spec(), |l| {
+        l["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "network", "path": "/var/run/netns/cni-1"}));
+    });
+    let twice = edited(app_spec(), |l| {
+        l["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "pid"}));
+    });
+    let with_cgroup = edited(app_spec(), |l| {
+        l["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "cgroup"}));
+    });
+
+    assert_eq!(create(&policy, &app_spec()), Ok(()));
+    assert_eq!(create(&policy, &with_cgroup), Ok(()));
+    assert_eq!(create(&policy, &pause_spec()), Ok(()));
+    assert_eq!(
+        denied(create(&policy, &pid_shared_with_guest)),
+        format!(
+            "{CREATE_DENIED}the pid namespace is missing: the manifest gives the container its own"
+        )
+    );
+    assert_eq!(
+        denied(create(&policy, &guest_pid_namespace)),
+        format!("{CREATE_DENIED}namespace pid (path \"/proc/1/ns/pid\") is not allowed")
+    );
+    assert!(
+        denied(create(&policy, &other_path))
+            .ends_with(": namespace ipc (path \"/run/netns/other\") is not allowed"),
+        "ipc path"
+    );
+    assert!(
+        denied(create(&policy, &network_by_path))
+            .ends_with(": namespace network (path \"/var/run/netns/cni-1\") is not allowed"),
+        "network"
+    );
+    assert!(
+        denied(create(&policy, &twice)).contains(": namespace pid is listed twice"),
+        "twice"
+    );
+}
+
+#[test]
+fn host_namespaces_in_the_manifest_let_the_sandbox_container_go_without() {
+    let host_pod = POD.replace("spec:\n", "spec:\n  hostPID: true\n  hostIPC: true\n");
+    let host = policy_from(&host_pod, GenerateOptions::default());
+    let normal = policy_from(POD, GenerateOptions::default());
+    let sandbox_on_the_guest = edited(pause_spec(), |l| {
+        l["namespaces"] = json!([{"type": "uts"}, {"type": "mount"}]);
+    });
+
+    assert_eq!(create(&host, &sandbox_on_the_guest), Ok(()));
+    // What CRI sends for hostPID and hostIPC: no pid or ipc namespace of
+    // the sandbox's own.
+    assert_eq!(
+        denied(create(&host, &pause_spec())),
+        format!(
+            "{CREATE_DENIED}namespace ipc (new) is not allowed; namespace pid (new) is not allowed"
+        )
+    );
+    let refused = denied(create(&normal, &sandbox_on_the_guest));
+    assert!(
+        refused.contains("the ipc namespace is missing: the manifest gives the container its own")
+            && refused.contains("the pid namespace is missing"),
+        "{refused}"
+    );
+}
+
+const SYSCTL_POD: &str = r#"
+kind: Pod
+metadata:
+  name: web
+spec:
+  securityContext:
+    sysctls:
+    - name: kernel.shm_rmid_forced
+      value: "1"
+    seccompProfile:
+      type: RuntimeDefault
+  containers:
+  - name: app
+    image: busybox:1.36
+    command: ["sleep", "3600"]
+    env:
+    - name: MODE
+      value: prod
+    securityContext:
+      runAsUser: 1000
+      allowPrivilegeEscalation: false
+      capabilities:
+        drop: ["ALL"]
+        add: ["NET_BIND_SERVICE"]
+"#;
+
+/// containerd's default seccomp profile, abridged: a list allowed, the
+/// rest refused.
+fn runtime_default_profile() -> Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"}]
+    })
+}
+
+fn confined(spec: Value) -> Value {
+    edited(spec, |l| l["seccomp"] = runtime_default_profile())
+}
+
+#[test]
+fn sysctls_are_the_manifests_with_its_values() {
+    let policy = policy_from(SYSCTL_POD, GenerateOptions::default());
+    let with_pods = |value: &str| {
+        edited(confined(app_spec()), |l| {
+            l["sysctl"] = json!({"kernel.shm_rmid_forced": value});
+        })
+    };
+    let pause_with_pods = edited(confined(pause_spec()), |l| {
+        l["sysctl"]["kernel.shm_rmid_forced"] = "1".into();
+    });
+    let extra = edited(with_pods("1"), |l| {
+        l["sysctl"]["kernel.core_pattern"] = "|/bin/sh".into();
+    });
+    let normal = policy_from(POD, GenerateOptions::default());
+
+    assert_eq!(create(&policy, &with_pods("1")), Ok(()));
+    assert_eq!(create(&policy, &pause_with_pods), Ok(()));
+    assert_eq!(
+        denied(create(&policy, &with_pods("0"))),
+        format!("{CREATE_DENIED}sysctl kernel.shm_rmid_forced=\"0\" is not allowed")
+    );
+    assert_eq!(
+        denied(create(&policy, &extra)),
+        format!("{CREATE_DENIED}sysctl kernel.core_pattern=\"|/bin/sh\" is not allowed")
+    );
+    // containerd's own sysctls are the sandbox container's, not others'.
+    let app_with_containerds = edited(app_spec(), |l| {
+        l["sysctl"] = pause_spec()["linux"]["sysctl"].clone();
+    });
+    assert!(
+        denied(create(&normal, &app_with_containerds))
+            .contains(": sysctl net.ipv4.ip_unprivileged_port_start=\"0\" is not allowed"),
+        "containerd's sysctls on a workload container"
+    );
+}
+
+#[test]
+fn device_rules_and_devices_are_only_the_defaults() {
+    let policy = policy_from(POD, GenerateOptions::default());
+    let all_devices = edited(app_spec(), |l| {
+        l["resources"]["devices"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"allow": true, "type": "a", "access": "rwm"}));
+    });
+    let disk = edited(app_spec(), |l| {
+        l["resources"]["devices"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"allow": true, "type": "b", "major": 253, "minor": 0, "access": "rw"}));
+    });
+    let no_rules = edited(app_spec(), |l| l["resources"] = json!({}));
+    let node = edited(app_spec(), |l| {
+        l["devices"] = json!([{"path": "/dev/vda", "type": "b", "major": 253, "minor": 0}]);
+    });
+
+    assert_eq!(create(&policy, &no_rules), Ok(()));
+    assert_eq!(
+        denied(create(&policy, &all_devices)),
+        format!("{CREATE_DENIED}device cgroup rule a *:* rwm (allow) is not allowed")
+    );
+    assert_eq!(
+        denied(create(&policy, &disk)),
+        format!("{CREATE_DENIED}device cgroup rule b 253:0 rw (allow) is not allowed")
+    );
+    assert_eq!(
+        denied(create(&policy, &node)),
+        format!("{CREATE_DENIED}device /dev/vda is not allowed")
+    );
+}
+
+#[test]
+fn runtime_default_seccomp_needs_a_refusing_profile() {
+    let policy = policy_from(SYSCTL_POD, GenerateOptions::default());
+    let with_pods = |spec: Value| {
+        edited(spec, |l| {
+            l["sysctl"] = json!({"kernel.shm_rmid_forced": "1"});
+        })
+    };
+    let allow_all = edited(with_pods(app_spec()), |l| {
+        l["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW"});
+    });
+    let unconfined_pod = SYSCTL_POD.replace("RuntimeDefault", "Unconfined");
+    let unconfined = policy_from(&unconfined_pod, GenerateOptions::default());
+
+    assert_eq!(create(&policy, &confined(with_pods(app_spec()))), Ok(()));
+    assert_eq!(
+        denied(create(&policy, &with_pods(app_spec()))),
+        format!(
+            "{CREATE_DENIED}the container must have a seccomp profile whose default action \
+             refuses (seccompProfile RuntimeDefault)"
+        )
+    );
+    assert!(
+        denied(create(&policy, &allow_all)).ends_with("(seccompProfile RuntimeDefault)"),
+        "allow-all profile"
+    );
+    assert_eq!(create(&unconfined, &with_pods(app_spec())), Ok(()));
 }
