@@ -83,8 +83,9 @@ enum PolicyCommand {
         /// container's own; the gid defaults to the uid; repeatable.
         #[arg(long = "exec-user", value_name = "UID[:GID]")]
         exec_user: Vec<cloister_shim::policy_gen::data::ExecUser>,
-        /// Another environment variable name (regular expression) the
-        /// containers may have, e.g. the image's own; repeatable.
+        /// Another environment variable name the containers (and exec)
+        /// may have, e.g. the image's own: a regular expression the whole
+        /// name must match (`LANG|LC_.*`); repeatable.
         #[arg(long = "allow-env", value_name = "REGEX")]
         allow_env: Vec<String>,
         /// Refuse the host reading stdout/stderr.

@@ -103,8 +103,9 @@ pub struct GenerateOptions {
     /// Users an exec may run as in any container, besides the container's
     /// own.
     pub exec_users: Vec<ExecUser>,
-    /// Extra environment variable names accepted (regular expressions,
-    /// anchored by the caller or not).
+    /// Extra environment variable names accepted: regular expressions
+    /// the whole name must match (anchored here, so `PRE` admits `PRE`,
+    /// never `LD_PRELOAD`).
     pub allow_env: Vec<String>,
     pub allow_stdio_read: bool,
     pub allow_stdin: bool,
@@ -206,7 +207,7 @@ pub fn generate(sources: &Sources, options: &GenerateOptions) -> Result<Generate
     for container in &mut data.containers {
         container
             .env_extra_names
-            .extend(options.allow_env.iter().cloned());
+            .extend(options.allow_env.iter().map(|p| format!("^(?:{p})$")));
     }
     data.devices.sort();
     data.devices.dedup();

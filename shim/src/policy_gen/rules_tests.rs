@@ -586,3 +586,29 @@ fn runtime_default_seccomp_needs_a_refusing_profile() {
     );
     assert_eq!(create(&unconfined, &with_pods(app_spec())), Ok(()));
 }
+
+#[test]
+fn allow_env_patterns_match_whole_names() {
+    let policy = policy_from(
+        POD,
+        GenerateOptions {
+            allow_env: vec!["PRE".into(), "LANG|LC_.*".into()],
+            ..GenerateOptions::default()
+        },
+    );
+    let with_env = |extra: &str| {
+        let mut spec = app_spec();
+        spec["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!(extra));
+        spec
+    };
+
+    assert_eq!(create(&policy, &with_env("PRE=1")), Ok(()));
+    assert_eq!(create(&policy, &with_env("LANG=C")), Ok(()));
+    assert_eq!(create(&policy, &with_env("LC_ALL=C")), Ok(()));
+    // Unanchored, "PRE" would have let in LD_PRELOAD.
+    assert!(create(&policy, &with_env("LD_PRELOAD=/tmp/x.so")).is_err());
+    assert!(create(&policy, &with_env("XLANG=C")).is_err());
+}
