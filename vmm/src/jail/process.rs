@@ -337,10 +337,8 @@ mod tests {
     fn link_and_supervisor_end() -> (SupervisorLink, OwnedFd) {
         let mut ends = [0 as libc::c_int; 2];
         // SAFETY: pipe2 writes two new fds into `ends`.
-        assert_eq!(
-            unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
-            0
-        );
+        let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
         // SAFETY: both fds were just created and are owned by nothing else.
         unsafe {
             (
