@@ -171,8 +171,9 @@ impl AgentService for AgentServer {
                 })?;
         }
         let pid = self.manager.create(request).await.map_err(to_status)?;
-        // What the policy allowed it as: exec and update rules read it.
-        self.policy.remember_created(&id, decided);
+        // What the policy allowed it as: exec and update rules read it;
+        // its init pid: later containers' namespace paths resolve to it.
+        self.policy.remember_created(&id, decided, pid.as_raw());
         let mut response = agent::CreateContainerResponse::new();
         response.pid = u32::try_from(pid.as_raw()).unwrap_or(0);
         Ok(response)

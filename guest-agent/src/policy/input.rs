@@ -27,6 +27,16 @@
 //!   agent created no such container. What an exec or an update may do
 //!   depends on what the container was allowed to be (its user, its
 //!   environment, its device rules), which the request alone does not say.
+//! - `CreateContainerRequest.namespace_owners` is added by the agent, not
+//!   sent by the host: for each `oci.linux.namespaces[].path` of the form
+//!   `/proc/<pid>/ns/<name>`, `{"container_id", "sandbox"}` of the live
+//!   container this agent created whose init process is `<pid>` (`sandbox`:
+//!   its spec carried `io.kubernetes.cri.container-type` = `"sandbox"`),
+//!   or `null` when `<pid>` is no such container's init (`/proc/1/ns/ipc`
+//!   is the guest's own namespace); `{}` when no path has that form. So a
+//!   rule can require that a container joins the pod's sandbox container,
+//!   which the path's form alone does not say. A container stays an owner
+//!   until it is removed.
 //! - Stdio streams, which are not RPCs, are decided as `ReadStreamRequest`
 //!   (the host reads stdout/stderr) and `WriteStreamRequest` (the host
 //!   writes stdin), input `{"container_id", "exec_id", "stream"}` with
@@ -62,6 +72,12 @@ pub trait PolicyRequest {
     /// requests whose rules need no more than the request.
     fn created_container(&self) -> Option<&str> {
         None
+    }
+
+    /// Whether the agent adds `namespace_owners` (the container owning each
+    /// `/proc/<pid>/ns/...` path of `oci.linux.namespaces`) to the input.
+    fn joins_namespaces(&self) -> bool {
+        false
     }
 }
 
@@ -118,6 +134,10 @@ impl PolicyRequest for agent::CreateContainerRequest {
             "rootfs": rootfs_json(self.rootfs.as_ref()),
             "stdio": stdio_json(self.stdio.as_ref()),
         }))
+    }
+
+    fn joins_namespaces(&self) -> bool {
+        true
     }
 }
 

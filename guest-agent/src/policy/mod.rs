@@ -7,12 +7,15 @@
 //! - [`input`]: the JSON document each request becomes (`input` in Rego).
 //! - [`engine`]: compiling a policy and deciding one request; denials name
 //!   the request and the rule, plus the policy's `deny_reasons`.
+//! - [`namespaces`]: which created container owns each namespace path a
+//!   new container's spec joins (`CreateContainerRequest.namespace_owners`).
 //! - [`store`]: the policy in force, `SetPolicy` from the host, the
 //!   locked install from init-data for confidential pods, and what each
 //!   live container was created with (exec and update rules read it).
 
 pub mod engine;
 pub mod input;
+pub mod namespaces;
 pub mod store;
 
 pub use engine::{PolicyCompileError, PolicyDenial, PolicyEngine};

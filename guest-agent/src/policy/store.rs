@@ -10,7 +10,10 @@
 //!
 //! It also remembers, for each container it let the agent create, the
 //! input that creation was decided on: exec and update rules read it as
-//! `input.container` (see [`super::input`]), whichever policy is in force.
+//! `input.container` (see [`super::input`]), whichever policy is in force,
+//! and its init pid: a CreateContainer input's `namespace_owners` says
+//! which of these containers each joined `/proc/<pid>/ns/...` path names
+//! (see [`super::namespaces`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -20,6 +23,7 @@ use serde_json::Value;
 
 use super::engine::{PolicyCompileError, PolicyDenial, PolicyEngine};
 use super::input::{PolicyRequest, StreamRequest};
+use super::namespaces::{namespace_owners, KnownContainer};
 
 /// The built-in default policy.
 pub const DEFAULT_POLICY: &str = include_str!("default.rego");
@@ -54,6 +58,14 @@ pub enum SetPolicyError {
     Compile(#[from] PolicyCompileError),
 }
 
+/// What the agent remembers of a container it created.
+struct Created {
+    /// The `CreateContainerRequest` input the policy allowed it with.
+    input: Value,
+    /// Its init process's pid in the agent's pid namespace.
+    init_pid: i32,
+}
+
 struct Installed {
     engine: Arc<PolicyEngine>,
     origin: PolicyOrigin,
@@ -62,8 +74,8 @@ struct Installed {
 /// The agent's policy, shared by the ttrpc service and the stdio listener.
 pub struct AgentPolicy {
     installed: RwLock<Installed>,
-    /// The `CreateContainerRequest` input of each live container, by id.
-    created: Mutex<HashMap<String, Value>>,
+    /// Each live container's creation input and init pid, by id.
+    created: Mutex<HashMap<String, Created>>,
 }
 
 impl std::fmt::Debug for AgentPolicy {
@@ -138,16 +150,29 @@ impl AgentPolicy {
             request: R::RULE,
             error: e.to_string(),
         })?;
+        // Fields the agent adds: computed here, after the host's request
+        // is parsed, from what only the agent knows; the host's bytes all
+        // sit under other names (`oci`, `process`, …), so they cannot
+        // supply or shadow these.
+        let created = self.created.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut added = Vec::new();
         if let Some(id) = request.created_container() {
-            let created = self
-                .created
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(id)
-                .cloned()
-                .unwrap_or(Value::Null);
-            if let Value::Object(fields) = &mut input {
-                fields.insert("container".to_owned(), created);
+            let container = created.get(id).map_or(Value::Null, |c| c.input.clone());
+            added.push(("container", container));
+        }
+        if request.joins_namespaces() {
+            let known = created.iter().map(|(id, c)| KnownContainer {
+                id,
+                init_pid: c.init_pid,
+                create_input: &c.input,
+            });
+            let oci = input.get("oci").unwrap_or(&Value::Null);
+            added.push(("namespace_owners", namespace_owners(oci, known)));
+        }
+        drop(created);
+        if let Value::Object(fields) = &mut input {
+            for (name, value) in added {
+                fields.insert(name.to_owned(), value);
             }
         }
         self.current().decide(R::RULE, &input)?;
@@ -155,12 +180,20 @@ impl AgentPolicy {
     }
 
     /// Keeps what container `id` was created with, for the rules of later
-    /// requests that name it.
-    pub fn remember_created(&self, id: &str, create_input: Value) {
+    /// requests that name it, and its init pid, for the `namespace_owners`
+    /// of later containers that join its namespaces. It stays an owner
+    /// until [`AgentPolicy::forget_created`].
+    pub fn remember_created(&self, id: &str, create_input: Value, init_pid: i32) {
         self.created
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.to_owned(), create_input);
+            .insert(
+                id.to_owned(),
+                Created {
+                    input: create_input,
+                    init_pid,
+                },
+            );
     }
 
     /// Container `id` is gone: a later one may reuse its id.
@@ -308,9 +341,9 @@ deny_reasons contains sprintf("container is %v", [input.container])
         policy.set_from_host(&set_request(EXEC_INTO_SLEEP)).unwrap();
         let sleeper = create_request("s", &["sleep", "9"]);
         let created = policy.check_create(&sleeper).unwrap();
-        policy.remember_created("s", created.clone());
+        policy.remember_created("s", created.clone(), 10);
         let other = create_request("o", &["sh"]);
-        policy.remember_created("o", policy.check_create(&other).unwrap());
+        policy.remember_created("o", policy.check_create(&other).unwrap(), 11);
 
         let into_sleeper = policy.check(&exec_request("s"));
         let into_other = policy.check(&exec_request("o")).unwrap_err();
@@ -327,6 +360,80 @@ deny_reasons contains sprintf("container is %v", [input.container])
         );
         assert!(
             after_removal.to_string().ends_with(": container is null"),
+            "{after_removal}"
+        );
+    }
+
+    /// Allows joining an ipc namespace only when the agent resolved its
+    /// path to CRI's sandbox container.
+    const JOIN_SANDBOX_IPC: &str = r#"
+package agent_policy
+default CreateContainerRequest := false
+CreateContainerRequest if {
+	every ns in input.oci.linux.namespaces {
+		input.namespace_owners[ns.path].sandbox == true
+	}
+}
+deny_reasons contains sprintf("owners %v", [input.namespace_owners])
+"#;
+
+    fn joining(id: &str, path: &str, container_type: &str) -> agent::CreateContainerRequest {
+        let mut request = agent::CreateContainerRequest::new();
+        request.container_id = id.into();
+        request.oci_spec_json = serde_json::to_vec(&serde_json::json!({
+            "annotations": {"io.kubernetes.cri.container-type": container_type},
+            "linux": {"namespaces": [{"type": "ipc", "path": path}]}
+        }))
+        .unwrap();
+        request
+    }
+
+    #[test]
+    fn create_input_names_the_container_owning_each_joined_namespace() {
+        let policy = AgentPolicy::built_in().unwrap();
+        // Created under the default policy, which allows anything.
+        let pause = joining("pause", "", "sandbox");
+        policy.remember_created("pause", policy.check_create(&pause).unwrap(), 42);
+        let app = joining("app", "/proc/42/ns/ipc", "container");
+        let app_input = policy.check_create(&app).unwrap();
+        policy.remember_created("app", app_input.clone(), 43);
+        policy
+            .set_from_host(&set_request(JOIN_SANDBOX_IPC))
+            .unwrap();
+
+        let sandboxes = policy.check(&joining("b", "/proc/42/ns/ipc", "container"));
+        let guests = policy
+            .check(&joining("c", "/proc/1/ns/ipc", "container"))
+            .unwrap_err();
+        let apps = policy
+            .check(&joining("d", "/proc/43/ns/ipc", "container"))
+            .unwrap_err();
+        policy.forget_created("pause");
+        let after_removal = policy
+            .check(&joining("e", "/proc/42/ns/ipc", "container"))
+            .unwrap_err();
+
+        assert_eq!(
+            app_input["namespace_owners"],
+            serde_json::json!({"/proc/42/ns/ipc": {"container_id": "pause", "sandbox": true}})
+        );
+        assert_eq!(sandboxes, Ok(()));
+        assert!(
+            guests
+                .to_string()
+                .ends_with(r#": owners {"/proc/1/ns/ipc": null}"#),
+            "{guests}"
+        );
+        assert!(
+            apps.to_string().ends_with(
+                r#": owners {"/proc/43/ns/ipc": {"container_id": "app", "sandbox": false}}"#
+            ),
+            "{apps}"
+        );
+        assert!(
+            after_removal
+                .to_string()
+                .ends_with(r#": owners {"/proc/42/ns/ipc": null}"#),
             "{after_removal}"
         );
     }

@@ -142,25 +142,34 @@ capabilities_match(allowed, created) if {
 
 # linux.namespaces: each type at most once, each as allowed.namespaces
 # says ("new": without a path; "join": the path /proc/<pid>/ns/<kind>, as
-# CRI names the sandbox container's; "new_or_absent"), every "new" and
-# "join" one present, no other type. Which process a joined path's pid is
-# cannot be told from the spec: the sandbox container's guest pid is known
-# only once it runs.
+# CRI names the sandbox container's, where <pid> is the init of the pod's
+# sandbox container; "new_or_absent"), every "new" and "join" one present,
+# no other type. Whose init <pid> is the spec cannot say (/proc/1/ns/ipc
+# has the right form and is the guest's own namespace): the agent adds
+# `namespace_owners`, each such path's container as it resolved the pid
+# (guest-agent/src/policy/namespaces.rs).
 oci_namespaces(created) := object.get(oci_linux(created), "namespaces", [])
 
 namespace_path(ns) := object.get(ns, "path", "")
 
 proc_ns_names := {"ipc": "ipc", "uts": "uts", "pid": "pid", "mount": "mnt", "network": "net", "cgroup": "cgroup", "user": "user", "time": "time"}
 
-namespace_allowed(allowed, ns) if {
+namespace_allowed(allowed, _, ns) if {
 	object.get(allowed.namespaces, ns.type, "") in {"new", "new_or_absent"}
 	namespace_path(ns) == ""
 }
 
-namespace_allowed(allowed, ns) if {
+namespace_allowed(allowed, created, ns) if {
 	object.get(allowed.namespaces, ns.type, "") == "join"
-	regex.match(sprintf("^/proc/[1-9][0-9]*/ns/%s$", [proc_ns_names[ns.type]]), namespace_path(ns))
+	namespace_path_form(ns)
+	namespace_owner(created, ns).sandbox == true
 }
+
+namespace_path_form(ns) if regex.match(sprintf("^/proc/[1-9][0-9]*/ns/%s$", [proc_ns_names[ns.type]]), namespace_path(ns))
+
+# The container whose init the path's pid is, as the agent resolved it
+# (null: no container's).
+namespace_owner(created, ns) := object.get(object.get(created, "namespace_owners", {}), namespace_path(ns), null)
 
 namespace_present(kind, created) if {
 	some ns in oci_namespaces(created)
@@ -171,7 +180,7 @@ namespaces_match(allowed, created) if {
 	namespaces := oci_namespaces(created)
 	count({ns.type | some ns in namespaces}) == count(namespaces)
 	every ns in namespaces {
-		namespace_allowed(allowed, ns)
+		namespace_allowed(allowed, created, ns)
 	}
 	every kind, rule in allowed.namespaces {
 		namespace_required_present(kind, rule, created)
@@ -382,8 +391,27 @@ deny_reasons contains sprintf("namespace %v is not allowed", [namespace_text(ns)
 	count(image_candidates) > 0
 	some ns in oci_namespaces(input)
 	every c in image_candidates {
-		not namespace_allowed(c, ns)
+		not namespace_allowed(c, input, ns)
 	}
+	not namespace_owner_refused(ns)
+}
+
+# A path of the form an entry joins whose pid is not the sandbox's init.
+namespace_owner_refused(ns) if {
+	some c in image_candidates
+	object.get(c.namespaces, ns.type, "") == "join"
+	namespace_path_form(ns)
+	not namespace_owner(input, ns).sandbox == true
+}
+
+namespace_owner_text(ns) := "its pid is no container's init" if {
+	namespace_owner(input, ns) == null
+} else := sprintf("it is container %q's", [namespace_owner(input, ns).container_id])
+
+deny_reasons contains sprintf("namespace %v path %q is not the pod's sandbox container's: %v", [ns.type, namespace_path(ns), namespace_owner_text(ns)]) if {
+	input.oci
+	some ns in oci_namespaces(input)
+	namespace_owner_refused(ns)
 }
 
 deny_reasons contains sprintf("namespace %v is listed twice", [kind]) if {

@@ -68,8 +68,9 @@ fn app_spec() -> Value {
 }
 
 /// A container's namespaces as CRI names them and the shim passes them
-/// on: its own pid and mount namespaces, the sandbox container's (guest
-/// pid 42) ipc and uts; CRI's network namespace path is dropped.
+/// on: its own pid and mount namespaces, the sandbox container's (its
+/// init is guest pid 42, SANDBOX_PID) ipc and uts; CRI's network
+/// namespace path is dropped.
 fn container_namespaces() -> Value {
     json!([
         {"type": "pid"},
@@ -106,7 +107,14 @@ fn pause_spec() -> Value {
     })
 }
 
-/// The agent's policy store under the policy generated from `pod_yaml`.
+/// The guest pid of the sandbox container's init (what CRI's namespace
+/// paths name).
+const SANDBOX_PID: i32 = 42;
+/// The guest pid of the workload container `app`'s init.
+const APP_PID: i32 = 43;
+
+/// The agent's policy store under the policy generated from `pod_yaml`,
+/// with the pod's sandbox container created (its init is SANDBOX_PID).
 fn policy_from(pod_yaml: &str, options: GenerateOptions) -> AgentPolicy {
     let sources = Sources {
         kubernetes: vec![serde_yaml::from_str(pod_yaml).unwrap()],
@@ -114,6 +122,13 @@ fn policy_from(pod_yaml: &str, options: GenerateOptions) -> AgentPolicy {
     };
     let generated = generate(&sources, &options).unwrap();
     let policy = AgentPolicy::built_in().unwrap();
+    // Created under the built-in policy: these tests are about the
+    // requests after it, and a hostPID/hostIPC pod's sandbox differs.
+    let mut pause = agent::CreateContainerRequest::new();
+    pause.container_id = "pause".into();
+    pause.oci_spec_json = serde_json::to_vec(&pause_spec()).unwrap();
+    let created = policy.check_create(&pause).unwrap();
+    policy.remember_created("pause", created, SANDBOX_PID);
     let mut set = agent::SetPolicyRequest::new();
     set.policy = generated.rego;
     policy.set_from_host(&set).unwrap();
@@ -136,7 +151,7 @@ fn policy_with_app(options: GenerateOptions) -> AgentPolicy {
     create.container_id = "app".into();
     create.oci_spec_json = serde_json::to_vec(&app_spec()).unwrap();
     let created = policy.check_create(&create).unwrap();
-    policy.remember_created("app", created);
+    policy.remember_created("app", created, APP_PID);
     policy
 }
 
@@ -417,6 +432,48 @@ fn namespaces_must_be_the_ones_cri_gives_a_pod_container() {
     assert!(
         denied(create(&policy, &twice)).contains(": namespace pid is listed twice"),
         "twice"
+    );
+}
+
+#[test]
+fn joined_namespaces_must_be_the_sandbox_containers() {
+    let policy = policy_with_app(GenerateOptions::default());
+    let guest_ipc = edited(app_spec(), |l| {
+        l["namespaces"][1]["path"] = "/proc/1/ns/ipc".into();
+    });
+    let apps_uts = edited(app_spec(), |l| {
+        l["namespaces"][2]["path"] = format!("/proc/{APP_PID}/ns/uts").into();
+    });
+    let unknown_pid = edited(app_spec(), |l| {
+        l["namespaces"][1]["path"] = "/proc/4242/ns/ipc".into();
+    });
+
+    assert_eq!(create(&policy, &app_spec()), Ok(()));
+    assert_eq!(
+        denied(create(&policy, &guest_ipc)),
+        format!(
+            "{CREATE_DENIED}namespace ipc path \"/proc/1/ns/ipc\" is not the pod's sandbox \
+             container's: its pid is no container's init"
+        )
+    );
+    assert_eq!(
+        denied(create(&policy, &apps_uts)),
+        format!(
+            "{CREATE_DENIED}namespace uts path \"/proc/43/ns/uts\" is not the pod's sandbox \
+             container's: it is container \"app\"'s"
+        )
+    );
+    assert!(
+        denied(create(&policy, &unknown_pid)).ends_with("its pid is no container's init"),
+        "unknown pid"
+    );
+    // Once the sandbox container is removed its pid names nothing.
+    policy.forget_created("pause");
+    assert!(
+        denied(create(&policy, &app_spec())).contains(
+            "namespace ipc path \"/proc/42/ns/ipc\" is not the pod's sandbox container's"
+        ),
+        "after removal"
     );
 }
 
