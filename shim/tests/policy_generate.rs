@@ -5,7 +5,9 @@
 //! replacement; a sandbox set-up with more than the shim's mounts; an
 //! update of a container the agent did not create or of more than resource
 //! limits; an exec with another environment or user than its container's.
-//! The one generated from an OCI config.json pins that spec.
+//! The one generated from an OCI config.json pins that spec. Joined
+//! namespaces must be the pod's sandbox container's: the agent resolves
+//! each `/proc/<pid>/ns/...` path to the container whose init it is.
 
 mod support;
 
@@ -57,15 +59,10 @@ const CAPS: [&str; 13] = [
 
 /// The spec CRI would send for the manifest's container, as the shim
 /// passes it on: no host name (the sandbox container's uts namespace has
-/// it), its own pid and mount namespaces, the sandbox container's ipc and
-/// uts by path (here this test process's, standing in for the pause
-/// container's), no network namespace.
-fn pod_spec(args: &[&str]) -> serde_json::Value {
-    pod_spec_joining(args, std::process::id())
-}
-
-/// pod_spec joining the ipc and uts namespaces of process `sandbox_pid`.
-fn pod_spec_joining(args: &[&str], sandbox_pid: u32) -> serde_json::Value {
+/// it), its own pid and mount namespaces, the ipc and uts namespaces of
+/// the sandbox container whose init is `sandbox_pid` by path, no network
+/// namespace.
+fn pod_spec(args: &[&str], sandbox_pid: u32) -> serde_json::Value {
     let mut spec = spec(args, false);
     spec.as_object_mut().unwrap().remove("hostname");
     spec["linux"]["namespaces"] = serde_json::json!([
@@ -154,25 +151,40 @@ fn exec_request_with(
     request
 }
 
-/// A host agent under the policy generated from the pod (exec of `ls /`
-/// listed), with the pod's own container `app` created.
-async fn agent_with_the_pods_policy_and_container() -> (HostAgent, TtrpcAgentClient) {
-    agent_with_policy_and_app(
-        generated_from_pod(&["ls /"]),
-        pod_spec(&["sh", "-c", "echo generated"]),
-    )
-    .await
+/// A host agent with the pod's sandbox (pause) container `pause` created,
+/// under the built-in policy (the generated one is about what follows);
+/// returns its init's pid, which the pod's containers join.
+async fn agent_with_sandbox() -> (HostAgent, TtrpcAgentClient, u32) {
+    let (host, client) = HostAgent::start().await;
+    let mut pause = spec(&["sleep", "120"], false);
+    pause["annotations"] = serde_json::json!({
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": "pod1",
+    });
+    let request = create_request("pause", &host.rootfs, &pause, false, false);
+    let pid = client.create_container(request).await.unwrap();
+    (host, client, pid)
 }
 
+/// A host agent under the policy generated from the pod (exec of `ls /`
+/// listed), with the pod's sandbox and own container `app` created.
+async fn agent_with_the_pods_policy_and_container() -> (HostAgent, TtrpcAgentClient, u32) {
+    agent_with_policy_and_app(generated_from_pod(&["ls /"]), |_| {}).await
+}
+
+/// agent_with_sandbox, then `rego` in force and `app` (pod_spec edited by
+/// `edit`) created; returns the sandbox's init pid.
 async fn agent_with_policy_and_app(
     rego: String,
-    app: serde_json::Value,
-) -> (HostAgent, TtrpcAgentClient) {
-    let (host, client) = HostAgent::start().await;
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (HostAgent, TtrpcAgentClient, u32) {
+    let (host, client, sandbox) = agent_with_sandbox().await;
     client.set_policy(rego).await.unwrap();
+    let mut app = pod_spec(&["sh", "-c", "echo generated"], sandbox);
+    edit(&mut app);
     let own = create_request("app", &host.rootfs, &app, false, false);
     client.create_container(own).await.unwrap();
-    (host, client)
+    (host, client, sandbox)
 }
 
 /// Passed the policy: allowed, or refused by the agent for another reason
@@ -186,7 +198,7 @@ fn passed_policy<T: std::fmt::Debug>(result: Result<T, AgentError>) {
 #[tokio::test]
 async fn pod_policy_allows_the_shims_sandbox_setup_and_refuses_an_extra_mount() {
     skip_unless_host_ready!();
-    let (_host, client) = agent_with_the_pods_policy_and_container().await;
+    let (_host, client, _) = agent_with_the_pods_policy_and_container().await;
     let shims = cloister_shim::sandbox::setup_request("web");
     let mut extra = shims.clone();
     let mut disk = agent::GuestMount::new();
@@ -213,7 +225,7 @@ async fn pod_policy_allows_the_shims_sandbox_setup_and_refuses_an_extra_mount() 
 #[tokio::test]
 async fn pod_policy_allows_limit_updates_of_its_own_containers_only() {
     skip_unless_host_ready!();
-    let (_host, client) = agent_with_the_pods_policy_and_container().await;
+    let (_host, client, _) = agent_with_the_pods_policy_and_container().await;
     let limits = |id: &str| {
         let resources = serde_json::json!({"memory": {"limit": 268435456}, "pids": {"limit": 64}});
         (id.to_owned(), serde_json::to_vec(&resources).unwrap())
@@ -253,9 +265,10 @@ async fn pod_policy_exec_refuses_ld_preload_and_another_user() {
         &POD_YAML.replace("runAsUser: 0", "runAsUser: 1000"),
         &["ls /"],
     );
-    let mut app = pod_spec(&["sh", "-c", "echo generated"]);
-    app["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
-    let (_host, client) = agent_with_policy_and_app(rego, app).await;
+    let (_host, client, _) = agent_with_policy_and_app(rego, |app| {
+        app["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+    })
+    .await;
     let as_app =
         |p: &mut serde_json::Value| p["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
 
@@ -289,8 +302,9 @@ async fn pod_policy_exec_refuses_ld_preload_and_another_user() {
 async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
     skip_unless_host_ready!();
     // The pod's own container runs and its output can be read.
-    let (host, client) = agent_with_the_pods_policy_and_container().await;
+    let (host, client, sandbox) = agent_with_the_pods_policy_and_container().await;
     assert_eq!(run_to_output(&client, "app").await, "generated\n");
+    let pod_spec = |args: &[&str]| pod_spec(args, sandbox);
 
     let changed = create_request(
         "changed",
@@ -354,7 +368,7 @@ async fn pod_policy_allows_the_pods_own_requests_and_denies_changes() {
 #[tokio::test]
 async fn pod_policy_allows_listed_exec_only_and_cannot_be_replaced() {
     skip_unless_host_ready!();
-    let (_host, client) = agent_with_the_pods_policy_and_container().await;
+    let (_host, client, _) = agent_with_the_pods_policy_and_container().await;
 
     let listed = client
         .exec_process(exec_request("app", "ls", &["ls", "/"]))
@@ -389,7 +403,7 @@ fn confined_pod_yaml() -> String {
 /// pod_spec with the confined pod's sysctl and a profile that refuses
 /// what it does not list, joining `sandbox`'s namespaces.
 fn confined_pod_spec(args: &[&str], sandbox: u32) -> serde_json::Value {
-    let mut spec = pod_spec_joining(args, sandbox);
+    let mut spec = pod_spec(args, sandbox);
     spec["linux"]["sysctl"] = serde_json::json!({"kernel.shm_rmid_forced": "1"});
     spec["linux"]["seccomp"] = serde_json::json!({
         "defaultAction": "SCMP_ACT_ERRNO",
@@ -399,45 +413,13 @@ fn confined_pod_spec(args: &[&str], sandbox: u32) -> serde_json::Value {
     spec
 }
 
-/// A process with ipc and uts namespaces of its own, standing in for the
-/// pod's sandbox container (so the pod's sysctl lands in its ipc
-/// namespace, not this host's); killed on drop.
-struct SandboxStandIn(std::process::Child);
-
-impl SandboxStandIn {
-    fn start() -> SandboxStandIn {
-        let child = std::process::Command::new("unshare")
-            .args(["--ipc", "--uts", "sleep", "120"])
-            .spawn()
-            .unwrap();
-        let own = std::fs::read_link("/proc/self/ns/ipc").unwrap();
-        let its = format!("/proc/{}/ns/ipc", child.id());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_link(&its).ok().as_ref() == Some(&own) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "unshare did not unshare"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        SandboxStandIn(child)
-    }
-}
-
-impl Drop for SandboxStandIn {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn pod_policy_refuses_other_namespaces_sysctls_device_rules_and_no_seccomp() {
     skip_unless_host_ready!();
-    let sandbox = SandboxStandIn::start();
-    let sandbox_pid = sandbox.0.id();
+    // The pod's sysctl lands in the sandbox container's ipc namespace,
+    // not this host's.
+    let (host, client, sandbox_pid) = agent_with_sandbox().await;
     let args = ["sh", "-c", "echo generated"];
-    let (host, client) = HostAgent::start().await;
     client
         .set_policy(generated_from(&confined_pod_yaml(), &[]))
         .await
@@ -449,7 +431,7 @@ async fn pod_policy_refuses_other_namespaces_sysctls_device_rules_and_no_seccomp
         false,
         false,
     );
-    passed_policy(client.create_container(own).await);
+    let app_pid = client.create_container(own).await.unwrap();
     let variant = |id: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let mut spec = confined_pod_spec(&args, sandbox_pid);
         edit(&mut spec["linux"]);
@@ -460,6 +442,12 @@ async fn pod_policy_refuses_other_namespaces_sysctls_device_rules_and_no_seccomp
     });
     let guest_pid = variant("guestpid", &|l| {
         l["namespaces"][0]["path"] = "/proc/1/ns/pid".into();
+    });
+    let guest_ipc = variant("guestipc", &|l| {
+        l["namespaces"][1]["path"] = "/proc/1/ns/ipc".into();
+    });
+    let apps_uts = variant("apputs", &|l| {
+        l["namespaces"][2]["path"] = format!("/proc/{app_pid}/ns/uts").into();
     });
     let changed_sysctl = variant("sysctl0", &|l| {
         l["sysctl"]["kernel.shm_rmid_forced"] = "0".into();
@@ -485,6 +473,18 @@ async fn pod_policy_refuses_other_namespaces_sysctls_device_rules_and_no_seccomp
         (
             guest_pid,
             "namespace pid (path \"/proc/1/ns/pid\") is not allowed",
+        ),
+        (
+            guest_ipc,
+            "namespace ipc path \"/proc/1/ns/ipc\" is not the pod's sandbox container's: \
+             its pid is no container's init",
+        ),
+        (
+            apps_uts,
+            &format!(
+                "namespace uts path \"/proc/{app_pid}/ns/uts\" is not the pod's sandbox \
+                 container's: it is container \"app\"'s"
+            ),
         ),
         (
             changed_sysctl,
@@ -530,8 +530,8 @@ fn base64_roundtrip(text: &str) -> String {
 #[tokio::test]
 async fn oci_policy_pins_the_spec_and_stdio_read_can_be_refused() {
     skip_unless_host_ready!();
-    let (host, client) = HostAgent::start().await;
-    let spec = pod_spec(&["sh", "-c", "echo exact"]);
+    let (host, client, sandbox) = agent_with_sandbox().await;
+    let spec = pod_spec(&["sh", "-c", "echo exact"], sandbox);
     let options = GenerateOptions {
         allow_stdio_read: false,
         ..GenerateOptions::default()
@@ -617,17 +617,27 @@ fn generated_policy_decision_cost_is_printed() {
     let own = create_request(
         "app",
         rootfs,
-        &pod_spec(&["sh", "-c", "echo generated"]),
+        &pod_spec(&["sh", "-c", "echo generated"], 42),
         false,
         false,
     );
-    let changed = create_request("x", rootfs, &pod_spec(&["sh", "-c", "id"]), false, false);
+    let changed = create_request(
+        "x",
+        rootfs,
+        &pod_spec(&["sh", "-c", "id"], 42),
+        false,
+        false,
+    );
+    // What the agent adds once it has resolved pid 42 to the sandbox.
+    let pause = serde_json::json!({"container_id": "pause", "sandbox": true});
+    let owners = serde_json::json!({"/proc/42/ns/ipc": pause, "/proc/42/ns/uts": pause});
     let rounds = 300u32;
 
     for (label, request, allowed) in [("allowed", &own, true), ("denied", &changed, false)] {
         let start = std::time::Instant::now();
         for _ in 0..rounds {
-            let input = request.policy_input().unwrap();
+            let mut input = request.policy_input().unwrap();
+            input["namespace_owners"] = owners.clone();
             let decision = engine.decide("CreateContainerRequest", &input);
             assert_eq!(decision.is_ok(), allowed, "{decision:?}");
         }
