@@ -13,8 +13,14 @@
 //!     hostPID); the sandbox container its own mount, pid, ipc, uts but
 //!     for those hostPID, hostIPC, hostNetwork (uts) leave to the guest; a
 //!     cgroup namespace or none; never a network (the shim drops CRI's),
-//!     user or time namespace. Which process a joined path names is not
-//!     in the spec (the sandbox's guest pid is known only at run time);
+//!     user or time namespace. A joined path's `<pid>` must be the init
+//!     of the pod's sandbox container (CRI's `container-type` "sandbox"):
+//!     the spec cannot say whose pid it is (`/proc/1/ns/ipc` has the right
+//!     form and is the guest's own namespace), so the agent resolves it
+//!     among the containers it created and adds the answer to the input
+//!     as `namespace_owners`; a path naming no container's init or a
+//!     workload container's is refused. This holds for config.json
+//!     entries that join a namespace too;
 //!   - linux.sysctl: the pod's securityContext.sysctls with their values
 //!     (the sandbox container also containerd's own two,
 //!     [`manifest::CONTAINERD_SANDBOX_SYSCTLS`]);
