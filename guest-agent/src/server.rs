@@ -154,6 +154,13 @@ impl AgentService for AgentServer {
         _ctx: &TtrpcContext,
         mut request: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::CreateContainerResponse> {
+        // A container whose init is gone no longer owns its pid, so a
+        // namespace path cannot name a process that reused it.
+        self.policy.retire_exited_inits(|id| {
+            self.manager
+                .get(id)
+                .map_or(true, |c| c.init.exit().is_some())
+        });
         let decided = self.policy.check_create(&request).map_err(policy_status)?;
         let id = request.container_id.clone();
         if let Some(attested) = self.attested().await? {

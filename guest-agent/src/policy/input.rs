@@ -35,8 +35,8 @@
 //!   or `null` when `<pid>` is no such container's init (`/proc/1/ns/ipc`
 //!   is the guest's own namespace); `{}` when no path has that form. So a
 //!   rule can require that a container joins the pod's sandbox container,
-//!   which the path's form alone does not say. A container stays an owner
-//!   until it is removed.
+//!   which the path's form alone does not say. A container stops being an
+//!   owner when its init process has exited (its pid may be reused).
 //! - Stdio streams, which are not RPCs, are decided as `ReadStreamRequest`
 //!   (the host reads stdout/stderr) and `WriteStreamRequest` (the host
 //!   writes stdin), input `{"container_id", "exec_id", "stream"}` with

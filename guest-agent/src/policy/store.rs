@@ -62,8 +62,9 @@ pub enum SetPolicyError {
 struct Created {
     /// The `CreateContainerRequest` input the policy allowed it with.
     input: Value,
-    /// Its init process's pid in the agent's pid namespace.
-    init_pid: i32,
+    /// Its init process's pid in the agent's pid namespace; None once
+    /// that process has exited (the pid may then be another process's).
+    init_pid: Option<i32>,
 }
 
 struct Installed {
@@ -161,10 +162,12 @@ impl AgentPolicy {
             added.push(("container", container));
         }
         if request.joins_namespaces() {
-            let known = created.iter().map(|(id, c)| KnownContainer {
-                id,
-                init_pid: c.init_pid,
-                create_input: &c.input,
+            let known = created.iter().filter_map(|(id, c)| {
+                Some(KnownContainer {
+                    id,
+                    init_pid: c.init_pid?,
+                    create_input: &c.input,
+                })
             });
             let oci = input.get("oci").unwrap_or(&Value::Null);
             added.push(("namespace_owners", namespace_owners(oci, known)));
@@ -182,7 +185,8 @@ impl AgentPolicy {
     /// Keeps what container `id` was created with, for the rules of later
     /// requests that name it, and its init pid, for the `namespace_owners`
     /// of later containers that join its namespaces. It stays an owner
-    /// until [`AgentPolicy::forget_created`].
+    /// until [`AgentPolicy::retire_exited_inits`] sees its init gone or
+    /// [`AgentPolicy::forget_created`].
     pub fn remember_created(&self, id: &str, create_input: Value, init_pid: i32) {
         self.created
             .lock()
@@ -191,9 +195,22 @@ impl AgentPolicy {
                 id.to_owned(),
                 Created {
                     input: create_input,
-                    init_pid,
+                    init_pid: Some(init_pid),
                 },
             );
+    }
+
+    /// Containers whose init `exited` says has exited (and was reaped) no
+    /// longer own a pid: a later process may have it. Their creation input
+    /// stays for the exec and update rules. Called before each
+    /// CreateContainer decision.
+    pub fn retire_exited_inits(&self, exited: impl Fn(&str) -> bool) {
+        let mut created = self.created.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, container) in created.iter_mut() {
+            if container.init_pid.is_some() && exited(id) {
+                container.init_pid = None;
+            }
+        }
     }
 
     /// Container `id` is gone: a later one may reuse its id.
@@ -408,9 +425,12 @@ deny_reasons contains sprintf("owners %v", [input.namespace_owners])
         let apps = policy
             .check(&joining("d", "/proc/43/ns/ipc", "container"))
             .unwrap_err();
-        policy.forget_created("pause");
-        let after_removal = policy
+        policy.retire_exited_inits(|id| id == "pause");
+        let after_exit = policy
             .check(&joining("e", "/proc/42/ns/ipc", "container"))
+            .unwrap_err();
+        let apps_after_exit = policy
+            .check(&joining("f", "/proc/43/ns/ipc", "container"))
             .unwrap_err();
 
         assert_eq!(
@@ -431,10 +451,16 @@ deny_reasons contains sprintf("owners %v", [input.namespace_owners])
             "{apps}"
         );
         assert!(
-            after_removal
+            after_exit
                 .to_string()
                 .ends_with(r#": owners {"/proc/42/ns/ipc": null}"#),
-            "{after_removal}"
+            "{after_exit}"
+        );
+        assert!(
+            apps_after_exit.to_string().ends_with(
+                r#": owners {"/proc/43/ns/ipc": {"container_id": "app", "sandbox": false}}"#
+            ),
+            "{apps_after_exit}"
         );
     }
 
