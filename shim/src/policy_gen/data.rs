@@ -188,7 +188,9 @@ pub enum NamespaceRule {
     /// Present, without a path: the container's own.
     New,
     /// Present, with a path `/proc/<pid>/ns/<kind>`: the pod's sandbox
-    /// container's (CRI names it by the sandbox's guest pid).
+    /// container's (CRI names it by the sandbox's guest pid). The rules
+    /// check that `<pid>` is the sandbox container's init by the agent's
+    /// `namespace_owners`, not by the path's form alone.
     Join,
     /// A new one or none (containerd adds a cgroup namespace on cgroup v2
     /// hosts only).
