@@ -6,7 +6,7 @@ use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::config::{ConfigSource, HypervisorKind, RuntimeConfig};
+use crate::config::{ConfigSource, HypervisorKind, RuntimeConfig, VmmSection};
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,6 +401,12 @@ pub fn run_checks() -> Vec<Check> {
         &config.vmm.path,
         "install cloister-vmm (cargo build -p cloister-vmm) or set vmm.path",
     ));
+    checks.push(check_jail_ids(
+        &config.vmm,
+        &std::fs::read_to_string("/etc/passwd").unwrap_or_default(),
+        &std::fs::read_to_string("/etc/group").unwrap_or_default(),
+        crate::jail_ids::held_leases(Path::new(crate::jail_ids::JAIL_ID_LEASES)),
+    ));
     if config.hypervisor == HypervisorKind::Qemu {
         checks.push(check_executable(
             "qemu",
@@ -433,6 +439,87 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(check_tc(&missing, &unknown));
     checks.extend(tee_checks(&config.qemu.path));
     checks
+}
+
+/// Ranges systemd hands out ids from on its own, checking only NSS and
+/// its own locks: a jailed VMM's uid there may become a service's.
+const SYSTEMD_ID_RANGES: [(&str, u32, u32); 2] = [
+    ("systemd's DynamicUser range", 61184, 65519),
+    ("systemd's container range", 524_288, 1_879_048_191),
+];
+
+/// The jailed VMMs' uid/gid range (`[vmm] jail_uid`, `jail_gid`,
+/// `jail_id_count`): how many pods hold one now, and whether anything
+/// else may use those ids — an account in `passwd`/`group` text, or a
+/// systemd range.
+pub fn check_jail_ids(vmm: &VmmSection, passwd: &str, group: &str, held: usize) -> Check {
+    const NAME: &str = "jail ids";
+    if !vmm.jail {
+        return Check::warn(
+            NAME,
+            "[vmm] jail = false: VMMs run unjailed, as root",
+            "set [vmm] jail = true (the default)",
+        );
+    }
+    let count = vmm.jail_id_count.max(1);
+    let last = |first: u32| first.saturating_add(count - 1);
+    let (uids, gids) = (
+        (vmm.jail_uid, last(vmm.jail_uid)),
+        (vmm.jail_gid, last(vmm.jail_gid)),
+    );
+    let overlaps = |(a, b): (u32, u32), (c, d): (u32, u32)| a <= d && c <= b;
+    let mut clashes = Vec::new();
+    for (what, range) in [("uids", uids), ("gids", gids)] {
+        for (name, first, end) in SYSTEMD_ID_RANGES {
+            if overlaps(range, (first, end)) {
+                clashes.push(format!(
+                    "{what} {}-{} overlap {name} {first}-{end}",
+                    range.0, range.1
+                ));
+            }
+        }
+    }
+    // name:password:ID:... in both files.
+    let accounts = |text: &str, (first, end): (u32, u32)| -> Vec<String> {
+        text.lines()
+            .filter_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id: u32 = fields.nth(1)?.parse().ok()?;
+                (first..=end)
+                    .contains(&id)
+                    .then(|| format!("{name} ({id})"))
+            })
+            .collect()
+    };
+    let users = accounts(passwd, uids);
+    if !users.is_empty() {
+        clashes.push(format!("passwd has {}", users.join(", ")));
+    }
+    let groups = accounts(group, gids);
+    if !groups.is_empty() {
+        clashes.push(format!("group has {}", groups.join(", ")));
+    }
+    let detail = format!(
+        "uids {}-{}, gids {}-{}: {held} of {count} leased",
+        uids.0, uids.1, gids.0, gids.1
+    );
+    if held >= count as usize {
+        return Check::fail(
+            NAME,
+            format!("{detail}: no jailed pod can start"),
+            "raise [vmm] jail_id_count",
+        );
+    }
+    if clashes.is_empty() {
+        Check::ok(NAME, detail)
+    } else {
+        Check::warn(
+            NAME,
+            format!("{detail}; {}", clashes.join("; ")),
+            "move [vmm] jail_uid/jail_gid to a range no account or service uses",
+        )
+    }
 }
 
 /// Which confidential pods `cloister check` reports on.
@@ -677,6 +764,55 @@ pub fn pod_can_start(checks: &[Check]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jail_ids_report_leases_and_what_else_may_use_the_range() {
+        let vmm = VmmSection::default();
+        let passwd = "root:x:0:0::/root:/bin/sh\nsystemd-x:x:61200:61200::/:/usr/sbin/nologin\n";
+
+        let fine = check_jail_ids(&vmm, passwd, "root:x:0:\n", 3);
+        assert_eq!(fine.outcome, Outcome::Ok, "{fine}");
+        assert_eq!(
+            fine.detail,
+            "uids 2000000000-2000001023, gids 2000000000-2000001023: 3 of 1024 leased"
+        );
+
+        let old_default = VmmSection {
+            jail_uid: 64000,
+            jail_gid: 64000,
+            jail_id_count: 1024,
+            ..VmmSection::default()
+        };
+        let clash = check_jail_ids(
+            &old_default,
+            "svc:x:64001:64001::/:/bin/false\n",
+            "grp:x:64500:\n",
+            0,
+        );
+        assert_eq!(clash.outcome, Outcome::Warn, "{clash}");
+        for part in [
+            "uids 64000-65023 overlap systemd's DynamicUser range 61184-65519",
+            "passwd has svc (64001)",
+            "group has grp (64500)",
+        ] {
+            assert!(clash.detail.contains(part), "{part}: {clash}");
+        }
+
+        let full = check_jail_ids(&vmm, "", "", 1024);
+        assert_eq!(full.outcome, Outcome::Fail, "{full}");
+        assert!(full.detail.ends_with("no jailed pod can start"), "{full}");
+
+        let off = check_jail_ids(
+            &VmmSection {
+                jail: false,
+                ..VmmSection::default()
+            },
+            "",
+            "",
+            0,
+        );
+        assert_eq!(off.outcome, Outcome::Warn, "{off}");
+    }
 
     #[test]
     fn missing_kvm_device_fails_with_fix() {

@@ -121,6 +121,23 @@ impl JailIdRange {
     }
 }
 
+/// How many leases in `leases` a shim holds now (for `cloister check`):
+/// a file whose lock cannot be taken. A missing folder holds none.
+pub fn held_leases(leases: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(leases) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            File::open(entry.path()).is_ok_and(|file| {
+                // Taken and at once released again on drop when free.
+                Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+            })
+        })
+        .count()
+}
+
 /// 32-bit FNV-1a: a stable spread of pod names over the range.
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5_u32, |hash, &b| {
@@ -260,6 +277,20 @@ mod tests {
             "{err}"
         );
         assert_eq!(range.lease(leases.path(), "default/x").unwrap().uid, uid);
+    }
+
+    #[test]
+    fn held_leases_are_counted_and_released_ones_are_not() {
+        let leases = tempfile::tempdir().unwrap();
+        let range = range(FREE + 30, 3);
+        let a = range.lease(leases.path(), "default/a").unwrap();
+        let b = range.lease(leases.path(), "default/b").unwrap();
+        assert_eq!(held_leases(leases.path()), 2);
+        drop(a);
+        assert_eq!(held_leases(leases.path()), 1);
+        drop(b);
+        assert_eq!(held_leases(leases.path()), 0);
+        assert_eq!(held_leases(&leases.path().join("none")), 0);
     }
 
     #[test]

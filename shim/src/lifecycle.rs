@@ -183,9 +183,11 @@ impl Shim for CloisterShim {
         Ok(address)
     }
 
-    /// After the shim died: its VM died with it (PDEATHSIG) unless it
-    /// had changed credentials since (QEMU's `-runas`), so what is left
-    /// are such processes, the sandbox folder and the rootfs mounts in it.
+    /// After the shim died: its VM's processes died with it
+    /// (PDEATHSIG) except QEMU, which loses that signal when it drops to
+    /// the pod's uid (a killed shim was seen to leave it running), so
+    /// what is left is QEMU, the sandbox folder and the rootfs mounts in
+    /// it.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         self.audit_shim_delete();
         let dir = SandboxDir::new(Path::new(STATE_DIR), &self.namespace, &self.id);

@@ -527,6 +527,72 @@ fn containerd_crash_and_restart_keeps_a_microvm_task_reachable() {
     }
 }
 
+/// A pod shim killed outright (OOM killer, a crash): containerd runs
+/// `shim delete`, which ends the VM processes that outlived it — QEMU,
+/// having dropped to the pod's uid, no longer dies with its parent — and
+/// the task stops with nothing left behind.
+#[test]
+fn a_killed_shim_leaves_no_vm_behind() {
+    let Some(setup) = MicrovmSetup::prepare() else {
+        return;
+    };
+    for binaries in available_containerds() {
+        let containerd = setup.start(&binaries);
+        let id = format!(
+            "cloister-shimkill-{}-{}",
+            std::process::id(),
+            binaries.version.0
+        );
+        setup.run_sleeping(&containerd, &id);
+        let sandbox = cloister_shim::sandbox::SandboxDir::new(
+            Path::new(cloister_shim::lifecycle::STATE_DIR),
+            "default",
+            &id,
+        );
+        let recorded = std::fs::read_to_string(sandbox.vm_paths().vm_processes()).unwrap();
+        let vm_pids: Vec<u32> = recorded
+            .lines()
+            .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert!(!vm_pids.is_empty(), "no VM process recorded");
+        let shims: Vec<u32> = cloister_e2e::containerd::pids_mentioning(&format!("-id {id}"))
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.starts_with("containerd-shim"))
+            })
+            .collect();
+        assert_eq!(shims.len(), 1, "one shim serves the pod: {shims:?}");
+
+        // SAFETY: kill with integer arguments.
+        unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
+
+        let started = Instant::now();
+        while !vm_pids.iter().all(|&pid| guest_support::process_gone(pid)) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "VM processes {vm_pids:?} outlived their killed shim; containerd log:\n{}",
+                containerd.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // containerd 1.6 removes the dead shim's task; 2.x may show it
+        // STOPPED first.
+        while task_status(&containerd, &id) == "RUNNING" {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{id} still RUNNING after its shim was killed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if task_status(&containerd, &id) == "STOPPED" {
+            ctr_ok(&containerd, &["task", "delete", &id]);
+        }
+        ctr_ok(&containerd, &["containers", "delete", &id]);
+        guest_support::assert_nothing_left(&containerd, "default", &id);
+    }
+}
+
 /// `ctr run -t`: the container's stdio is a terminal in the guest, its
 /// output reaches ctr's terminal (util-linux `script` gives ctr one), and
 /// the exit status comes back.

@@ -362,7 +362,7 @@ mod tests {
     }
 
     /// The shape `containerd-shim-cloister-v2` writes into vm.json
-    /// (`shim/src/vmm_client.rs`, `VmFsConfig`).
+    /// (`shim/src/vmm_client/cloister.rs`, `VmFsConfig`).
     #[test]
     fn config_with_fs_shares_as_the_shim_writes_them_parses() {
         let cfg = parse(
