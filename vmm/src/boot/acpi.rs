@@ -165,12 +165,9 @@ fn dsdt(devices: &[VirtioMmioWindow]) -> Result<Vec<u8>, AcpiError> {
     let scope = Scope::new(Path::new("\\_SB_"), children);
 
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    scope.to_aml_bytes(&mut table);
-    let mut bytes = table.as_slice().to_vec();
-    let len = bytes.len() as u32;
-    bytes[4..8].copy_from_slice(&len.to_le_bytes());
-    fix_checksum(&mut bytes);
-    Ok(bytes)
+    // One append: the table's length and checksum follow it.
+    table.append_slice(&bytes_of(&scope));
+    Ok(table.as_slice().to_vec())
 }
 
 /// The tables for `vcpus` vCPUs and `devices`, as the page to load at
